@@ -1,0 +1,1 @@
+//! The image encoder: preprocessing and the Candle EfficientNet-Lite network.

@@ -1,0 +1,73 @@
+//! Crash-safe file replacement: write a temp file, fsync it, rename it over the target,
+//! fsync the directory. Readers never observe a partially written file.
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::path::Path;
+
+/// Fsyncs a directory so that a rename or create inside it is durable.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Atomically replaces `path` with a file produced by `write`.
+///
+/// The bytes go to `path.tmp-<pid>` in the same directory, are fsynced, renamed over `path`,
+/// and the directory is fsynced. On error the temp file is removed and `path` is untouched.
+pub fn atomic_write_with<F>(path: &Path, write: F) -> io::Result<()>
+where
+    F: FnOnce(&mut io::BufWriter<&File>) -> io::Result<()>,
+{
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| {
+        let file = File::create(&tmp)?;
+        {
+            let mut w = io::BufWriter::with_capacity(1 << 20, &file);
+            write(&mut w)?;
+            w.flush()?;
+        }
+        file.sync_all()?;
+        fs::rename(&tmp, path)?;
+        sync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Atomically replaces `path` with `bytes` (see [`atomic_write_with`]).
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    atomic_write_with(path, |w| w.write_all(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replaces_atomically_and_leaves_no_temp() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.json");
+        atomic_write(&p, b"one").unwrap();
+        atomic_write(&p, b"two").unwrap();
+        assert_eq!(fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn failed_write_keeps_old_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.json");
+        atomic_write(&p, b"old").unwrap();
+        let err = atomic_write_with(&p, |_| Err(io::Error::other("boom")));
+        assert!(err.is_err());
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,1 @@
+//! The live index: which segments of which model version are searchable, named by one manifest.

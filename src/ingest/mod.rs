@@ -1,0 +1,1 @@
+//! Bulk catalogue ingestion: parse a JSONL/CSV catalogue, embed images, write segments.

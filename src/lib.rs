@@ -1,0 +1,16 @@
+//! vitrine: search a retail catalogue by picture.
+//!
+//! The data path: image bytes -> [`encoder`] (Candle EfficientNet-Lite) -> L2-normalised
+//! embedding -> [`segment`] (immutable, memory-mapped HNSW file) -> [`index`] (the live
+//! segments of each model version, named by one atomically replaced manifest) -> [`server`]
+//! (gRPC). [`ingest`] turns a catalogue file into segments. See ARCHITECTURE.md.
+#![deny(unsafe_code)]
+
+pub mod encoder;
+pub mod ids;
+pub mod index;
+pub mod ingest;
+pub mod proto;
+pub mod segment;
+pub mod server;
+pub mod fsutil;

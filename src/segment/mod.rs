@@ -1,0 +1,1 @@
+//! Immutable, memory-mapped HNSW segment files: format, writer, reader and search.
