@@ -1,0 +1,408 @@
+//! k-nearest-neighbour search over a mapped segment: HNSW (greedy descent on the upper layers,
+//! ef-bounded best-first search on layer 0) and exact brute force. Score = dot product of
+//! L2-normalised vectors (cosine similarity; higher is better).
+//!
+//! The hot loops run on flat slices of the mapping, with per-thread scratch (an epoch-stamped
+//! visited array and two preallocated binary heaps), so a query allocates only its result.
+//! Neighbour ids are range-checked against `n` (which also catches the `u32::MAX` empty-slot
+//! marker), so a damaged graph yields poor results rather than a panic.
+
+use std::cell::RefCell;
+
+use multiversion::multiversion;
+use multiversion::target::target_cfg_f;
+
+use super::distance::dot_body;
+use super::error::SegmentError;
+use super::reader::{Segment, View};
+
+/// One search result: the item's index in the segment and its cosine similarity to the query.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Hit {
+    pub idx: u32,
+    pub score: f32,
+}
+
+/// A binary max-heap of (key, id) with f32 keys, kept in a reusable Vec.
+#[derive(Default)]
+struct Heap {
+    items: Vec<(f32, u32)>,
+}
+
+impl Heap {
+    #[inline]
+    fn clear(&mut self) {
+        self.items.clear();
+    }
+
+    #[inline]
+    fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    #[inline]
+    fn top_key(&self) -> f32 {
+        self.items.first().map_or(f32::NEG_INFINITY, |t| t.0)
+    }
+
+    #[inline]
+    fn push(&mut self, key: f32, id: u32) {
+        let items = &mut self.items;
+        let mut pos = items.len();
+        items.push((key, id));
+        while pos > 0 {
+            let parent = (pos - 1) / 2;
+            if items[parent].0 >= key {
+                break;
+            }
+            items[pos] = items[parent];
+            pos = parent;
+        }
+        items[pos] = (key, id);
+    }
+
+    #[inline]
+    fn pop(&mut self) -> Option<(f32, u32)> {
+        let last = self.items.pop()?;
+        if self.items.is_empty() {
+            return Some(last);
+        }
+        let top = self.items[0];
+        self.sift_down_from_root(last);
+        Some(top)
+    }
+
+    /// Replaces the top with (key, id) and restores the heap (pop + push in one pass).
+    #[inline]
+    fn replace_top(&mut self, key: f32, id: u32) {
+        self.sift_down_from_root((key, id));
+    }
+
+    #[inline]
+    fn sift_down_from_root(&mut self, item: (f32, u32)) {
+        let items = &mut self.items[..];
+        let len = items.len();
+        let mut pos = 0;
+        loop {
+            let left = 2 * pos + 1;
+            if left >= len {
+                break;
+            }
+            let right = left + 1;
+            let child = if right < len && items[right].0 > items[left].0 { right } else { left };
+            if items[child].0 <= item.0 {
+                break;
+            }
+            items[pos] = items[child];
+            pos = child;
+        }
+        items[pos] = item;
+    }
+}
+
+/// Keeps the best `cap` (score, id) pairs seen: a min-heap on score (stored negated).
+#[derive(Default)]
+struct TopK {
+    heap: Heap,
+}
+
+impl TopK {
+    #[inline]
+    fn clear(&mut self) {
+        self.heap.clear();
+    }
+
+    #[inline]
+    fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    /// Lowest score kept; +inf when empty.
+    #[inline]
+    fn worst(&self) -> f32 {
+        -self.heap.top_key()
+    }
+
+    /// Offers a result; keeps at most `cap`.
+    #[inline]
+    fn offer(&mut self, score: f32, id: u32, cap: usize) {
+        if self.heap.len() < cap {
+            self.heap.push(-score, id);
+        } else if score > self.worst() {
+            self.heap.replace_top(-score, id);
+        }
+    }
+
+    /// The kept results, best first, ties broken by lower index; at most `k`.
+    fn sorted_hits(&self, k: usize) -> Vec<Hit> {
+        let mut hits: Vec<Hit> = self.heap.items.iter().map(|&(neg, idx)| Hit { idx, score: -neg }).collect();
+        hits.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.idx.cmp(&b.idx)));
+        hits.truncate(k);
+        hits
+    }
+}
+
+/// Per-thread reusable search state.
+#[derive(Default)]
+struct Scratch {
+    visited: Vec<u16>,
+    epoch: u16,
+    candidates: Heap,
+    results: TopK,
+    query: Vec<f32>,
+}
+
+impl Scratch {
+    /// Starts a new query over `n` nodes: a fresh visited epoch, empty heaps.
+    fn begin(&mut self, n: usize) {
+        if self.visited.len() < n {
+            self.visited.resize(n, 0);
+        }
+        self.epoch = self.epoch.wrapping_add(1);
+        if self.epoch == 0 {
+            self.visited.fill(0);
+            self.epoch = 1;
+        }
+        self.candidates.clear();
+        self.results.clear();
+    }
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Runs `f` with this thread's scratch (or a fresh one if it is already borrowed, e.g. from
+/// a filter closure that itself searches).
+fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut s) => f(&mut s),
+        Err(_) => f(&mut Scratch::default()),
+    })
+}
+
+type Filter<'f> = Option<&'f dyn Fn(u32) -> bool>;
+
+impl Segment {
+    /// Approximate top-`k` by cosine similarity (HNSW; `ef` >= `k` candidates kept on layer 0,
+    /// see [`DEFAULT_EF_SEARCH`](super::DEFAULT_EF_SEARCH)). The query need not be normalised.
+    /// With a `filter`, items for which it returns false are traversed but never returned
+    /// (tombstones). Hits are sorted by score descending, ties by index ascending.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        filter: Filter<'_>,
+    ) -> Result<Vec<Hit>, SegmentError> {
+        let view = self.view();
+        with_scratch(|s| {
+            self.prepare_query(query, &mut s.query)?;
+            if k == 0 {
+                return Ok(Vec::new());
+            }
+            s.begin(view.n);
+            let Scratch { visited, epoch, candidates, results, query } = s;
+            let ef = ef.max(k);
+            let entry = greedy_upper(&view, query);
+            search_layer0(
+                &view,
+                query,
+                entry,
+                ef,
+                filter,
+                &mut visited[..view.n],
+                *epoch,
+                candidates,
+                results,
+            );
+            Ok(results.sorted_hits(k))
+        })
+    }
+
+    /// Exact top-`k` by cosine similarity over every item (same ordering and filter rules as
+    /// [`search`](Self::search)).
+    pub fn brute_force(&self, query: &[f32], k: usize, filter: Filter<'_>) -> Result<Vec<Hit>, SegmentError> {
+        let view = self.view();
+        with_scratch(|s| {
+            self.prepare_query(query, &mut s.query)?;
+            s.results.clear();
+            brute_force_impl(&view, &s.query, k, filter, &mut s.results);
+            Ok(s.results.sorted_hits(k))
+        })
+    }
+
+    /// Checks the query's length and values and writes its normalised copy into `out`.
+    fn prepare_query(&self, query: &[f32], out: &mut Vec<f32>) -> Result<(), SegmentError> {
+        if query.len() != self.dim() {
+            return Err(SegmentError::DimMismatch {
+                path: self.path().to_path_buf(),
+                expected: self.dim(),
+                actual: query.len(),
+            });
+        }
+        let invalid = |reason| SegmentError::InvalidQuery { path: self.path().to_path_buf(), reason };
+        let mut norm2 = 0.0f64;
+        for &x in query {
+            if !x.is_finite() {
+                return Err(invalid("non-finite component"));
+            }
+            norm2 += f64::from(x) * f64::from(x);
+        }
+        if norm2 == 0.0 || !norm2.is_finite() {
+            return Err(invalid("zero or overflowing norm"));
+        }
+        let inv = (1.0 / norm2.sqrt()) as f32;
+        out.clear();
+        out.extend(query.iter().map(|&x| x * inv));
+        Ok(())
+    }
+}
+
+#[inline(always)]
+fn dot_sel<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    dot_body::<FMA>(a, b)
+}
+
+/// Greedy descent from the entry point through layers max_level..1; returns the layer-0 entry.
+#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn greedy_upper(view: &View<'_>, q: &[f32]) -> (u32, f32) {
+    if target_cfg_f!(target_feature = "fma") {
+        greedy_upper_body::<true>(view, q)
+    } else {
+        greedy_upper_body::<false>(view, q)
+    }
+}
+
+#[inline(always)]
+fn greedy_upper_body<const FMA: bool>(view: &View<'_>, q: &[f32]) -> (u32, f32) {
+    let (n, dim) = (view.n as u32, view.dim);
+    let vec_of = |i: u32| &view.vectors[i as usize * dim..(i as usize + 1) * dim];
+    let mut cur = view.entry_point;
+    let mut cur_score = dot_sel::<FMA>(q, vec_of(cur));
+    for layer in (1..=view.max_level).rev() {
+        loop {
+            let mut improved = false;
+            let Some(row) = view.upper_row(cur as usize, layer) else { break };
+            for &nb in row {
+                if nb >= n {
+                    break;
+                }
+                let s = dot_sel::<FMA>(q, vec_of(nb));
+                if s > cur_score {
+                    cur_score = s;
+                    cur = nb;
+                    improved = true;
+                }
+            }
+            if !improved {
+                break;
+            }
+        }
+    }
+    (cur, cur_score)
+}
+
+/// Best-first search on layer 0 from `entry`, keeping the best `ef` filter-passing nodes in
+/// `results`.
+#[allow(clippy::too_many_arguments)]
+#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn search_layer0(
+    view: &View<'_>,
+    q: &[f32],
+    entry: (u32, f32),
+    ef: usize,
+    filter: Filter<'_>,
+    visited: &mut [u16],
+    epoch: u16,
+    candidates: &mut Heap,
+    results: &mut TopK,
+) {
+    if target_cfg_f!(target_feature = "fma") {
+        search_layer0_body::<true>(view, q, entry, ef, filter, visited, epoch, candidates, results)
+    } else {
+        search_layer0_body::<false>(view, q, entry, ef, filter, visited, epoch, candidates, results)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn search_layer0_body<const FMA: bool>(
+    view: &View<'_>,
+    q: &[f32],
+    entry: (u32, f32),
+    ef: usize,
+    filter: Filter<'_>,
+    visited: &mut [u16],
+    epoch: u16,
+    candidates: &mut Heap,
+    results: &mut TopK,
+) {
+    let n = visited.len() as u32;
+    let dim = view.dim;
+    let degree = 2 * view.m;
+    let (ep, ep_score) = entry;
+    if ep >= n {
+        return;
+    }
+    visited[ep as usize] = epoch;
+    candidates.push(ep_score, ep);
+    if filter.is_none_or(|f| f(ep)) {
+        results.offer(ep_score, ep, ef);
+    }
+    while let Some((c_score, c)) = candidates.pop() {
+        if results.len() >= ef && c_score < results.worst() {
+            break;
+        }
+        let start = c as usize * degree;
+        let Some(row) = view.layer0.get(start..start + degree) else { continue };
+        for &nb in row {
+            if nb >= n {
+                break;
+            }
+            let slot = &mut visited[nb as usize];
+            if *slot == epoch {
+                continue;
+            }
+            *slot = epoch;
+            let at = nb as usize * dim;
+            let Some(v) = view.vectors.get(at..at + dim) else { continue };
+            let s = dot_sel::<FMA>(q, v);
+            if results.len() < ef || s > results.worst() {
+                candidates.push(s, nb);
+                if filter.is_none_or(|f| f(nb)) {
+                    results.offer(s, nb, ef);
+                }
+            }
+        }
+    }
+}
+
+#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn brute_force_impl(view: &View<'_>, q: &[f32], k: usize, filter: Filter<'_>, out: &mut TopK) {
+    if target_cfg_f!(target_feature = "fma") {
+        brute_force_body::<true>(view, q, k, filter, out)
+    } else {
+        brute_force_body::<false>(view, q, k, filter, out)
+    }
+}
+
+#[inline(always)]
+fn brute_force_body<const FMA: bool>(
+    view: &View<'_>,
+    q: &[f32],
+    k: usize,
+    filter: Filter<'_>,
+    out: &mut TopK,
+) {
+    if k == 0 {
+        return;
+    }
+    for (i, v) in view.vectors.chunks_exact(view.dim).enumerate() {
+        let idx = i as u32;
+        if filter.is_some_and(|f| !f(idx)) {
+            continue;
+        }
+        out.offer(dot_sel::<FMA>(q, v), idx, k);
+    }
+}
