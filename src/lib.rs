@@ -10,6 +10,7 @@ pub mod encoder;
 pub mod ids;
 pub mod index;
 pub mod ingest;
+pub mod models;
 pub mod proto;
 pub mod segment;
 pub mod server;

@@ -1,0 +1,12 @@
+//! Compiles proto/vitrine/v1/vitrine.proto with a vendored protoc (nothing to install).
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out.join("vitrine_descriptor.bin"))
+        .compile_with_config(config, &["proto/vitrine/v1/vitrine.proto"], &["proto"])?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

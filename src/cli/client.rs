@@ -1,0 +1,137 @@
+//! The gRPC client subcommands: `vitrine search` and `vitrine info`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use vitrine::proto::visual_search_client::VisualSearchClient;
+use vitrine::proto::{self, SearchOptions};
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("query").required(true).args(["image", "sku"])))]
+pub struct SearchArgs {
+    /// Server address.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Search with this image file.
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// "More like this": search with a catalogue item's stored embedding.
+    #[arg(long)]
+    pub sku: Option<String>,
+    /// Number of hits.
+    #[arg(short, long, default_value_t = 10)]
+    pub k: u32,
+    /// HNSW beam width (0: the server's default).
+    #[arg(long, default_value_t = 0)]
+    pub ef: u32,
+    /// Print one JSON object: {"model_version": ..., "hits": [{"sku": ..., "score": ...}]}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct InfoArgs {
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+async fn connect(addr: &str) -> anyhow::Result<VisualSearchClient<tonic::transport::Channel>> {
+    let client = VisualSearchClient::connect(addr.to_string())
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    Ok(client.max_decoding_message_size(vitrine::server::MAX_REQUEST_BYTES))
+}
+
+/// Runs one search against a server and returns its answer.
+pub async fn search(addr: &str, a: &SearchArgs) -> anyhow::Result<proto::SearchResponse> {
+    let mut client = connect(addr).await?;
+    let options = Some(SearchOptions { k: a.k, ef: a.ef });
+    let resp = if let Some(path) = &a.image {
+        let image = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        client.search_by_image(proto::SearchByImageRequest { image, options }).await
+    } else {
+        let sku = a.sku.clone().unwrap_or_default();
+        client.search_by_sku(proto::SearchBySkuRequest { sku, options }).await
+    };
+    let resp = resp.map_err(|s| anyhow::anyhow!("server answered {:?}: {}", s.code(), s.message()))?;
+    Ok(resp.into_inner())
+}
+
+pub fn to_json(resp: &proto::SearchResponse) -> serde_json::Value {
+    serde_json::json!({
+        "model_version": resp.model_version,
+        "hits": resp.hits.iter().map(|h| serde_json::json!({"sku": h.sku, "score": h.score})).collect::<Vec<_>>(),
+    })
+}
+
+pub fn print_hits(resp: &proto::SearchResponse) {
+    println!("model {}: {} hits", resp.model_version, resp.hits.len());
+    println!("{:>4}  {:>7}  sku", "rank", "score");
+    for (i, h) in resp.hits.iter().enumerate() {
+        println!("{:>4}  {:>7.4}  {}", i + 1, h.score, h.sku);
+    }
+}
+
+pub fn run_search(a: SearchArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let resp = rt.block_on(search(&a.addr, &a))?;
+    if a.json {
+        println!("{}", to_json(&resp));
+    } else {
+        print_hits(&resp);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let info = rt.block_on(async {
+        let mut client = connect(&a.addr).await?;
+        let r = client
+            .get_index_info(proto::GetIndexInfoRequest {})
+            .await
+            .map_err(|s| anyhow::anyhow!("server answered {:?}: {}", s.code(), s.message()))?;
+        anyhow::Ok(r.into_inner())
+    })?;
+    if a.json {
+        let models: Vec<_> = info
+            .models
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "model_version": m.model_version, "architecture": m.architecture, "dim": m.dim,
+                    "input_size": m.input_size, "weights_sha256": m.weights_sha256,
+                    "live_items": m.live_items, "serving": m.serving,
+                    "segments": m.segments.iter().map(|s| serde_json::json!({
+                        "id": s.id, "count": s.count, "deleted": s.deleted, "bytes": s.bytes})).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"serving_model_version": info.serving_model_version,
+                "manifest_generation": info.manifest_generation, "models": models})
+        );
+    } else {
+        println!("manifest generation {}, serving {}", info.manifest_generation, info.serving_model_version);
+        for m in &info.models {
+            println!(
+                "  {}{}: {} ({}-d, {} px), {} live items in {} segments, weights sha256 {}",
+                m.model_version,
+                if m.serving { " [serving]" } else { "" },
+                m.architecture,
+                m.dim,
+                m.input_size,
+                m.live_items,
+                m.segments.len(),
+                m.weights_sha256
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

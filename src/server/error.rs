@@ -1,0 +1,44 @@
+//! How service errors become gRPC statuses: one exhaustive mapping, no catch-all arm.
+
+use tonic::{Code, Status};
+
+use crate::encoder::{EncoderError, PreprocessError};
+use crate::index::IndexError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("the index is empty: ingest a catalogue first (vitrine ingest)")]
+    NoIndex,
+    #[error("cannot decode the image: {0}")]
+    BadImage(#[from] PreprocessError),
+    #[error("encoder failed: {0}")]
+    Encoder(#[from] EncoderError),
+    #[error("index error: {0}")]
+    Index(#[from] IndexError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ServiceError> for Status {
+    fn from(e: ServiceError) -> Status {
+        let code = match &e {
+            ServiceError::InvalidArgument(_) | ServiceError::BadImage(_) => Code::InvalidArgument,
+            ServiceError::NotFound(_) => Code::NotFound,
+            ServiceError::NoIndex => Code::FailedPrecondition,
+            ServiceError::Encoder(_) | ServiceError::Internal(_) => Code::Internal,
+            ServiceError::Index(ie) => match ie {
+                IndexError::UnknownModel(_) => Code::NotFound,
+                IndexError::QueryDim { .. } | IndexError::BadQuery => Code::InvalidArgument,
+                IndexError::Store(_)
+                | IndexError::Segment(_)
+                | IndexError::CountMismatch { .. }
+                | IndexError::DimMismatch { .. } => Code::Internal,
+            },
+        };
+        Status::new(code, e.to_string())
+    }
+}

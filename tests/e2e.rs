@@ -1,0 +1,336 @@
+//! End to end on real parts: the bundled catalogue is ingested with the real encoder, served
+//! by the real gRPC server on a loopback socket and queried through a tonic client.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+
+use tonic::Code;
+use tonic::transport::Channel;
+use vitrine::ids::ModelVersion;
+use vitrine::index::store::DataDir;
+use vitrine::ingest::{IngestOptions, IngestReport, ingest};
+use vitrine::models::{DEFAULT_MODEL, ModelRegistry};
+use vitrine::proto::visual_search_client::VisualSearchClient;
+use vitrine::proto::{self, SearchOptions};
+use vitrine::segment::HnswParams;
+use vitrine::server::{ServeConfig, serve};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn registry() -> Arc<ModelRegistry> {
+    let device = vitrine::encoder::default_device().unwrap();
+    Arc::new(ModelRegistry::new(repo().join("models"), device))
+}
+
+fn ingest_into(dir: &Path, catalog: &Path, models: &ModelRegistry) -> IngestReport {
+    let data = DataDir::open_writer(dir).unwrap();
+    let opts = IngestOptions {
+        format: None,
+        batch_size: 16,
+        hnsw: HnswParams::default(),
+        progress: false,
+        default_model: ModelVersion::new(DEFAULT_MODEL).unwrap(),
+    };
+    ingest(&data, models, catalog, &opts).unwrap()
+}
+
+/// A server on an ephemeral loopback port, stopped on drop.
+struct Server {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Server {
+    async fn start(dir: &Path, models: Arc<ModelRegistry>) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ServeConfig {
+            data_dir: dir.to_path_buf(),
+            reload_interval: None,
+            max_concurrent_embeds: 2,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(config, models, listener, async move {
+            let _ = rx.await;
+        }));
+        Self { addr, stop: Some(tx), task: Some(task) }
+    }
+
+    async fn client(&self) -> VisualSearchClient<Channel> {
+        let url = format!("http://{}", self.addr);
+        for _ in 0..100 {
+            if let Ok(c) = VisualSearchClient::connect(url.clone()).await {
+                return c;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("server at {url} never came up");
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.take().unwrap().await.unwrap().unwrap();
+    }
+}
+
+fn catalog_items() -> Vec<(String, PathBuf)> {
+    let text = std::fs::read_to_string(repo().join("data/catalog.jsonl")).unwrap();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["sku"].as_str().unwrap().to_string(), repo().join("data").join(v["image"].as_str().unwrap()))
+        })
+        .collect()
+}
+
+/// The near-duplicate: resized to 60%, central 85% crop, JPEG quality 70.
+fn near_duplicate(path: &Path) -> Vec<u8> {
+    let img = image::open(path).unwrap();
+    // Flatten alpha over white first: a JPEG has no alpha channel.
+    let rgba = img.to_rgba8();
+    let mut rgb = image::RgbImage::new(rgba.width(), rgba.height());
+    for (x, y, p) in rgba.enumerate_pixels() {
+        let a = f32::from(p[3]) / 255.0;
+        let px = |c: u8| (f32::from(c) * a + 255.0 * (1.0 - a)).round() as u8;
+        rgb.put_pixel(x, y, image::Rgb([px(p[0]), px(p[1]), px(p[2])]));
+    }
+    let img = image::DynamicImage::ImageRgb8(rgb);
+    let (w, h) = (img.width() * 6 / 10, img.height() * 6 / 10);
+    let small = img.resize_exact(w.max(1), h.max(1), image::imageops::FilterType::Triangle);
+    let (cw, ch) = ((w * 85 / 100).max(1), (h * 85 / 100).max(1));
+    let crop = small.crop_imm((w - cw) / 2, (h - ch) / 2, cw, ch);
+    let mut out = Vec::new();
+    let enc = image::codecs::jpeg::JpegEncoder::new_with_quality(Cursor::new(&mut out), 70);
+    crop.write_with_encoder(enc).unwrap();
+    out
+}
+
+fn opts(k: u32) -> Option<SearchOptions> {
+    Some(SearchOptions { k, ef: 0 })
+}
+
+async fn search_image(c: &mut VisualSearchClient<Channel>, image: Vec<u8>, k: u32) -> proto::SearchResponse {
+    c.search_by_image(proto::SearchByImageRequest { image, options: opts(k) }).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bundled_catalogue_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = registry();
+    let catalog = repo().join("data/catalog.jsonl");
+    let items = catalog_items();
+    assert!(items.len() >= 50, "bundled catalogue is too small: {}", items.len());
+
+    let first = ingest_into(dir.path(), &catalog, &models);
+    assert_eq!(first.added, items.len(), "rejected: {:?}", first.rejected);
+    assert!(first.rejected.is_empty());
+    assert_eq!(first.generation, 1);
+
+    // Re-running the same catalogue changes nothing.
+    let again = ingest_into(dir.path(), &catalog, &models);
+    assert_eq!((again.added, again.updated, again.unchanged), (0, 0, items.len()));
+    assert_eq!(again.generation, 1);
+    assert!(again.segments.is_empty());
+
+    let server = Server::start(dir.path(), Arc::clone(&models)).await;
+    let mut c = server.client().await;
+
+    // Health and index info.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect().await.unwrap(),
+    );
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest { service: "vitrine.v1.VisualSearch".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(status.status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    let info = c.get_index_info(proto::GetIndexInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.serving_model_version, DEFAULT_MODEL);
+    assert_eq!(info.models.len(), 1);
+    assert_eq!(info.models[0].live_items, items.len() as u64);
+    assert_eq!(info.models[0].dim, 1280);
+
+    // Near-duplicate retrieval through the server.
+    let mut rank1 = 0;
+    let mut misses = Vec::new();
+    let mut before: BTreeMap<String, proto::SearchResponse> = BTreeMap::new();
+    for (sku, path) in &items {
+        let resp = search_image(&mut c, near_duplicate(path), 10).await;
+        assert_eq!(resp.model_version, DEFAULT_MODEL);
+        assert_eq!(resp.hits.len(), 10);
+        assert!(resp.hits.windows(2).all(|w| w[0].score >= w[1].score));
+        if resp.hits[0].sku == *sku {
+            rank1 += 1;
+        } else {
+            misses.push((sku.clone(), resp.hits[0].sku.clone()));
+        }
+        before.insert(sku.clone(), resp);
+    }
+    let rate = rank1 as f64 / items.len() as f64;
+    println!("near-duplicate rank-1: {rank1}/{} = {rate:.3}; misses {misses:?}", items.len());
+    assert!(rate >= 0.95, "near-duplicate rank-1 rate {rate:.3} < 0.95; misses {misses:?}");
+
+    // More like this: the item itself is left out; an unknown SKU is NOT_FOUND.
+    let (sku0, _) = &items[0];
+    let mlt = c
+        .search_by_sku(proto::SearchBySkuRequest { sku: sku0.clone(), options: opts(5) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mlt.hits.len(), 5);
+    assert!(mlt.hits.iter().all(|h| h.sku != *sku0));
+    let err = c
+        .search_by_sku(proto::SearchBySkuRequest { sku: "NO-SUCH-SKU".into(), options: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+
+    // Bad input gets INVALID_ARGUMENT / NOT_FOUND with a reason.
+    let err = c
+        .search_by_image(proto::SearchByImageRequest { image: b"\xff\xd8\xffnot really a jpeg".to_vec(), options: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(!err.message().is_empty());
+    let err = c.search_by_image(proto::SearchByImageRequest { image: vec![], options: None }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = c
+        .search_by_image(proto::SearchByImageRequest { image: vec![1, 2, 3], options: opts(5000) })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("k = 5000"), "{}", err.message());
+    let err = c
+        .search_by_vector(proto::SearchByVectorRequest {
+            model_version: DEFAULT_MODEL.into(),
+            vector: vec![0.5; 7],
+            options: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("1280"), "{}", err.message());
+    let err = c
+        .search_by_vector(proto::SearchByVectorRequest { model_version: "no-such-model".into(), vector: vec![1.0; 1280], options: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let err = c
+        .search_by_vector(proto::SearchByVectorRequest { model_version: String::new(), vector: vec![1.0; 1280], options: None })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Search by vector with an item's own embedding finds that item first.
+    let models_enc = models.get(&ModelVersion::new(DEFAULT_MODEL).unwrap()).unwrap();
+    let bytes = std::fs::read(&items[3].1).unwrap();
+    let prepared = models_enc.preprocess(&bytes).unwrap();
+    let v = models_enc.embed(std::slice::from_ref(&prepared)).unwrap().remove(0);
+    let by_vec = c
+        .search_by_vector(proto::SearchByVectorRequest { model_version: DEFAULT_MODEL.into(), vector: v, options: opts(3) })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_vec.hits[0].sku, items[3].0);
+    assert!(by_vec.hits[0].score > 0.999, "{}", by_vec.hits[0].score);
+
+    // Restart: the same queries give identical answers.
+    drop(c);
+    server.stop().await;
+    let server = Server::start(dir.path(), Arc::clone(&models)).await;
+    let mut c = server.client().await;
+    for (sku, path) in items.iter().take(40) {
+        let resp = search_image(&mut c, near_duplicate(path), 10).await;
+        assert_eq!(&resp, &before[sku], "answer for {sku} changed across a restart");
+    }
+    server.stop().await;
+}
+
+#[test]
+fn ingest_reports_bad_rows_and_cli_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = registry();
+    let bad = repo().join("data/bad/catalog_with_errors.jsonl");
+    let report = ingest_into(dir.path(), &bad, &models);
+    assert!(report.added >= 1, "{report:?}");
+    assert!(report.rejected.len() >= 4, "{:?}", report.rejected);
+    for r in &report.rejected {
+        let text = r.to_string();
+        assert!(text.starts_with(&format!("{}:{}:", bad.display(), r.line)), "{text}");
+    }
+
+    // The binary: a catalogue with no usable row exits non-zero and names the file and line.
+    let exe = env!("CARGO_BIN_EXE_vitrine");
+    let only_bad = dir.path().join("only_bad.jsonl");
+    std::fs::write(&only_bad, "{\"sku\": \"X\", \"image\": \"missing.jpg\"}\nnot json\n").unwrap();
+    let out = Command::new(exe)
+        .args(["ingest", "--quiet", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .arg("--catalog")
+        .arg(&only_bad)
+        .arg("--models")
+        .arg(repo().join("models"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("only_bad.jsonl:1:") && stderr.contains("only_bad.jsonl:2:"), "{stderr}");
+    assert!(stderr.contains("nothing could be ingested"), "{stderr}");
+}
+
+/// An ingest killed at an arbitrary moment leaves the last committed state readable, and the
+/// next run finishes the job.
+#[test]
+fn killed_ingest_leaves_a_consistent_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = registry();
+    // A first commit: the three good rows of the bad catalogue.
+    let first = ingest_into(dir.path(), &repo().join("data/bad/catalog_with_errors.jsonl"), &models);
+    assert_eq!(first.generation, 1);
+
+    let exe = env!("CARGO_BIN_EXE_vitrine");
+    for delay_ms in [300u64, 1500] {
+        let mut child = Command::new(exe)
+            .args(["ingest", "--quiet", "--data-dir"])
+            .arg(dir.path())
+            .arg("--catalog")
+            .arg(repo().join("data/catalog.jsonl"))
+            .arg("--models")
+            .arg(repo().join("models"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let _ = child.kill();
+        let _ = child.wait();
+        // Whatever the moment, the manifest on disk opens and every segment it names is whole.
+        let data = DataDir::open_reader(dir.path()).unwrap();
+        let manifest = data.load_manifest().unwrap();
+        let snapshot = vitrine::index::IndexSnapshot::open(&data, &manifest).unwrap();
+        for view in snapshot.models.values() {
+            for s in &view.segments {
+                s.segment.verify().unwrap();
+            }
+        }
+    }
+    // The next run cleans up and completes.
+    let report = ingest_into(dir.path(), &repo().join("data/catalog.jsonl"), &models);
+    let data = DataDir::open_reader(dir.path()).unwrap();
+    let manifest = data.load_manifest().unwrap();
+    let live = manifest.serving().unwrap().1.live_items();
+    assert_eq!(live as usize, catalog_items().len() + 3, "{report:?}");
+    // No stray files: every segment on disk is named by the manifest.
+    let ix_dir = data.index_dir(&ModelVersion::new(DEFAULT_MODEL).unwrap());
+    let on_disk = std::fs::read_dir(&ix_dir).unwrap().count();
+    assert_eq!(on_disk, manifest.serving().unwrap().1.segments.len());
+}
