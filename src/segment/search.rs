@@ -419,3 +419,47 @@ fn brute_force_body<const FMA: bool>(
         out.offer(dot_sel::<FMA>(q, v), idx, k);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::SkuId;
+    use crate::segment::synth::Structured;
+    use crate::segment::{HnswParams, write_segment};
+
+    #[test]
+    fn heaps_order_and_bound() {
+        let mut h = Heap::default();
+        for (i, k) in [3.0f32, -1.0, 7.5, 0.0, 7.5, 2.0].into_iter().enumerate() {
+            h.push(k, i as u32);
+        }
+        let keys: Vec<f32> = std::iter::from_fn(|| h.pop().map(|t| t.0)).collect();
+        assert_eq!(keys, vec![7.5, 7.5, 3.0, 2.0, 0.0, -1.0]);
+        let mut top = TopK::default();
+        for (i, s) in [0.1f32, 0.9, 0.5, 0.7, 0.3, 0.9].into_iter().enumerate() {
+            top.offer(s, i as u32, 3);
+        }
+        assert_eq!(top.len(), 3);
+        assert_eq!(top.worst(), 0.7);
+        let hits = top.sorted_hits(10);
+        let got: Vec<(u32, f32)> = hits.iter().map(|h| (h.idx, h.score)).collect();
+        assert_eq!(got, vec![(1, 0.9), (5, 0.9), (3, 0.7)]);
+    }
+
+    /// The visited array is stamped with a u16 epoch that wraps after 65535 queries.
+    #[test]
+    fn results_stay_correct_across_epoch_wraparound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wrap.vseg");
+        let shape = Structured { dim: 4, latent: 2, noise: 0.1, seed: 3 };
+        let skus: Vec<SkuId> = (0..20).map(|i| SkuId::new(format!("w{i}")).unwrap()).collect();
+        write_segment(&path, 4, &shape.rows(0, 20), &skus, &HnswParams::default()).unwrap();
+        let seg = Segment::open(&path).unwrap();
+        let q = shape.rows(100, 1);
+        let want = seg.brute_force(&q, 20, None).unwrap();
+        for i in 0..70_000 {
+            let got = seg.search(&q, 20, 20, None).unwrap();
+            assert_eq!(got, want, "query {i}");
+        }
+    }
+}
