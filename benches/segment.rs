@@ -1,1 +1,138 @@
-fn main() {}
+//! Segment benchmarks: (a) open time at 10k, 100k and 1M vectors (must stay flat in N);
+//! (b) single-thread search throughput at several ef on a structured 50k set.
+//!
+//! Segment files are created once under `$TMPDIR/vitrine-bench-segments/` and reused.
+//! The open-time files use random vectors and a random graph written with
+//! `write_segment_with_graph` (building HNSW over 1M vectors would take far longer than the
+//! measurement, and open time does not depend on the graph's quality).
+
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use vitrine::ids::SkuId;
+use vitrine::segment::synth::{SplitMix64, Structured};
+use vitrine::segment::{
+    DEFAULT_EF_SEARCH, GraphLayout, HnswParams, Segment, write_segment, write_segment_with_graph,
+};
+
+const DIM: usize = 128;
+const M: usize = 16;
+
+fn bench_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join("vitrine-bench-segments");
+    std::fs::create_dir_all(&dir).expect("create bench dir");
+    dir
+}
+
+fn skus(n: usize) -> Vec<SkuId> {
+    (0..n).map(|i| SkuId::new(format!("sku-{i:08}")).expect("valid sku")).collect()
+}
+
+/// Reuses `path` if it opens and verifies, otherwise (re)creates it with `make`.
+fn cached(path: &Path, make: impl FnOnce(&Path)) {
+    if Segment::open(path).is_ok() {
+        return;
+    }
+    let _ = std::fs::remove_file(path);
+    make(path);
+}
+
+/// Random unit vectors and a random graph with HNSW's shape (geometric levels, degree 2M on
+/// layer 0, M above).
+fn write_random_segment(path: &Path, n: usize) {
+    let mut rng = SplitMix64::new(n as u64);
+    let mut vectors = Vec::with_capacity(n * DIM);
+    for _ in 0..n {
+        let row: Vec<f64> = (0..DIM).map(|_| rng.gaussian()).collect();
+        let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+        vectors.extend(row.iter().map(|x| (x / norm) as f32));
+    }
+    let inv_ln_m = 1.0 / (M as f64).ln();
+    let levels: Vec<u8> =
+        (0..n).map(|_| ((-(1.0 - rng.next_f64()).ln() * inv_ln_m).floor() as u8).min(15)).collect();
+    let max_level = *levels.iter().max().expect("n > 0");
+    let on_layer: Vec<Vec<u32>> =
+        (0..=max_level).map(|l| (0..n as u32).filter(|&i| levels[i as usize] >= l).collect()).collect();
+    let mut pick = |pool: &[u32], me: u32, slots: usize, out: &mut Vec<u32>| {
+        let start = out.len();
+        for _ in 0..slots {
+            let cand = pool[rng.below(pool.len() as u64) as usize];
+            if cand != me && !out[start..].contains(&cand) {
+                out.push(cand);
+            }
+        }
+        out.resize(start + slots, u32::MAX);
+    };
+    let mut layer0 = Vec::with_capacity(n * 2 * M);
+    let mut upper = Vec::new();
+    for i in 0..n as u32 {
+        pick(&on_layer[0], i, 2 * M, &mut layer0);
+        for l in 1..=levels[i as usize] {
+            pick(&on_layer[l as usize], i, M, &mut upper);
+        }
+    }
+    let entry_point = on_layer[max_level as usize][0];
+    let graph = GraphLayout {
+        dim: DIM,
+        m: M,
+        ef_construction: 0,
+        vectors: &vectors,
+        levels: &levels,
+        layer0: &layer0,
+        upper: &upper,
+        entry_point,
+    };
+    write_segment_with_graph(path, &graph, &skus(n)).expect("write random segment");
+}
+
+fn open_time(c: &mut Criterion) {
+    let mut group = c.benchmark_group("segment_open");
+    for n in [10_000usize, 100_000, 1_000_000] {
+        let path = bench_dir().join(format!("open-{n}-d{DIM}.vseg"));
+        cached(&path, |p| write_random_segment(p, n));
+        let bytes = std::fs::metadata(&path).expect("stat").len();
+        eprintln!("open bench file: {} ({:.1} MB)", path.display(), bytes as f64 / 1e6);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &path, |b, path| {
+            b.iter(|| black_box(Segment::open(path).expect("open")));
+        });
+    }
+    group.finish();
+}
+
+fn search_qps(c: &mut Criterion) {
+    let shape = Structured { dim: DIM, latent: 16, noise: 0.3, seed: 42 };
+    let n = 50_000;
+    let path = bench_dir().join(format!("search-{n}-d{DIM}.vseg"));
+    cached(&path, |p| {
+        let stats = write_segment(p, DIM, &shape.rows(0, n), &skus(n), &HnswParams::default())
+            .expect("write structured segment");
+        eprintln!("built {n} x {DIM} in {:.1}s, self-recall {}", stats.build_secs, stats.self_recall);
+    });
+    let seg = Segment::open(&path).expect("open");
+    let queries = shape.rows(1 << 40, 500);
+    let mut group = c.benchmark_group("segment_search_k10");
+    group.throughput(Throughput::Elements(1));
+    for ef in [16usize, 32, DEFAULT_EF_SEARCH, 128, 256] {
+        let mut found = 0usize;
+        for q in queries.chunks_exact(DIM) {
+            let exact = seg.brute_force(q, 10, None).expect("brute force");
+            let hits = seg.search(q, 10, ef, None).expect("search");
+            found += hits.iter().filter(|h| exact.iter().any(|e| e.idx == h.idx)).count();
+        }
+        eprintln!("ef={ef}: recall@10 {:.4}", found as f64 / (10 * queries.len() / DIM) as f64);
+        let mut next = queries.chunks_exact(DIM).cycle();
+        group.bench_with_input(BenchmarkId::from_parameter(ef), &ef, |b, &ef| {
+            b.iter(|| black_box(seg.search(next.next().expect("cycle"), 10, ef, None).expect("search")));
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = open_time, search_qps
+}
+criterion_main!(benches);

@@ -7,13 +7,25 @@
 use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 
-/// Lanes in one block of independent accumulators: 4 AVX-512 or 8 AVX2 registers.
+/// Lanes per block: four independent accumulators of one AVX-512 (or two AVX2) register each,
+/// which hides the FMA latency.
 const BLOCK: usize = 64;
-/// Lanes for the tail that does not fill a whole block.
-const SMALL: usize = 16;
+
+#[inline(always)]
+fn block<const FMA: bool>(acc: &mut [f32; BLOCK], x: &[f32; BLOCK], y: &[f32; BLOCK]) {
+    for i in 0..BLOCK {
+        acc[i] = if FMA { x[i].mul_add(y[i], acc[i]) } else { acc[i] + x[i] * y[i] };
+    }
+}
 
 /// `sum(a[i] * b[i])` over the common length. `FMA` selects fused multiply-add, which is
 /// only fast when the caller was compiled with the `fma` target feature.
+///
+/// Only fixed-size loops with constant indices after unrolling, so the accumulators stay in
+/// registers (a loop with a variable index sends them to the stack). Everything called from
+/// the multiversioned functions is a plain loop or an `#[inline(always)]` helper: a generic
+/// std adaptor (`array::from_fn`, `Iterator::map`...) may stay out of line, compiled without
+/// the target's features (`mul_add` then becomes a libm call).
 #[inline(always)]
 pub(crate) fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
@@ -22,35 +34,29 @@ pub(crate) fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     let (b_blocks, b_rest) = b.as_chunks::<BLOCK>();
     let mut acc = [0.0f32; BLOCK];
     for (x, y) in a_blocks.iter().zip(b_blocks) {
-        for i in 0..BLOCK {
-            acc[i] = if FMA { x[i].mul_add(y[i], acc[i]) } else { acc[i] + x[i] * y[i] };
-        }
+        block::<FMA>(&mut acc, x, y);
     }
-    let (a_small, a_tail) = a_rest.as_chunks::<SMALL>();
-    let (b_small, b_tail) = b_rest.as_chunks::<SMALL>();
-    let mut acc16 = [0.0f32; SMALL];
-    for (x, y) in a_small.iter().zip(b_small) {
-        for i in 0..SMALL {
-            acc16[i] = if FMA { x[i].mul_add(y[i], acc16[i]) } else { acc16[i] + x[i] * y[i] };
-        }
+    if !a_rest.is_empty() {
+        // Zero-padded last block (dimensions that are not a multiple of 64).
+        let (mut x, mut y) = ([0.0f32; BLOCK], [0.0f32; BLOCK]);
+        x[..a_rest.len()].copy_from_slice(a_rest);
+        y[..b_rest.len()].copy_from_slice(b_rest);
+        block::<FMA>(&mut acc, &x, &y);
     }
-    // Pairwise reduction: 64 -> 16 lanes, fold in the small accumulator, then 16 -> 1.
-    for i in 0..SMALL {
-        acc16[i] += (acc[i] + acc[i + SMALL]) + (acc[i + 2 * SMALL] + acc[i + 3 * SMALL]);
+    // Fixed pairwise reduction 64 -> 16 -> 8 -> 4 -> 1.
+    let mut h = [0.0f32; 16];
+    for i in 0..16 {
+        h[i] = (acc[i] + acc[i + 16]) + (acc[i + 32] + acc[i + 48]);
     }
-    let mut lanes = acc16;
-    let mut width = SMALL / 2;
-    while width > 0 {
-        for i in 0..width {
-            lanes[i] += lanes[i + width];
-        }
-        width /= 2;
+    let mut e = [0.0f32; 8];
+    for i in 0..8 {
+        e[i] = h[i] + h[i + 8];
     }
-    let mut sum = lanes[0];
-    for (x, y) in a_tail.iter().zip(b_tail) {
-        sum += x * y;
+    let mut f = [0.0f32; 4];
+    for i in 0..4 {
+        f[i] = e[i] + e[i + 4];
     }
-    sum
+    (f[0] + f[2]) + (f[1] + f[3])
 }
 
 /// Dot product of two vectors (over the shorter length), dispatched to the best SIMD

@@ -30,22 +30,22 @@ struct Heap {
 }
 
 impl Heap {
-    #[inline]
+    #[inline(always)]
     fn clear(&mut self) {
         self.items.clear();
     }
 
-    #[inline]
+    #[inline(always)]
     fn len(&self) -> usize {
         self.items.len()
     }
 
-    #[inline]
+    #[inline(always)]
     fn top_key(&self) -> f32 {
         self.items.first().map_or(f32::NEG_INFINITY, |t| t.0)
     }
 
-    #[inline]
+    #[inline(always)]
     fn push(&mut self, key: f32, id: u32) {
         let items = &mut self.items;
         let mut pos = items.len();
@@ -61,7 +61,7 @@ impl Heap {
         items[pos] = (key, id);
     }
 
-    #[inline]
+    #[inline(always)]
     fn pop(&mut self) -> Option<(f32, u32)> {
         let last = self.items.pop()?;
         if self.items.is_empty() {
@@ -73,12 +73,12 @@ impl Heap {
     }
 
     /// Replaces the top with (key, id) and restores the heap (pop + push in one pass).
-    #[inline]
+    #[inline(always)]
     fn replace_top(&mut self, key: f32, id: u32) {
         self.sift_down_from_root((key, id));
     }
 
-    #[inline]
+    #[inline(always)]
     fn sift_down_from_root(&mut self, item: (f32, u32)) {
         let items = &mut self.items[..];
         let len = items.len();
@@ -107,24 +107,24 @@ struct TopK {
 }
 
 impl TopK {
-    #[inline]
+    #[inline(always)]
     fn clear(&mut self) {
         self.heap.clear();
     }
 
-    #[inline]
+    #[inline(always)]
     fn len(&self) -> usize {
         self.heap.len()
     }
 
     /// Lowest score kept; +inf when empty.
-    #[inline]
+    #[inline(always)]
     fn worst(&self) -> f32 {
         -self.heap.top_key()
     }
 
     /// Offers a result; keeps at most `cap`.
-    #[inline]
+    #[inline(always)]
     fn offer(&mut self, score: f32, id: u32, cap: usize) {
         if self.heap.len() < cap {
             self.heap.push(-score, id);
@@ -150,6 +150,8 @@ struct Scratch {
     candidates: Heap,
     results: TopK,
     query: Vec<f32>,
+    ids: Vec<u32>,
+    scores: Vec<f32>,
 }
 
 impl Scratch {
@@ -202,20 +204,11 @@ impl Segment {
                 return Ok(Vec::new());
             }
             s.begin(view.n);
-            let Scratch { visited, epoch, candidates, results, query } = s;
+            let Scratch { visited, epoch, candidates, results, query, ids, scores } = s;
             let ef = ef.max(k);
             let entry = greedy_upper(&view, query);
-            search_layer0(
-                &view,
-                query,
-                entry,
-                ef,
-                filter,
-                &mut visited[..view.n],
-                *epoch,
-                candidates,
-                results,
-            );
+            let visited = &mut visited[..view.n];
+            search_layer0(&view, query, entry, ef, filter, visited, *epoch, candidates, results, ids, scores);
             Ok(results.sorted_hits(k))
         })
     }
@@ -317,11 +310,17 @@ fn search_layer0(
     epoch: u16,
     candidates: &mut Heap,
     results: &mut TopK,
+    ids: &mut Vec<u32>,
+    scores: &mut Vec<f32>,
 ) {
     if target_cfg_f!(target_feature = "fma") {
-        search_layer0_body::<true>(view, q, entry, ef, filter, visited, epoch, candidates, results)
+        search_layer0_body::<true>(
+            view, q, entry, ef, filter, visited, epoch, candidates, results, ids, scores,
+        )
     } else {
-        search_layer0_body::<false>(view, q, entry, ef, filter, visited, epoch, candidates, results)
+        search_layer0_body::<false>(
+            view, q, entry, ef, filter, visited, epoch, candidates, results, ids, scores,
+        )
     }
 }
 
@@ -337,6 +336,8 @@ fn search_layer0_body<const FMA: bool>(
     epoch: u16,
     candidates: &mut Heap,
     results: &mut TopK,
+    ids: &mut Vec<u32>,
+    scores: &mut Vec<f32>,
 ) {
     let n = visited.len() as u32;
     let dim = view.dim;
@@ -356,18 +357,30 @@ fn search_layer0_body<const FMA: bool>(
         }
         let start = c as usize * degree;
         let Some(row) = view.layer0.get(start..start + degree) else { continue };
+        // Three passes per candidate: collect unvisited neighbours, score them all (a loop
+        // with no data-dependent branches, so the CPU overlaps the vectors' cache misses),
+        // then update the heaps.
+        ids.clear();
         for &nb in row {
             if nb >= n {
                 break;
             }
             let slot = &mut visited[nb as usize];
-            if *slot == epoch {
-                continue;
+            if *slot != epoch {
+                *slot = epoch;
+                ids.push(nb);
             }
-            *slot = epoch;
+        }
+        scores.clear();
+        for &nb in ids.iter() {
             let at = nb as usize * dim;
-            let Some(v) = view.vectors.get(at..at + dim) else { continue };
-            let s = dot_sel::<FMA>(q, v);
+            let s = match view.vectors.get(at..at + dim) {
+                Some(v) => dot_sel::<FMA>(q, v),
+                None => f32::NEG_INFINITY,
+            };
+            scores.push(s);
+        }
+        for (&nb, &s) in ids.iter().zip(scores.iter()) {
             if results.len() < ef || s > results.worst() {
                 candidates.push(s, nb);
                 if filter.is_none_or(|f| f(nb)) {
@@ -404,5 +417,49 @@ fn brute_force_body<const FMA: bool>(
             continue;
         }
         out.offer(dot_sel::<FMA>(q, v), idx, k);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::SkuId;
+    use crate::segment::synth::Structured;
+    use crate::segment::{HnswParams, write_segment};
+
+    #[test]
+    fn heaps_order_and_bound() {
+        let mut h = Heap::default();
+        for (i, k) in [3.0f32, -1.0, 7.5, 0.0, 7.5, 2.0].into_iter().enumerate() {
+            h.push(k, i as u32);
+        }
+        let keys: Vec<f32> = std::iter::from_fn(|| h.pop().map(|t| t.0)).collect();
+        assert_eq!(keys, vec![7.5, 7.5, 3.0, 2.0, 0.0, -1.0]);
+        let mut top = TopK::default();
+        for (i, s) in [0.1f32, 0.9, 0.5, 0.7, 0.3, 0.9].into_iter().enumerate() {
+            top.offer(s, i as u32, 3);
+        }
+        assert_eq!(top.len(), 3);
+        assert_eq!(top.worst(), 0.7);
+        let hits = top.sorted_hits(10);
+        let got: Vec<(u32, f32)> = hits.iter().map(|h| (h.idx, h.score)).collect();
+        assert_eq!(got, vec![(1, 0.9), (5, 0.9), (3, 0.7)]);
+    }
+
+    /// The visited array is stamped with a u16 epoch that wraps after 65535 queries.
+    #[test]
+    fn results_stay_correct_across_epoch_wraparound() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wrap.vseg");
+        let shape = Structured { dim: 4, latent: 2, noise: 0.1, seed: 3 };
+        let skus: Vec<SkuId> = (0..20).map(|i| SkuId::new(format!("w{i}")).unwrap()).collect();
+        write_segment(&path, 4, &shape.rows(0, 20), &skus, &HnswParams::default()).unwrap();
+        let seg = Segment::open(&path).unwrap();
+        let q = shape.rows(100, 1);
+        let want = seg.brute_force(&q, 20, None).unwrap();
+        for i in 0..70_000 {
+            let got = seg.search(&q, 20, 20, None).unwrap();
+            assert_eq!(got, want, "query {i}");
+        }
     }
 }

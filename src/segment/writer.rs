@@ -28,6 +28,8 @@ const HNSW_MAX_LAYERS: usize = MAX_LEVEL as usize + 1;
 /// Upper bound on `ef_construction`: far above any useful value, it only guards against
 /// absurd inputs.
 const MAX_EF_CONSTRUCTION: usize = 100_000;
+/// Rows handed to hnsw_rs per `parallel_insert_slice` call.
+const INSERT_BATCH: usize = 16_384;
 /// Points checked for self-recall after a build.
 const SELF_RECALL_SAMPLE: usize = 1000;
 
@@ -219,10 +221,16 @@ fn build_graph(
     params: &HnswParams,
 ) -> Result<FlatGraph, SegmentError> {
     let n = normalised.len() / dim;
-    let scaled: Vec<f32> = normalised.iter().map(|&x| x * HNSW_INPUT_SCALE).collect();
     let hnsw = Hnsw::<f32, DistDot>::new(params.m, n, HNSW_MAX_LAYERS, params.ef_construction, DistDot);
-    let items: Vec<(&[f32], usize)> = scaled.chunks_exact(dim).enumerate().map(|(i, v)| (v, i)).collect();
-    hnsw.parallel_insert_slice(&items);
+    // hnsw_rs copies every vector it is given; scaling batch by batch keeps the extra copy
+    // small.
+    for (batch_no, batch) in normalised.chunks(INSERT_BATCH * dim).enumerate() {
+        let scaled: Vec<f32> = batch.iter().map(|&x| x * HNSW_INPUT_SCALE).collect();
+        let first = batch_no * INSERT_BATCH;
+        let items: Vec<(&[f32], usize)> =
+            scaled.chunks_exact(dim).enumerate().map(|(i, v)| (v, first + i)).collect();
+        hnsw.parallel_insert_slice(&items);
+    }
     extract_graph(&hnsw, n, params.m)
         .map_err(|reason| SegmentError::GraphBuild { path: path.to_path_buf(), reason })
 }

@@ -1,0 +1,248 @@
+#!/usr/bin/env python3
+"""Side-by-side ANN comparison: vitrine's segment search vs hnswlib, one run, same data.
+
+Generates structured data (a low-dimensional Gaussian latent through a fixed random linear
+map, plus noise, L2-normalised; seeded), computes exact top-k with numpy, builds both indexes
+with the same M / ef_construction (hnswlib space 'ip' = 1 - dot, vitrine = dot), then for each
+ef measures single-thread QPS and recall@k for both and prints a table plus the QPS ratio at
+matched recall (each curve interpolated at the recall targets).
+
+vitrine runs through `cargo run --release --example ann_bench` (a Rust loop over queries,
+one at a time); hnswlib runs one batched `knn_query` with set_num_threads(1) (its C++ loop,
+no per-query Python overhead). Builds use all cores for both; searches use one thread.
+
+numpy and hnswlib are installed into a venv under tools/.work/ when missing (hnswlib builds
+from source, about 30 s).
+
+Usage: python3 tools/ann_compare.py [--n 100000 --dim 256 --latent 16 --noise 0.3 ...]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "tools" / ".work"
+VENV = WORK / "venv"
+
+
+def ensure_deps():
+    """Re-executes this script inside tools/.work/venv (created on first use) unless numpy
+    and hnswlib import here already."""
+    try:
+        import hnswlib  # noqa: F401
+        import numpy  # noqa: F401
+        return
+    except ImportError:
+        pass
+    py = VENV / "bin" / "python"
+    if os.environ.get("ANN_COMPARE_IN_VENV"):
+        sys.exit("numpy/hnswlib still missing inside the venv; see the pip output above")
+    if not py.exists():
+        print(f"creating venv {VENV}", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    probe = subprocess.run([str(py), "-c", "import numpy, hnswlib"], capture_output=True)
+    if probe.returncode != 0:
+        print("installing numpy and hnswlib into the venv (hnswlib builds from source)", file=sys.stderr)
+        subprocess.run([str(py), "-m", "pip", "install", "-q", "numpy", "hnswlib"], check=True)
+    env = dict(os.environ, ANN_COMPARE_IN_VENV="1")
+    os.execve(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]], env)
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=100_000, help="base vectors")
+    p.add_argument("--nq", type=int, default=1000, help="queries")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--latent", type=int, default=16, help="intrinsic dimension")
+    p.add_argument("--noise", type=float, default=0.3, help="noise std relative to the signal")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--m", type=int, default=16)
+    p.add_argument("--ef-construction", type=int, default=200)
+    p.add_argument("--ef", default="10,16,24,32,48,64,96,128,192,256")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--passes", type=int, default=3, help="timed passes per ef; the fastest counts")
+    p.add_argument("--targets", default="0.90,0.95,0.98,0.99")
+    p.add_argument("--build-threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--json-out", type=Path, help="also write all results here")
+    return p.parse_args()
+
+
+def generate(args):
+    import numpy as np
+
+    rng = np.random.default_rng(args.seed)
+    proj = rng.standard_normal((args.latent, args.dim)).astype(np.float32)
+    scale = args.noise * np.sqrt(args.latent)
+
+    def rows(count):
+        out = np.empty((count, args.dim), dtype=np.float32)
+        for start in range(0, count, 50_000):
+            c = min(50_000, count - start)
+            z = rng.standard_normal((c, args.latent)).astype(np.float32)
+            x = z @ proj + scale * rng.standard_normal((c, args.dim)).astype(np.float32)
+            out[start : start + c] = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return out
+
+    return rows(args.n), rows(args.nq)
+
+
+def ground_truth(base, queries, k):
+    import numpy as np
+
+    gt = np.empty((len(queries), k), dtype=np.uint32)
+    for start in range(0, len(queries), 256):
+        scores = queries[start : start + 256] @ base.T
+        top = np.argpartition(-scores, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+        gt[start : start + 256] = np.take_along_axis(top, order, axis=1)
+    return gt
+
+
+def recall(found, gt):
+    hits = sum(len(set(map(int, f)) & set(map(int, g))) for f, g in zip(found, gt))
+    return hits / gt.size
+
+
+def run_vitrine(args, paths, efs):
+    subprocess.run(
+        ["cargo", "build", "--release", "--quiet", "--example", "ann_bench"], cwd=ROOT, check=True
+    )
+    seg = paths["dir"] / "vitrine.vseg"
+    if seg.exists():
+        seg.unlink()
+    cmd = [
+        str(ROOT / "target" / "release" / "examples" / "ann_bench"),
+        "--dim", str(args.dim),
+        "--base", str(paths["base"]),
+        "--queries", str(paths["queries"]),
+        "--gt", str(paths["gt"]),
+        "--k", str(args.k),
+        "--m", str(args.m),
+        "--ef-construction", str(args.ef_construction),
+        "--ef", ",".join(map(str, efs)),
+        "--passes", str(args.passes),
+        "--segment", str(seg),
+    ]
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.build_threads))
+    t = time.perf_counter()
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+    wall = time.perf_counter() - t
+    res = json.loads(out)
+    seg.unlink()
+    res["wall_secs"] = wall
+    return res
+
+
+def run_hnswlib(args, base, queries, gt, efs):
+    import hnswlib
+
+    index = hnswlib.Index(space="ip", dim=args.dim)
+    index.init_index(max_elements=len(base), ef_construction=args.ef_construction, M=args.m, random_seed=args.seed)
+    index.set_num_threads(args.build_threads)
+    t = time.perf_counter()
+    index.add_items(base, list(range(len(base))))
+    build_secs = time.perf_counter() - t
+    index.set_num_threads(1)
+    points = []
+    for ef in efs:
+        index.set_ef(max(ef, args.k))
+        best = best_cpu = float("inf")
+        for _ in range(max(1, args.passes)):
+            t, c = time.perf_counter(), time.thread_time()
+            # With num_threads=1 hnswlib runs the query loop in this thread.
+            labels, _ = index.knn_query(queries, k=args.k, num_threads=1)
+            best = min(best, time.perf_counter() - t)
+            best_cpu = min(best_cpu, time.thread_time() - c)
+        points.append({"ef": ef, "qps": len(queries) / best, "cpu_qps": len(queries) / best_cpu,
+                       "recall": recall(labels, gt)})
+    return {"engine": "hnswlib", "build": {"secs": build_secs}, "points": points}
+
+
+def qps_at(points, target):
+    """QPS at `target` recall, interpolated (log QPS, linear recall) between the measured
+    points that bracket it; None when the curve never reaches it."""
+    import math
+
+    pts = sorted((p["recall"], p["qps"]) for p in points)
+    # Pareto front: for each recall keep the fastest point at that recall or higher.
+    for i in range(len(pts)):
+        r, _ = pts[i]
+        pts[i] = (r, max(q for rr, q in pts if rr >= r))
+    if not pts or pts[-1][0] < target:
+        return None
+    if pts[0][0] >= target:
+        return pts[0][1]
+    for (r0, q0), (r1, q1) in zip(pts, pts[1:]):
+        if r0 <= target <= r1:
+            if r1 == r0:
+                return max(q0, q1)
+            w = (target - r0) / (r1 - r0)
+            return math.exp(math.log(q0) * (1 - w) + math.log(q1) * w)
+    return None
+
+
+def main():
+    ensure_deps()
+    import numpy as np
+
+    args = parse_args()
+    os.environ["OMP_NUM_THREADS"] = "1"
+    efs = [int(x) for x in args.ef.split(",")]
+    targets = [float(x) for x in args.targets.split(",")]
+    data_dir = WORK / f"ann-{args.n}x{args.dim}-l{args.latent}-s{args.seed}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"dir": data_dir, "base": data_dir / "base.f32", "queries": data_dir / "queries.f32", "gt": data_dir / "gt.u32"}
+
+    t = time.perf_counter()
+    base, queries = generate(args)
+    gt = ground_truth(base, queries, args.k)
+    base.tofile(paths["base"])
+    queries.tofile(paths["queries"])
+    gt.tofile(paths["gt"])
+    print(f"data: {args.n} x {args.dim} (latent {args.latent}, noise {args.noise}), {args.nq} queries, "
+          f"exact top-{args.k} in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+
+    t = time.perf_counter()
+    hn = run_hnswlib(args, base, queries, gt, efs)
+    print(f"hnswlib done in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    vt = run_vitrine(args, paths, efs)
+    print(f"vitrine done in {vt['wall_secs']:.1f}s", file=sys.stderr)
+
+    print(f"\n{args.n} x {args.dim}, latent {args.latent}, noise {args.noise}, M={args.m}, "
+          f"ef_construction={args.ef_construction}, k={args.k}, {args.nq} queries, single-thread search")
+    print(f"build ({args.build_threads} threads): vitrine {vt['build']['secs']:.1f}s "
+          f"(incl. write+verify, self-recall {vt['build']['self_recall']:.3f}), hnswlib {hn['build']['secs']:.1f}s")
+    print("\nQPS = queries per wall-clock second; cpu = per second of the search thread's CPU time")
+    print("(less sensitive to other processes competing for the cores).")
+    print(f"\n{'ef':>5} | {'vitrine QPS':>11} {'cpu':>7} {'recall':>7} | {'hnswlib QPS':>11} {'cpu':>7} {'recall':>7}")
+    print("-" * 68)
+    for v, h in zip(vt["points"], hn["points"]):
+        print(f"{v['ef']:>5} | {v['qps']:>11.0f} {v['cpu_qps']:>7.0f} {v['recall']:>7.4f} | "
+              f"{h['qps']:>11.0f} {h['cpu_qps']:>7.0f} {h['recall']:>7.4f}")
+    ratios = {}
+    for key, title in (("qps", "wall-clock"), ("cpu_qps", "CPU time")):
+        print(f"\nmatched recall ({title}): QPS interpolated on each curve")
+        print(f"{'recall':>7} | {'vitrine':>9} | {'hnswlib':>9} | {'ratio':>6}")
+        print("-" * 42)
+        for r in targets:
+            pv = [{"recall": p["recall"], "qps": p[key]} for p in vt["points"]]
+            ph = [{"recall": p["recall"], "qps": p[key]} for p in hn["points"]]
+            qv, qh = qps_at(pv, r), qps_at(ph, r)
+            ratio = qv / qh if qv and qh else None
+            ratios[f"{key}@{r}"] = ratio
+            cell = lambda x, w: f"{x:>{w}.0f}" if x else f"{'n/a':>{w}}"
+            rcell = f"{ratio:>6.2f}" if ratio else f"{'n/a':>6}"
+            print(f"{r:>7.2f} | {cell(qv, 9)} | {cell(qh, 9)} | {rcell}")
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
+                                             "vitrine": vt, "hnswlib": hn,
+                                             "ratio_at_recall": ratios}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
