@@ -1,1 +1,291 @@
-//! The image encoder: preprocessing and the Candle EfficientNet-Lite network.
+//! The image encoder: preprocessing and the Candle EfficientNet-Lite network, behind one
+//! [`Encoder`] that turns image bytes into L2-normalised embeddings.
+//!
+//! A model lives in a folder named after its version (`models/<version>/`) holding
+//! `manifest.json` ([`ModelManifest`]) and the safetensors weights the manifest names and
+//! checksums. Loading refuses a weights file whose sha256 differs from the manifest's.
+
+mod lite;
+pub mod manifest;
+pub mod preprocess;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+use sha2::{Digest, Sha256};
+
+use crate::ids::ModelVersion;
+pub use lite::{Kernels, WeightsError};
+pub use manifest::{Architecture, ManifestError, ManifestInvalid, ModelManifest, Normalisation};
+pub use preprocess::{PreparedImage, PreprocessError};
+
+/// Images per forward pass on the CPU. Larger CPU batches are no faster per image and get
+/// slower (batch 32 measured about twice the per-image time of batch 4: the activations leave
+/// the caches and each layer's output is freshly page-faulted memory).
+pub const CPU_FORWARD_BATCH: usize = 4;
+/// Images per forward pass on a GPU (bounds activation memory).
+pub const GPU_FORWARD_BATCH: usize = 32;
+
+/// Why a model could not be loaded or run.
+#[derive(Debug, thiserror::Error)]
+pub enum EncoderError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(
+        "model folder {dir} does not match the manifest's version {version:?} (the folder must be named after the version)"
+    )]
+    FolderVersion { dir: PathBuf, version: ModelVersion },
+    #[error("cannot read model weights {path}")]
+    ReadWeights {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("model weights {path} have sha256 {actual}, but the manifest says {expected}")]
+    Checksum { path: PathBuf, expected: String, actual: String },
+    #[error("model weights {path} are not a valid safetensors file")]
+    Safetensors {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("model weights {path} are not an EfficientNet-Lite network: {source}")]
+    Weights {
+        path: PathBuf,
+        #[source]
+        source: Box<WeightsError>,
+    },
+    #[error("model weights {path} give {field} = {from_weights}, but the manifest says {in_manifest}")]
+    Disagrees { path: PathBuf, field: &'static str, in_manifest: usize, from_weights: usize },
+    #[error(
+        "image {index} of the batch is {actual}x{actual} pixels; model {version} takes {expected}x{expected}"
+    )]
+    InputSize { version: ModelVersion, index: usize, actual: u32, expected: u32 },
+    #[error("image {index} of the batch gave an all-zero feature vector, which has no direction")]
+    ZeroEmbedding { index: usize },
+    #[error(transparent)]
+    Preprocess(#[from] PreprocessError),
+    #[error("inference with model {version} failed")]
+    Inference {
+        version: ModelVersion,
+        #[source]
+        source: candle_core::Error,
+    },
+}
+
+/// The best device available: CUDA when built with the `cuda` feature and a GPU is present,
+/// otherwise the CPU.
+pub fn default_device() -> candle_core::Result<Device> {
+    Device::cuda_if_available(0)
+}
+
+/// A loaded model: preprocessing settings plus the network, ready to embed images.
+/// `Send + Sync`; share one behind an `Arc`.
+#[derive(Debug)]
+pub struct Encoder {
+    manifest: ModelManifest,
+    net: lite::LiteNet,
+    device: Device,
+}
+
+impl Encoder {
+    /// Loads `model_dir/manifest.json` and the weights it names onto `device`, checking the
+    /// weights' sha256 and that they agree with the manifest.
+    pub fn load(model_dir: &Path, device: &Device) -> Result<Self, EncoderError> {
+        let manifest = ModelManifest::load(&model_dir.join(ModelManifest::FILE_NAME))?;
+        let folder = match model_dir.file_name() {
+            Some(name) => Some(name.to_os_string()),
+            None => {
+                std::fs::canonicalize(model_dir).ok().and_then(|p| p.file_name().map(|n| n.to_os_string()))
+            }
+        };
+        if folder.as_deref() != Some(manifest.version.as_str().as_ref()) {
+            return Err(EncoderError::FolderVersion {
+                dir: model_dir.to_path_buf(),
+                version: manifest.version.clone(),
+            });
+        }
+
+        let path = model_dir.join(&manifest.weights);
+        let bytes = std::fs::read(&path)
+            .map_err(|source| EncoderError::ReadWeights { path: path.clone(), source })?;
+        let actual = hex(&Sha256::digest(&bytes));
+        if !actual.eq_ignore_ascii_case(&manifest.sha256) {
+            return Err(EncoderError::Checksum { path, expected: manifest.sha256.clone(), actual });
+        }
+        // The tensors are parsed from the very bytes that were hashed.
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|source| EncoderError::Safetensors { path: path.clone(), source })?;
+        drop(bytes);
+        let net = lite::LiteNet::from_tensors(tensors)
+            .map_err(|source| EncoderError::Weights { path: path.clone(), source: Box::new(source) })?;
+        for (field, in_manifest, from_weights) in [
+            ("dim", manifest.dim, net.feature_dim()),
+            ("num_classes", manifest.num_classes, net.num_classes()),
+        ] {
+            if in_manifest != from_weights {
+                return Err(EncoderError::Disagrees { path, field, in_manifest, from_weights });
+            }
+        }
+        Ok(Self { manifest, net, device: device.clone() })
+    }
+
+    /// Runs with `kernels` instead of the fastest for the device: [`Kernels::Generic`] on the
+    /// CPU exercises the plain-candle path that GPUs take (tests compare the two).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.net = self.net.with_kernels(kernels);
+        self
+    }
+
+    pub fn manifest(&self) -> &ModelManifest {
+        &self.manifest
+    }
+
+    pub fn version(&self) -> &ModelVersion {
+        &self.manifest.version
+    }
+
+    /// Length of an embedding.
+    pub fn dim(&self) -> usize {
+        self.manifest.dim
+    }
+
+    /// Side of the square network input, in pixels.
+    pub fn input_size(&self) -> u32 {
+        self.manifest.input_size
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Decodes and prepares one image with this model's input size and normalisation.
+    pub fn preprocess(&self, bytes: &[u8]) -> Result<PreparedImage, PreprocessError> {
+        preprocess::preprocess(bytes, self.manifest.input_size, &self.manifest.normalisation)
+    }
+
+    /// L2-normalised embeddings, one per image, in order.
+    pub fn embed(&self, batch: &[PreparedImage]) -> Result<Vec<Vec<f32>>, EncoderError> {
+        let mut out = self.pooled_features(batch)?;
+        for (index, v) in out.iter_mut().enumerate() {
+            let norm = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
+            if !(norm.is_finite() && norm > 0.0) {
+                return Err(EncoderError::ZeroEmbedding { index });
+            }
+            let inv = (1.0 / norm) as f32;
+            v.iter_mut().for_each(|x| *x *= inv);
+        }
+        Ok(out)
+    }
+
+    /// Decodes, prepares and embeds each image; a bad image fails alone, not the batch.
+    pub fn embed_bytes(&self, images: &[&[u8]]) -> Vec<Result<Vec<f32>, EncoderError>> {
+        let prepared: Vec<Result<PreparedImage, PreprocessError>> =
+            images.par_iter().map(|bytes| self.preprocess(bytes)).collect();
+        let mut slots = Vec::with_capacity(prepared.len());
+        let mut good = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            match p {
+                Ok(image) => {
+                    good.push(image);
+                    slots.push(None);
+                }
+                Err(e) => slots.push(Some(EncoderError::Preprocess(e))),
+            }
+        }
+        let embedded: Vec<Result<Vec<f32>, EncoderError>> = match self.embed(&good) {
+            Ok(vectors) => vectors.into_iter().map(Ok).collect(),
+            // Run the images one by one so the failure lands on the image(s) that caused it.
+            Err(_) => good.iter().map(|p| self.embed_one(p)).collect(),
+        };
+        let mut embedded = embedded.into_iter();
+        slots
+            .into_iter()
+            .map(|slot| match slot {
+                Some(err) => Err(err),
+                None => embedded.next().unwrap_or_else(|| unreachable!("one result per good image")),
+            })
+            .collect()
+    }
+
+    fn embed_one(&self, image: &PreparedImage) -> Result<Vec<f32>, EncoderError> {
+        let mut v = self.embed(std::slice::from_ref(image))?;
+        Ok(v.pop().unwrap_or_default())
+    }
+
+    /// Globally pooled features before L2 normalisation (`dim` values per image).
+    pub fn pooled_features(&self, batch: &[PreparedImage]) -> Result<Vec<Vec<f32>>, EncoderError> {
+        self.run(batch, |net, x| net.pooled_features(x))
+    }
+
+    /// ImageNet logits (`num_classes` values per image).
+    pub fn classify(&self, batch: &[PreparedImage]) -> Result<Vec<Vec<f32>>, EncoderError> {
+        self.run(batch, |net, x| net.logits(&net.pooled_features(x)?))
+    }
+
+    /// Checks input sizes, then runs `f` on chunks of at most [`CPU_FORWARD_BATCH`] (or
+    /// [`GPU_FORWARD_BATCH`]) images.
+    fn run<F>(&self, batch: &[PreparedImage], f: F) -> Result<Vec<Vec<f32>>, EncoderError>
+    where
+        F: Fn(&lite::LiteNet, &Tensor) -> candle_core::Result<Tensor> + Sync,
+    {
+        let size = self.manifest.input_size;
+        let plane = 3 * size as usize * size as usize;
+        for (index, image) in batch.iter().enumerate() {
+            if image.size() != size || image.data().len() != plane {
+                return Err(EncoderError::InputSize {
+                    version: self.manifest.version.clone(),
+                    index,
+                    actual: image.size(),
+                    expected: size,
+                });
+            }
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        let chunk_size = if self.device.is_cpu() { CPU_FORWARD_BATCH } else { GPU_FORWARD_BATCH };
+        for chunk in batch.chunks(chunk_size) {
+            let rows = self
+                .device
+                .with_context(|| -> candle_core::Result<Vec<Vec<f32>>> {
+                    let mut data = Vec::with_capacity(chunk.len() * plane);
+                    for image in chunk {
+                        data.extend_from_slice(image.data());
+                    }
+                    let s = size as usize;
+                    let x = Tensor::from_vec(data, (chunk.len(), 3, s, s), &self.device)?;
+                    f(&self.net, &x)?.to_vec2::<f32>()
+                })
+                .map_err(|source| EncoderError::Inference {
+                    version: self.manifest.version.clone(),
+                    source,
+                })?;
+            out.extend(rows);
+        }
+        Ok(out)
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encoder_is_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Encoder>();
+    }
+
+    #[test]
+    fn hex_is_lower_case() {
+        assert_eq!(hex(&[0x00, 0xab, 0x0f]), "00ab0f");
+    }
+}

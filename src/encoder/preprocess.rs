@@ -1,0 +1,330 @@
+//! Image preprocessing: the one function that turns encoded image bytes into the network's input,
+//! used unchanged at ingest and at query time so both sides see identical tensors.
+//!
+//! Steps: sniff the format from the bytes (JPEG, PNG, WebP, GIF first frame), refuse oversized
+//! images before decoding pixels, apply the EXIF orientation, composite transparency over white,
+//! scale the shorter side to the input size and centre-crop, then normalise into CHW `f32`.
+
+use std::io::Cursor;
+
+use image::imageops::FilterType;
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
+
+use super::manifest::Normalisation;
+
+/// Images with more pixels than this are refused before their pixels are decoded.
+pub const MAX_PIXELS: u64 = 40_000_000;
+/// Longest side accepted, whatever the pixel count.
+pub const MAX_SIDE: u32 = 32_768;
+/// Most memory a decoder may allocate.
+const MAX_DECODER_ALLOC: u64 = 512 * 1024 * 1024;
+/// Images whose shorter side is at least this many times the input size are first shrunk with
+/// a cheap area average to twice the input size, then resized properly.
+const PRESHRINK_FACTOR: u32 = 4;
+
+/// A network input: normalised pixels, channel-major (`[3][size][size]`), RGB order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PreparedImage {
+    data: Vec<f32>,
+    size: u32,
+}
+
+impl PreparedImage {
+    /// Side of the square image in pixels.
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// The `3 * size * size` values in CHW order.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    pub fn into_data(self) -> Vec<f32> {
+        self.data
+    }
+}
+
+/// Why image bytes could not be turned into a network input. The messages are meant for the
+/// client that sent the image.
+#[derive(Debug, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("image is empty (0 bytes)")]
+    Empty,
+    #[error("image format not recognised: send JPEG, PNG, WebP or GIF")]
+    UnknownFormat,
+    #[error("image format {0:?} is not supported: send JPEG, PNG, WebP or GIF")]
+    UnsupportedFormat(ImageFormat),
+    #[error("image is {width}x{height} pixels; the limit is {max_pixels} pixels and {max_side} per side", max_pixels = MAX_PIXELS, max_side = MAX_SIDE)]
+    TooLarge { width: u32, height: u32 },
+    #[error("image has no pixels ({width}x{height})")]
+    ZeroSize { width: u32, height: u32 },
+    #[error("image exceeds the decoder's memory limit: {0}")]
+    DecoderLimit(#[source] ImageError),
+    #[error("image is corrupt or truncated: {0}")]
+    Decode(#[source] ImageError),
+    #[error("input size {0} is outside 1..={max}", max = MAX_SIDE)]
+    BadInputSize(u32),
+}
+
+/// Decodes `bytes` and prepares them as a `input_size` x `input_size` network input.
+///
+/// An image that is already exactly `input_size` square (after orientation) is not resampled.
+pub fn preprocess(
+    bytes: &[u8],
+    input_size: u32,
+    norm: &Normalisation,
+) -> Result<PreparedImage, PreprocessError> {
+    if input_size == 0 || input_size > MAX_SIDE {
+        return Err(PreprocessError::BadInputSize(input_size));
+    }
+    let image = decode(bytes)?;
+    let rgb = flatten_on_white(image);
+    let rgb = resize_and_crop(rgb, input_size);
+    Ok(normalise(&rgb, norm))
+}
+
+/// Decodes the first frame with its EXIF orientation applied, refusing decompression bombs.
+pub fn decode(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
+    if bytes.is_empty() {
+        return Err(PreprocessError::Empty);
+    }
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| PreprocessError::Decode(ImageError::IoError(e)))?;
+    let format = reader.format().ok_or(PreprocessError::UnknownFormat)?;
+    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP | ImageFormat::Gif) {
+        return Err(PreprocessError::UnsupportedFormat(format));
+    }
+    // Width and height are checked below from the header, with a clearer message than the
+    // decoder's; the allocation cap still guards what the decoder itself reserves.
+    let mut limits = Limits::default();
+    limits.max_alloc = Some(MAX_DECODER_ALLOC);
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(classify_error)?;
+    let (width, height) = decoder.dimensions();
+    check_dimensions(width, height)?;
+    let orientation = decoder.orientation().map_err(classify_error)?;
+    let mut image = DynamicImage::from_decoder(decoder).map_err(classify_error)?;
+    image.apply_orientation(orientation);
+    Ok(image)
+}
+
+/// Refuses empty images and images over the pixel budget, from their header dimensions.
+pub fn check_dimensions(width: u32, height: u32) -> Result<(), PreprocessError> {
+    if width == 0 || height == 0 {
+        return Err(PreprocessError::ZeroSize { width, height });
+    }
+    if u64::from(width) * u64::from(height) > MAX_PIXELS || width > MAX_SIDE || height > MAX_SIDE {
+        return Err(PreprocessError::TooLarge { width, height });
+    }
+    Ok(())
+}
+
+fn classify_error(err: ImageError) -> PreprocessError {
+    match err {
+        ImageError::Limits(_) => PreprocessError::DecoderLimit(err),
+        other => PreprocessError::Decode(other),
+    }
+}
+
+/// Converts to 8-bit RGB, compositing any transparency over white (catalogue shots often have
+/// transparent backgrounds, which must not turn black).
+pub fn flatten_on_white(image: DynamicImage) -> RgbImage {
+    if !image.color().has_alpha() {
+        return image.into_rgb8();
+    }
+    let rgba = image.into_rgba8();
+    let (width, height) = rgba.dimensions();
+    let mut out = RgbImage::new(width, height);
+    for (src, dst) in rgba.pixels().zip(out.pixels_mut()) {
+        let alpha = u32::from(src.0[3]);
+        for c in 0..3 {
+            let value = u32::from(src.0[c]) * alpha + 255 * (255 - alpha);
+            // Rounded division by 255; the result is at most 255.
+            dst.0[c] = ((value + 127) / 255) as u8;
+        }
+    }
+    out
+}
+
+/// Scales the shorter side to `size` and crops the centre square. A `size` x `size` image is
+/// returned untouched.
+pub fn resize_and_crop(image: RgbImage, size: u32) -> RgbImage {
+    let (width, height) = image.dimensions();
+    if width == size && height == size {
+        return image;
+    }
+    let mut image = DynamicImage::ImageRgb8(image);
+    let shorter = width.min(height);
+    if shorter >= size.saturating_mul(PRESHRINK_FACTOR) {
+        // Area-average down to about twice the target first: the filtered resize below costs
+        // time in proportion to the source size.
+        let target = u64::from(size) * 2;
+        let new_w = (u64::from(width) * target).div_ceil(u64::from(shorter));
+        let new_h = (u64::from(height) * target).div_ceil(u64::from(shorter));
+        // Both fit in u32: they are at most the original sides.
+        let new_w = u32::try_from(new_w).unwrap_or(width).max(size);
+        let new_h = u32::try_from(new_h).unwrap_or(height).max(size);
+        image = image.thumbnail_exact(new_w, new_h);
+    }
+    image.resize_to_fill(size, size, FilterType::Triangle).into_rgb8()
+}
+
+/// `(pixel - mean) / std` per channel, into CHW order.
+pub fn normalise(image: &RgbImage, norm: &Normalisation) -> PreparedImage {
+    let (width, height) = image.dimensions();
+    debug_assert_eq!(width, height, "normalise expects a square image");
+    let plane = width as usize * height as usize;
+    let mut data = vec![0f32; 3 * plane];
+    let (r, rest) = data.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    for (i, px) in image.pixels().enumerate() {
+        r[i] = (f32::from(px.0[0]) - norm.mean[0]) / norm.std[0];
+        g[i] = (f32::from(px.0[1]) - norm.mean[1]) / norm.std[1];
+        b[i] = (f32::from(px.0[2]) - norm.mean[2]) / norm.std[2];
+    }
+    PreparedImage { data, size: width }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageEncoder, Rgb, Rgba, RgbaImage};
+
+    const NORM: Normalisation = Normalisation { mean: [127.0; 3], std: [128.0; 3] };
+
+    fn png_bytes(image: &DynamicImage) -> Vec<u8> {
+        let mut out = Vec::new();
+        image.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
+        out
+    }
+
+    #[test]
+    fn dimension_checks() {
+        assert!(check_dimensions(224, 224).is_ok());
+        assert!(matches!(check_dimensions(0, 10), Err(PreprocessError::ZeroSize { .. })));
+        assert!(matches!(check_dimensions(10_000, 5_000), Err(PreprocessError::TooLarge { .. })));
+        assert!(matches!(check_dimensions(40_000, 2), Err(PreprocessError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn square_input_of_the_right_size_is_untouched() {
+        let img = RgbImage::from_fn(8, 8, |x, y| Rgb([x as u8 * 30, y as u8 * 30, 7]));
+        assert_eq!(resize_and_crop(img.clone(), 8), img);
+    }
+
+    #[test]
+    fn crop_keeps_the_centre() {
+        // 12x4: a red centre 4x4 square between blue borders.
+        let img =
+            RgbImage::from_fn(
+                12,
+                4,
+                |x, _| {
+                    if (4..8).contains(&x) { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) }
+                },
+            );
+        let out = resize_and_crop(img, 4);
+        assert_eq!(out.dimensions(), (4, 4));
+        assert!(out.pixels().all(|p| p.0 == [255, 0, 0]));
+    }
+
+    #[test]
+    fn large_images_are_preshrunk_to_the_same_picture() {
+        // A horizontal gradient: the result must stay a gradient across the crop.
+        let img = RgbImage::from_fn(1600, 1200, |x, _| Rgb([(x * 255 / 1599) as u8, 0, 0]));
+        let out = resize_and_crop(img, 32);
+        assert_eq!(out.dimensions(), (32, 32));
+        let left = out.get_pixel(0, 16).0[0];
+        let right = out.get_pixel(31, 16).0[0];
+        assert!(left < 50 && right > 205, "left {left} right {right}");
+    }
+
+    #[test]
+    fn transparency_becomes_white() {
+        let img =
+            RgbaImage::from_fn(2, 1, |x, _| if x == 0 { Rgba([0, 0, 0, 0]) } else { Rgba([0, 0, 0, 255]) });
+        let out = flatten_on_white(DynamicImage::ImageRgba8(img));
+        assert_eq!(out.get_pixel(0, 0).0, [255, 255, 255]);
+        assert_eq!(out.get_pixel(1, 0).0, [0, 0, 0]);
+        let half =
+            flatten_on_white(DynamicImage::ImageRgba8(RgbaImage::from_pixel(1, 1, Rgba([0, 100, 255, 128]))));
+        assert_eq!(half.get_pixel(0, 0).0, [127, 177, 255]);
+    }
+
+    #[test]
+    fn normalise_is_channel_major() {
+        let img = RgbImage::from_fn(2, 2, |x, y| Rgb([(x + 2 * y) as u8, 127, 255]));
+        let p = normalise(&img, &NORM);
+        assert_eq!(p.size(), 2);
+        assert_eq!(p.data().len(), 12);
+        assert_eq!(&p.data()[..4], &[-127.0 / 128.0, -126.0 / 128.0, -125.0 / 128.0, -124.0 / 128.0]);
+        assert!(p.data()[4..8].iter().all(|&v| v == 0.0));
+        assert!(p.data()[8..].iter().all(|&v| v == 1.0));
+    }
+
+    #[test]
+    fn exif_orientation_is_applied() {
+        // 4 wide x 2 high, left half red, right half blue; EXIF orientation 6 (rotate 90 CW)
+        // turns it into 2 wide x 4 high with red on top.
+        let img = RgbImage::from_fn(4, 2, |x, _| if x < 2 { Rgb([255, 0, 0]) } else { Rgb([0, 0, 255]) });
+        let mut bytes = Vec::new();
+        let mut enc = image::codecs::png::PngEncoder::new(&mut bytes);
+        enc.set_exif_metadata(exif_orientation(6)).unwrap();
+        enc.write_image(img.as_raw(), 4, 2, image::ExtendedColorType::Rgb8).unwrap();
+        let decoded = decode(&bytes).unwrap().into_rgb8();
+        assert_eq!(decoded.dimensions(), (2, 4));
+        assert_eq!(decoded.get_pixel(0, 0).0, [255, 0, 0]);
+        assert_eq!(decoded.get_pixel(1, 3).0, [0, 0, 255]);
+    }
+
+    /// A big-endian TIFF/EXIF block holding one Orientation (0x0112) entry.
+    fn exif_orientation(value: u16) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(b"MM\0\x2a");
+        b.extend_from_slice(&8u32.to_be_bytes()); // IFD0 offset
+        b.extend_from_slice(&1u16.to_be_bytes()); // one entry
+        b.extend_from_slice(&0x0112u16.to_be_bytes());
+        b.extend_from_slice(&3u16.to_be_bytes()); // SHORT
+        b.extend_from_slice(&1u32.to_be_bytes()); // count
+        b.extend_from_slice(&value.to_be_bytes());
+        b.extend_from_slice(&[0, 0]);
+        b.extend_from_slice(&0u32.to_be_bytes()); // no next IFD
+        b
+    }
+
+    #[test]
+    fn bad_bytes_are_errors_not_panics() {
+        assert!(matches!(preprocess(&[], 224, &NORM), Err(PreprocessError::Empty)));
+        assert!(matches!(
+            preprocess(b"definitely not an image", 224, &NORM),
+            Err(PreprocessError::UnknownFormat)
+        ));
+        let png = png_bytes(&DynamicImage::ImageRgb8(RgbImage::new(64, 64)));
+        let truncated = &png[..png.len() / 2];
+        assert!(matches!(preprocess(truncated, 224, &NORM), Err(PreprocessError::Decode(_))));
+        // PNG headers that claim too many pixels are refused before any pixel is decoded.
+        for (w, h) in [(100_000, 100_000), (7_000, 7_000), (40_000, 1)] {
+            let bomb = png_with_claimed_size(&png, w, h);
+            let err = preprocess(&bomb, 224, &NORM).unwrap_err();
+            assert!(
+                matches!(err, PreprocessError::TooLarge { width, height } if width == w && height == h),
+                "{err:?}"
+            );
+        }
+        let err = preprocess(&png_with_claimed_size(&png, 0, 5), 224, &NORM).unwrap_err();
+        assert!(matches!(err, PreprocessError::ZeroSize { .. } | PreprocessError::Decode(_)), "{err:?}");
+    }
+
+    /// Rewrites the IHDR width and height of a PNG (and its CRC, so the header stays valid).
+    fn png_with_claimed_size(png: &[u8], width: u32, height: u32) -> Vec<u8> {
+        let mut out = png.to_vec();
+        assert_eq!(&out[12..16], b"IHDR");
+        out[16..20].copy_from_slice(&width.to_be_bytes());
+        out[20..24].copy_from_slice(&height.to_be_bytes());
+        let crc = crc32fast::hash(&out[12..29]);
+        out[29..33].copy_from_slice(&crc.to_be_bytes());
+        out
+    }
+}
