@@ -7,6 +7,7 @@
 #![deny(unsafe_code)]
 
 pub mod encoder;
+pub mod fsutil;
 pub mod ids;
 pub mod index;
 pub mod ingest;
@@ -14,4 +15,3 @@ pub mod models;
 pub mod proto;
 pub mod segment;
 pub mod server;
-pub mod fsutil;

@@ -51,11 +51,8 @@ impl Server {
     async fn start(dir: &Path, models: Arc<ModelRegistry>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = ServeConfig {
-            data_dir: dir.to_path_buf(),
-            reload_interval: None,
-            max_concurrent_embeds: 2,
-        };
+        let config =
+            ServeConfig { data_dir: dir.to_path_buf(), reload_interval: None, max_concurrent_embeds: 2 };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(config, models, listener, async move {
             let _ = rx.await;
@@ -196,12 +193,16 @@ async fn bundled_catalogue_end_to_end() {
 
     // Bad input gets INVALID_ARGUMENT / NOT_FOUND with a reason.
     let err = c
-        .search_by_image(proto::SearchByImageRequest { image: b"\xff\xd8\xffnot really a jpeg".to_vec(), options: None })
+        .search_by_image(proto::SearchByImageRequest {
+            image: b"\xff\xd8\xffnot really a jpeg".to_vec(),
+            options: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(!err.message().is_empty());
-    let err = c.search_by_image(proto::SearchByImageRequest { image: vec![], options: None }).await.unwrap_err();
+    let err =
+        c.search_by_image(proto::SearchByImageRequest { image: vec![], options: None }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = c
         .search_by_image(proto::SearchByImageRequest { image: vec![1, 2, 3], options: opts(5000) })
@@ -220,12 +221,20 @@ async fn bundled_catalogue_end_to_end() {
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("1280"), "{}", err.message());
     let err = c
-        .search_by_vector(proto::SearchByVectorRequest { model_version: "no-such-model".into(), vector: vec![1.0; 1280], options: None })
+        .search_by_vector(proto::SearchByVectorRequest {
+            model_version: "no-such-model".into(),
+            vector: vec![1.0; 1280],
+            options: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = c
-        .search_by_vector(proto::SearchByVectorRequest { model_version: String::new(), vector: vec![1.0; 1280], options: None })
+        .search_by_vector(proto::SearchByVectorRequest {
+            model_version: String::new(),
+            vector: vec![1.0; 1280],
+            options: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -236,7 +245,11 @@ async fn bundled_catalogue_end_to_end() {
     let prepared = models_enc.preprocess(&bytes).unwrap();
     let v = models_enc.embed(std::slice::from_ref(&prepared)).unwrap().remove(0);
     let by_vec = c
-        .search_by_vector(proto::SearchByVectorRequest { model_version: DEFAULT_MODEL.into(), vector: v, options: opts(3) })
+        .search_by_vector(proto::SearchByVectorRequest {
+            model_version: DEFAULT_MODEL.into(),
+            vector: v,
+            options: opts(3),
+        })
         .await
         .unwrap()
         .into_inner();

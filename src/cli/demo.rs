@@ -21,6 +21,9 @@ pub struct DemoArgs {
     /// Query images to run after start-up.
     #[arg(long, default_values = [
         concat!(env!("CARGO_MANIFEST_DIR"), "/data/queries/coffee-crop-rotated.jpg"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/data/queries/motorcycle-right.jpg"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/data/queries/openmoji-1F455-on-blue.jpg"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/data/queries/openmoji-1F3B8-outline.png"),
     ])]
     pub query: Vec<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:50051")]

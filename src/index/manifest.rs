@@ -179,10 +179,10 @@ impl Manifest {
                 }
             }
         }
-        if let Some(v) = &self.serving_model {
-            if !self.indexes.contains_key(v) {
-                return Err(format!("serving model {v} has no index"));
-            }
+        if let Some(v) = &self.serving_model
+            && !self.indexes.contains_key(v)
+        {
+            return Err(format!("serving model {v} has no index"));
         }
         Ok(())
     }

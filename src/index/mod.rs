@@ -100,7 +100,11 @@ impl ModelIndexView {
         exclude: Option<&str>,
     ) -> Result<Vec<ScoredSku>, IndexError> {
         if query.len() != self.dim {
-            return Err(IndexError::QueryDim { model: self.version.clone(), expected: self.dim, found: query.len() });
+            return Err(IndexError::QueryDim {
+                model: self.version.clone(),
+                expected: self.dim,
+                found: query.len(),
+            });
         }
         let q = l2_normalised(query).ok_or(IndexError::BadQuery)?;
         let k_inner = k + usize::from(exclude.is_some());

@@ -47,8 +47,12 @@ impl fmt::Display for RejectReason {
             Self::DuplicateSku { first_line } => {
                 write!(f, "duplicate sku (first seen on line {first_line}; that row is kept)")
             }
-            Self::UnreadableImage { path, error } => write!(f, "cannot read image {}: {error}", path.display()),
-            Self::UndecodableImage { path, error } => write!(f, "cannot decode image {}: {error}", path.display()),
+            Self::UnreadableImage { path, error } => {
+                write!(f, "cannot read image {}: {error}", path.display())
+            }
+            Self::UndecodableImage { path, error } => {
+                write!(f, "cannot decode image {}: {error}", path.display())
+            }
         }
     }
 }
@@ -120,11 +124,14 @@ pub fn parse_catalog(path: &Path, format: Option<CatalogFormat>) -> Result<Parse
     let format = format
         .or_else(|| CatalogFormat::from_path(path))
         .ok_or_else(|| CatalogError::UnknownFormat(path.to_path_buf()))?;
-    let text = std::fs::read_to_string(path).map_err(|source| CatalogError::Io { path: path.to_path_buf(), source })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| CatalogError::Io { path: path.to_path_buf(), source })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let raw = match format {
         CatalogFormat::Jsonl => parse_jsonl(&text),
-        CatalogFormat::Csv => parse_csv(&text).map_err(|why| CatalogError::BadHeader { path: path.to_path_buf(), why })?,
+        CatalogFormat::Csv => {
+            parse_csv(&text).map_err(|why| CatalogError::BadHeader { path: path.to_path_buf(), why })?
+        }
     };
     Ok(finish(path, base, raw))
 }
@@ -151,7 +158,11 @@ fn parse_jsonl(text: &str) -> Vec<RawRow> {
             serde_json::Value::String(s) => s,
             serde_json::Value::Number(n) => n.to_string(),
             other => {
-                out.push(Err((line_no, None, RejectReason::Malformed(format!("sku must be a string, got {other}")))));
+                out.push(Err((
+                    line_no,
+                    None,
+                    RejectReason::Malformed(format!("sku must be a string, got {other}")),
+                )));
                 continue;
             }
         };
@@ -194,10 +205,18 @@ fn parse_csv(text: &str) -> Result<Vec<RawRow>, String> {
                 let mut attrs = Attrs::new();
                 for (i, value) in rec.iter().enumerate() {
                     if i != sku_col && i != image_col && !value.is_empty() {
-                        attrs.insert(headers[i].trim().to_string(), serde_json::Value::String(value.to_string()));
+                        attrs.insert(
+                            headers[i].trim().to_string(),
+                            serde_json::Value::String(value.to_string()),
+                        );
                     }
                 }
-                out.push(Ok((line_no, rec[sku_col].trim().to_string(), rec[image_col].trim().to_string(), attrs)));
+                out.push(Ok((
+                    line_no,
+                    rec[sku_col].trim().to_string(),
+                    rec[image_col].trim().to_string(),
+                    attrs,
+                )));
             }
             Err(e) => {
                 let line_no = e.position().map_or(0, |p| p.line() as usize);
@@ -228,7 +247,11 @@ fn finish(path: &Path, base: &Path, raw: Vec<RawRow>) -> ParsedCatalog {
             }
         };
         if image.is_empty() {
-            parsed.rejected.push(reject(line, Some(sku), RejectReason::Malformed("image path is empty".into())));
+            parsed.rejected.push(reject(
+                line,
+                Some(sku),
+                RejectReason::Malformed("image path is empty".into()),
+            ));
             continue;
         }
         if let Some(&first_line) = first_seen.get(&sku_id) {
@@ -280,7 +303,10 @@ mod tests {
 
     #[test]
     fn csv_columns_become_attrs() {
-        let p = parse_text("cat.csv", "sku,image,title,colour\nA,a.png,Mug,\nB,b.png,\"Tea, green\",green\nC,c.png\n");
+        let p = parse_text(
+            "cat.csv",
+            "sku,image,title,colour\nA,a.png,Mug,\nB,b.png,\"Tea, green\",green\nC,c.png\n",
+        );
         assert_eq!(p.rows.len(), 2);
         assert_eq!(p.rows[0].attrs.len(), 1);
         assert_eq!(p.rows[1].attrs["title"], serde_json::json!("Tea, green"));

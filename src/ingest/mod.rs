@@ -23,7 +23,7 @@ use crate::index::store::{CatalogRecord, DataDir, StoreError};
 use crate::index::{IndexError, IndexSnapshot};
 use crate::models::ModelRegistry;
 use crate::segment::{HnswParams, SegmentError, write_segment};
-use catalog::{CatalogError, CatalogFormat, CatalogRow, Rejected, RejectReason};
+use catalog::{CatalogError, CatalogFormat, CatalogRow, RejectReason, Rejected};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -34,9 +34,9 @@ pub enum IngestError {
     #[error(transparent)]
     Index(#[from] IndexError),
     #[error("cannot load model {version}: {source}")]
-    Model { version: ModelVersion, source: EncoderError },
+    Model { version: ModelVersion, source: Box<EncoderError> },
     #[error("embedding a batch with model {version} failed: {source}")]
-    Embed { version: ModelVersion, source: EncoderError },
+    Embed { version: ModelVersion, source: Box<EncoderError> },
     #[error("writing segment {id} of {version} failed: {source}")]
     Segment { version: ModelVersion, id: SegmentId, source: SegmentError },
     #[error("model {version} has dimension {found}, but its index in this data directory has {expected}")]
@@ -133,7 +133,9 @@ pub fn ingest(
     }
     let mut encoders: Vec<Arc<Encoder>> = Vec::new();
     for v in &versions {
-        let enc = models.get(v).map_err(|source| IngestError::Model { version: v.clone(), source })?;
+        let enc = models
+            .get(v)
+            .map_err(|source| IngestError::Model { version: v.clone(), source: Box::new(source) })?;
         check_compatible(&enc, manifest.indexes.get(v))?;
         encoders.push(enc);
     }
@@ -210,9 +212,10 @@ pub fn ingest(
         }
         if !ok_items.is_empty() {
             for ((enc, imgs), out) in encoders.iter().zip(&per_encoder).zip(vectors.iter_mut()) {
-                let embs = enc
-                    .embed(imgs)
-                    .map_err(|source| IngestError::Embed { version: enc.version().clone(), source })?;
+                let embs = enc.embed(imgs).map_err(|source| IngestError::Embed {
+                    version: enc.version().clone(),
+                    source: Box::new(source),
+                })?;
                 for e in embs {
                     out.extend_from_slice(&e);
                 }
@@ -226,7 +229,11 @@ pub fn ingest(
                 } else {
                     report.added += 1;
                 }
-                records.push(CatalogRecord { sku: p.row.sku.clone(), image_sha256: p.sha256.clone(), attrs: p.row.attrs.clone() });
+                records.push(CatalogRecord {
+                    sku: p.row.sku.clone(),
+                    image_sha256: p.sha256.clone(),
+                    attrs: p.row.attrs.clone(),
+                });
             }
         }
         bar.inc(chunk.len() as u64);
@@ -268,12 +275,20 @@ pub fn ingest(
         next.next_id += 1;
         let path = data.segment_path(&version, id);
         let dir = data.index_dir(&version);
-        std::fs::create_dir_all(&dir)
-            .map_err(|source| StoreError::Io { action: "cannot create", path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+            action: "cannot create",
+            path: dir.clone(),
+            source,
+        })?;
         let stats = write_segment(&path, enc.dim(), vecs, &skus, &opts.hnsw)
             .map_err(|source| IngestError::Segment { version: version.clone(), id, source })?;
         tracing::info!(%version, %id, count = stats.count, self_recall = stats.self_recall, secs = stats.build_secs, "segment written");
-        ix.segments.push(SegmentEntry { id, count: stats.count as u64, bytes: stats.bytes, deleted: Vec::new() });
+        ix.segments.push(SegmentEntry {
+            id,
+            count: stats.count as u64,
+            bytes: stats.bytes,
+            deleted: Vec::new(),
+        });
         report.segments.push((version, id, stats.count));
     }
     let batch_id = next.allocate_id();

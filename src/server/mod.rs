@@ -150,7 +150,8 @@ impl VisualSearch for VisualSearchService {
         let result = tokio::task::spawn_blocking(move || -> Result<_, ServiceError> {
             let prepared = encoder.preprocess(&req.image)?;
             let mut emb = encoder.embed(std::slice::from_ref(&prepared))?;
-            let q = emb.pop().ok_or_else(|| ServiceError::Internal("encoder returned no embedding".into()))?;
+            let q =
+                emb.pop().ok_or_else(|| ServiceError::Internal("encoder returned no embedding".into()))?;
             let hits = view.search(&q, k, ef, None)?;
             Ok((view, hits))
         })
@@ -169,7 +170,8 @@ impl VisualSearch for VisualSearchService {
         if req.model_version.is_empty() {
             return Err(ServiceError::InvalidArgument("model_version is required".into()).into());
         }
-        let version = ModelVersion::new(req.model_version).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
+        let version =
+            ModelVersion::new(req.model_version).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         let snapshot = self.state.snapshot();
         let view = snapshot.model(&version).map_err(ServiceError::from)?;
         let hits = view.search(&req.vector, k, ef, None).map_err(ServiceError::from)?;
@@ -202,7 +204,7 @@ impl VisualSearch for VisualSearchService {
         let mut models = Vec::new();
         for (version, view) in &snapshot.models {
             let (architecture, input_size) = match self.state.models.get(version) {
-                Ok(enc) => (enc.manifest().architecture.clone(), enc.manifest().input_size),
+                Ok(enc) => (architecture_name(enc.manifest().architecture), enc.manifest().input_size),
                 Err(_) => (String::new(), 0),
             };
             models.push(proto::ModelIndexInfo {
@@ -267,7 +269,9 @@ pub async fn serve(
                 let s = Arc::clone(&state);
                 match tokio::task::spawn_blocking(move || s.reload()).await {
                     Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::warn!("manifest reload failed, still serving the old snapshot: {e:#}"),
+                    Ok(Err(e)) => {
+                        tracing::warn!("manifest reload failed, still serving the old snapshot: {e:#}")
+                    }
                     Err(e) => tracing::warn!("manifest reload task failed: {e}"),
                 }
             }
@@ -295,4 +299,9 @@ pub async fn serve(
 pub fn disk_generation(data_dir: &Path) -> Result<u64, IndexError> {
     let data = DataDir::open_reader(data_dir)?;
     Ok(Manifest::load(data.root()).map_err(crate::index::store::StoreError::from)?.generation)
+}
+
+/// The architecture's name as model manifests spell it.
+fn architecture_name(a: crate::encoder::Architecture) -> String {
+    serde_json::to_value(a).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
