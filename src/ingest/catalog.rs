@@ -150,7 +150,7 @@ fn parse_jsonl(text: &str) -> Vec<RawRow> {
         let row: JsonRow = match serde_json::from_str(trimmed) {
             Ok(r) => r,
             Err(e) => {
-                out.push(Err((line_no, None, RejectReason::Malformed(e.to_string()))));
+                out.push(Err((line_no, None, RejectReason::Malformed(json_error(&e)))));
                 continue;
             }
         };
@@ -189,6 +189,13 @@ fn parse_jsonl(text: &str) -> Vec<RawRow> {
         }
     }
     out
+}
+
+/// serde_json's message without its "at line 1" (the row is one line), with the column.
+fn json_error(e: &serde_json::Error) -> String {
+    let msg = e.to_string();
+    let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+    format!("invalid JSON at column {}: {msg}", e.column())
 }
 
 fn parse_csv(text: &str) -> Result<Vec<RawRow>, String> {

@@ -190,7 +190,12 @@ pub fn ingest(
         // Preprocess for every encoder (input sizes may differ between versions).
         let prepared: Vec<Result<Vec<_>, String>> = chunk
             .par_iter()
-            .map(|p| encoders.iter().map(|e| e.preprocess(&p.bytes).map_err(|err| err.to_string())).collect())
+            .map(|p| {
+                encoders
+                    .iter()
+                    .map(|e| e.preprocess(&p.bytes).map_err(|err| err.to_string().trim_end().to_string()))
+                    .collect()
+            })
             .collect();
         let mut ok_items = Vec::new();
         let mut per_encoder: Vec<Vec<_>> = encoders.iter().map(|_| Vec::new()).collect();
