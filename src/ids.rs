@@ -20,6 +20,12 @@ pub enum IdError {
 }
 
 /// A catalogue item's identifier, as the merchant spells it.
+///
+/// ```
+/// use vitrine::ids::{IdError, SkuId};
+/// assert_eq!(SkuId::new("MUG-042").unwrap().as_str(), "MUG-042");
+/// assert_eq!(SkuId::new(""), Err(IdError::EmptySku));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct SkuId(String);

@@ -29,6 +29,10 @@ fn registry() -> Arc<ModelRegistry> {
 }
 
 fn ingest_into(dir: &Path, catalog: &Path, models: &ModelRegistry) -> IngestReport {
+    ingest_with(dir, catalog, models, vitrine::ingest::DEFAULT_MAX_SEGMENT_ITEMS)
+}
+
+fn ingest_with(dir: &Path, catalog: &Path, models: &ModelRegistry, max_segment_items: usize) -> IngestReport {
     let data = DataDir::open_writer(dir).unwrap();
     let opts = IngestOptions {
         format: None,
@@ -36,6 +40,7 @@ fn ingest_into(dir: &Path, catalog: &Path, models: &ModelRegistry) -> IngestRepo
         hnsw: HnswParams::default(),
         progress: false,
         default_model: ModelVersion::new(DEFAULT_MODEL).unwrap(),
+        max_segment_items,
     };
     ingest(&data, models, catalog, &opts).unwrap()
 }
@@ -126,10 +131,12 @@ async fn bundled_catalogue_end_to_end() {
     let items = catalog_items();
     assert!(items.len() >= 50, "bundled catalogue is too small: {}", items.len());
 
-    let first = ingest_into(dir.path(), &catalog, &models);
+    // Small segments, so that searches fan out over several and merge.
+    let first = ingest_with(dir.path(), &catalog, &models, 64);
     assert_eq!(first.added, items.len(), "rejected: {:?}", first.rejected);
     assert!(first.rejected.is_empty());
     assert_eq!(first.generation, 1);
+    assert!(first.segments.len() >= 2, "{:?}", first.segments);
 
     // Re-running the same catalogue changes nothing.
     let again = ingest_into(dir.path(), &catalog, &models);
@@ -154,6 +161,7 @@ async fn bundled_catalogue_end_to_end() {
     assert_eq!(info.serving_model_version, DEFAULT_MODEL);
     assert_eq!(info.models.len(), 1);
     assert_eq!(info.models[0].live_items, items.len() as u64);
+    assert_eq!(info.models[0].segments.len(), first.segments.len());
     assert_eq!(info.models[0].dim, 1280);
 
     // Near-duplicate retrieval through the server.

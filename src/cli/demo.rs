@@ -46,6 +46,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         batch_size: 32,
         m: vitrine::segment::HnswParams::default().m,
         ef_construction: vitrine::segment::HnswParams::default().ef_construction,
+        max_segment_items: vitrine::ingest::DEFAULT_MAX_SEGMENT_ITEMS,
         quiet: false,
     };
     let code = super::run_ingest(&ingest)?;

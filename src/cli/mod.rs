@@ -82,6 +82,9 @@ pub struct IngestArgs {
     /// HNSW build beam width.
     #[arg(long, default_value_t = HnswParams::default().ef_construction)]
     pub ef_construction: usize,
+    /// Start a new segment after this many embedded items (bounds memory and build time).
+    #[arg(long, default_value_t = ingest::DEFAULT_MAX_SEGMENT_ITEMS)]
+    pub max_segment_items: usize,
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -132,6 +135,7 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
         hnsw: params,
         progress: !a.quiet,
         default_model,
+        max_segment_items: a.max_segment_items,
     };
     let report = ingest::ingest(&data, &registry, &a.catalog, &opts)?;
     for r in &report.rejected {

@@ -58,7 +58,13 @@ pub struct IngestOptions {
     pub progress: bool,
     /// The model version to index with when the data directory has none yet.
     pub default_model: ModelVersion,
+    /// A run writes a new segment (per model version) each time this many items have been
+    /// embedded, bounding memory and graph-build size.
+    pub max_segment_items: usize,
 }
+
+/// Default for [`IngestOptions::max_segment_items`].
+pub const DEFAULT_MAX_SEGMENT_ITEMS: usize = 250_000;
 
 /// What an ingest run did.
 #[derive(Debug, Default)]
@@ -142,92 +148,67 @@ pub fn ingest(
 
     let existing = data.read_catalog(&manifest)?;
     let snapshot = IndexSnapshot::open(data, &manifest)?;
-
-    // Read every image once: unchanged rows stop here.
-    let read: Vec<Result<(CatalogRow, Vec<u8>), Rejected>> = parsed
-        .rows
-        .into_par_iter()
-        .map(|row| match std::fs::read(&row.image) {
-            Ok(bytes) => Ok((row, bytes)),
-            Err(e) => Err(Rejected {
-                file: catalog_path.to_path_buf(),
-                line: row.line,
-                sku: Some(row.sku.to_string()),
-                reason: RejectReason::UnreadableImage { path: row.image.clone(), error: e.to_string() },
-            }),
-        })
-        .collect();
-    let mut pending = Vec::new();
+    let mut next = manifest.clone();
     let mut records: Vec<CatalogRecord> = Vec::new();
-    for r in read {
-        let (row, bytes) = match r {
-            Ok(x) => x,
-            Err(rej) => {
-                report.rejected.push(rej);
-                continue;
-            }
-        };
-        let sha256 = crate::index::store::sha256_hex(&bytes);
-        match existing.get(&row.sku) {
-            Some(old) if old.image_sha256 == sha256 => {
-                report.unchanged += 1;
-                if old.attrs != row.attrs {
-                    // Only the attributes changed: a new record, no new vector.
-                    records.push(CatalogRecord { sku: row.sku, image_sha256: sha256, attrs: row.attrs });
-                }
-            }
-            old => pending.push(Pending { row, sha256, bytes, replaces: old.is_some() }),
-        }
-    }
-
-    // Decode and embed in batches; decoding runs in parallel, the forward pass is batched.
-    let bar = progress_bar(pending.len() as u64, opts.progress);
-    let mut vectors: Vec<Vec<f32>> = vec![Vec::new(); encoders.len()];
-    let mut skus: Vec<SkuId> = Vec::new();
     let mut replaced: Vec<SkuId> = Vec::new();
-    let embed_started = Instant::now();
-    for chunk in pending.chunks(opts.batch_size.max(1)) {
-        // Preprocess for every encoder (input sizes may differ between versions).
-        let prepared: Vec<Result<Vec<_>, String>> = chunk
+    let mut acc = Accumulator::new(encoders.len());
+    let mut embed_secs = 0.0;
+
+    // Stream the rows in chunks, so memory stays bounded whatever the catalogue's size: read
+    // the images (in parallel), skip the unchanged ones, decode and embed the rest in batches.
+    let bar = progress_bar(parsed.rows.len() as u64, opts.progress);
+    let chunk_len = opts.batch_size.max(1) * 8;
+    for chunk in parsed.rows.chunks(chunk_len) {
+        let read: Vec<Result<Pending, Rejected>> = chunk
             .par_iter()
-            .map(|p| {
-                encoders
-                    .iter()
-                    .map(|e| e.preprocess(&p.bytes).map_err(|err| err.to_string().trim_end().to_string()))
-                    .collect()
+            .map(|row| match std::fs::read(&row.image) {
+                Ok(bytes) => Ok(Pending {
+                    sha256: crate::index::store::sha256_hex(&bytes),
+                    bytes,
+                    row: row.clone(),
+                    replaces: false,
+                }),
+                Err(e) => Err(Rejected {
+                    file: catalog_path.to_path_buf(),
+                    line: row.line,
+                    sku: Some(row.sku.to_string()),
+                    reason: RejectReason::UnreadableImage { path: row.image.clone(), error: e.to_string() },
+                }),
             })
             .collect();
-        let mut ok_items = Vec::new();
-        let mut per_encoder: Vec<Vec<_>> = encoders.iter().map(|_| Vec::new()).collect();
-        for (p, prep) in chunk.iter().zip(prepared) {
-            match prep {
-                Ok(imgs) => {
-                    for (slot, img) in per_encoder.iter_mut().zip(imgs) {
-                        slot.push(img);
-                    }
-                    ok_items.push(p);
+        let mut pending = Vec::new();
+        for r in read {
+            let mut p = match r {
+                Ok(p) => p,
+                Err(rej) => {
+                    report.rejected.push(rej);
+                    continue;
                 }
-                Err(error) => report.rejected.push(Rejected {
-                    file: catalog_path.to_path_buf(),
-                    line: p.row.line,
-                    sku: Some(p.row.sku.to_string()),
-                    reason: RejectReason::UndecodableImage { path: p.row.image.clone(), error },
-                }),
+            };
+            match existing.get(&p.row.sku) {
+                Some(old) if old.image_sha256 == p.sha256 => {
+                    report.unchanged += 1;
+                    if old.attrs != p.row.attrs {
+                        // Only the attributes changed: a new record, no new vector.
+                        records.push(CatalogRecord {
+                            sku: p.row.sku,
+                            image_sha256: p.sha256,
+                            attrs: p.row.attrs,
+                        });
+                    }
+                }
+                old => {
+                    p.replaces = old.is_some();
+                    pending.push(p);
+                }
             }
         }
-        if !ok_items.is_empty() {
-            for ((enc, imgs), out) in encoders.iter().zip(&per_encoder).zip(vectors.iter_mut()) {
-                let embs = enc.embed(imgs).map_err(|source| IngestError::Embed {
-                    version: enc.version().clone(),
-                    source: Box::new(source),
-                })?;
-                for e in embs {
-                    out.extend_from_slice(&e);
-                }
-            }
-            for p in ok_items {
+        let embed_started = Instant::now();
+        for batch in pending.chunks(opts.batch_size.max(1)) {
+            let embedded = embed_batch(&encoders, batch, catalog_path, &mut report.rejected)?;
+            for (p, vecs) in embedded {
                 data.put_blob(&p.bytes)?;
-                skus.push(p.row.sku.clone());
+                acc.push(&p.row.sku, vecs);
                 if p.replaces {
                     replaced.push(p.row.sku.clone());
                     report.updated += 1;
@@ -241,10 +222,15 @@ pub fn ingest(
                 });
             }
         }
+        embed_secs += embed_started.elapsed().as_secs_f64();
         bar.inc(chunk.len() as u64);
+        if acc.skus.len() >= opts.max_segment_items.max(1) {
+            acc.flush(data, &encoders, &mut next, &opts.hnsw, &mut report)?;
+        }
     }
+    acc.flush(data, &encoders, &mut next, &opts.hnsw, &mut report)?;
     bar.finish_and_clear();
-    report.embed_secs = embed_started.elapsed().as_secs_f64();
+    report.embed_secs = embed_secs;
     report.rejected.sort_by_key(|r| r.line);
 
     if records.is_empty() {
@@ -253,49 +239,18 @@ pub fn ingest(
         return Ok(report);
     }
 
-    // Write the new segments (not yet live), then commit them in one manifest replacement.
-    let mut next = manifest.clone();
-    for (enc, vecs) in encoders.iter().zip(&vectors) {
-        let version = enc.version().clone();
-        let ix = next.indexes.entry(version.clone()).or_insert_with(|| ModelIndex {
-            dim: enc.dim() as u32,
-            weights_sha256: enc.manifest().sha256.clone(),
-            segments: Vec::new(),
-        });
-        // Superseded copies of changed SKUs are marked deleted.
-        if let Some(view) = snapshot.models.get(&version) {
-            for sku in &replaced {
-                if let Some((seg, idx)) = view.find_sku(sku.as_str()) {
-                    let id = seg.entry.id;
-                    if let Some(e) = ix.segments.iter_mut().find(|e| e.id == id) {
-                        e.delete(idx);
-                    }
-                }
+    // Superseded copies of changed SKUs are marked deleted in every index.
+    for (version, view) in &snapshot.models {
+        let Some(ix) = next.indexes.get_mut(version) else { continue };
+        for sku in &replaced {
+            if let Some((seg, idx)) = view.find_sku(sku.as_str())
+                && let Some(e) = ix.segments.iter_mut().find(|e| e.id == seg.entry.id)
+            {
+                e.delete(idx);
             }
         }
-        if skus.is_empty() {
-            continue;
-        }
-        let id = SegmentId(next.next_id);
-        next.next_id += 1;
-        let path = data.segment_path(&version, id);
-        let dir = data.index_dir(&version);
-        std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
-            action: "cannot create",
-            path: dir.clone(),
-            source,
-        })?;
-        let stats = write_segment(&path, enc.dim(), vecs, &skus, &opts.hnsw)
-            .map_err(|source| IngestError::Segment { version: version.clone(), id, source })?;
-        tracing::info!(%version, %id, count = stats.count, self_recall = stats.self_recall, secs = stats.build_secs, "segment written");
-        ix.segments.push(SegmentEntry {
-            id,
-            count: stats.count as u64,
-            bytes: stats.bytes,
-            deleted: Vec::new(),
-        });
-        report.segments.push((version, id, stats.count));
     }
+    // Commit: the catalogue batch, then one manifest replacement naming everything.
     let batch_id = next.allocate_id();
     data.write_catalog_batch(batch_id, &records)?;
     next.catalog.push(CatalogBatch { id: batch_id, count: records.len() as u64 });
@@ -307,6 +262,122 @@ pub fn ingest(
     report.generation = next.generation;
     report.secs = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// Decodes (in parallel) and embeds (batched) `batch` with every encoder. Undecodable images
+/// become rejections; the rest come back with one vector per encoder.
+fn embed_batch<'p>(
+    encoders: &[Arc<Encoder>],
+    batch: &'p [Pending],
+    catalog_path: &Path,
+    rejected: &mut Vec<Rejected>,
+) -> Result<Vec<(&'p Pending, Vec<Vec<f32>>)>, IngestError> {
+    // Preprocess for every encoder (input sizes may differ between versions).
+    let prepared: Vec<Result<Vec<_>, String>> = batch
+        .par_iter()
+        .map(|p| {
+            encoders
+                .iter()
+                .map(|e| e.preprocess(&p.bytes).map_err(|err| err.to_string().trim_end().to_string()))
+                .collect()
+        })
+        .collect();
+    let mut ok_items = Vec::new();
+    let mut per_encoder: Vec<Vec<_>> = encoders.iter().map(|_| Vec::new()).collect();
+    for (p, prep) in batch.iter().zip(prepared) {
+        match prep {
+            Ok(imgs) => {
+                for (slot, img) in per_encoder.iter_mut().zip(imgs) {
+                    slot.push(img);
+                }
+                ok_items.push(p);
+            }
+            Err(error) => rejected.push(Rejected {
+                file: catalog_path.to_path_buf(),
+                line: p.row.line,
+                sku: Some(p.row.sku.to_string()),
+                reason: RejectReason::UndecodableImage { path: p.row.image.clone(), error },
+            }),
+        }
+    }
+    let mut out: Vec<(&Pending, Vec<Vec<f32>>)> = ok_items.into_iter().map(|p| (p, Vec::new())).collect();
+    if out.is_empty() {
+        return Ok(out);
+    }
+    for (enc, imgs) in encoders.iter().zip(&per_encoder) {
+        let embs = enc.embed(imgs).map_err(|source| IngestError::Embed {
+            version: enc.version().clone(),
+            source: Box::new(source),
+        })?;
+        for ((_, vecs), e) in out.iter_mut().zip(embs) {
+            vecs.push(e);
+        }
+    }
+    Ok(out)
+}
+
+/// Embeddings waiting to be written as one segment per model version.
+struct Accumulator {
+    /// One flat `n x dim` buffer per encoder.
+    vectors: Vec<Vec<f32>>,
+    skus: Vec<SkuId>,
+}
+
+impl Accumulator {
+    fn new(encoders: usize) -> Self {
+        Self { vectors: vec![Vec::new(); encoders], skus: Vec::new() }
+    }
+
+    fn push(&mut self, sku: &SkuId, vecs: Vec<Vec<f32>>) {
+        for (buf, v) in self.vectors.iter_mut().zip(vecs) {
+            buf.extend_from_slice(&v);
+        }
+        self.skus.push(sku.clone());
+    }
+
+    /// Writes the accumulated items as a new segment of each model version (durable, not yet
+    /// live) and records them in `next`, the manifest to be committed.
+    fn flush(
+        &mut self,
+        data: &DataDir,
+        encoders: &[Arc<Encoder>],
+        next: &mut crate::index::manifest::Manifest,
+        hnsw: &HnswParams,
+        report: &mut IngestReport,
+    ) -> Result<(), IngestError> {
+        if self.skus.is_empty() {
+            return Ok(());
+        }
+        for (enc, vecs) in encoders.iter().zip(&mut self.vectors) {
+            let version = enc.version().clone();
+            let id = SegmentId(next.allocate_id());
+            let dir = data.index_dir(&version);
+            std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+                action: "cannot create",
+                path: dir.clone(),
+                source,
+            })?;
+            let path = data.segment_path(&version, id);
+            let stats = write_segment(&path, enc.dim(), vecs, &self.skus, hnsw)
+                .map_err(|source| IngestError::Segment { version: version.clone(), id, source })?;
+            tracing::info!(%version, %id, count = stats.count, self_recall = stats.self_recall, secs = stats.build_secs, "segment written");
+            let ix = next.indexes.entry(version.clone()).or_insert_with(|| ModelIndex {
+                dim: enc.dim() as u32,
+                weights_sha256: enc.manifest().sha256.clone(),
+                segments: Vec::new(),
+            });
+            ix.segments.push(SegmentEntry {
+                id,
+                count: stats.count as u64,
+                bytes: stats.bytes,
+                deleted: Vec::new(),
+            });
+            report.segments.push((version, id, stats.count));
+            vecs.clear();
+        }
+        self.skus.clear();
+        Ok(())
+    }
 }
 
 fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
