@@ -264,6 +264,9 @@ pub fn ingest(
     Ok(report)
 }
 
+/// A decoded row with its embedding from each encoder, in encoder order.
+type Embedded<'p> = (&'p Pending, Vec<Vec<f32>>);
+
 /// Decodes (in parallel) and embeds (batched) `batch` with every encoder. Undecodable images
 /// become rejections; the rest come back with one vector per encoder.
 fn embed_batch<'p>(
@@ -271,7 +274,7 @@ fn embed_batch<'p>(
     batch: &'p [Pending],
     catalog_path: &Path,
     rejected: &mut Vec<Rejected>,
-) -> Result<Vec<(&'p Pending, Vec<Vec<f32>>)>, IngestError> {
+) -> Result<Vec<Embedded<'p>>, IngestError> {
     // Preprocess for every encoder (input sizes may differ between versions).
     let prepared: Vec<Result<Vec<_>, String>> = batch
         .par_iter()
@@ -300,7 +303,7 @@ fn embed_batch<'p>(
             }),
         }
     }
-    let mut out: Vec<(&Pending, Vec<Vec<f32>>)> = ok_items.into_iter().map(|p| (p, Vec::new())).collect();
+    let mut out: Vec<Embedded<'_>> = ok_items.into_iter().map(|p| (p, Vec::new())).collect();
     if out.is_empty() {
         return Ok(out);
     }
