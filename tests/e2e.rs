@@ -355,3 +355,35 @@ fn killed_ingest_leaves_a_consistent_data_dir() {
     let on_disk = std::fs::read_dir(&ix_dir).unwrap().count();
     assert_eq!(on_disk, manifest.serving().unwrap().1.segments.len());
 }
+
+/// `vitrine verify` passes on a healthy directory and names what is damaged.
+#[test]
+fn verify_command_finds_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = registry();
+    ingest_into(dir.path(), &repo().join("data/bad/catalog_with_errors.jsonl"), &models);
+    let exe = env!("CARGO_BIN_EXE_vitrine");
+    let verify = || Command::new(exe).arg("verify").arg("--data-dir").arg(dir.path()).output().unwrap();
+    let out = verify();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
+
+    // Flip one byte inside the vector section of the segment.
+    let data = DataDir::open_reader(dir.path()).unwrap();
+    let manifest = data.load_manifest().unwrap();
+    let (version, ix) = manifest.serving().unwrap();
+    let seg = data.segment_path(version, ix.segments[0].id);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[256 + 100] ^= 0x40;
+    std::fs::write(&seg, &bytes).unwrap();
+    // And lose one image blob.
+    let cat = data.read_catalog(&manifest).unwrap();
+    let victim = cat.values().next().unwrap();
+    std::fs::remove_file(data.blob_path(&victim.image_sha256)).unwrap();
+
+    let out = verify();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&ix.segments[0].id.to_string()), "{stderr}");
+    assert!(stderr.contains(victim.sku.as_str()), "{stderr}");
+}

@@ -443,3 +443,28 @@ proptest! {
         prop_assert_eq!(file_names(dir.path()), vec!["p.vseg".to_string()]);
     }
 }
+
+/// The same floor on harder data (a 32-d latent: more intrinsic dimensions, so recall at the
+/// default ef is well below 1 and the floor has something to hold).
+#[test]
+fn recall_at_default_ef_on_harder_data_is_at_least_095() {
+    let shape = Structured { dim: 128, latent: 32, noise: 0.3, seed: 7 };
+    let n = 20_000;
+    let base = shape.rows(0, n);
+    let queries = shape.rows(1_000_000, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hard.vseg");
+    write_segment(&path, shape.dim, &base, &skus(n, "hard"), &HnswParams::default()).unwrap();
+    let seg = Segment::open(&path).unwrap();
+    let mut total = 0.0;
+    let mut low_ef = 0.0;
+    for q in queries.chunks_exact(shape.dim) {
+        let exact = seg.brute_force(q, 10, None).unwrap();
+        total += recall(&seg.search(q, 10, DEFAULT_EF_SEARCH, None).unwrap(), &exact);
+        low_ef += recall(&seg.search(q, 10, 10, None).unwrap(), &exact);
+    }
+    let (r, r10) = (total / 200.0, low_ef / 200.0);
+    eprintln!("harder data: recall@10 at ef={DEFAULT_EF_SEARCH}: {r:.4}, at ef=10: {r10:.4}");
+    assert!(r >= 0.95, "recall@10 {r} at ef={DEFAULT_EF_SEARCH}");
+    assert!(r10 < r, "ef=10 ({r10}) should trail ef={DEFAULT_EF_SEARCH} ({r})");
+}

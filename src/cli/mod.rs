@@ -37,6 +37,14 @@ enum Command {
     Info(client::InfoArgs),
     /// Ingest the bundled sample catalogue, serve it and run a query against it.
     Demo(demo::DemoArgs),
+    /// Check a data directory: manifest, every segment's checksums, catalogue and image blobs.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
 }
 
 #[derive(Args, Clone)]
@@ -121,7 +129,46 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Search(a) => client::run_search(a),
         Command::Info(a) => client::run_info(a),
         Command::Demo(a) => demo::run(a),
+        Command::Verify(a) => run_verify(&a),
     }
+}
+
+fn run_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    let data = DataDir::open_reader(&a.data_dir)?;
+    let manifest = data.load_manifest()?;
+    let snapshot = vitrine::index::IndexSnapshot::open(&data, &manifest)?;
+    let mut problems = 0usize;
+    let mut segments = 0usize;
+    for view in snapshot.models.values() {
+        segments += view.segments.len();
+    }
+    for (version, id, e) in snapshot.verify_segments() {
+        eprintln!("segment {id} of {version}: {e}");
+        problems += 1;
+    }
+    let catalog = data.read_catalog(&manifest)?;
+    for rec in catalog.values() {
+        match data.read_blob(&rec.image_sha256) {
+            Ok(bytes) if vitrine::index::store::sha256_hex(&bytes) == rec.image_sha256 => {}
+            Ok(_) => {
+                eprintln!("sku {}: image blob {} does not match its hash", rec.sku, rec.image_sha256);
+                problems += 1;
+            }
+            Err(e) => {
+                eprintln!("sku {}: {e}", rec.sku);
+                problems += 1;
+            }
+        }
+    }
+    println!(
+        "{}: manifest generation {}, {} segments, {} catalogue records: {}",
+        a.data_dir.display(),
+        manifest.generation,
+        segments,
+        catalog.len(),
+        if problems == 0 { "ok".to_string() } else { format!("{problems} problems") }
+    );
+    Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {

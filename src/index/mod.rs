@@ -188,6 +188,20 @@ impl IndexSnapshot {
         self.models.get(version).ok_or_else(|| IndexError::UnknownModel(version.clone()))
     }
 
+    /// Checks every segment's checksums and graph structure (reads whole files: O(N)).
+    /// Returns the segments that fail, with why.
+    pub fn verify_segments(&self) -> Vec<(ModelVersion, SegmentId, SegmentError)> {
+        let mut bad = Vec::new();
+        for (version, view) in &self.models {
+            for s in &view.segments {
+                if let Err(e) = s.segment.verify() {
+                    bad.push((version.clone(), s.entry.id, e));
+                }
+            }
+        }
+        bad
+    }
+
     pub fn serving_index(&self) -> Option<&Arc<ModelIndexView>> {
         self.serving.as_ref().and_then(|v| self.models.get(v))
     }
