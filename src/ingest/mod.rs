@@ -390,7 +390,7 @@ fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(len);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{spinner} embedding [{bar:30}] {pos}/{len} {per_sec} ETA {eta}",
+            "{spinner} ingesting [{bar:30}] {pos}/{len} rows, {per_sec}, ETA {eta}",
         )
         .expect("valid template")
         .progress_chars("=> "),
