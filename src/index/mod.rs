@@ -188,6 +188,16 @@ impl IndexSnapshot {
         self.models.get(version).ok_or_else(|| IndexError::UnknownModel(version.clone()))
     }
 
+    /// Asks the kernel to read every segment ahead (`MADV_WILLNEED`), so the first queries
+    /// after a start or a swap do not each wait on page faults. Returns at once.
+    pub fn warm(&self) {
+        for view in self.models.values() {
+            for s in &view.segments {
+                s.segment.warm();
+            }
+        }
+    }
+
     /// Checks every segment's checksums and graph structure (reads whole files: O(N)).
     /// Returns the segments that fail, with why.
     pub fn verify_segments(&self) -> Vec<(ModelVersion, SegmentId, SegmentError)> {

@@ -62,6 +62,7 @@ impl ServerState {
         if let Some(v) = &snapshot.serving {
             models.get(v).map_err(|e| anyhow::anyhow!("cannot load serving model {v}: {e}"))?;
         }
+        snapshot.warm();
         Ok(Self {
             data,
             index: ArcSwap::from_pointee(snapshot),
@@ -86,6 +87,7 @@ impl ServerState {
         if let Some(v) = &snapshot.serving {
             self.models.get(v).map_err(|e| anyhow::anyhow!("cannot load serving model {v}: {e}"))?;
         }
+        snapshot.warm();
         let generation = snapshot.generation;
         self.index.store(Arc::new(snapshot));
         tracing::info!(generation, "serving a new manifest generation");
