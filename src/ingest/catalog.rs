@@ -5,7 +5,8 @@
 //! `attrs` is optional and holds string or number values; blank lines and lines starting with
 //! `#` are skipped. CSV: a header row with `sku` and `image` columns; every other column
 //! becomes a string attribute (empty cells are left out). Image paths are relative to the
-//! catalogue file's folder unless absolute.
+//! catalogue file's folder unless absolute. A CSV `attrs` column, if present, holds a JSON
+//! object like JSONL's `attrs`.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -166,29 +167,29 @@ fn parse_jsonl(text: &str) -> Vec<RawRow> {
                 continue;
             }
         };
-        let mut attrs = Attrs::new();
-        let mut bad = None;
-        for (key, value) in row.attrs.unwrap_or_default() {
-            if key.is_empty() {
-                bad = Some(RejectReason::BadAttr { key, why: "empty attribute name" });
-                break;
-            }
-            match value {
-                serde_json::Value::String(_) | serde_json::Value::Number(_) => {
-                    attrs.insert(key, value);
-                }
-                _ => {
-                    bad = Some(RejectReason::BadAttr { key, why: "values must be strings or numbers" });
-                    break;
-                }
-            }
-        }
-        match bad {
-            Some(reason) => out.push(Err((line_no, Some(sku), reason))),
-            None => out.push(Ok((line_no, sku, row.image, attrs))),
+        match checked_attrs(row.attrs.unwrap_or_default()) {
+            Ok(attrs) => out.push(Ok((line_no, sku, row.image, attrs))),
+            Err(reason) => out.push(Err((line_no, Some(sku), reason))),
         }
     }
     out
+}
+
+/// Checks attribute names and values (strings or numbers only).
+fn checked_attrs(map: serde_json::Map<String, serde_json::Value>) -> Result<Attrs, RejectReason> {
+    let mut attrs = Attrs::new();
+    for (key, value) in map {
+        if key.is_empty() {
+            return Err(RejectReason::BadAttr { key, why: "empty attribute name" });
+        }
+        match value {
+            serde_json::Value::String(_) | serde_json::Value::Number(_) => {
+                attrs.insert(key, value);
+            }
+            _ => return Err(RejectReason::BadAttr { key, why: "values must be strings or numbers" }),
+        }
+    }
+    Ok(attrs)
 }
 
 /// serde_json's message without its "at line 1" (the row is one line), with the column.
@@ -204,14 +205,30 @@ fn parse_csv(text: &str) -> Result<Vec<RawRow>, String> {
     let col = |name: &str| headers.iter().position(|h| h.trim() == name);
     let sku_col = col("sku").ok_or("the CSV header has no `sku` column")?;
     let image_col = col("image").ok_or("the CSV header has no `image` column")?;
+    let attrs_col = col("attrs");
     let mut out = Vec::new();
     for record in reader.records() {
         match record {
             Ok(rec) => {
                 let line_no = rec.position().map_or(0, |p| p.line() as usize);
-                let mut attrs = Attrs::new();
+                // An `attrs` column holds a JSON object, as in JSONL; other columns are strings.
+                let mut attrs = match attrs_col.map(|i| &rec[i]).filter(|v| !v.trim().is_empty()) {
+                    None => Attrs::new(),
+                    Some(cell) => {
+                        let parsed = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(cell)
+                            .map_err(|e| RejectReason::Malformed(format!("attrs column: {}", json_error(&e))))
+                            .and_then(checked_attrs);
+                        match parsed {
+                            Ok(a) => a,
+                            Err(reason) => {
+                                out.push(Err((line_no, Some(rec[sku_col].trim().to_string()), reason)));
+                                continue;
+                            }
+                        }
+                    }
+                };
                 for (i, value) in rec.iter().enumerate() {
-                    if i != sku_col && i != image_col && !value.is_empty() {
+                    if i != sku_col && i != image_col && Some(i) != attrs_col && !value.is_empty() {
                         attrs.insert(
                             headers[i].trim().to_string(),
                             serde_json::Value::String(value.to_string()),
@@ -320,6 +337,21 @@ mod tests {
         assert_eq!(p.rows[1].line, 3);
         assert_eq!(p.rejected.len(), 1);
         assert_eq!(p.rejected[0].line, 4);
+    }
+
+    #[test]
+    fn csv_attrs_column_is_json() {
+        let p = parse_text(
+            "cat.csv",
+            "sku,image,attrs,brand\nA,a.png,\"{\"\"price\"\": 9.5, \"\"title\"\": \"\"Mug\"\"}\",acme\nB,b.png,{not json},x\nC,c.png,,\n",
+        );
+        assert_eq!(p.rows.len(), 2, "{:?}", p.rejected);
+        assert_eq!(p.rows[0].attrs["price"], serde_json::json!(9.5));
+        assert_eq!(p.rows[0].attrs["brand"], serde_json::json!("acme"));
+        assert!(p.rows[1].attrs.is_empty());
+        assert_eq!(p.rejected.len(), 1);
+        assert_eq!(p.rejected[0].line, 3);
+        assert!(p.rejected[0].to_string().contains("attrs column"), "{}", p.rejected[0]);
     }
 
     #[test]
