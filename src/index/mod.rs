@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::ids::{ModelVersion, SegmentId, SkuId};
-use crate::segment::{DEFAULT_EF_SEARCH, Segment, SegmentError};
+use crate::segment::{DEFAULT_EF_SEARCH, Segment, SegmentError, normalise_into};
 use manifest::{Manifest, SegmentEntry};
 use store::{DataDir, StoreError};
 
@@ -31,8 +31,10 @@ pub enum IndexError {
     UnknownModel(ModelVersion),
     #[error("query vector has {found} dimensions; model {model} uses {expected}")]
     QueryDim { model: ModelVersion, expected: usize, found: usize },
-    #[error("query vector has a non-finite or all-zero component set")]
-    BadQuery,
+    #[error("query vector is unusable: {0}")]
+    BadQuery(&'static str),
+    #[error("segment {id} of {model}: item {idx} has no valid SKU (run `vitrine verify`)")]
+    DamagedSku { model: ModelVersion, id: SegmentId, idx: u32 },
 }
 
 /// One search answer.
@@ -57,18 +59,6 @@ pub struct ModelIndexView {
     pub weights_sha256: String,
     /// Oldest first.
     pub segments: Vec<LoadedSegment>,
-}
-
-/// Scales `v` to unit length; `None` for zero, non-finite or empty input.
-pub fn l2_normalised(v: &[f32]) -> Option<Vec<f32>> {
-    if v.is_empty() || !v.iter().all(|x| x.is_finite()) {
-        return None;
-    }
-    let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
-    if norm == 0.0 || !norm.is_finite() {
-        return None;
-    }
-    Some(v.iter().map(|x| (f64::from(*x) / norm) as f32).collect())
 }
 
 impl ModelIndexView {
@@ -106,7 +96,10 @@ impl ModelIndexView {
                 found: query.len(),
             });
         }
-        let q = l2_normalised(query).ok_or(IndexError::BadQuery)?;
+        // Validated (and normalised) once here, so a bad query is the caller's error even
+        // when the index has no segment; each segment normalises its copy again.
+        let mut q = Vec::with_capacity(query.len());
+        normalise_into(query, &mut q).map_err(IndexError::BadQuery)?;
         let k_inner = k + usize::from(exclude.is_some());
         let ef = if ef == 0 { DEFAULT_EF_SEARCH } else { ef }.max(k_inner);
         // (score, segment order, position): ties break towards newer segments, then position.
@@ -123,11 +116,17 @@ impl ModelIndexView {
         all.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
         let mut out = Vec::with_capacity(k);
         for (score, order, idx) in all {
-            let sku = self.segments[order].segment.sku(idx);
+            let seg = &self.segments[order];
+            let sku = seg.segment.sku(idx);
             if exclude == Some(sku) {
                 continue;
             }
-            out.push(ScoredSku { sku: SkuId::new(sku).expect("segment holds valid SKUs"), score });
+            let sku = SkuId::new(sku).map_err(|_| IndexError::DamagedSku {
+                model: self.version.clone(),
+                id: seg.entry.id,
+                idx,
+            })?;
+            out.push(ScoredSku { sku, score });
             if out.len() == k {
                 break;
             }
@@ -214,19 +213,5 @@ impl IndexSnapshot {
 
     pub fn serving_index(&self) -> Option<&Arc<ModelIndexView>> {
         self.serving.as_ref().and_then(|v| self.models.get(v))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn normalises_and_rejects_degenerate_vectors() {
-        let v = l2_normalised(&[3.0, 4.0]).unwrap();
-        assert!((v[0] - 0.6).abs() < 1e-6 && (v[1] - 0.8).abs() < 1e-6);
-        assert!(l2_normalised(&[0.0, 0.0]).is_none());
-        assert!(l2_normalised(&[f32::NAN, 1.0]).is_none());
-        assert!(l2_normalised(&[]).is_none());
     }
 }

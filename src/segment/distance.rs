@@ -1,4 +1,5 @@
-//! Dot product of f32 vectors, vectorised per CPU with runtime dispatch (multiversion).
+//! Dot product of f32 vectors, vectorised per CPU with runtime dispatch (multiversion), and
+//! the one L2 normalisation used for stored vectors and queries alike.
 //!
 //! [`dot_body`] is `#[inline(always)]` so that multiversioned callers (the search loops)
 //! inline it and get the SIMD width of the target they were compiled for, without a dispatch
@@ -6,6 +7,24 @@
 
 use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
+
+/// Appends `v` scaled to unit length (computed in f64) to `out`. Rejects non-finite
+/// components and a zero (or empty, or overflowing) norm, with the reason.
+pub fn normalise_into(v: &[f32], out: &mut Vec<f32>) -> Result<(), &'static str> {
+    let mut norm2 = 0.0f64;
+    for &x in v {
+        if !x.is_finite() {
+            return Err("non-finite component");
+        }
+        norm2 += f64::from(x) * f64::from(x);
+    }
+    if norm2 == 0.0 || !norm2.is_finite() {
+        return Err("zero or overflowing norm");
+    }
+    let inv = 1.0 / norm2.sqrt();
+    out.extend(v.iter().map(|&x| (f64::from(x) * inv) as f32));
+    Ok(())
+}
 
 /// Lanes per block: four independent accumulators of one AVX-512 (or two AVX2) register each,
 /// which hides the FMA latency.
@@ -68,6 +87,18 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn normalise_into_scales_and_rejects_degenerate_vectors() {
+        let mut out = vec![9.0];
+        super::normalise_into(&[3.0, 4.0], &mut out).unwrap();
+        assert_eq!(out.len(), 3);
+        assert!((out[1] - 0.6).abs() < 1e-6 && (out[2] - 0.8).abs() < 1e-6);
+        assert!(super::normalise_into(&[0.0, 0.0], &mut out).is_err());
+        assert!(super::normalise_into(&[f32::NAN, 1.0], &mut out).is_err());
+        assert!(super::normalise_into(&[], &mut out).is_err());
+        assert_eq!(out.len(), 3, "a rejected vector appends nothing");
+    }
+
     use super::*;
 
     fn naive(a: &[f32], b: &[f32]) -> f64 {

@@ -15,7 +15,7 @@ mod search;
 pub mod synth;
 mod writer;
 
-pub use distance::dot;
+pub use distance::{dot, normalise_into};
 pub use error::SegmentError;
 pub use reader::Segment;
 pub use search::Hit;

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 
-use super::distance::dot_body;
+use super::distance::{dot_body, normalise_into};
 use super::error::SegmentError;
 use super::reader::{Segment, View};
 
@@ -234,21 +234,9 @@ impl Segment {
                 actual: query.len(),
             });
         }
-        let invalid = |reason| SegmentError::InvalidQuery { path: self.path().to_path_buf(), reason };
-        let mut norm2 = 0.0f64;
-        for &x in query {
-            if !x.is_finite() {
-                return Err(invalid("non-finite component"));
-            }
-            norm2 += f64::from(x) * f64::from(x);
-        }
-        if norm2 == 0.0 || !norm2.is_finite() {
-            return Err(invalid("zero or overflowing norm"));
-        }
-        let inv = (1.0 / norm2.sqrt()) as f32;
         out.clear();
-        out.extend(query.iter().map(|&x| x * inv));
-        Ok(())
+        normalise_into(query, out)
+            .map_err(|reason| SegmentError::InvalidQuery { path: self.path().to_path_buf(), reason })
     }
 }
 

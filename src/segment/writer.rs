@@ -9,6 +9,7 @@ use std::time::Instant;
 use hnsw_rs::prelude::{DistDot, Hnsw};
 use rayon::prelude::*;
 
+use super::distance::normalise_into;
 use super::error::SegmentError;
 use super::format::{
     FOOTER_MAGIC, FORMAT_VERSION, Footer, HEADER_LEN, HEADER_MAGIC, Header, MAX_LEVEL, MAX_M, NO_NEIGHBOUR,
@@ -162,15 +163,11 @@ fn check_common(path: &Path, dim: usize, n: usize, m: usize) -> Result<(), Segme
 fn normalise_rows(path: &Path, dim: usize, vectors: &[f32]) -> Result<Vec<f32>, SegmentError> {
     let mut out = Vec::with_capacity(vectors.len());
     for (index, row) in vectors.chunks_exact(dim).enumerate() {
-        let invalid = |reason| SegmentError::InvalidVector { path: path.to_path_buf(), index, reason };
-        if row.iter().any(|x| !x.is_finite()) {
-            return Err(invalid("non-finite component"));
-        }
-        let norm = row.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
-        if norm == 0.0 || !norm.is_finite() {
-            return Err(invalid("zero or overflowing norm"));
-        }
-        out.extend(row.iter().map(|&x| (f64::from(x) / norm) as f32));
+        normalise_into(row, &mut out).map_err(|reason| SegmentError::InvalidVector {
+            path: path.to_path_buf(),
+            index,
+            reason,
+        })?;
     }
     Ok(out)
 }

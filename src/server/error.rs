@@ -32,11 +32,12 @@ impl From<ServiceError> for Status {
             ServiceError::Encoder(_) | ServiceError::Internal(_) => Code::Internal,
             ServiceError::Index(ie) => match ie {
                 IndexError::UnknownModel(_) => Code::NotFound,
-                IndexError::QueryDim { .. } | IndexError::BadQuery => Code::InvalidArgument,
+                IndexError::QueryDim { .. } | IndexError::BadQuery(_) => Code::InvalidArgument,
                 IndexError::Store(_)
                 | IndexError::Segment(_)
                 | IndexError::CountMismatch { .. }
-                | IndexError::DimMismatch { .. } => Code::Internal,
+                | IndexError::DimMismatch { .. }
+                | IndexError::DamagedSku { .. } => Code::Internal,
             },
         };
         Status::new(code, e.to_string())
