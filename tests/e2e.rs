@@ -95,15 +95,8 @@ fn catalog_items() -> Vec<(String, PathBuf)> {
 
 /// The near-duplicate: resized to 60%, central 85% crop, JPEG quality 70.
 fn near_duplicate(path: &Path) -> Vec<u8> {
-    let img = image::open(path).unwrap();
     // Flatten alpha over white first: a JPEG has no alpha channel.
-    let rgba = img.to_rgba8();
-    let mut rgb = image::RgbImage::new(rgba.width(), rgba.height());
-    for (x, y, p) in rgba.enumerate_pixels() {
-        let a = f32::from(p[3]) / 255.0;
-        let px = |c: u8| (f32::from(c) * a + 255.0 * (1.0 - a)).round() as u8;
-        rgb.put_pixel(x, y, image::Rgb([px(p[0]), px(p[1]), px(p[2])]));
-    }
+    let rgb = vitrine::encoder::preprocess::flatten_on_white(image::open(path).unwrap());
     let img = image::DynamicImage::ImageRgb8(rgb);
     let (w, h) = (img.width() * 6 / 10, img.height() * 6 / 10);
     let small = img.resize_exact(w.max(1), h.max(1), image::imageops::FilterType::Triangle);

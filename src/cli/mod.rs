@@ -194,7 +194,7 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
         "ingested {} of {} rows into {} in {:.1}s: {} added, {} updated, {} unchanged, {} rejected{} (manifest generation {})",
         report.accepted(),
         report.rows,
-        ingest::describe(&a.data_dir).display(),
+        std::fs::canonicalize(&a.data_dir).unwrap_or_else(|_| a.data_dir.clone()).display(),
         report.secs,
         report.added,
         report.updated,

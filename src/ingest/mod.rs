@@ -10,7 +10,7 @@
 pub mod catalog;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -396,11 +396,6 @@ fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
         .progress_chars("=> "),
     );
     bar
-}
-
-/// Resolves where a data directory lives, for messages.
-pub fn describe(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 /// Counts of rejected rows by reason kind, for the summary line.

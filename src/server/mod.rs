@@ -8,7 +8,7 @@
 pub mod error;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::ids::ModelVersion;
 use crate::index::manifest::Manifest;
 use crate::index::store::DataDir;
-use crate::index::{IndexError, IndexSnapshot, ModelIndexView, ScoredSku};
+use crate::index::{IndexSnapshot, ModelIndexView, ScoredSku};
 use crate::models::ModelRegistry;
 use crate::proto;
 use crate::proto::visual_search_server::{VisualSearch, VisualSearchServer};
@@ -58,11 +58,7 @@ impl ServerState {
     pub fn open(config: &ServeConfig, models: Arc<ModelRegistry>) -> Result<Self, anyhow::Error> {
         let data = DataDir::open_reader(&config.data_dir)?;
         let manifest = data.load_manifest()?;
-        let snapshot = IndexSnapshot::open(&data, &manifest)?;
-        if let Some(v) = &snapshot.serving {
-            models.get(v).map_err(|e| anyhow::anyhow!("cannot load serving model {v}: {e}"))?;
-        }
-        snapshot.warm();
+        let snapshot = open_snapshot(&data, &manifest, &models)?;
         Ok(Self {
             data,
             index: ArcSwap::from_pointee(snapshot),
@@ -83,16 +79,27 @@ impl ServerState {
         if manifest.generation == current.generation {
             return Ok(current.generation);
         }
-        let snapshot = IndexSnapshot::open(&self.data, &manifest)?;
-        if let Some(v) = &snapshot.serving {
-            self.models.get(v).map_err(|e| anyhow::anyhow!("cannot load serving model {v}: {e}"))?;
-        }
-        snapshot.warm();
+        let snapshot = open_snapshot(&self.data, &manifest, &self.models)?;
         let generation = snapshot.generation;
         self.index.store(Arc::new(snapshot));
         tracing::info!(generation, "serving a new manifest generation");
         Ok(generation)
     }
+}
+
+/// Maps what `manifest` names, loads the serving model's encoder and starts reading the
+/// segments ahead: everything a snapshot needs before it may serve.
+fn open_snapshot(
+    data: &DataDir,
+    manifest: &Manifest,
+    models: &ModelRegistry,
+) -> Result<IndexSnapshot, anyhow::Error> {
+    let snapshot = IndexSnapshot::open(data, manifest)?;
+    if let Some(v) = &snapshot.serving {
+        models.get(v).map_err(|e| anyhow::anyhow!("cannot load serving model {v}: {e}"))?;
+    }
+    snapshot.warm();
+    Ok(snapshot)
 }
 
 /// The `vitrine.v1.VisualSearch` implementation.
@@ -300,12 +307,6 @@ pub async fn serve(
     result?;
     tracing::info!("vitrine stopped");
     Ok(())
-}
-
-/// The manifest generation on disk, for tools that wait for a server to catch up.
-pub fn disk_generation(data_dir: &Path) -> Result<u64, IndexError> {
-    let data = DataDir::open_reader(data_dir)?;
-    Ok(Manifest::load(data.root()).map_err(crate::index::store::StoreError::from)?.generation)
 }
 
 /// The architecture's name as model manifests spell it.
