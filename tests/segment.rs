@@ -254,6 +254,7 @@ fn damaged_sections_are_caught_by_verify_and_never_panic() {
     let header: Header = bytemuck::pod_read_unaligned(&bytes[..HEADER_LEN as usize]);
     let query = Structured { dim: 16, latent: 4, noise: 0.1, seed: 9 }.rows(5_000, 1);
     let mut rng = SplitMix64::new(3);
+    let (mut refused_at_open, mut caught_by_verify) = (0, 0);
     for id in SectionId::ALL {
         let s = header.section(id);
         if s.len == 0 {
@@ -264,10 +265,22 @@ fn damaged_sections_are_caught_by_verify_and_never_panic() {
             let mut damaged = bytes.clone();
             damaged[pos] ^= 1 << rng.below(8);
             rewrite(&path, &damaged);
-            // Opening reads only header and footer: it must succeed.
-            let seg = Segment::open(&path).unwrap_or_else(|e| panic!("{}: open failed: {e}", id.name()));
+            // Opening reads the header, footer and a few scalars (the entry point's level, the
+            // last SKU and upper-layer offsets), so a flip there may already be refused at open,
+            // as a layout error. Anything else must open and then be caught by `verify`.
+            let seg = match Segment::open(&path) {
+                Ok(seg) => seg,
+                Err(SegmentError::BadLayout { .. }) => {
+                    refused_at_open += 1;
+                    continue;
+                }
+                Err(e) => panic!("{}: flip at {pos} gave an unexpected open error: {e}", id.name()),
+            };
             match seg.verify() {
-                Err(SegmentError::Checksum { section, .. }) => assert_eq!(section, id.name()),
+                Err(SegmentError::Checksum { section, .. }) => {
+                    assert_eq!(section, id.name());
+                    caught_by_verify += 1;
+                }
                 other => panic!("{}: flip at {pos} not caught: {other:?}", id.name()),
             }
             // Searching a damaged graph returns something or an error, but does not panic.
@@ -279,6 +292,8 @@ fn damaged_sections_are_caught_by_verify_and_never_panic() {
             let _ = seg.find_sku("s-000010");
         }
     }
+    // The O(1) open checks cover a few scalars only: nearly every flip must reach `verify`.
+    assert!(caught_by_verify > 4 * refused_at_open, "{caught_by_verify} vs {refused_at_open}");
     // The vector section case named in the format docs.
     let v = header.section(SectionId::Vectors);
     let mut damaged = bytes.clone();

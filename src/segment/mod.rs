@@ -18,7 +18,7 @@ mod writer;
 pub use distance::{dot, normalise_into};
 pub use error::SegmentError;
 pub use reader::Segment;
-pub use search::Hit;
+pub use search::{EXACT_SCAN_FACTOR, Hit};
 pub use writer::{GraphLayout, write_segment, write_segment_with_graph};
 
 /// Layer-0 candidate list size used when the caller has no preference. Chosen so that

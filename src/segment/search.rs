@@ -16,6 +16,9 @@ use super::distance::{dot_body, normalise_into};
 use super::error::SegmentError;
 use super::reader::{Segment, View};
 
+/// [`Segment::search`] scans a segment exactly when it holds at most this many times `ef` items.
+pub const EXACT_SCAN_FACTOR: usize = 4;
+
 /// One search result: the item's index in the segment and its cosine similarity to the query.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Hit {
@@ -190,6 +193,10 @@ impl Segment {
     /// see [`DEFAULT_EF_SEARCH`](super::DEFAULT_EF_SEARCH)). The query need not be normalised.
     /// With a `filter`, items for which it returns false are traversed but never returned
     /// (tombstones). Hits are sorted by score descending, ties by index ascending.
+    ///
+    /// A segment of at most [`EXACT_SCAN_FACTOR`]` * max(ef, k)` items is scanned exactly
+    /// instead: the walk would compute about as many distances, and a small pruned graph can
+    /// leave an item that no walk reaches.
     pub fn search(
         &self,
         query: &[f32],
@@ -203,9 +210,14 @@ impl Segment {
             if k == 0 {
                 return Ok(Vec::new());
             }
+            let ef = ef.max(k);
+            if view.n <= ef.saturating_mul(EXACT_SCAN_FACTOR) {
+                s.results.clear();
+                brute_force_impl(&view, &s.query, k, filter, &mut s.results);
+                return Ok(s.results.sorted_hits(k));
+            }
             s.begin(view.n);
             let Scratch { visited, epoch, candidates, results, query, ids, scores } = s;
-            let ef = ef.max(k);
             let entry = greedy_upper(&view, query);
             let visited = &mut visited[..view.n];
             search_layer0(&view, query, entry, ef, filter, visited, *epoch, candidates, results, ids, scores);
@@ -434,20 +446,51 @@ mod tests {
         assert_eq!(got, vec![(1, 0.9), (5, 0.9), (3, 0.7)]);
     }
 
-    /// The visited array is stamped with a u16 epoch that wraps after 65535 queries.
+    /// The visited array is stamped with a u16 epoch that wraps after 65535 queries: a stale
+    /// stamp would mark unvisited nodes as visited and change the answer.
     #[test]
     fn results_stay_correct_across_epoch_wraparound() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wrap.vseg");
+        let (n, k, ef) = (200, 10, 10);
+        assert!(n > ef * EXACT_SCAN_FACTOR, "the graph walk must run, not the exact scan");
         let shape = Structured { dim: 4, latent: 2, noise: 0.1, seed: 3 };
-        let skus: Vec<SkuId> = (0..20).map(|i| SkuId::new(format!("w{i}")).unwrap()).collect();
-        write_segment(&path, 4, &shape.rows(0, 20), &skus, &HnswParams::default()).unwrap();
+        let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("w{i}")).unwrap()).collect();
+        write_segment(&path, 4, &shape.rows(0, n), &skus, &HnswParams::default()).unwrap();
         let seg = Segment::open(&path).unwrap();
-        let q = shape.rows(100, 1);
-        let want = seg.brute_force(&q, 20, None).unwrap();
+        let q = shape.rows(1_000, 1);
+        // The walk is approximate (the graph build is not deterministic), but each hit it
+        // returns carries its exact score, and the same query always gets the same answer.
+        let first = seg.search(&q, k, ef, None).unwrap();
+        assert_eq!(first.len(), k);
+        let exact = seg.brute_force(&q, n, None).unwrap();
+        for hit in &first {
+            assert!(exact.contains(hit), "{hit:?}");
+        }
         for i in 0..70_000 {
-            let got = seg.search(&q, 20, 20, None).unwrap();
-            assert_eq!(got, want, "query {i}");
+            let got = seg.search(&q, k, ef, None).unwrap();
+            assert_eq!(got, first, "query {i}");
+        }
+    }
+
+    /// Small segments are scanned exactly, so every item can be found whatever the graph.
+    #[test]
+    fn small_segments_are_searched_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small.vseg");
+        let shape = Structured { dim: 8, latent: 3, noise: 0.3, seed: 5 };
+        let n = 40;
+        let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("s{i}")).unwrap()).collect();
+        write_segment(&path, 8, &shape.rows(0, n), &skus, &HnswParams::default()).unwrap();
+        let seg = Segment::open(&path).unwrap();
+        let keep_odd = |idx: u32| idx % 2 == 1;
+        for j in 0..50 {
+            let q = shape.rows(500 + j, 1);
+            assert_eq!(seg.search(&q, n, 10, None).unwrap(), seg.brute_force(&q, n, None).unwrap());
+            assert_eq!(
+                seg.search(&q, 5, 10, Some(&keep_odd)).unwrap(),
+                seg.brute_force(&q, 5, Some(&keep_odd)).unwrap()
+            );
         }
     }
 }
