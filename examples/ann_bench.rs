@@ -138,7 +138,8 @@ fn main() -> anyhow::Result<()> {
         points.push(serde_json::json!({
             "ef": ef,
             "qps": nq as f64 / best,
-            "cpu_qps": if best_cpu.is_finite() { nq as f64 / best_cpu } else { f64::NAN },
+            // null when the thread clock is unavailable or too coarse for this run.
+            "cpu_qps": if best_cpu.is_finite() && best_cpu > 0.0 { Some(nq as f64 / best_cpu) } else { None },
             "recall": found as f64 / (nq * k) as f64,
         }));
     }

@@ -27,30 +27,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "tools" / ".work"
-VENV = WORK / "venv"
 
 
 def ensure_deps():
-    """Re-executes this script inside tools/.work/venv (created on first use) unless numpy
-    and hnswlib import here already."""
-    try:
-        import hnswlib  # noqa: F401
-        import numpy  # noqa: F401
-        return
-    except ImportError:
-        pass
-    py = VENV / "bin" / "python"
-    if os.environ.get("ANN_COMPARE_IN_VENV"):
-        sys.exit("numpy/hnswlib still missing inside the venv; see the pip output above")
-    if not py.exists():
-        print(f"creating venv {VENV}", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
-    probe = subprocess.run([str(py), "-c", "import numpy, hnswlib"], capture_output=True)
-    if probe.returncode != 0:
-        print("installing numpy and hnswlib into the venv (hnswlib builds from source)", file=sys.stderr)
-        subprocess.run([str(py), "-m", "pip", "install", "-q", "numpy", "hnswlib"], check=True)
-    env = dict(os.environ, ANN_COMPARE_IN_VENV="1")
-    os.execve(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]], env)
+    """Re-executes this script inside tools/.work/venv unless numpy and hnswlib import here."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import venv_deps
+
+    venv_deps.ensure(["numpy", "hnswlib"], ["numpy", "hnswlib"], " (hnswlib builds from source)")
 
 
 def parse_args():
@@ -171,7 +155,7 @@ def merge_best(rounds):
     for points in rounds[1:]:
         for b, p in zip(best, points):
             b["qps"] = max(b["qps"], p["qps"])
-            b["cpu_qps"] = max(b["cpu_qps"], p["cpu_qps"])
+            b["cpu_qps"] = max(b["cpu_qps"] or 0.0, p["cpu_qps"] or 0.0) or None
     return best
 
 
@@ -180,7 +164,7 @@ def qps_at(points, target):
     points that bracket it; None when the curve never reaches it."""
     import math
 
-    pts = sorted((p["recall"], p["qps"]) for p in points)
+    pts = sorted((p["recall"], p["qps"]) for p in points if p["qps"])
     # Pareto front: for each recall keep the fastest point at that recall or higher.
     for i in range(len(pts)):
         r, _ = pts[i]
@@ -257,9 +241,10 @@ def main():
     print("(less sensitive to other processes competing for the cores).")
     print(f"\n{'ef':>5} | {'vitrine QPS':>11} {'cpu':>7} {'recall':>7} | {'hnswlib QPS':>11} {'cpu':>7} {'recall':>7}")
     print("-" * 68)
+    num = lambda x, w: f"{x:>{w}.0f}" if x else f"{'n/a':>{w}}"  # noqa: E731
     for v, h in zip(vt["points"], hn["points"]):
-        print(f"{v['ef']:>5} | {v['qps']:>11.0f} {v['cpu_qps']:>7.0f} {v['recall']:>7.4f} | "
-              f"{h['qps']:>11.0f} {h['cpu_qps']:>7.0f} {h['recall']:>7.4f}")
+        print(f"{v['ef']:>5} | {num(v['qps'], 11)} {num(v['cpu_qps'], 7)} {v['recall']:>7.4f} | "
+              f"{num(h['qps'], 11)} {num(h['cpu_qps'], 7)} {h['recall']:>7.4f}")
     ratios = {}
     for key, title in (("qps", "wall-clock"), ("cpu_qps", "CPU time")):
         print(f"\nmatched recall ({title}): QPS interpolated on each curve")
