@@ -63,7 +63,8 @@ fn main() -> anyhow::Result<()> {
             bail!("batch size 0");
         }
         // Inputs cycle through the images so each batch is full.
-        let inputs: Vec<PreparedImage> = prepared.iter().cycle().take(batch.max(prepared.len())).cloned().collect();
+        let inputs: Vec<PreparedImage> =
+            prepared.iter().cycle().take(batch.max(prepared.len())).cloned().collect();
         let chunks: Vec<&[PreparedImage]> = inputs.chunks_exact(batch).collect();
         for chunk in &chunks {
             encoder.pooled_features(chunk)?;

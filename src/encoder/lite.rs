@@ -13,10 +13,14 @@
 //! the same maths runs as plain candle ops; tests check both paths agree.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, DType, InplaceOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor};
 use multiversion::multiversion;
+use multiversion::target::target_cfg_f;
 use rayon::prelude::*;
+
+use super::pointwise::{Epilogue, PackedWeights};
 
 /// Batch-norm epsilon of the TensorFlow Lite models.
 pub const BN_EPS: f64 = 1e-3;
@@ -79,6 +83,14 @@ struct Pointwise {
     /// `(in, out)`, contiguous.
     weight_t: Tensor,
     bias: Tensor,
+    /// The same weights packed for the CPU kernel (present when loaded on the CPU).
+    cpu: Option<Arc<CpuPointwise>>,
+}
+
+#[derive(Debug)]
+struct CpuPointwise {
+    weights: PackedWeights,
+    bias: Vec<f32>,
 }
 
 /// Depthwise convolution on NHWC activations.
@@ -328,7 +340,15 @@ impl LiteNet {
 /// A folded 1x1 convolution `(out, in, 1, 1)` as the matrix `(in, out)`.
 fn pointwise(f: Folded) -> candle_core::Result<Pointwise> {
     let (out, inp, _, _) = f.weight.dims4()?;
-    Ok(Pointwise { weight_t: f.weight.reshape((out, inp))?.t()?.contiguous()?, bias: f.bias })
+    let weight_t = f.weight.reshape((out, inp))?.t()?.contiguous()?;
+    let cpu = if weight_t.device().is_cpu() {
+        let w = weight_t.flatten_all()?.to_vec1::<f32>()?;
+        let bias = f.bias.to_vec1::<f32>()?;
+        Some(Arc::new(CpuPointwise { weights: PackedWeights::pack(&w, inp, out), bias }))
+    } else {
+        None
+    };
+    Ok(Pointwise { weight_t, bias: f.bias, cpu })
 }
 
 impl Depthwise {
@@ -337,9 +357,15 @@ impl Depthwise {
         Ok(Self { weight: f.weight.squeeze(1)?.permute((1, 2, 0))?.contiguous()?, bias: f.bias, stride })
     }
 
+    /// Convolution, bias and ReLU6; on the CPU in one pass over the output.
     fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
-        let y = depthwise_conv2d_nhwc(x, &self.weight, self.stride, kernels)?;
-        bias_act(y, &self.bias, Activation::Relu6, kernels)
+        if kernels == Kernels::Cpu {
+            let op = DepthwiseOp { stride: self.stride, relu6: true };
+            x.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op)
+        } else {
+            let y = depthwise_conv2d_nhwc_shifted(x, &self.weight, self.stride)?;
+            bias_act_candle(&y, &self.bias, Activation::Relu6)
+        }
     }
 }
 
@@ -429,7 +455,7 @@ struct DenseGeometry {
 
 /// Output row `oy` of one image of the stem: `dst[ox][o] = sum_{ky,kx,i} wt[ky][kx][i][o] *
 /// src[i][oy*s+ky-top][ox*s+kx-left]`. Vectorised over output channels.
-#[multiversion(targets("x86_64+avx+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx+avx2+fma", "aarch64+neon"))]
 fn dense_row(src: &[f32], wt: &[f32], dst: &mut [f32], oy: usize, g: DenseGeometry) {
     for ky in 0..g.k {
         let iy = oy * g.stride + ky;
@@ -459,10 +485,94 @@ fn dense_row(src: &[f32], wt: &[f32], dst: &mut [f32], oy: usize, g: DenseGeomet
 impl Pointwise {
     /// `(n, h, w, in)` -> `(n, h, w, out)`, bias and `act` applied.
     fn forward(&self, x: &Tensor, act: Activation, kernels: Kernels) -> candle_core::Result<Tensor> {
+        self.forward_add(x, None, act, kernels)
+    }
+
+    /// [`forward`](Self::forward) with `residual` (shaped like the output) added before `act`.
+    fn forward_add(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        act: Activation,
+        kernels: Kernels,
+    ) -> candle_core::Result<Tensor> {
         let (n, h, w, c) = x.dims4()?;
         let out = self.weight_t.dim(1)?;
-        let y = x.reshape((n * h * w, c))?.matmul(&self.weight_t)?;
-        bias_act(y.reshape((n, h, w, out))?, &self.bias, act, kernels)
+        if let (Kernels::Cpu, Some(cpu)) = (kernels, &self.cpu) {
+            let op = PointwiseOp { cpu: cpu.clone(), relu6: act == Activation::Relu6 };
+            let x = x.contiguous()?;
+            let y = match residual {
+                Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op)?,
+                None => x.apply_op1_no_bwd(&op)?,
+            };
+            return y.reshape((n, h, w, out));
+        }
+        let y = x.reshape((n * h * w, c))?.matmul(&self.weight_t)?.reshape((n, h, w, out))?;
+        match residual {
+            Some(r) => bias_act((y + r)?, &self.bias, act, kernels),
+            None => bias_act(y, &self.bias, act, kernels),
+        }
+    }
+}
+
+/// The CPU 1x1 convolution (see [`super::pointwise`]): input `(..., in)` contiguous, output
+/// `(rows, out)`; as a two-input op the second input is the residual.
+struct PointwiseOp {
+    cpu: Arc<CpuPointwise>,
+    relu6: bool,
+}
+
+impl PointwiseOp {
+    fn run(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        residual: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (k, n) = (self.cpu.weights.k(), self.cpu.weights.n());
+        let Some((x0, x1)) = l.contiguous_offsets() else {
+            candle_core::bail!("pointwise: input must be contiguous");
+        };
+        if l.dims().last() != Some(&k) {
+            candle_core::bail!("pointwise: input {:?} does not end in {k} channels", l.dims());
+        }
+        let x = &s.as_slice::<f32>()?[x0..x1];
+        let rows = x.len() / k;
+        if residual.is_some_and(|r| r.len() != rows * n) {
+            candle_core::bail!("pointwise: residual does not have {rows}x{n} values");
+        }
+        let epilogue = Epilogue { bias: &self.cpu.bias, residual, relu6: self.relu6 };
+        let y = super::pointwise::matmul(x, &self.cpu.weights, epilogue);
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+    }
+}
+
+impl CustomOp1 for PointwiseOp {
+    fn name(&self) -> &'static str {
+        "pointwise-conv-nhwc"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run(s, l, None)
+    }
+}
+
+impl CustomOp2 for PointwiseOp {
+    fn name(&self) -> &'static str {
+        "pointwise-conv-nhwc-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((r0, r1)) = l2.contiguous_offsets() else {
+            candle_core::bail!("pointwise: residual must be contiguous");
+        };
+        self.run(s1, l1, Some(&s2.as_slice::<f32>()?[r0..r1]))
     }
 }
 
@@ -473,8 +583,8 @@ impl Block {
             None => x.clone(),
         };
         let y = self.depthwise.forward(&y, kernels)?;
-        let y = self.project.forward(&y, Activation::None, kernels)?;
-        if self.residual { y + x } else { Ok(y) }
+        let residual = if self.residual { Some(x) } else { None };
+        self.project.forward_add(&y, residual, Activation::None, kernels)
     }
 }
 
@@ -569,7 +679,7 @@ impl InplaceOp2 for BiasAct {
     }
 }
 
-#[multiversion(targets("x86_64+avx+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx+avx2+fma", "aarch64+neon"))]
 fn add_bias_row(row: &mut [f32], bias: &[f32], relu6: bool) {
     if relu6 {
         row.iter_mut().zip(bias).for_each(|(v, &b)| *v = (*v + b).clamp(0.0, 6.0));
@@ -581,6 +691,7 @@ fn add_bias_row(row: &mut [f32], bias: &[f32], relu6: bool) {
 /// Depthwise 2-D convolution with TF "same" padding on channels-last data: `x` `(n, h, w, c)`,
 /// `weight` `(k, k, c)`. On the CPU a dedicated kernel; elsewhere a sum of shifted slices
 /// (candle's grouped conv2d loops over every channel and is very slow).
+#[cfg(test)]
 pub fn depthwise_conv2d_nhwc(
     x: &Tensor,
     weight: &Tensor,
@@ -590,7 +701,8 @@ pub fn depthwise_conv2d_nhwc(
     if kernels == Kernels::Cpu {
         let x = x.contiguous()?;
         let weight = weight.contiguous()?;
-        x.apply_op2_no_bwd(&weight, &DepthwiseOp { stride })
+        let zeros = Tensor::zeros(weight.dims().last().copied().unwrap_or(0), DType::F32, weight.device())?;
+        x.apply_op3_no_bwd(&weight, &zeros, &DepthwiseOp { stride, relu6: false })
     } else {
         depthwise_conv2d_nhwc_shifted(x, weight, stride)
     }
@@ -653,9 +765,11 @@ pub fn depthwise_conv2d_nhwc_shifted(
     }
 }
 
-/// The CPU depthwise kernel (see [`depthwise_conv2d_nhwc`]).
+/// The CPU depthwise kernel (see [`depthwise_conv2d_nhwc`]); inputs `x`, weight, bias `(c,)`,
+/// with ReLU6 applied when `relu6`.
 struct DepthwiseOp {
     stride: usize,
+    relu6: bool,
 }
 
 /// Sizes of one depthwise convolution.
@@ -668,9 +782,10 @@ struct Geometry {
     stride: usize,
     top: usize,
     left: usize,
+    relu6: bool,
 }
 
-impl CustomOp2 for DepthwiseOp {
+impl CustomOp3 for DepthwiseOp {
     fn name(&self) -> &'static str {
         "depthwise-conv2d-nhwc-same"
     }
@@ -681,55 +796,125 @@ impl CustomOp2 for DepthwiseOp {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, h, w, c, k) = depthwise_dims(l1.dims(), l2.dims(), self.stride)?;
-        let (Some((x0, x1)), Some((w0, w1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) =
+            (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
+        else {
             candle_core::bail!("depthwise: inputs must be contiguous");
         };
         let x = &s1.as_slice::<f32>()?[x0..x1];
         let wt = &s2.as_slice::<f32>()?[w0..w1];
+        let bias = &s3.as_slice::<f32>()?[b0..b1];
+        if bias.len() != c {
+            candle_core::bail!("depthwise: bias of {} for {c} channels", bias.len());
+        }
         let (oh, top, _) = same_padding(h, k, self.stride);
         let (ow, left, _) = same_padding(w, k, self.stride);
-        let g = Geometry { h, w, c, k, stride: self.stride, top, left };
+        let g = Geometry { h, w, c, k, stride: self.stride, top, left, relu6: self.relu6 };
         let mut out = vec![0f32; n * oh * ow * c];
         if !out.is_empty() {
             // One task per output row.
             out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
                 let (image, oy) = (row / oh, row % oh);
                 let src = &x[image * h * w * c..(image + 1) * h * w * c];
-                depthwise_row(src, wt, dst, oy, g);
+                depthwise_row(src, wt, bias, dst, oy, g);
             });
         }
         Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))))
     }
 }
 
-/// Output row `oy` of one image: `dst[ox][ch] = sum_{ky,kx} wt[ky][kx][ch] *
-/// src[oy*s+ky-top][ox*s+kx-left][ch]`, zero outside the source. Vectorised over channels.
-#[multiversion(targets("x86_64+avx+avx2+fma", "aarch64+neon"))]
-fn depthwise_row(src: &[f32], wt: &[f32], dst: &mut [f32], oy: usize, g: Geometry) {
+/// Channels accumulated together in registers by the depthwise kernel.
+const DEPTHWISE_LANES: usize = 64;
+
+/// Output row `oy` of one image: `dst[ox][ch] = act(bias[ch] + sum_{ky,kx} wt[ky][kx][ch] *
+/// src[oy*s+ky-top][ox*s+kx-left][ch])`, zero outside the source. Each output pixel is
+/// accumulated in registers over all taps, [`DEPTHWISE_LANES`] channels at a time.
+#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx+avx2+fma", "aarch64+neon"))]
+fn depthwise_row(src: &[f32], wt: &[f32], bias: &[f32], dst: &mut [f32], oy: usize, g: Geometry) {
+    if target_cfg_f!(target_feature = "fma") {
+        depthwise_row_body::<true>(src, wt, bias, dst, oy, g)
+    } else {
+        depthwise_row_body::<false>(src, wt, bias, dst, oy, g)
+    }
+}
+
+#[inline(always)]
+fn depthwise_row_body<const FMA: bool>(
+    src: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    dst: &mut [f32],
+    oy: usize,
+    g: Geometry,
+) {
     let c = g.c;
-    for ky in 0..g.k {
-        let iy = oy * g.stride + ky;
-        if iy < g.top || iy - g.top >= g.h {
-            continue;
+    // Taps whose source row lies inside the image.
+    let first = oy * g.stride;
+    let ky_range = g.top.saturating_sub(first)..g.k.min((g.top + g.h).saturating_sub(first));
+    for (ox, out) in dst.chunks_exact_mut(c).enumerate() {
+        let first = ox * g.stride;
+        let kx_range = g.left.saturating_sub(first)..g.k.min((g.left + g.w).saturating_sub(first));
+        let taps = Taps { ky: ky_range.clone(), kx: kx_range, oy, ox, g };
+        let mut c0 = 0;
+        while c0 + DEPTHWISE_LANES <= c {
+            depthwise_pixel::<DEPTHWISE_LANES, FMA>(src, wt, bias, out, c0, &taps);
+            c0 += DEPTHWISE_LANES;
         }
-        let src_row = &src[(iy - g.top) * g.w * c..(iy - g.top + 1) * g.w * c];
-        let wt_row = &wt[ky * g.k * c..(ky + 1) * g.k * c];
-        for (ox, out) in dst.chunks_exact_mut(c).enumerate() {
-            for kx in 0..g.k {
-                let ix = ox * g.stride + kx;
-                if ix < g.left || ix - g.left >= g.w {
-                    continue;
-                }
-                let pixel = &src_row[(ix - g.left) * c..(ix - g.left + 1) * c];
-                let taps = &wt_row[kx * c..(kx + 1) * c];
-                for ((o, &v), &t) in out.iter_mut().zip(pixel).zip(taps) {
-                    *o += v * t;
-                }
+        while c0 + 16 <= c {
+            depthwise_pixel::<16, FMA>(src, wt, bias, out, c0, &taps);
+            c0 += 16;
+        }
+        while c0 < c {
+            depthwise_pixel::<1, FMA>(src, wt, bias, out, c0, &taps);
+            c0 += 1;
+        }
+    }
+}
+
+/// The taps of one output pixel that fall inside the source.
+struct Taps {
+    ky: std::ops::Range<usize>,
+    kx: std::ops::Range<usize>,
+    oy: usize,
+    ox: usize,
+    g: Geometry,
+}
+
+/// Channels `c0..c0 + W` of one output pixel.
+#[inline(always)]
+fn depthwise_pixel<const W: usize, const FMA: bool>(
+    src: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    c0: usize,
+    t: &Taps,
+) {
+    let g = t.g;
+    let c = g.c;
+    let mut acc = [0f32; W];
+    acc.copy_from_slice(&bias[c0..c0 + W]);
+    for ky in t.ky.clone() {
+        let iy = t.oy * g.stride + ky - g.top;
+        for kx in t.kx.clone() {
+            let ix = t.ox * g.stride + kx - g.left;
+            let pixel = &src[(iy * g.w + ix) * c + c0..][..W];
+            let taps = &wt[(ky * g.k + kx) * c + c0..][..W];
+            for ((a, &v), &w) in acc.iter_mut().zip(pixel).zip(taps) {
+                *a = if FMA { v.mul_add(w, *a) } else { *a + v * w };
             }
         }
     }
+    if g.relu6 {
+        for a in &mut acc {
+            *a = a.clamp(0.0, 6.0);
+        }
+    }
+    out[c0..c0 + W].copy_from_slice(&acc);
 }
 
 #[cfg(test)]
@@ -942,10 +1127,8 @@ mod profile {
                         y = b.depthwise.forward(&y, K).unwrap();
                         t[2] += s.elapsed().as_secs_f64();
                         let s = Instant::now();
-                        y = b.project.forward(&y, Activation::None, K).unwrap();
-                        if b.residual {
-                            y = (y + inp).unwrap();
-                        }
+                        let residual = if b.residual { Some(&inp) } else { None };
+                        y = b.project.forward_add(&y, residual, Activation::None, K).unwrap();
                         t[3] += s.elapsed().as_secs_f64();
                     }
                     let s = Instant::now();

@@ -7,6 +7,7 @@
 
 mod lite;
 pub mod manifest;
+mod pointwise;
 pub mod preprocess;
 
 use std::path::{Path, PathBuf};
