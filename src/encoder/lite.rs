@@ -6,11 +6,12 @@
 //! stem (32) and head (1280). Blocks come in seven stages; the first block of a stage changes
 //! the channel count and carries the stage's stride, the others are residual.
 //!
-//! Activations are channels-last (NHWC) after the stem. On the CPU three small kernels of this
-//! module do the work candle does slowly (candle's grouped conv2d loops over every channel):
-//! the stem convolution, the depthwise convolution (vectorised over channels), and bias + ReLU6
-//! in place; 1x1 convolutions are single matrix products. Off the CPU ([`Kernels::Generic`])
-//! the same maths runs as plain candle ops; tests check both paths agree.
+//! Activations are channels-last (NHWC) after the stem. On the CPU, kernels of this crate do
+//! the work: the stem convolution and the depthwise convolution here (candle's grouped conv2d
+//! loops over every channel), 1x1 convolutions in [`super::pointwise`] (packed weights, bias,
+//! residual and ReLU6 fused into the store), and whole blocks fused band by band in
+//! [`super::fused`] where that pays. Off the CPU ([`Kernels::Generic`]) the same maths runs as
+//! plain candle ops; tests check both paths agree.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,7 +21,8 @@ use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 use rayon::prelude::*;
 
-use super::pointwise::{Epilogue, PackedWeights};
+use super::fused::CpuBlock;
+use super::pointwise::{Epilogue, PackedWeights, PointwiseLayer};
 
 /// Batch-norm epsilon of the TensorFlow Lite models.
 pub const BN_EPS: f64 = 1e-3;
@@ -84,13 +86,7 @@ struct Pointwise {
     weight_t: Tensor,
     bias: Tensor,
     /// The same weights packed for the CPU kernel (present when loaded on the CPU).
-    cpu: Option<Arc<CpuPointwise>>,
-}
-
-#[derive(Debug)]
-struct CpuPointwise {
-    weights: PackedWeights,
-    bias: Vec<f32>,
+    cpu: Option<Arc<PointwiseLayer>>,
 }
 
 /// Depthwise convolution on NHWC activations.
@@ -108,6 +104,8 @@ struct Block {
     depthwise: Depthwise,
     project: Pointwise,
     residual: bool,
+    /// The whole block for the fused CPU kernel (present when loaded on the CPU).
+    cpu: Option<Arc<CpuBlock>>,
 }
 
 /// One EfficientNet-Lite network with folded weights on one device. Activations between layers
@@ -257,19 +255,22 @@ impl LiteNet {
             } else {
                 1
             };
-            blocks.push(Block {
+            let mut block = Block {
                 expand: expand.map(pointwise).transpose().map_err(|source| WeightsError::Candle {
                     name: format!("{p}._expand_conv.weight"),
                     source,
                 })?,
                 depthwise: Depthwise::new(depthwise, stride)
-                    .map_err(|source| WeightsError::Candle { name: dw_name, source })?,
+                    .map_err(|source| WeightsError::Candle { name: dw_name.clone(), source })?,
                 project: pointwise(project).map_err(|source| WeightsError::Candle {
                     name: format!("{p}._project_conv.weight"),
                     source,
                 })?,
                 residual: stride == 1 && out == channels,
-            });
+                cpu: None,
+            };
+            block.cpu = block.cpu_block().map_err(|source| WeightsError::Candle { name: dw_name, source })?;
+            blocks.push(block);
             channels = out;
             n += 1;
         }
@@ -344,7 +345,7 @@ fn pointwise(f: Folded) -> candle_core::Result<Pointwise> {
     let cpu = if weight_t.device().is_cpu() {
         let w = weight_t.flatten_all()?.to_vec1::<f32>()?;
         let bias = f.bias.to_vec1::<f32>()?;
-        Some(Arc::new(CpuPointwise { weights: PackedWeights::pack(&w, inp, out), bias }))
+        Some(Arc::new(PointwiseLayer { weights: PackedWeights::pack(&w, inp, out), bias }))
     } else {
         None
     };
@@ -518,7 +519,7 @@ impl Pointwise {
 /// The CPU 1x1 convolution (see [`super::pointwise`]): input `(..., in)` contiguous, output
 /// `(rows, out)`; as a two-input op the second input is the residual.
 struct PointwiseOp {
-    cpu: Arc<CpuPointwise>,
+    cpu: Arc<PointwiseLayer>,
     relu6: bool,
 }
 
@@ -577,7 +578,42 @@ impl CustomOp2 for PointwiseOp {
 }
 
 impl Block {
+    /// The fused CPU form, when every part was loaded on the CPU.
+    fn cpu_block(&self) -> candle_core::Result<Option<Arc<CpuBlock>>> {
+        let (Some(project), true) = (&self.project.cpu, self.depthwise.weight.device().is_cpu()) else {
+            return Ok(None);
+        };
+        let expand = match &self.expand {
+            Some(e) => match &e.cpu {
+                Some(cpu) => Some(cpu.clone()),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let k = self.depthwise.weight.dim(0)?;
+        Ok(Some(Arc::new(CpuBlock {
+            expand,
+            dw_weight: self.depthwise.weight.flatten_all()?.to_vec1()?,
+            dw_bias: self.depthwise.bias.to_vec1()?,
+            k,
+            stride: self.depthwise.stride,
+            project: project.clone(),
+            residual: self.residual,
+        })))
+    }
+
     fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
+        if let (Kernels::Cpu, Some(cpu)) = (kernels, &self.cpu) {
+            let (n, h, w, _) = x.dims4()?;
+            if cpu.band_rows(n, h, w).is_some() {
+                return x.contiguous()?.apply_op1_no_bwd(&FusedBlockOp(cpu.clone()));
+            }
+        }
+        self.forward_unfused(x, kernels)
+    }
+
+    /// Expand, depthwise and project as three separate operations (any device).
+    fn forward_unfused(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         let y = match &self.expand {
             Some(e) => e.forward(x, Activation::Relu6, kernels)?,
             None => x.clone(),
@@ -585,6 +621,26 @@ impl Block {
         let y = self.depthwise.forward(&y, kernels)?;
         let residual = if self.residual { Some(x) } else { None };
         self.project.forward_add(&y, residual, Activation::None, kernels)
+    }
+}
+
+/// The fused CPU block (see [`super::fused`]) on NHWC `(n, h, w, in)`.
+struct FusedBlockOp(Arc<CpuBlock>);
+
+impl CustomOp1 for FusedBlockOp {
+    fn name(&self) -> &'static str {
+        "mbconv-fused-nhwc"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((x0, x1)) = l.contiguous_offsets() else {
+            candle_core::bail!("fused block: input must be contiguous");
+        };
+        let [n, h, w, c] = *l.dims() else {
+            candle_core::bail!("fused block: input {:?} is not NHWC", l.dims());
+        };
+        let (y, oh, ow, cout) = self.0.forward(&s.as_slice::<f32>()?[x0..x1], n, h, w, c)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, oh, ow, cout))))
     }
 }
 
@@ -774,15 +830,15 @@ struct DepthwiseOp {
 
 /// Sizes of one depthwise convolution.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    h: usize,
-    w: usize,
-    c: usize,
-    k: usize,
-    stride: usize,
-    top: usize,
-    left: usize,
-    relu6: bool,
+pub(super) struct Geometry {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub top: usize,
+    pub left: usize,
+    pub relu6: bool,
 }
 
 impl CustomOp3 for DepthwiseOp {
@@ -834,7 +890,7 @@ const DEPTHWISE_LANES: usize = 64;
 /// src[oy*s+ky-top][ox*s+kx-left][ch])`, zero outside the source. Each output pixel is
 /// accumulated in registers over all taps, [`DEPTHWISE_LANES`] channels at a time.
 #[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx+avx2+fma", "aarch64+neon"))]
-fn depthwise_row(src: &[f32], wt: &[f32], bias: &[f32], dst: &mut [f32], oy: usize, g: Geometry) {
+pub(super) fn depthwise_row(src: &[f32], wt: &[f32], bias: &[f32], dst: &mut [f32], oy: usize, g: Geometry) {
     if target_cfg_f!(target_feature = "fma") {
         depthwise_row_body::<true>(src, wt, bias, dst, oy, g)
     } else {
@@ -1062,6 +1118,41 @@ mod tests {
         assert!(max_abs_diff(&got, &want) < 1e-4);
     }
 
+    /// Every block of the shipped network, fused by bands where the plan allows it, equals the
+    /// plain candle path, on map sizes that cut bands unevenly and at image edges.
+    #[test]
+    fn fused_blocks_match_the_unfused_path() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models/efficientnet-lite0/model.safetensors");
+        let net =
+            LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap();
+        // The band plan depends on the thread count: fix it so the same blocks fuse anywhere.
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        let fused = pool.install(|| check_blocks(&net));
+        assert!(fused >= 16, "only {fused} block runs were fused");
+    }
+
+    /// Runs every block both ways; returns how many runs took the fused path.
+    fn check_blocks(net: &LiteNet) -> usize {
+        let mut fused = 0;
+        for (i, block) in net.blocks.iter().enumerate() {
+            let cpu = block.cpu.as_ref().expect("loaded on the CPU, so the fused form exists");
+            let cin = block.expand.as_ref().map_or(cpu.dw_bias.len(), |e| e.weight_t.dims()[0]);
+            for (n, side) in [(1, 29), (3, 13), (2, 56)] {
+                let x = Tensor::randn(0f32, 1.0, (n, side, side + 3, cin), &Device::Cpu).unwrap();
+                let want = block.forward_unfused(&x, Kernels::Generic).unwrap();
+                if cpu.band_rows(n, side, side + 3).is_some() {
+                    fused += 1;
+                }
+                let got = block.forward(&x, Kernels::Cpu).unwrap();
+                assert_eq!(got.dims(), want.dims(), "block {i}");
+                let diff = max_abs_diff(&got, &want);
+                assert!(diff < 1e-4, "block {i}, {n} x {side}: differs by {diff}");
+            }
+        }
+        fused
+    }
+
     #[test]
     fn refuses_weights_of_another_shape() {
         let dev = Device::Cpu;
@@ -1106,6 +1197,22 @@ mod profile {
                 println!("block {i}: in {:?} k {} s {} depthwise {:.3} ms", y.dims(), b.depthwise.weight.dims()[0], b.depthwise.stride, dt * 1e3);
                 x = b.forward(&x, K).unwrap();
             }
+            {
+                let x = Tensor::randn(0f32, 1.0, (1, 3, 224, 224), &dev).unwrap();
+                let mut y = net.stem.forward(&x, K).unwrap();
+                for (i, b) in net.blocks.iter().enumerate() {
+                    let reps = 40;
+                    let (n, h, w, _) = y.dims4().unwrap();
+                    let fused = b.cpu.as_ref().and_then(|c| c.band_rows(n, h, w));
+                    let t = Instant::now();
+                    for _ in 0..reps {
+                        b.forward(&y, K).unwrap();
+                    }
+                    let dt = t.elapsed().as_secs_f64() / f64::from(reps);
+                    println!("batch 1 block {i}: in {:?} band {fused:?} {:.3} ms", y.dims(), dt * 1e3);
+                    y = b.forward(&y, K).unwrap();
+                }
+            }
             for n in [1usize, 4, 8, 32] {
                 let x = Tensor::randn(0f32, 1.0, (n, 3, 224, 224), &dev).unwrap();
                 net.pooled_features(&x).unwrap();
@@ -1116,20 +1223,10 @@ mod profile {
                     let s = Instant::now();
                     let mut y = net.stem.forward(&x, K).unwrap();
                     t[0] += s.elapsed().as_secs_f64();
-                    for b in &net.blocks {
-                        let inp = y.clone();
+                    for (i, b) in net.blocks.iter().enumerate() {
                         let s = Instant::now();
-                        if let Some(e) = &b.expand {
-                            y = e.forward(&y, Activation::Relu6, K).unwrap();
-                        }
-                        t[1] += s.elapsed().as_secs_f64();
-                        let s = Instant::now();
-                        y = b.depthwise.forward(&y, K).unwrap();
-                        t[2] += s.elapsed().as_secs_f64();
-                        let s = Instant::now();
-                        let residual = if b.residual { Some(&inp) } else { None };
-                        y = b.project.forward_add(&y, residual, Activation::None, K).unwrap();
-                        t[3] += s.elapsed().as_secs_f64();
+                        y = b.forward(&y, K).unwrap();
+                        t[1 + usize::from(i >= 3) + usize::from(i >= 8)] += s.elapsed().as_secs_f64();
                     }
                     let s = Instant::now();
                     let h = net.head.forward(&y, Activation::Relu6, K).unwrap();
@@ -1139,7 +1236,7 @@ mod profile {
                 }
                 let ms = |v: f64| v * 1e3 / (reps * n) as f64;
                 println!(
-                    "batch {n}: total {:.2} ms/img | stem {:.2} expand {:.2} depthwise {:.2} project {:.2} head {:.2}",
+                    "batch {n}: total {:.2} ms/img | stem {:.2} blocks 0-2 {:.2} 3-7 {:.2} 8-15 {:.2} head {:.2}",
                     ms(start.elapsed().as_secs_f64()), ms(t[0]), ms(t[1]), ms(t[2]), ms(t[3]), ms(t[4])
                 );
             }

@@ -5,6 +5,7 @@
 //! `manifest.json` ([`ModelManifest`]) and the safetensors weights the manifest names and
 //! checksums. Loading refuses a weights file whose sha256 differs from the manifest's.
 
+mod fused;
 mod lite;
 pub mod manifest;
 mod pointwise;

@@ -8,6 +8,8 @@
 //! [`ROWS_PER_TASK`]; within a task each panel is reused across all the task's rows while it is
 //! hot in cache.
 
+use std::ops::Range;
+
 use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 use rayon::prelude::*;
@@ -52,6 +54,13 @@ impl PackedWeights {
     }
 }
 
+/// A 1x1 convolution ready for [`matmul`]: packed weights and the per-channel bias.
+#[derive(Debug, Clone)]
+pub struct PointwiseLayer {
+    pub weights: PackedWeights,
+    pub bias: Vec<f32>,
+}
+
 /// What is applied to each output value after the product.
 #[derive(Debug, Clone, Copy)]
 pub struct Epilogue<'a> {
@@ -64,6 +73,9 @@ pub struct Epilogue<'a> {
 }
 
 /// `epilogue(x . w)` for row-major `x` of `m` rows by `w.k()`; returns `m` rows by `w.n()`.
+///
+/// Work is split across threads by rows, or, when there are too few rows to keep every thread
+/// busy (small late-stage feature maps), by groups of output-channel panels.
 pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> {
     let (k, n) = (w.k, w.n);
     assert!(k > 0 && n > 0, "empty weight matrix");
@@ -74,41 +86,91 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
         assert_eq!(r.len(), m * n, "residual shape");
     }
     let mut out = vec![0f32; m * n];
-    out.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, dst)| {
-        let first = task * ROWS_PER_TASK;
-        let rows = dst.len() / n;
-        let src = &x[first * k..(first + rows) * k];
-        let residual = epilogue.residual.map(|r| &r[first * n..(first + rows) * n]);
-        rows_kernel(src, w, Epilogue { residual, ..epilogue }, dst);
-    });
+    let threads = rayon::current_num_threads();
+    let panels = n.div_ceil(NR);
+    if m.div_ceil(ROWS_PER_TASK) >= 2 * threads || panels < 2 {
+        out.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, dst)| {
+            let first = task * ROWS_PER_TASK;
+            let rows = dst.len() / n;
+            let src = &x[first * k..(first + rows) * k];
+            let residual = epilogue.residual.map(|r| &r[first * n..(first + rows) * n]);
+            let out = Out { dst, ld: n, col0: 0 };
+            rows_kernel(src, w, 0..panels, Epilogue { residual, ..epilogue }, out);
+        });
+        return out;
+    }
+    let per_task = panels.div_ceil(2 * threads);
+    let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per_task))
+        .into_par_iter()
+        .map(|task| {
+            let range = task * per_task..((task + 1) * per_task).min(panels);
+            let col0 = range.start * NR;
+            let cols = (range.end * NR).min(n) - col0;
+            let mut dst = vec![0f32; m * cols];
+            rows_kernel(x, w, range, epilogue, Out { dst: &mut dst, ld: cols, col0 });
+            (col0, cols, dst)
+        })
+        .collect();
+    for (col0, cols, part) in parts {
+        for (row, src) in out.chunks_exact_mut(n).zip(part.chunks_exact(cols)) {
+            row[col0..col0 + cols].copy_from_slice(src);
+        }
+    }
     out
 }
 
+/// [`matmul`] on the calling thread, into `dst` (`x.len() / w.k()` rows by `w.n()`).
+pub fn matmul_into(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>, dst: &mut [f32]) {
+    let rows = x.len() / w.k;
+    assert_eq!(dst.len(), rows * w.n, "output shape");
+    assert_eq!(epilogue.bias.len(), w.n, "bias length");
+    if let Some(r) = epilogue.residual {
+        assert_eq!(r.len(), dst.len(), "residual shape");
+    }
+    let panels = w.n.div_ceil(NR);
+    rows_kernel(&x[..rows * w.k], w, 0..panels, epilogue, Out { dst, ld: w.n, col0: 0 });
+}
+
+/// Where a kernel call writes: rows of `ld` values holding output columns `col0..`.
+struct Out<'a> {
+    dst: &'a mut [f32],
+    ld: usize,
+    col0: usize,
+}
+
 #[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn rows_kernel(src: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>, dst: &mut [f32]) {
+fn rows_kernel(src: &[f32], w: &PackedWeights, panels: Range<usize>, epilogue: Epilogue<'_>, out: Out<'_>) {
     if target_cfg_f!(target_feature = "fma") {
-        rows_body::<true>(src, w, epilogue, dst)
+        rows_body::<true>(src, w, panels, epilogue, out)
     } else {
-        rows_body::<false>(src, w, epilogue, dst)
+        rows_body::<false>(src, w, panels, epilogue, out)
     }
 }
 
+/// Every row of `src` times the given panels. The residual, if any, is indexed like the full
+/// output (`rows` by `n`).
 #[inline(always)]
-fn rows_body<const FMA: bool>(src: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>, dst: &mut [f32]) {
-    let (k, n) = (w.k, w.n);
-    let rows = dst.len() / n;
-    for (p, panel) in w.panels.chunks_exact(k * NR).enumerate() {
-        let col = p * NR;
-        let cols = (n - col).min(NR);
+fn rows_body<const FMA: bool>(
+    src: &[f32],
+    w: &PackedWeights,
+    panels: Range<usize>,
+    epilogue: Epilogue<'_>,
+    mut out: Out<'_>,
+) {
+    let k = w.k;
+    let rows = src.len() / k;
+    for p in panels {
+        let panel = &w.panels[p * k * NR..(p + 1) * k * NR];
+        let cols = (w.n - p * NR).min(NR);
         let mut r = 0;
         while r + MR <= rows {
             let acc = tile::<MR, FMA>(&src[r * k..(r + MR) * k], k, panel);
-            store(&acc, r, col, cols, n, epilogue, dst);
+            store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
             r += MR;
         }
         while r < rows {
             let acc = tile::<1, FMA>(&src[r * k..(r + 1) * k], k, panel);
-            store(&acc, r, col, cols, n, epilogue, dst);
+            store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
             r += 1;
         }
     }
@@ -130,7 +192,7 @@ fn tile<const R: usize, const FMA: bool>(a: &[f32], k: usize, panel: &[f32]) -> 
     acc
 }
 
-/// Writes a tile's valid columns with the epilogue applied.
+/// Writes a tile's valid columns (`cols` from output column `col`) with the epilogue applied.
 #[inline(always)]
 fn store<const R: usize>(
     acc: &[[f32; NR]; R],
@@ -139,22 +201,23 @@ fn store<const R: usize>(
     cols: usize,
     n: usize,
     epilogue: Epilogue<'_>,
-    dst: &mut [f32],
+    out: &mut Out<'_>,
 ) {
     let bias = &epilogue.bias[col..col + cols];
     for (i, acc_row) in acc.iter().enumerate() {
-        let at = (row + i) * n + col;
-        let out = &mut dst[at..at + cols];
-        for ((o, &s), &b) in out.iter_mut().zip(acc_row).zip(bias) {
+        let at = (row + i) * out.ld + col - out.col0;
+        let dst = &mut out.dst[at..at + cols];
+        for ((o, &s), &b) in dst.iter_mut().zip(acc_row).zip(bias) {
             *o = s + b;
         }
         if let Some(res) = epilogue.residual {
-            for (o, &r) in out.iter_mut().zip(&res[at..at + cols]) {
+            let at = (row + i) * n + col;
+            for (o, &r) in dst.iter_mut().zip(&res[at..at + cols]) {
                 *o += r;
             }
         }
         if epilogue.relu6 {
-            for o in out.iter_mut() {
+            for o in dst.iter_mut() {
                 *o = o.clamp(0.0, 6.0);
             }
         }
@@ -191,7 +254,9 @@ mod tests {
     /// Odd sizes on every axis: partial panels, remainder rows, several tasks, k of 1.
     #[test]
     fn matches_a_naive_product_with_every_epilogue() {
-        for (m, k, n) in [(1, 1, 1), (3, 5, 7), (4, 16, 32), (67, 24, 40), (130, 96, 24), (9, 33, 65)] {
+        for (m, k, n) in
+            [(1, 1, 1), (3, 5, 7), (4, 16, 32), (67, 24, 40), (130, 96, 24), (9, 33, 65), (49, 40, 300)]
+        {
             let x = values(m * k, 1);
             let w = values(k * n, 2);
             let bias = values(n, 3);

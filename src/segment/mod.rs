@@ -1,7 +1,7 @@
 //! Immutable, memory-mapped HNSW segment files: format, writer, reader and search.
 //!
 //! A segment holds one batch of items (L2-normalised vectors + SKUs) for one model version,
-//! with an HNSW graph built by hnsw_rs and stored as flat arrays (see [`format`] for the byte
+//! with an HNSW graph built by hnsw_rs and stored as flat arrays (see [`format`](mod@format) for the byte
 //! layout). [`write_segment`] builds and writes one crash-safely; [`Segment::open`] maps it in
 //! O(1) without reading the body; [`Segment::search`] runs HNSW straight on the mapping;
 //! [`Segment::verify`] checks every checksum and the graph's structure.

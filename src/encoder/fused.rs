@@ -1,0 +1,140 @@
+//! The fused CPU inverted-residual block: expand (1x1), depthwise and project (1x1) computed
+//! one band of output rows at a time, so the wide expanded activations only ever exist as a
+//! per-thread scratch that stays in cache, instead of making full-size trips through memory.
+//!
+//! A band of output rows needs input rows `[oy0 * s - top, oy_last * s - top + k)` (clipped to
+//! the image); those are expanded into the scratch, the depthwise kernel reads them with its
+//! geometry shifted to the band, and the project kernel writes the band's output rows with bias
+//! and residual. Rows shared by neighbouring bands are expanded twice; the band height keeps
+//! that overlap small while the scratch fits [`SCRATCH_BYTES`].
+
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::lite::{Geometry, depthwise_row, same_padding};
+use super::pointwise::{Epilogue, PointwiseLayer, matmul_into};
+
+/// Target size of one band's expanded input rows.
+const SCRATCH_BYTES: usize = 384 * 1024;
+/// Most expanded rows per input row that fusing may cost (rows shared by bands count twice).
+const MAX_OVERLAP: f64 = 1.4;
+
+/// One block's weights for the CPU: folded, packed, in host memory.
+#[derive(Debug)]
+pub struct CpuBlock {
+    pub expand: Option<Arc<PointwiseLayer>>,
+    /// `(k, k, mid)`.
+    pub dw_weight: Vec<f32>,
+    /// `(mid,)`.
+    pub dw_bias: Vec<f32>,
+    pub k: usize,
+    pub stride: usize,
+    pub project: Arc<PointwiseLayer>,
+    pub residual: bool,
+}
+
+thread_local! {
+    /// Expanded input rows and depthwise output rows of the band being computed.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+impl CpuBlock {
+    /// NHWC `(n, h, w, cin)` -> `(output, oh, ow, cout)`.
+    pub fn forward(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        cin: usize,
+    ) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
+        let mid = self.dw_bias.len();
+        let cout = self.project.weights.n();
+        let expand_in = self.expand.as_ref().map_or(mid, |e| e.weights.k());
+        if x.len() != n * h * w * cin || expand_in != cin || self.project.weights.k() != mid {
+            candle_core::bail!("fused block: input ({n}, {h}, {w}, {cin}) does not fit the block's weights");
+        }
+        if self.k == 0 || self.stride == 0 || self.dw_weight.len() != self.k * self.k * mid {
+            candle_core::bail!("fused block: bad depthwise geometry");
+        }
+        let (oh, top, _) = same_padding(h, self.k, self.stride);
+        let (ow, left, _) = same_padding(w, self.k, self.stride);
+        if self.residual && (oh, ow, cout) != (h, w, cin) {
+            candle_core::bail!("fused block: residual needs equal input and output shapes");
+        }
+        let mut out = vec![0f32; n * oh * ow * cout];
+        if out.is_empty() {
+            return Ok((out, oh, ow, cout));
+        }
+        let Some(band) = self.band_rows(n, h, w) else {
+            candle_core::bail!("fused block: no band plan for ({n}, {h}, {w}); run it unfused");
+        };
+        let g = Geometry { h, w, c: mid, k: self.k, stride: self.stride, top, left, relu6: true };
+        out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(image, image_out)| {
+            let image_in = &x[image * h * w * cin..(image + 1) * h * w * cin];
+            image_out.par_chunks_mut(band * ow * cout).enumerate().for_each(|(b, dst)| {
+                self.band(image_in, band * b, dst, g, ow, cin);
+            });
+        });
+        Ok((out, oh, ow, cout))
+    }
+
+    /// Output rows per band for `n` images of `h` x `w`, or `None` when fusing does not pay
+    /// and the block should run unfused: when bands small enough for the scratch would expand
+    /// shared rows more than [`MAX_OVERLAP`] times over, or there are too few bands to keep
+    /// every thread busy (small late-stage maps at batch 1; they fit in cache anyway).
+    pub fn band_rows(&self, n: usize, h: usize, w: usize) -> Option<usize> {
+        let mid = self.dw_bias.len();
+        let (oh, top, _) = same_padding(h, self.k, self.stride);
+        if oh == 0 {
+            return None;
+        }
+        let rows_in = SCRATCH_BYTES / (4 * w * mid).max(1);
+        let by_cache = (rows_in.saturating_sub(self.k) / self.stride + 1).clamp(1, oh);
+        let threads = rayon::current_num_threads();
+        let band = by_cache.min((n * oh).div_ceil(2 * threads).max(1));
+        // Input rows expanded per band, clipped to the image, against the rows it advances.
+        let expanded = (0..oh)
+            .step_by(band)
+            .map(|oy0| {
+                let last = (oy0 + band).min(oh) - 1;
+                h.min(last * self.stride + self.k - top) - (oy0 * self.stride).saturating_sub(top)
+            })
+            .sum::<usize>();
+        let bands = n * oh.div_ceil(band);
+        (expanded as f64 <= MAX_OVERLAP * h as f64 && bands >= 2 * threads).then_some(band)
+    }
+
+    /// Computes output rows `oy0..` of one image into `dst` (whole rows of `ow * cout`).
+    fn band(&self, x: &[f32], oy0: usize, dst: &mut [f32], g: Geometry, ow: usize, cin: usize) {
+        let mid = g.c;
+        let cout = self.project.weights.n();
+        let rows_out = dst.len() / (ow * cout);
+        let last = oy0 + rows_out - 1;
+        let first_in = (oy0 * g.stride).saturating_sub(g.top);
+        let end_in = g.h.min(last * g.stride + g.k - g.top);
+        SCRATCH.with_borrow_mut(|(expanded, dw)| {
+            let src = &x[first_in * g.w * cin..end_in * g.w * cin];
+            let rows: &[f32] = match &self.expand {
+                Some(e) => {
+                    expanded.resize((end_in - first_in) * g.w * mid, 0.0);
+                    let epilogue = Epilogue { bias: &e.bias, residual: None, relu6: true };
+                    matmul_into(src, &e.weights, epilogue, expanded);
+                    expanded
+                }
+                None => src,
+            };
+            // The depthwise kernel sees only the band's rows: shift its geometry to match.
+            let band_g = Geometry { h: end_in - first_in, top: g.top + first_in, ..g };
+            dw.resize(rows_out * ow * mid, 0.0);
+            for (r, row) in dw.chunks_exact_mut(ow * mid).enumerate() {
+                depthwise_row(rows, &self.dw_weight, &self.dw_bias, row, oy0 + r, band_g);
+            }
+            let residual = self.residual.then(|| &x[oy0 * ow * cout..(oy0 + rows_out) * ow * cout]);
+            let epilogue = Epilogue { bias: &self.project.bias, residual, relu6: false };
+            matmul_into(dw, &self.project.weights, epilogue, dst);
+        });
+    }
+}
