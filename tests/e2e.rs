@@ -129,7 +129,9 @@ async fn bundled_catalogue_end_to_end() {
     assert_eq!(first.added, items.len(), "rejected: {:?}", first.rejected);
     assert!(first.rejected.is_empty());
     assert_eq!(first.generation, 1);
-    assert!(first.segments.len() >= 2, "{:?}", first.segments);
+    // --max-segment-items is a maximum: full segments of exactly 64, then the rest.
+    assert_eq!(first.segments.len(), items.len().div_ceil(64), "{:?}", first.segments);
+    assert!(first.segments.iter().all(|(_, _, count)| *count <= 64), "{:?}", first.segments);
 
     // Re-running the same catalogue changes nothing.
     let again = ingest_into(dir.path(), &catalog, &models);

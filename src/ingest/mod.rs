@@ -220,13 +220,13 @@ pub fn ingest(
                     image_sha256: p.sha256.clone(),
                     attrs: p.row.attrs.clone(),
                 });
+                if acc.skus.len() >= opts.max_segment_items.max(1) {
+                    acc.flush(data, &encoders, &mut next, &opts.hnsw, &mut report)?;
+                }
             }
         }
         embed_secs += embed_started.elapsed().as_secs_f64();
         bar.inc(chunk.len() as u64);
-        if acc.skus.len() >= opts.max_segment_items.max(1) {
-            acc.flush(data, &encoders, &mut next, &opts.hnsw, &mut report)?;
-        }
     }
     acc.flush(data, &encoders, &mut next, &opts.hnsw, &mut report)?;
     bar.finish_and_clear();
