@@ -17,7 +17,7 @@ use vitrine::models::{DEFAULT_MODEL, ModelRegistry};
 use vitrine::proto::visual_search_client::VisualSearchClient;
 use vitrine::proto::{self, SearchOptions};
 use vitrine::segment::HnswParams;
-use vitrine::server::{ServeConfig, serve};
+use vitrine::server::{ServeConfig, attrs, serve};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -89,6 +89,18 @@ fn catalog_items() -> Vec<(String, PathBuf)> {
         .map(|l| {
             let v: serde_json::Value = serde_json::from_str(l).unwrap();
             (v["sku"].as_str().unwrap().to_string(), repo().join("data").join(v["image"].as_str().unwrap()))
+        })
+        .collect()
+}
+
+/// Each SKU's `attrs` object in the bundled catalogue (`{}` when it has none).
+fn catalog_attrs() -> BTreeMap<String, serde_json::Value> {
+    let text = std::fs::read_to_string(repo().join("data/catalog.jsonl")).unwrap();
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["sku"].as_str().unwrap().to_string(), v.get("attrs").cloned().unwrap_or(serde_json::json!({})))
         })
         .collect()
 }
@@ -179,6 +191,14 @@ async fn bundled_catalogue_end_to_end() {
     println!("near-duplicate rank-1: {rank1}/{} = {rate:.3}; misses {misses:?}", items.len());
     assert!(rate >= 0.95, "near-duplicate rank-1 rate {rate:.3} < 0.95; misses {misses:?}");
 
+    // Every hit carries its SKU's catalogue attributes.
+    let attrs_by_sku = catalog_attrs();
+    for resp in before.values() {
+        for h in &resp.hits {
+            assert_eq!(attrs::to_json(h.attrs.as_ref()), attrs_by_sku[&h.sku], "attrs of {}", h.sku);
+        }
+    }
+
     // More like this: the item itself is left out; an unknown SKU is NOT_FOUND.
     let (sku0, _) = &items[0];
     let mlt = c
@@ -268,6 +288,24 @@ async fn bundled_catalogue_end_to_end() {
         let resp = search_image(&mut c, near_duplicate(path), 10).await;
         assert_eq!(&resp, &before[sku], "answer for {sku} changed across a restart");
     }
+    server.stop().await;
+
+    // An attributes-only update embeds nothing and shows in the answers of the next server.
+    let (sku0, path0) = &items[0];
+    let update = dir.path().join("update.jsonl");
+    let row = serde_json::json!({"sku": sku0, "image": path0, "attrs": {"title": "renamed", "price": 9.5}});
+    std::fs::write(&update, format!("{row}\n")).unwrap();
+    let report = ingest_into(dir.path(), &update, &models);
+    assert_eq!((report.added, report.updated, report.unchanged), (0, 0, 1), "{report:?}");
+    let server = Server::start(dir.path(), Arc::clone(&models)).await;
+    let mut c = server.client().await;
+    let resp = search_image(&mut c, near_duplicate(path0), 10).await;
+    assert_eq!(resp.hits[0].sku, *sku0);
+    assert_eq!(resp.hits[0].score, before[sku0].hits[0].score);
+    assert_eq!(
+        attrs::to_json(resp.hits[0].attrs.as_ref()),
+        serde_json::json!({"title": "renamed", "price": 9.5})
+    );
     server.stop().await;
 }
 

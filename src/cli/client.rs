@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use vitrine::proto::visual_search_client::VisualSearchClient;
 use vitrine::proto::{self, SearchOptions};
+use vitrine::server::attrs;
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("query").required(true).args(["image", "sku"])))]
@@ -29,6 +30,9 @@ pub struct SearchArgs {
     /// Print one JSON object: {"model_version": ..., "hits": [{"sku": ..., "score": ...}]}.
     #[arg(long)]
     pub json: bool,
+    /// Also print each hit's catalogue attributes (an "attrs" object per hit with --json).
+    #[arg(long)]
+    pub attrs: bool,
 }
 
 #[derive(Args)]
@@ -62,18 +66,29 @@ pub async fn search(addr: &str, a: &SearchArgs) -> anyhow::Result<proto::SearchR
     Ok(resp.into_inner())
 }
 
-pub fn to_json(resp: &proto::SearchResponse) -> serde_json::Value {
+pub fn to_json(resp: &proto::SearchResponse, with_attrs: bool) -> serde_json::Value {
+    let hit = |h: &proto::Hit| {
+        let mut o = serde_json::json!({"sku": h.sku, "score": h.score});
+        if with_attrs {
+            o["attrs"] = attrs::to_json(h.attrs.as_ref());
+        }
+        o
+    };
     serde_json::json!({
         "model_version": resp.model_version,
-        "hits": resp.hits.iter().map(|h| serde_json::json!({"sku": h.sku, "score": h.score})).collect::<Vec<_>>(),
+        "hits": resp.hits.iter().map(hit).collect::<Vec<_>>(),
     })
 }
 
-pub fn print_hits(resp: &proto::SearchResponse) {
+pub fn print_hits(resp: &proto::SearchResponse, with_attrs: bool) {
     println!("model {}: {} hits", resp.model_version, resp.hits.len());
     println!("{:>4}  {:>7}  sku", "rank", "score");
     for (i, h) in resp.hits.iter().enumerate() {
-        println!("{:>4}  {:>7.4}  {}", i + 1, h.score, h.sku);
+        if with_attrs && h.attrs.is_some() {
+            println!("{:>4}  {:>7.4}  {}  {}", i + 1, h.score, h.sku, attrs::to_json(h.attrs.as_ref()));
+        } else {
+            println!("{:>4}  {:>7.4}  {}", i + 1, h.score, h.sku);
+        }
     }
 }
 
@@ -81,9 +96,9 @@ pub fn run_search(a: SearchArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let resp = rt.block_on(search(&a.addr, &a))?;
     if a.json {
-        println!("{}", to_json(&resp));
+        println!("{}", to_json(&resp, a.attrs));
     } else {
-        print_hits(&resp);
+        print_hits(&resp, a.attrs);
     }
     Ok(ExitCode::SUCCESS)
 }

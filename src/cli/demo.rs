@@ -74,10 +74,11 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
                 k: 5,
                 ef: 0,
                 json: false,
+                attrs: false,
             };
             println!("\n== vitrine search --addr {url} --image {} -k 5", q.display());
             match client::search(&url, &args).await {
-                Ok(resp) => client::print_hits(&resp),
+                Ok(resp) => client::print_hits(&resp, false),
                 Err(e) => eprintln!("query failed: {e:#}"),
             }
         }

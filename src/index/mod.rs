@@ -8,14 +8,14 @@
 pub mod manifest;
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::ids::{ModelVersion, SegmentId, SkuId};
 use crate::segment::{DEFAULT_EF_SEARCH, Segment, SegmentError, normalise_into};
 use manifest::{Manifest, SegmentEntry};
-use store::{DataDir, StoreError};
+use store::{Attrs, DataDir, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -141,9 +141,24 @@ pub struct IndexSnapshot {
     pub generation: u64,
     pub serving: Option<ModelVersion>,
     pub models: BTreeMap<ModelVersion, Arc<ModelIndexView>>,
+    /// Catalogue attributes of the SKUs that have any, as of this manifest. Empty unless
+    /// [`load_attrs`](Self::load_attrs) filled it (the server does; ingest has no use for it).
+    pub attrs: HashMap<SkuId, Attrs>,
 }
 
 impl IndexSnapshot {
+    /// Reads the catalogue batches `manifest` names and keeps each SKU's latest attributes
+    /// (O(catalogue): run before the snapshot serves, never on a query).
+    pub fn load_attrs(&mut self, data: &DataDir, manifest: &Manifest) -> Result<(), StoreError> {
+        self.attrs = data
+            .read_catalog(manifest)?
+            .into_values()
+            .filter(|r| !r.attrs.is_empty())
+            .map(|r| (r.sku, r.attrs))
+            .collect();
+        Ok(())
+    }
+
     /// Maps the segments named by `manifest`.
     pub fn open(data: &DataDir, manifest: &Manifest) -> Result<Self, IndexError> {
         let mut models = BTreeMap::new();
@@ -180,7 +195,12 @@ impl IndexSnapshot {
             };
             models.insert(version.clone(), Arc::new(view));
         }
-        Ok(Self { generation: manifest.generation, serving: manifest.serving_model.clone(), models })
+        Ok(Self {
+            generation: manifest.generation,
+            serving: manifest.serving_model.clone(),
+            models,
+            attrs: HashMap::new(),
+        })
     }
 
     pub fn model(&self, version: &ModelVersion) -> Result<&Arc<ModelIndexView>, IndexError> {

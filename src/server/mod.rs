@@ -5,6 +5,7 @@
 //! `ArcSwap`: a watcher re-reads the manifest and swaps in a new snapshot, fully opened
 //! first, when its generation moves, so ingests become visible without a restart.
 
+pub mod attrs;
 pub mod error;
 
 use std::net::SocketAddr;
@@ -87,14 +88,16 @@ impl ServerState {
     }
 }
 
-/// Maps what `manifest` names, loads the serving model's encoder and starts reading the
-/// segments ahead: everything a snapshot needs before it may serve.
+/// Maps what `manifest` names, reads the catalogue attributes, loads the serving model's
+/// encoder and starts reading the segments ahead: everything a snapshot needs before it may
+/// serve.
 fn open_snapshot(
     data: &DataDir,
     manifest: &Manifest,
     models: &ModelRegistry,
 ) -> Result<IndexSnapshot, anyhow::Error> {
-    let snapshot = IndexSnapshot::open(data, manifest)?;
+    let mut snapshot = IndexSnapshot::open(data, manifest)?;
+    snapshot.load_attrs(data, manifest)?;
     if let Some(v) = &snapshot.serving {
         models.get(v).map_err(|e| anyhow::anyhow!("cannot load serving model {v}: {e}"))?;
     }
@@ -126,10 +129,20 @@ fn options(o: Option<proto::SearchOptions>) -> Result<(usize, usize), ServiceErr
     Ok((k as usize, o.ef as usize))
 }
 
-fn response(version: &ModelVersion, hits: Vec<ScoredSku>) -> Response<proto::SearchResponse> {
+/// The answer, with each hit's catalogue attributes from `snapshot`.
+fn response(
+    snapshot: &IndexSnapshot,
+    version: &ModelVersion,
+    hits: Vec<ScoredSku>,
+) -> Response<proto::SearchResponse> {
+    let hit = |h: ScoredSku| proto::Hit {
+        attrs: snapshot.attrs.get(&h.sku).and_then(attrs::to_struct),
+        sku: h.sku.to_string(),
+        score: h.score,
+    };
     Response::new(proto::SearchResponse {
         model_version: version.to_string(),
-        hits: hits.into_iter().map(|h| proto::Hit { sku: h.sku.to_string(), score: h.score }).collect(),
+        hits: hits.into_iter().map(hit).collect(),
     })
 }
 
@@ -148,7 +161,8 @@ impl VisualSearch for VisualSearchService {
         if req.image.is_empty() {
             return Err(ServiceError::InvalidArgument("image is empty".into()).into());
         }
-        let view = serving(&self.state.snapshot())?;
+        let snapshot = self.state.snapshot();
+        let view = serving(&snapshot)?;
         let encoder = self.state.models.get(&view.version).map_err(ServiceError::from)?;
         let _permit = self
             .state
@@ -167,7 +181,7 @@ impl VisualSearch for VisualSearchService {
         .await
         .map_err(|e| ServiceError::Internal(format!("embedding task failed: {e}")))?;
         let (view, hits) = result?;
-        Ok(response(&view.version, hits))
+        Ok(response(&snapshot, &view.version, hits))
     }
 
     async fn search_by_vector(
@@ -184,7 +198,7 @@ impl VisualSearch for VisualSearchService {
         let snapshot = self.state.snapshot();
         let view = snapshot.model(&version).map_err(ServiceError::from)?;
         let hits = view.search(&req.vector, k, ef, None).map_err(ServiceError::from)?;
-        Ok(response(&view.version, hits))
+        Ok(response(&snapshot, &view.version, hits))
     }
 
     async fn search_by_sku(
@@ -196,13 +210,14 @@ impl VisualSearch for VisualSearchService {
         if req.sku.is_empty() {
             return Err(ServiceError::InvalidArgument("sku is required".into()).into());
         }
-        let view = serving(&self.state.snapshot())?;
+        let snapshot = self.state.snapshot();
+        let view = serving(&snapshot)?;
         let q = view
             .vector_of(&req.sku)
             .ok_or_else(|| ServiceError::NotFound(format!("sku {:?} is not in the index", req.sku)))?
             .to_vec();
         let hits = view.search(&q, k, ef, Some(&req.sku)).map_err(ServiceError::from)?;
-        Ok(response(&view.version, hits))
+        Ok(response(&snapshot, &view.version, hits))
     }
 
     async fn get_index_info(
