@@ -41,7 +41,8 @@ thread_local! {
 }
 
 impl CpuBlock {
-    /// NHWC `(n, h, w, cin)` -> `(output, oh, ow, cout)`.
+    /// NHWC `(n, h, w, cin)` -> `(output, oh, ow, cout)`, in bands of `band` output rows (as
+    /// planned by [`band_rows`](Self::band_rows)).
     pub fn forward(
         &self,
         x: &[f32],
@@ -49,6 +50,7 @@ impl CpuBlock {
         h: usize,
         w: usize,
         cin: usize,
+        band: usize,
     ) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
         let mid = self.dw_bias.len();
         let cout = self.project.weights.n();
@@ -68,9 +70,9 @@ impl CpuBlock {
         if out.is_empty() {
             return Ok((out, oh, ow, cout));
         }
-        let Some(band) = self.band_rows(n, h, w) else {
-            candle_core::bail!("fused block: no band plan for ({n}, {h}, {w}); run it unfused");
-        };
+        if band == 0 {
+            candle_core::bail!("fused block: bands of 0 rows");
+        }
         let g = Geometry { h, w, c: mid, k: self.k, stride: self.stride, top, left, relu6: true };
         out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(image, image_out)| {
             let image_in = &x[image * h * w * cin..(image + 1) * h * w * cin];

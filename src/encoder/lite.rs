@@ -463,6 +463,14 @@ struct DenseGeometry {
     left: usize,
 }
 
+/// The taps `0..k` of output position `out` along one axis whose source position
+/// `out * stride + tap - before` lies inside `0..len` (TF "same" padding puts `before` zeros
+/// first).
+fn tap_range(out: usize, stride: usize, before: usize, len: usize, k: usize) -> std::ops::Range<usize> {
+    let first = out * stride;
+    before.saturating_sub(first)..k.min((before + len).saturating_sub(first))
+}
+
 /// Output pixels computed together by the stem kernel where none of them touches the padding.
 const STEM_PIXELS: usize = 4;
 
@@ -488,13 +496,9 @@ fn dense_row_body<const FMA: bool>(
     oy: usize,
     g: DenseGeometry,
 ) {
-    let first = oy * g.stride;
-    let ky = g.top.saturating_sub(first)..g.k.min((g.top + g.h).saturating_sub(first));
+    let ky = tap_range(oy, g.stride, g.top, g.h, g.k);
     let ow = dst.len() / g.cout;
-    let kx_of = |ox: usize| {
-        let first = ox * g.stride;
-        g.left.saturating_sub(first)..g.k.min((g.left + g.w).saturating_sub(first))
-    };
+    let kx_of = |ox: usize| tap_range(ox, g.stride, g.left, g.w, g.k);
     let mut ox = 0;
     while ox < ow {
         let group = ox + STEM_PIXELS <= ow && (ox..ox + STEM_PIXELS).all(|p| kx_of(p) == (0..g.k));
@@ -694,8 +698,8 @@ impl Block {
     fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         if let (Kernels::Cpu, Some(cpu)) = (kernels, &self.cpu) {
             let (n, h, w, _) = x.dims4()?;
-            if cpu.band_rows(n, h, w).is_some() {
-                return x.contiguous()?.apply_op1_no_bwd(&FusedBlockOp(cpu.clone()));
+            if let Some(band) = cpu.band_rows(n, h, w) {
+                return x.contiguous()?.apply_op1_no_bwd(&FusedBlockOp { block: cpu.clone(), band });
             }
         }
         self.forward_unfused(x, kernels)
@@ -714,7 +718,11 @@ impl Block {
 }
 
 /// The fused CPU block (see [`super::fused`]) on NHWC `(n, h, w, in)`.
-struct FusedBlockOp(Arc<CpuBlock>);
+struct FusedBlockOp {
+    block: Arc<CpuBlock>,
+    /// Output rows per band, from [`CpuBlock::band_rows`].
+    band: usize,
+}
 
 impl CustomOp1 for FusedBlockOp {
     fn name(&self) -> &'static str {
@@ -728,7 +736,7 @@ impl CustomOp1 for FusedBlockOp {
         let [n, h, w, c] = *l.dims() else {
             candle_core::bail!("fused block: input {:?} is not NHWC", l.dims());
         };
-        let (y, oh, ow, cout) = self.0.forward(&s.as_slice::<f32>()?[x0..x1], n, h, w, c)?;
+        let (y, oh, ow, cout) = self.block.forward(&s.as_slice::<f32>()?[x0..x1], n, h, w, c, self.band)?;
         Ok((CpuStorage::F32(y), Shape::from((n, oh, ow, cout))))
     }
 }
@@ -997,12 +1005,9 @@ fn depthwise_row_body<const FMA: bool>(
     g: Geometry,
 ) {
     let c = g.c;
-    // Taps whose source row lies inside the image.
-    let first = oy * g.stride;
-    let ky_range = g.top.saturating_sub(first)..g.k.min((g.top + g.h).saturating_sub(first));
+    let ky_range = tap_range(oy, g.stride, g.top, g.h, g.k);
     for (ox, out) in dst.chunks_exact_mut(c).enumerate() {
-        let first = ox * g.stride;
-        let kx_range = g.left.saturating_sub(first)..g.k.min((g.left + g.w).saturating_sub(first));
+        let kx_range = tap_range(ox, g.stride, g.left, g.w, g.k);
         let taps = Taps { ky: ky_range.clone(), kx: kx_range, oy, ox, g };
         let mut c0 = 0;
         while c0 + DEPTHWISE_LANES <= c {

@@ -94,8 +94,7 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
             let rows = dst.len() / n;
             let src = &x[first * k..(first + rows) * k];
             let residual = epilogue.residual.map(|r| &r[first * n..(first + rows) * n]);
-            let out = Out { dst, ld: n, col0: 0 };
-            rows_kernel(src, w, 0..panels, Epilogue { residual, ..epilogue }, out);
+            matmul_into(src, w, Epilogue { residual, ..epilogue }, dst);
         });
         return out;
     }
