@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tonic::Code;
 use tonic::transport::Channel;
 use vitrine::ids::ModelVersion;
+use vitrine::index::manifest::Manifest;
 use vitrine::index::store::DataDir;
 use vitrine::ingest::{IngestOptions, IngestReport, ingest};
 use vitrine::models::{DEFAULT_MODEL, ModelRegistry};
@@ -33,7 +34,6 @@ fn ingest_into(dir: &Path, catalog: &Path, models: &ModelRegistry) -> IngestRepo
 }
 
 fn ingest_with(dir: &Path, catalog: &Path, models: &ModelRegistry, max_segment_items: usize) -> IngestReport {
-    let data = DataDir::open_writer(dir).unwrap();
     let opts = IngestOptions {
         format: None,
         batch_size: 16,
@@ -42,7 +42,7 @@ fn ingest_with(dir: &Path, catalog: &Path, models: &ModelRegistry, max_segment_i
         default_model: ModelVersion::new(DEFAULT_MODEL).unwrap(),
         max_segment_items,
     };
-    ingest(&data, models, catalog, &opts).unwrap()
+    ingest(dir, models, catalog, &opts).unwrap()
 }
 
 /// A server on an ephemeral loopback port, stopped on drop.
@@ -56,8 +56,7 @@ impl Server {
     async fn start(dir: &Path, models: Arc<ModelRegistry>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config =
-            ServeConfig { data_dir: dir.to_path_buf(), reload_interval: None, max_concurrent_embeds: 2 };
+        let config = ServeConfig::new(dir);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(config, models, listener, async move {
             let _ = rx.await;
@@ -121,7 +120,7 @@ fn near_duplicate(path: &Path) -> Vec<u8> {
 }
 
 fn opts(k: u32) -> Option<SearchOptions> {
-    Some(SearchOptions { k, ef: 0 })
+    Some(SearchOptions { k, ..Default::default() })
 }
 
 async fn search_image(c: &mut VisualSearchClient<Channel>, image: Vec<u8>, k: u32) -> proto::SearchResponse {
@@ -140,16 +139,20 @@ async fn bundled_catalogue_end_to_end() {
     let first = ingest_with(dir.path(), &catalog, &models, 64);
     assert_eq!(first.added, items.len(), "rejected: {:?}", first.rejected);
     assert!(first.rejected.is_empty());
-    assert_eq!(first.generation, 1);
+    assert_eq!(first.embedded, items.len());
     // --max-segment-items is a maximum: full segments of exactly 64, then the rest.
-    assert_eq!(first.segments.len(), items.len().div_ceil(64), "{:?}", first.segments);
-    assert!(first.segments.iter().all(|(_, _, count)| *count <= 64), "{:?}", first.segments);
+    let manifest = Manifest::load(dir.path()).unwrap();
+    let counts: Vec<u64> = manifest.serving().unwrap().1.segments.iter().map(|s| s.count).collect();
+    let mut expected = vec![64u64; items.len() / 64];
+    expected.push((items.len() % 64) as u64);
+    assert_eq!(counts, expected);
+    assert_eq!(manifest.wal_checkpoint, items.len() as u64, "a finished ingest leaves no log to replay");
 
-    // Re-running the same catalogue changes nothing.
+    // Re-running the same catalogue changes nothing and embeds nothing.
     let again = ingest_into(dir.path(), &catalog, &models);
     assert_eq!((again.added, again.updated, again.unchanged), (0, 0, items.len()));
-    assert_eq!(again.generation, 1);
-    assert!(again.segments.is_empty());
+    assert_eq!(again.embedded, 0);
+    assert_eq!(again.generation, first.generation);
 
     let server = Server::start(dir.path(), Arc::clone(&models)).await;
     let mut c = server.client().await;
@@ -168,7 +171,7 @@ async fn bundled_catalogue_end_to_end() {
     assert_eq!(info.serving_model_version, DEFAULT_MODEL);
     assert_eq!(info.models.len(), 1);
     assert_eq!(info.models[0].live_items, items.len() as u64);
-    assert_eq!(info.models[0].segments.len(), first.segments.len());
+    assert_eq!(info.models[0].segments.len(), counts.len());
     assert_eq!(info.models[0].dim, 1280);
 
     // Near-duplicate retrieval through the server.
@@ -296,7 +299,8 @@ async fn bundled_catalogue_end_to_end() {
     let row = serde_json::json!({"sku": sku0, "image": path0, "attrs": {"title": "renamed", "price": 9.5}});
     std::fs::write(&update, format!("{row}\n")).unwrap();
     let report = ingest_into(dir.path(), &update, &models);
-    assert_eq!((report.added, report.updated, report.unchanged), (0, 0, 1), "{report:?}");
+    assert_eq!((report.added, report.updated, report.unchanged), (0, 1, 0), "{report:?}");
+    assert_eq!(report.embedded, 0);
     let server = Server::start(dir.path(), Arc::clone(&models)).await;
     let mut c = server.client().await;
     let resp = search_image(&mut c, near_duplicate(path0), 10).await;
@@ -349,7 +353,7 @@ fn killed_ingest_leaves_a_consistent_data_dir() {
     let models = registry();
     // A first commit: the three good rows of the bad catalogue.
     let first = ingest_into(dir.path(), &repo().join("data/bad/catalog_with_errors.jsonl"), &models);
-    assert_eq!(first.generation, 1);
+    assert_eq!(first.added, 3);
 
     let exe = env!("CARGO_BIN_EXE_vitrine");
     for delay_ms in [300u64, 1500] {
@@ -370,10 +374,9 @@ fn killed_ingest_leaves_a_consistent_data_dir() {
         // Whatever the moment, the manifest on disk opens and every segment it names is whole.
         let data = DataDir::open_reader(dir.path()).unwrap();
         let manifest = data.load_manifest().unwrap();
-        let snapshot = vitrine::index::IndexSnapshot::open(&data, &manifest).unwrap();
-        for view in snapshot.models.values() {
-            for s in &view.segments {
-                s.segment.verify().unwrap();
+        for (v, ix) in &manifest.indexes {
+            for e in &ix.segments {
+                vitrine::segment::Segment::open(&data.segment_path(v, e.id)).unwrap().verify().unwrap();
             }
         }
     }
@@ -383,10 +386,11 @@ fn killed_ingest_leaves_a_consistent_data_dir() {
     let manifest = data.load_manifest().unwrap();
     let live = manifest.serving().unwrap().1.live_items();
     assert_eq!(live as usize, catalog_items().len() + 3, "{report:?}");
-    // No stray files: every segment on disk is named by the manifest.
+    // No stray files: every file on disk is a segment or deletion file the manifest names.
     let ix_dir = data.index_dir(&ModelVersion::new(DEFAULT_MODEL).unwrap());
     let on_disk = std::fs::read_dir(&ix_dir).unwrap().count();
-    assert_eq!(on_disk, manifest.serving().unwrap().1.segments.len());
+    let segments = &manifest.serving().unwrap().1.segments;
+    assert_eq!(on_disk, segments.len() + segments.iter().filter(|s| s.deletes.is_some()).count());
 }
 
 /// `vitrine verify` passes on a healthy directory and names what is damaged.
@@ -410,13 +414,19 @@ fn verify_command_finds_damage() {
     bytes[256 + 100] ^= 0x40;
     std::fs::write(&seg, &bytes).unwrap();
     // And lose one image blob.
-    let cat = data.read_catalog(&manifest).unwrap();
-    let victim = cat.values().next().unwrap();
-    std::fs::remove_file(data.blob_path(&victim.image_sha256)).unwrap();
+    let mut victim = None;
+    vitrine::index::records::RecordStore::open(&data.records_path())
+        .unwrap()
+        .for_each(|sku, rec| {
+            victim.get_or_insert((sku.clone(), rec.image_sha256.clone().unwrap()));
+        })
+        .unwrap();
+    let (victim_sku, victim_sha) = victim.unwrap();
+    std::fs::remove_file(data.blob_path(&victim_sha)).unwrap();
 
     let out = verify();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&ix.segments[0].id.to_string()), "{stderr}");
-    assert!(stderr.contains(victim.sku.as_str()), "{stderr}");
+    assert!(stderr.contains(victim_sku.as_str()), "{stderr}");
 }

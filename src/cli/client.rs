@@ -1,4 +1,5 @@
-//! The gRPC client subcommands: `vitrine search` and `vitrine info`.
+//! The gRPC client subcommands: `vitrine search` and `vitrine info`, and the connection and
+//! error helpers the other client commands share.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,6 +34,10 @@ pub struct SearchArgs {
     /// Also print each hit's catalogue attributes (an "attrs" object per hit with --json).
     #[arg(long)]
     pub attrs: bool,
+    /// Only hits whose attributes pass this condition; repeat to AND several:
+    /// `category=Food`, `brand=acme,globex`, `colour!=red`, `price<20`, `5<=price<20`.
+    #[arg(long, value_name = "EXPR")]
+    pub filter: Vec<String>,
 }
 
 #[derive(Args)]
@@ -44,7 +49,12 @@ pub struct InfoArgs {
     pub json: bool,
 }
 
-async fn connect(addr: &str) -> anyhow::Result<VisualSearchClient<tonic::transport::Channel>> {
+/// A server's error as a CLI error: its code and message.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("server answered {:?}: {}", s.code(), s.message())
+}
+
+pub async fn connect(addr: &str) -> anyhow::Result<VisualSearchClient<tonic::transport::Channel>> {
     let client = VisualSearchClient::connect(addr.to_string())
         .await
         .with_context(|| format!("cannot connect to {addr}"))?;
@@ -53,8 +63,11 @@ async fn connect(addr: &str) -> anyhow::Result<VisualSearchClient<tonic::transpo
 
 /// Runs one search against a server and returns its answer.
 pub async fn search(addr: &str, a: &SearchArgs) -> anyhow::Result<proto::SearchResponse> {
+    for f in &a.filter {
+        f.parse::<vitrine::index::filter::Condition>().map_err(|e| anyhow::anyhow!("--filter: {e}"))?;
+    }
     let mut client = connect(addr).await?;
-    let options = Some(SearchOptions { k: a.k, ef: a.ef });
+    let options = Some(SearchOptions { k: a.k, ef: a.ef, filter: None, filter_exprs: a.filter.clone() });
     let resp = if let Some(path) = &a.image {
         let image = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
         client.search_by_image(proto::SearchByImageRequest { image, options }).await
@@ -62,8 +75,7 @@ pub async fn search(addr: &str, a: &SearchArgs) -> anyhow::Result<proto::SearchR
         let sku = a.sku.clone().unwrap_or_default();
         client.search_by_sku(proto::SearchBySkuRequest { sku, options }).await
     };
-    let resp = resp.map_err(|s| anyhow::anyhow!("server answered {:?}: {}", s.code(), s.message()))?;
-    Ok(resp.into_inner())
+    Ok(resp.map_err(status_error)?.into_inner())
 }
 
 pub fn to_json(resp: &proto::SearchResponse, with_attrs: bool) -> serde_json::Value {
@@ -107,10 +119,7 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let info = rt.block_on(async {
         let mut client = connect(&a.addr).await?;
-        let r = client
-            .get_index_info(proto::GetIndexInfoRequest {})
-            .await
-            .map_err(|s| anyhow::anyhow!("server answered {:?}: {}", s.code(), s.message()))?;
+        let r = client.get_index_info(proto::GetIndexInfoRequest {}).await.map_err(status_error)?;
         anyhow::Ok(r.into_inner())
     })?;
     if a.json {

@@ -38,7 +38,8 @@ pub struct DemoArgs {
 pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     println!("== ingesting {} into {}", a.catalog.display(), a.data_dir.display());
     let ingest = IngestArgs {
-        data_dir: a.data_dir.clone(),
+        data_dir: Some(a.data_dir.clone()),
+        addr: None,
         catalog: a.catalog.clone(),
         format: None,
         model: vitrine::models::DEFAULT_MODEL.to_string(),
@@ -54,7 +55,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     let registry = a.models.registry()?;
-    let config = super::serve_config(&a.data_dir, 2000, 2);
+    let config = vitrine::server::ServeConfig::new(&a.data_dir);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.listen)
@@ -75,6 +76,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
                 ef: 0,
                 json: false,
                 attrs: false,
+                filter: vec![],
             };
             println!("\n== vitrine search --addr {url} --image {} -k 5", q.display());
             match client::search(&url, &args).await {

@@ -2,17 +2,19 @@
 
 mod client;
 mod demo;
+mod remote_ingest;
+mod verify;
+mod write_client;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use vitrine::ids::ModelVersion;
-use vitrine::index::store::DataDir;
+use vitrine::index::store::StoreError;
 use vitrine::ingest::{self, IngestOptions, catalog::CatalogFormat};
 use vitrine::models::{self, ModelRegistry};
 use vitrine::segment::HnswParams;
@@ -27,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Ingest a catalogue (JSONL or CSV) into a data directory.
+    /// Ingest a catalogue (JSONL or CSV): stream it to a running server (--addr) or write a
+    /// data directory that no server holds (--data-dir).
     Ingest(IngestArgs),
     /// Serve a data directory over gRPC.
     Serve(ServeArgs),
@@ -37,14 +40,14 @@ enum Command {
     Info(client::InfoArgs),
     /// Ingest the bundled sample catalogue, serve it and run a query against it.
     Demo(demo::DemoArgs),
-    /// Check a data directory: manifest, every segment's checksums, catalogue and image blobs.
-    Verify(VerifyArgs),
-}
-
-#[derive(Args)]
-pub struct VerifyArgs {
-    #[arg(long, value_name = "DIR")]
-    pub data_dir: PathBuf,
+    /// Check a data directory: manifest, segments, deletion files, records, image blobs, log.
+    Verify(verify::VerifyArgs),
+    /// Add or replace one catalogue item on a running server.
+    Upsert(write_client::UpsertArgs),
+    /// Delete catalogue items from a running server.
+    Delete(write_client::DeleteArgs),
+    /// Show the stored records of catalogue items.
+    Get(write_client::GetArgs),
 }
 
 #[derive(Args, Clone)]
@@ -66,10 +69,14 @@ impl ModelArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["data_dir", "addr"])))]
 pub struct IngestArgs {
-    /// The data directory (created if missing).
+    /// Write this data directory directly (created if missing); refused while a server holds it.
     #[arg(long, value_name = "DIR")]
-    pub data_dir: PathBuf,
+    pub data_dir: Option<PathBuf>,
+    /// Stream the catalogue to the server at this address (e.g. http://127.0.0.1:50051).
+    #[arg(long, value_name = "URL")]
+    pub addr: Option<String>,
     /// The catalogue file: JSONL (sku, image, attrs) or CSV (sku, image, other columns).
     #[arg(long, value_name = "FILE")]
     pub catalog: PathBuf,
@@ -93,7 +100,7 @@ pub struct IngestArgs {
     /// Start a new segment after this many embedded items (bounds memory and build time).
     #[arg(long, default_value_t = ingest::DEFAULT_MAX_SEGMENT_ITEMS)]
     pub max_segment_items: usize,
-    /// No progress bar.
+    /// No progress output.
     #[arg(long)]
     pub quiet: bool,
 }
@@ -106,12 +113,18 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub models: ModelArgs,
-    /// How often to look for a newer manifest (0 turns reloading off).
-    #[arg(long, default_value_t = 2000)]
-    pub reload_ms: u64,
-    /// Image queries embedded at the same time.
+    /// Model version indexed when the data directory has none yet.
+    #[arg(long, default_value = models::DEFAULT_MODEL)]
+    pub model: String,
+    /// Image queries (and upsert batches) embedded at the same time.
     #[arg(long, default_value_t = 2)]
     pub max_concurrent_embeds: usize,
+    /// Seal the in-memory segment into an HNSW segment once it holds this many items.
+    #[arg(long, default_value_t = vitrine::index::writer::DEFAULT_SEAL_ITEMS)]
+    pub seal_items: usize,
+    /// Merge a model version's segments when it has more than this many.
+    #[arg(long, default_value_t = vitrine::index::merge_policy::MergePolicy::default().max_segments)]
+    pub max_segments: usize,
 }
 
 pub fn run() -> anyhow::Result<ExitCode> {
@@ -129,53 +142,21 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Search(a) => client::run_search(a),
         Command::Info(a) => client::run_info(a),
         Command::Demo(a) => demo::run(a),
-        Command::Verify(a) => run_verify(&a),
+        Command::Verify(a) => verify::run(&a),
+        Command::Upsert(a) => write_client::run_upsert(a),
+        Command::Delete(a) => write_client::run_delete(a),
+        Command::Get(a) => write_client::run_get(a),
     }
-}
-
-fn run_verify(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
-    let data = DataDir::open_reader(&a.data_dir)?;
-    let manifest = data.load_manifest()?;
-    let snapshot = vitrine::index::IndexSnapshot::open(&data, &manifest)?;
-    let mut problems = 0usize;
-    let mut segments = 0usize;
-    for view in snapshot.models.values() {
-        segments += view.segments.len();
-    }
-    for (version, id, e) in snapshot.verify_segments() {
-        eprintln!("segment {id} of {version}: {e}");
-        problems += 1;
-    }
-    let catalog = data.read_catalog(&manifest)?;
-    for rec in catalog.values() {
-        match data.read_blob(&rec.image_sha256) {
-            Ok(bytes) if vitrine::index::store::sha256_hex(&bytes) == rec.image_sha256 => {}
-            Ok(_) => {
-                eprintln!("sku {}: image blob {} does not match its hash", rec.sku, rec.image_sha256);
-                problems += 1;
-            }
-            Err(e) => {
-                eprintln!("sku {}: {e}", rec.sku);
-                problems += 1;
-            }
-        }
-    }
-    println!(
-        "{}: manifest generation {}, {} segments, {} catalogue records: {}",
-        a.data_dir.display(),
-        manifest.generation,
-        segments,
-        catalog.len(),
-        if problems == 0 { "ok".to_string() } else { format!("{problems} problems") }
-    );
-    Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = &a.addr {
+        return remote_ingest::run(addr, a);
+    }
+    let data_dir = a.data_dir.clone().context("--data-dir or --addr is required")?;
     let params = HnswParams { m: a.m, ef_construction: a.ef_construction };
     let default_model = ModelVersion::new(a.model.clone()).context("--model")?;
     let registry = a.models.registry()?;
-    let data = DataDir::open_writer(&a.data_dir)?;
     let opts = IngestOptions {
         format: a.format,
         batch_size: a.batch_size,
@@ -184,17 +165,29 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
         default_model,
         max_segment_items: a.max_segment_items,
     };
-    let report = ingest::ingest(&data, &registry, &a.catalog, &opts)?;
+    let report = match ingest::ingest(&data_dir, &registry, &a.catalog, &opts) {
+        Err(ingest::IngestError::Writer(vitrine::index::WriterError::Store(StoreError::Locked {
+            path,
+            holder,
+        }))) => {
+            anyhow::bail!(
+                "data directory {} is held by {holder}; stream the catalogue to that server with `vitrine ingest --addr URL --catalog {}`",
+                path.display(),
+                a.catalog.display()
+            )
+        }
+        r => r?,
+    };
     for r in &report.rejected {
         eprintln!("rejected {r}");
     }
     let summary: Vec<String> =
         ingest::reject_summary(&report.rejected).into_iter().map(|(k, n)| format!("{n} {k}")).collect();
     println!(
-        "ingested {} of {} rows into {} in {:.1}s: {} added, {} updated, {} unchanged, {} rejected{} (manifest generation {})",
+        "ingested {} of {} rows into {} in {:.1}s: {} added, {} updated, {} unchanged (already committed, not embedded again), {} rejected{} (manifest generation {})",
         report.accepted(),
         report.rows,
-        std::fs::canonicalize(&a.data_dir).unwrap_or_else(|_| a.data_dir.clone()).display(),
+        std::fs::canonicalize(&data_dir).unwrap_or_else(|_| data_dir.clone()).display(),
         report.secs,
         report.added,
         report.updated,
@@ -203,15 +196,15 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
         if summary.is_empty() { String::new() } else { format!(" ({})", summary.join(", ")) },
         report.generation,
     );
-    if report.added + report.updated > 0 && report.embed_secs > 0.0 {
+    if report.embedded > 0 && report.embed_secs > 0.0 {
         println!(
             "embedded {} images at {:.1} images/s",
-            report.added + report.updated,
-            (report.added + report.updated) as f64 / report.embed_secs
+            report.embedded,
+            report.embedded as f64 / report.embed_secs
         );
     }
-    for (v, id, n) in &report.segments {
-        println!("wrote segment {id} of {v} ({n} items)");
+    if report.replayed > 0 {
+        println!("recovered {} logged writes of an interrupted run", report.replayed);
     }
     if report.accepted() == 0 {
         eprintln!("error: nothing could be ingested from {}", a.catalog.display());
@@ -222,7 +215,14 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let registry = a.models.registry()?;
-    let config = serve_config(&a.data_dir, a.reload_ms, a.max_concurrent_embeds);
+    let mut config = ServeConfig::new(&a.data_dir);
+    config.default_model = ModelVersion::new(a.model.clone()).context("--model")?;
+    config.max_concurrent_embeds = a.max_concurrent_embeds;
+    if a.seal_items == 0 || a.max_segments == 0 {
+        anyhow::bail!("--seal-items and --max-segments must be at least 1");
+    }
+    config.writer.seal_items = a.seal_items;
+    config.writer.merge.max_segments = a.max_segments;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.listen)
@@ -231,14 +231,6 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         server::serve(config, registry, listener, shutdown_signal()).await
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn serve_config(data_dir: &Path, reload_ms: u64, embeds: usize) -> ServeConfig {
-    ServeConfig {
-        data_dir: data_dir.to_path_buf(),
-        reload_interval: (reload_ms > 0).then(|| Duration::from_millis(reload_ms)),
-        max_concurrent_embeds: embeds,
-    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -1,10 +1,16 @@
 //! The manifest: the one small file that names every live segment of every model version.
 //!
-//! `MANIFEST.json` is the commit point of the data directory. Segments, catalogue batches and
-//! image blobs are written (and fsynced) first; only then is a new manifest with a higher
+//! `MANIFEST.json` is the commit point of the data directory. Segments, deletion bitmaps and
+//! the record store are written (and fsynced) first; only then is a new manifest with a higher
 //! `generation` atomically renamed over the old one. A file the manifest does not name is not
-//! live, whatever is on disk. All functions here are pure except [`Manifest::load`] and
-//! [`Manifest::store`].
+//! live, whatever is on disk. `wal_checkpoint` says which write-ahead-log records the named
+//! files already contain: recovery replays only the records after it.
+//!
+//! Format 2 (this build) keeps deletions out of the manifest (one bitmap file per segment
+//! generation, see `deletes.rs`) and SKU records in the record store (`records.rs`). Format 1
+//! manifests (deleted positions inline, catalogue batch files) are read by [`LegacyManifest`]
+//! and migrated by the index writer on first open. All functions here are pure except
+//! [`Manifest::load`] and [`Manifest::store`].
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -15,7 +21,9 @@ use crate::fsutil;
 use crate::ids::{ModelVersion, SegmentId};
 
 /// Version of the manifest's own JSON layout.
-pub const MANIFEST_FORMAT: u32 = 1;
+pub const MANIFEST_FORMAT: u32 = 2;
+/// The previous layout, still readable (and migrated by the writer).
+pub const LEGACY_MANIFEST_FORMAT: u32 = 1;
 pub const MANIFEST_FILE: &str = "MANIFEST.json";
 
 #[derive(Debug, thiserror::Error)]
@@ -26,10 +34,23 @@ pub enum ManifestError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("manifest {path} is not valid: {source}")]
     Parse { path: PathBuf, source: serde_json::Error },
-    #[error("manifest {path} has format {found}; this build reads format {MANIFEST_FORMAT}")]
+    #[error("manifest {path} has format {found}; this build reads formats 1 and {MANIFEST_FORMAT}")]
     Format { path: PathBuf, found: u32 },
+    #[error(
+        "manifest {path} has format 1: open the directory with a writer (vitrine serve or ingest) once to migrate it"
+    )]
+    NeedsMigration { path: PathBuf },
     #[error("manifest {path} is inconsistent: {reason}")]
     Inconsistent { path: PathBuf, reason: String },
+}
+
+/// Where a segment's deletions are kept: `seg-N.del-G` holds `count` set bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeletesRef {
+    /// The deletion file's generation (its name's suffix); raised on every rewrite.
+    pub generation: u64,
+    pub count: u64,
 }
 
 /// One immutable segment file of one model version's index.
@@ -40,25 +61,18 @@ pub struct SegmentEntry {
     /// Items stored in the file.
     pub count: u64,
     pub bytes: u64,
-    /// Sorted item positions (within this segment) that are deleted or superseded.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deleted: Vec<u32>,
+    /// The segment's deletion bitmap, if any item of it is deleted or superseded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletes: Option<DeletesRef>,
 }
 
 impl SegmentEntry {
+    pub fn deleted(&self) -> u64 {
+        self.deletes.map_or(0, |d| d.count)
+    }
+
     pub fn live(&self) -> u64 {
-        self.count - self.deleted.len() as u64
-    }
-
-    /// Marks `idx` deleted, keeping the list sorted and unique.
-    pub fn delete(&mut self, idx: u32) {
-        if let Err(pos) = self.deleted.binary_search(&idx) {
-            self.deleted.insert(pos, idx);
-        }
-    }
-
-    pub fn is_deleted(&self, idx: u32) -> bool {
-        self.deleted.binary_search(&idx).is_ok()
+        self.count.saturating_sub(self.deleted())
     }
 }
 
@@ -78,26 +92,20 @@ impl ModelIndex {
     }
 }
 
-/// One immutable file of catalogue records (SKU, image blob, attributes).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CatalogBatch {
-    pub id: u64,
-    pub count: u64,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub format: u32,
     /// Raised by one on every commit.
     pub generation: u64,
-    /// Next id for a segment or catalogue batch; ids are never reused.
+    /// Next id for a segment; ids are never reused.
     pub next_id: u64,
     /// The model version that answers image and SKU queries.
     pub serving_model: Option<ModelVersion>,
+    /// Every write-ahead-log record with a sequence number at or below this one is contained
+    /// in the files this manifest names (and in the record store); recovery replays the rest.
     #[serde(default)]
-    pub catalog: Vec<CatalogBatch>,
+    pub wal_checkpoint: u64,
     #[serde(default)]
     pub indexes: BTreeMap<ModelVersion, ModelIndex>,
 }
@@ -109,10 +117,18 @@ impl Default for Manifest {
             generation: 0,
             next_id: 1,
             serving_model: None,
-            catalog: Vec::new(),
+            wal_checkpoint: 0,
             indexes: BTreeMap::new(),
         }
     }
+}
+
+/// What a data directory's manifest file holds.
+#[derive(Debug)]
+pub enum Loaded {
+    Current(Manifest),
+    /// A format-1 manifest: the writer migrates it.
+    Legacy(LegacyManifest),
 }
 
 impl Manifest {
@@ -120,21 +136,45 @@ impl Manifest {
         data_dir.join(MANIFEST_FILE)
     }
 
-    /// Reads the manifest of `data_dir`; a directory without one has an empty manifest.
-    pub fn load(data_dir: &Path) -> Result<Self, ManifestError> {
+    /// Reads the manifest of `data_dir` in either format; a directory without one has an
+    /// empty (current) manifest.
+    pub fn load_any(data_dir: &Path) -> Result<Loaded, ManifestError> {
         let path = Self::path(data_dir);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(Loaded::Current(Self::default()));
+            }
             Err(source) => return Err(ManifestError::Read { path, source }),
         };
-        let m: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|source| ManifestError::Parse { path: path.clone(), source })?;
-        if m.format != MANIFEST_FORMAT {
-            return Err(ManifestError::Format { path, found: m.format });
+        #[derive(Deserialize)]
+        struct Probe {
+            format: u32,
         }
-        m.validate().map_err(|reason| ManifestError::Inconsistent { path, reason })?;
-        Ok(m)
+        let probe: Probe = serde_json::from_slice(&bytes)
+            .map_err(|source| ManifestError::Parse { path: path.clone(), source })?;
+        match probe.format {
+            MANIFEST_FORMAT => {
+                let m: Manifest = serde_json::from_slice(&bytes)
+                    .map_err(|source| ManifestError::Parse { path: path.clone(), source })?;
+                m.validate().map_err(|reason| ManifestError::Inconsistent { path, reason })?;
+                Ok(Loaded::Current(m))
+            }
+            LEGACY_MANIFEST_FORMAT => {
+                let m: LegacyManifest = serde_json::from_slice(&bytes)
+                    .map_err(|source| ManifestError::Parse { path: path.clone(), source })?;
+                Ok(Loaded::Legacy(m))
+            }
+            found => Err(ManifestError::Format { path, found }),
+        }
+    }
+
+    /// Reads a current-format manifest; a format-1 one is an error asking for migration.
+    pub fn load(data_dir: &Path) -> Result<Self, ManifestError> {
+        match Self::load_any(data_dir)? {
+            Loaded::Current(m) => Ok(m),
+            Loaded::Legacy(_) => Err(ManifestError::NeedsMigration { path: Self::path(data_dir) }),
+        }
     }
 
     /// Atomically replaces the manifest of `data_dir` with `self` (temp file, fsync, rename,
@@ -149,33 +189,29 @@ impl Manifest {
         fsutil::atomic_write(&path, &bytes).map_err(|source| ManifestError::Write { path, source })
     }
 
-    /// Checks the invariants: ids unique and below `next_id`, deleted lists sorted and in range,
-    /// the serving model has an index.
+    /// Checks the invariants: ids unique and below `next_id`, deletion counts in range, the
+    /// serving model has an index.
     pub fn validate(&self) -> Result<(), String> {
-        let mut seen = std::collections::HashSet::new();
-        let ids = self
-            .indexes
-            .values()
-            .flat_map(|ix| ix.segments.iter().map(|s| s.id.0))
-            .chain(self.catalog.iter().map(|c| c.id));
-        for id in ids {
-            if id >= self.next_id {
-                return Err(format!("id {id} is not below next_id {}", self.next_id));
-            }
-            if !seen.insert(id) {
-                return Err(format!("id {id} is used twice"));
-            }
+        if self.format != MANIFEST_FORMAT {
+            return Err(format!("format {} is not {MANIFEST_FORMAT}", self.format));
         }
+        let mut seen = std::collections::HashSet::new();
         for (version, ix) in &self.indexes {
             if ix.dim == 0 {
                 return Err(format!("index {version} has dimension 0"));
             }
             for s in &ix.segments {
-                if !s.deleted.windows(2).all(|w| w[0] < w[1]) {
-                    return Err(format!("segment {} of {version}: deleted list not sorted", s.id));
+                if s.id.0 >= self.next_id {
+                    return Err(format!("segment id {} is not below next_id {}", s.id.0, self.next_id));
                 }
-                if s.deleted.last().is_some_and(|&d| u64::from(d) >= s.count) {
-                    return Err(format!("segment {} of {version}: deleted position out of range", s.id));
+                if !seen.insert(s.id.0) {
+                    return Err(format!("segment id {} is used twice", s.id.0));
+                }
+                if s.count == 0 {
+                    return Err(format!("segment {} of {version} is empty", s.id));
+                }
+                if s.deleted() > s.count {
+                    return Err(format!("segment {} of {version}: more deletions than items", s.id));
                 }
             }
         }
@@ -187,7 +223,7 @@ impl Manifest {
         Ok(())
     }
 
-    /// Hands out a fresh id (for a segment or a catalogue batch).
+    /// Hands out a fresh segment id.
     pub fn allocate_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
@@ -199,6 +235,45 @@ impl Manifest {
         let v = self.serving_model.as_ref()?;
         self.indexes.get_key_value(v)
     }
+}
+
+/// A format-1 manifest, kept only to migrate old data directories.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyManifest {
+    pub format: u32,
+    pub generation: u64,
+    pub next_id: u64,
+    pub serving_model: Option<ModelVersion>,
+    #[serde(default)]
+    pub catalog: Vec<LegacyCatalogBatch>,
+    #[serde(default)]
+    pub indexes: BTreeMap<ModelVersion, LegacyModelIndex>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyCatalogBatch {
+    pub id: u64,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacyModelIndex {
+    pub dim: u32,
+    pub weights_sha256: String,
+    pub segments: Vec<LegacySegmentEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LegacySegmentEntry {
+    pub id: SegmentId,
+    pub count: u64,
+    pub bytes: u64,
+    #[serde(default)]
+    pub deleted: Vec<u32>,
 }
 
 #[cfg(test)]
@@ -214,7 +289,7 @@ mod tests {
             ModelIndex {
                 dim: 4,
                 weights_sha256: "ab".into(),
-                segments: vec![SegmentEntry { id: SegmentId(id), count: 3, bytes: 10, deleted: vec![] }],
+                segments: vec![SegmentEntry { id: SegmentId(id), count: 3, bytes: 10, deletes: None }],
             },
         );
         m.serving_model = Some(v);
@@ -227,19 +302,9 @@ mod tests {
         assert_eq!(Manifest::load(dir.path()).unwrap(), Manifest::default());
         let mut m = sample();
         m.generation = 7;
+        m.wal_checkpoint = 42;
         m.store(dir.path()).unwrap();
         assert_eq!(Manifest::load(dir.path()).unwrap(), m);
-    }
-
-    #[test]
-    fn delete_keeps_sorted_unique() {
-        let mut s = SegmentEntry { id: SegmentId(1), count: 10, bytes: 0, deleted: vec![] };
-        for i in [5, 1, 5, 9, 0] {
-            s.delete(i);
-        }
-        assert_eq!(s.deleted, vec![0, 1, 5, 9]);
-        assert!(s.is_deleted(9) && !s.is_deleted(2));
-        assert_eq!(s.live(), 6);
     }
 
     #[test]
@@ -248,7 +313,8 @@ mod tests {
         m.next_id = 1;
         assert!(m.validate().is_err());
         let mut m = sample();
-        m.indexes.values_mut().next().unwrap().segments[0].deleted = vec![3];
+        m.indexes.values_mut().next().unwrap().segments[0].deletes =
+            Some(DeletesRef { generation: 1, count: 4 });
         assert!(m.validate().is_err());
         let mut m = sample();
         m.serving_model = Some(ModelVersion::new("other").unwrap());
@@ -256,11 +322,22 @@ mod tests {
     }
 
     #[test]
-    fn refuses_unknown_format_and_garbage() {
+    fn reads_format_1_as_legacy_and_refuses_unknown_formats() {
         let dir = tempfile::tempdir().unwrap();
-        let mut m = sample();
-        m.format = 99;
-        std::fs::write(Manifest::path(dir.path()), serde_json::to_vec(&m).unwrap()).unwrap();
+        let v1 = r#"{"format": 1, "generation": 3, "next_id": 4, "serving_model": "m1",
+            "catalog": [{"id": 2, "count": 3}],
+            "indexes": {"m1": {"dim": 4, "weights_sha256": "ab",
+                "segments": [{"id": 1, "count": 3, "bytes": 10, "deleted": [1]}]}}}"#;
+        std::fs::write(Manifest::path(dir.path()), v1).unwrap();
+        match Manifest::load_any(dir.path()).unwrap() {
+            Loaded::Legacy(l) => {
+                assert_eq!(l.catalog[0].id, 2);
+                assert_eq!(l.indexes[&ModelVersion::new("m1").unwrap()].segments[0].deleted, vec![1]);
+            }
+            other => panic!("expected legacy, got {other:?}"),
+        }
+        assert!(matches!(Manifest::load(dir.path()), Err(ManifestError::NeedsMigration { .. })));
+        std::fs::write(Manifest::path(dir.path()), r#"{"format": 99}"#).unwrap();
         assert!(matches!(Manifest::load(dir.path()), Err(ManifestError::Format { found: 99, .. })));
         std::fs::write(Manifest::path(dir.path()), b"{not json").unwrap();
         assert!(matches!(Manifest::load(dir.path()), Err(ManifestError::Parse { .. })));

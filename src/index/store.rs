@@ -1,12 +1,15 @@
-//! The data directory on disk: its layout, the writer lock, image blobs and catalogue batches.
+//! The data directory on disk: its layout, the writer lock, image blobs, and (for migrating
+//! format-1 directories) the old catalogue batch files.
 //!
 //! ```text
 //! DATA_DIR/
 //!   MANIFEST.json                      names everything live (see manifest.rs)
-//!   LOCK                               held (flock) by the one writer
+//!   LOCK                               flock'd by the one writer; says who holds it
+//!   wal/wal-00000000000000000001.log   write-ahead log (see wal.rs)
+//!   records.redb                       SKU records (see records.rs)
 //!   blobs/ab/ab12...ef                 original image bytes, named by their sha256
-//!   catalog/cat-000000000002.jsonl     catalogue records of one ingest batch (immutable)
-//!   indexes/<model-version>/seg-000000000003.vseg   HNSW segments (immutable)
+//!   indexes/<model-version>/seg-000000000003.vseg        HNSW segments (immutable)
+//!   indexes/<model-version>/seg-000000000003.vseg.del-7  its deletions, generation 7
 //! ```
 //! Every file is written to a temp name, fsynced and renamed into place before the manifest
 //! that names it is committed, so a crash at any point leaves the last manifest intact and at
@@ -15,12 +18,13 @@
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{BufRead, Write};
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::manifest::{Manifest, ManifestError};
+use super::manifest::{LegacyManifest, Manifest, ManifestError};
 use crate::fsutil;
 use crate::ids::{ModelVersion, SegmentId, SkuId};
 
@@ -28,8 +32,8 @@ use crate::ids::{ModelVersion, SegmentId, SkuId};
 pub enum StoreError {
     #[error("{action} {path}: {source}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
-    #[error("data directory {0} is locked by another writer (ingest or server); stop it first")]
-    Locked(PathBuf),
+    #[error("data directory {path} is held by another writer: {holder}")]
+    Locked { path: PathBuf, holder: String },
     #[error("data directory {0} does not exist; run `vitrine ingest` first")]
     Missing(PathBuf),
     #[error("catalogue batch {path} line {line}: {source}")]
@@ -81,9 +85,11 @@ impl DataDir {
         Ok(Self { root: root.to_path_buf(), _lock: None })
     }
 
-    /// Opens (creating if needed) a data directory as its only writer.
-    pub fn open_writer(root: &Path) -> Result<Self, StoreError> {
-        for sub in ["", "blobs", "catalog", "indexes"] {
+    /// Opens (creating if needed) a data directory as its only writer. `holder` says who holds
+    /// it (e.g. "vitrine serve, pid 42, listening on 127.0.0.1:50051"); a second writer is
+    /// refused with that text.
+    pub fn open_writer(root: &Path, holder: &str) -> Result<Self, StoreError> {
+        for sub in ["", "blobs", "indexes", "wal"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err("cannot create", &p))?;
         }
@@ -96,9 +102,15 @@ impl DataDir {
             .map_err(io_err("cannot open", &lock_path))?;
         match lock.try_lock() {
             Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => return Err(StoreError::Locked(root.to_path_buf())),
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&lock_path).unwrap_or_default().trim().to_string();
+                let holder = if holder.is_empty() { "unknown process".to_string() } else { holder };
+                return Err(StoreError::Locked { path: root.to_path_buf(), holder });
+            }
             Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &lock_path)(e)),
         }
+        // Say who holds it (best effort: the flock, not this text, is the lock).
+        let _ = lock.set_len(0).and_then(|()| (&lock).write_all(format!("{holder}\n").as_bytes()));
         Ok(Self { root: root.to_path_buf(), _lock: Some(lock) })
     }
 
@@ -108,6 +120,19 @@ impl DataDir {
 
     pub fn load_manifest(&self) -> Result<Manifest, StoreError> {
         Ok(Manifest::load(&self.root)?)
+    }
+
+    pub fn wal_dir(&self) -> PathBuf {
+        self.root.join("wal")
+    }
+
+    pub fn records_path(&self) -> PathBuf {
+        self.root.join(super::records::RECORDS_FILE)
+    }
+
+    /// The deletion file of segment `id` at `generation`.
+    pub fn deletes_path(&self, model: &ModelVersion, id: SegmentId, generation: u64) -> PathBuf {
+        self.index_dir(model).join(super::deletes::DeleteSet::file_name(&id.file_name(), generation))
     }
 
     pub fn index_dir(&self, model: &ModelVersion) -> PathBuf {
@@ -151,21 +176,12 @@ impl DataDir {
         })
     }
 
-    /// Durably writes one immutable catalogue batch file.
-    pub fn write_catalog_batch(&self, id: u64, records: &[CatalogRecord]) -> Result<(), StoreError> {
-        let path = self.catalog_path(id);
-        fsutil::atomic_write_with(&path, |w| {
-            for r in records {
-                serde_json::to_writer(&mut *w, r)?;
-                w.write_all(b"\n")?;
-            }
-            Ok(())
-        })
-        .map_err(io_err("cannot write", &path))
-    }
-
-    /// The current catalogue: every live batch read in order, later records of a SKU winning.
-    pub fn read_catalog(&self, manifest: &Manifest) -> Result<BTreeMap<SkuId, CatalogRecord>, StoreError> {
+    /// Reads the catalogue batch files a format-1 manifest names, later records of a SKU
+    /// winning (for the migration to the record store).
+    pub fn read_legacy_catalog(
+        &self,
+        manifest: &LegacyManifest,
+    ) -> Result<BTreeMap<SkuId, CatalogRecord>, StoreError> {
         let mut out = BTreeMap::new();
         for batch in &manifest.catalog {
             let path = self.catalog_path(batch.id);
@@ -183,20 +199,21 @@ impl DataDir {
         Ok(out)
     }
 
-    /// Removes segment and catalogue files that `manifest` does not name, and stray temp
-    /// files: leftovers of a writer that crashed before its commit. Writer only.
+    /// Removes files under `indexes/` that `manifest` does not name (segments, deletion files
+    /// of other generations, temp files) and stray temp files at the top: leftovers of a
+    /// writer that crashed before its commit, or of a merge. Writer only.
     pub fn remove_orphans(&self, manifest: &Manifest) -> Result<Vec<PathBuf>, StoreError> {
         assert!(self._lock.is_some(), "remove_orphans needs the writer lock");
         let mut keep = std::collections::HashSet::new();
         for (v, ix) in &manifest.indexes {
             for s in &ix.segments {
                 keep.insert(self.segment_path(v, s.id));
+                if let Some(d) = s.deletes {
+                    keep.insert(self.deletes_path(v, s.id, d.generation));
+                }
             }
         }
-        for c in &manifest.catalog {
-            keep.insert(self.catalog_path(c.id));
-        }
-        let mut dirs = vec![self.root.join("catalog")];
+        let mut dirs = vec![];
         let indexes = self.root.join("indexes");
         for e in fs::read_dir(&indexes).map_err(io_err("cannot list", &indexes))? {
             let e = e.map_err(io_err("cannot list", &indexes))?;
@@ -206,6 +223,7 @@ impl DataDir {
         }
         let mut removed = Vec::new();
         for dir in dirs {
+            let before = removed.len();
             for e in fs::read_dir(&dir).map_err(io_err("cannot list", &dir))? {
                 let path = e.map_err(io_err("cannot list", &dir))?.path();
                 if path.is_file() && !keep.contains(&path) {
@@ -213,11 +231,28 @@ impl DataDir {
                     removed.push(path);
                 }
             }
-            if !removed.is_empty() {
+            if removed.len() > before {
                 fsutil::sync_dir(&dir).map_err(io_err("cannot sync", &dir))?;
             }
         }
+        for e in fs::read_dir(&self.root).map_err(io_err("cannot list", &self.root))? {
+            let path = e.map_err(io_err("cannot list", &self.root))?.path();
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            if path.is_file() && name.starts_with('.') && name.contains(".tmp-") {
+                fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
+                removed.push(path);
+            }
+        }
         Ok(removed)
+    }
+
+    /// Removes one file if it exists (a merged-away segment or an old deletion file).
+    pub fn remove_file(&self, path: &Path) -> Result<(), StoreError> {
+        match fs::remove_file(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err("cannot remove", path)(e)),
+        }
     }
 }
 
@@ -226,16 +261,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn second_writer_is_refused() {
+    fn second_writer_is_refused_with_the_holder() {
         let dir = tempfile::tempdir().unwrap();
-        let _w = DataDir::open_writer(dir.path()).unwrap();
-        assert!(matches!(DataDir::open_writer(dir.path()), Err(StoreError::Locked(_))));
+        let _w = DataDir::open_writer(dir.path(), "vitrine serve, pid 1, listening on 127.0.0.1:1").unwrap();
+        match DataDir::open_writer(dir.path(), "other") {
+            Err(StoreError::Locked { holder, .. }) => assert!(holder.contains("127.0.0.1:1"), "{holder}"),
+            other => panic!("expected Locked, got {other:?}"),
+        }
     }
 
     #[test]
     fn blobs_are_content_addressed() {
         let dir = tempfile::tempdir().unwrap();
-        let d = DataDir::open_writer(dir.path()).unwrap();
+        let d = DataDir::open_writer(dir.path(), "test").unwrap();
         let a = d.put_blob(b"hello").unwrap();
         assert_eq!(a, "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824");
         assert_eq!(d.put_blob(b"hello").unwrap(), a);
@@ -244,30 +282,40 @@ mod tests {
     }
 
     #[test]
-    fn catalog_later_batches_win_and_orphans_go() {
+    fn orphans_go_and_named_files_stay() {
         let dir = tempfile::tempdir().unwrap();
-        let d = DataDir::open_writer(dir.path()).unwrap();
-        let rec = |sku: &str, sha: &str| CatalogRecord {
-            sku: SkuId::new(sku).unwrap(),
-            image_sha256: sha.into(),
-            attrs: Attrs::new(),
-        };
+        let d = DataDir::open_writer(dir.path(), "test").unwrap();
+        let v = ModelVersion::new("m1").unwrap();
+        fs::create_dir_all(d.index_dir(&v)).unwrap();
         let mut m = Manifest::default();
-        let a = m.allocate_id();
-        d.write_catalog_batch(a, &[rec("x", "1"), rec("y", "2")]).unwrap();
-        let b = m.allocate_id();
-        d.write_catalog_batch(b, &[rec("x", "3")]).unwrap();
-        let orphan = m.allocate_id();
-        d.write_catalog_batch(orphan, &[rec("z", "4")]).unwrap();
-        m.catalog = vec![
-            super::super::manifest::CatalogBatch { id: a, count: 2 },
-            super::super::manifest::CatalogBatch { id: b, count: 1 },
-        ];
-        let cat = d.read_catalog(&m).unwrap();
-        assert_eq!(cat.len(), 2);
-        assert_eq!(cat[&SkuId::new("x").unwrap()].image_sha256, "3");
-        let removed = d.remove_orphans(&m).unwrap();
-        assert_eq!(removed, vec![d.catalog_path(orphan)]);
-        assert_eq!(d.read_catalog(&m).unwrap(), cat);
+        let id = SegmentId(m.allocate_id());
+        let orphan = SegmentId(m.allocate_id());
+        for p in [
+            d.segment_path(&v, id),
+            d.deletes_path(&v, id, 3),
+            d.deletes_path(&v, id, 2),
+            d.segment_path(&v, orphan),
+        ] {
+            fs::write(p, b"x").unwrap();
+        }
+        m.indexes.insert(
+            v.clone(),
+            super::super::manifest::ModelIndex {
+                dim: 2,
+                weights_sha256: String::new(),
+                segments: vec![super::super::manifest::SegmentEntry {
+                    id,
+                    count: 1,
+                    bytes: 1,
+                    deletes: Some(super::super::manifest::DeletesRef { generation: 3, count: 0 }),
+                }],
+            },
+        );
+        let mut removed = d.remove_orphans(&m).unwrap();
+        removed.sort();
+        let mut expected = vec![d.deletes_path(&v, id, 2), d.segment_path(&v, orphan)];
+        expected.sort();
+        assert_eq!(removed, expected);
+        assert!(d.segment_path(&v, id).is_file() && d.deletes_path(&v, id, 3).is_file());
     }
 }

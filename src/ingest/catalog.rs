@@ -2,20 +2,34 @@
 //! that name the file and line. Pure apart from reading the one file.
 //!
 //! JSONL: one object per line, `{"sku": "A-1", "image": "img/a1.jpg", "attrs": {"title": "Mug", "price": 9.5}}`;
-//! `attrs` is optional and holds string or number values; blank lines and lines starting with
-//! `#` are skipped. CSV: a header row with `sku` and `image` columns; every other column
-//! becomes a string attribute (empty cells are left out). Image paths are relative to the
-//! catalogue file's folder unless absolute. A CSV `attrs` column, if present, holds a JSON
-//! object like JSONL's `attrs`.
+//! `attrs` is optional and holds strings, numbers, booleans, or arrays of those
+//! (`"tags": ["eco", "sale"]`); blank lines and lines starting with `#` are skipped. CSV: a
+//! header row with `sku` and `image` columns; every other column becomes a string attribute
+//! (empty cells are left out). Image paths are relative to the catalogue file's folder unless
+//! absolute. A CSV `attrs` column, if present, holds a JSON object like JSONL's `attrs`.
+//!
+//! [`CatalogReader`] streams the rows, so a catalogue of millions of rows is read in bounded
+//! memory: a 64 KiB read buffer, one row of at most [`MAX_ROW_BYTES`], and the duplicate-SKU
+//! table (a few tens of bytes per row, see [`CatalogReader`]). [`parse_catalog`] collects it.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{DefaultHasher, Hasher};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
 use crate::ids::{IdError, SkuId};
 use crate::index::store::Attrs;
+
+/// The longest row accepted, in bytes: a longer JSONL line is rejected (and skipped without
+/// being buffered); a longer CSV record (usually an unclosed quote, which swallows the rest of
+/// the file) stops the reader with [`CatalogError::RowTooLong`].
+pub const MAX_ROW_BYTES: usize = 1 << 20;
+
+/// Read-buffer size of the reader.
+const BUFFER_BYTES: usize = 64 * 1024;
 
 /// One valid catalogue row.
 #[derive(Debug, Clone, PartialEq)]
@@ -96,12 +110,22 @@ impl CatalogFormat {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
+    /// The file cannot be opened, or its first bytes cannot be read.
     #[error("cannot read catalogue {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("catalogue {0}: unknown format; name it .jsonl or .csv, or pass --format")]
     UnknownFormat(PathBuf),
     #[error("catalogue {path}: {why}")]
     BadHeader { path: PathBuf, why: String },
+    /// Reading failed part-way through the file; the rows after `line` were not seen.
+    #[error("cannot read catalogue {path} at line {line}: {source}")]
+    Read { path: PathBuf, line: usize, source: std::io::Error },
+    /// A CSV record (or header) is longer than `limit` bytes: most likely an unclosed quote,
+    /// after which the rest of the file cannot be split into records.
+    #[error(
+        "catalogue {path}: the CSV record starting on line {line} is longer than {limit} bytes (an unclosed quote?)"
+    )]
+    RowTooLong { path: PathBuf, line: usize, limit: usize },
 }
 
 /// The parse result: valid rows (duplicates removed, first occurrence kept) and rejections.
@@ -110,6 +134,218 @@ pub struct ParsedCatalog {
     pub rows: Vec<CatalogRow>,
     pub rejected: Vec<Rejected>,
 }
+
+/// What [`CatalogReader`] yields in place of a row.
+#[derive(Debug, thiserror::Error)]
+pub enum RowError {
+    /// This row is rejected; reading goes on with the next one.
+    #[error("{0}")]
+    Rejected(Rejected),
+    /// Reading cannot go on (an I/O error part-way through the file, or a CSV record over
+    /// [`MAX_ROW_BYTES`]). This is the reader's last item: the caller should stop with this
+    /// error (it names the file), not treat the rows so far as the whole catalogue.
+    #[error(transparent)]
+    Fatal(CatalogError),
+}
+
+/// Reads and validates a whole catalogue file: [`CatalogReader`] collected into rows and
+/// rejections, both in file order. A fatal error mid-file is returned as the error.
+pub fn parse_catalog(path: &Path, format: Option<CatalogFormat>) -> Result<ParsedCatalog, CatalogError> {
+    collect(CatalogReader::open(path, format)?)
+}
+
+fn collect(items: impl Iterator<Item = Result<CatalogRow, RowError>>) -> Result<ParsedCatalog, CatalogError> {
+    let mut parsed = ParsedCatalog::default();
+    for item in items {
+        match item {
+            Ok(row) => parsed.rows.push(row),
+            Err(RowError::Rejected(r)) => parsed.rejected.push(r),
+            Err(RowError::Fatal(e)) => return Err(e),
+        }
+    }
+    Ok(parsed)
+}
+
+/// Streams a catalogue's rows in file order: each item is a valid row, a rejection naming
+/// FILE:LINE ([`RowError::Rejected`]), or, as the last item, a fatal error
+/// ([`RowError::Fatal`]: an I/O error mid-file must stop the caller, never pass for the end of
+/// the file).
+///
+/// ```no_run
+/// # use vitrine::ingest::catalog::{CatalogError, CatalogReader, RowError};
+/// # fn f(path: &std::path::Path) -> Result<(), CatalogError> {
+/// for item in CatalogReader::open(path, None)? {
+///     match item {
+///         Ok(row) => println!("{}: {}", row.line, row.sku),
+///         Err(RowError::Rejected(r)) => eprintln!("{r}"),
+///         Err(RowError::Fatal(e)) => return Err(e),
+///     }
+/// }
+/// # Ok(()) }
+/// ```
+///
+/// Duplicate SKUs: the first occurrence wins and later ones are rejected as
+/// [`RejectReason::DuplicateSku`]. To keep memory small the reader does not keep the SKUs, only
+/// a 64-bit hash of each with its first line number: 16 bytes per accepted row, 20 to 40 with
+/// the hash table's spare capacity (0.2 to 0.4 GB for 10 million rows, half as much again for
+/// a moment while the table grows). Two distinct SKUs whose hashes collide would have the later
+/// one rejected as a duplicate of the earlier (its message then names a line with another SKU);
+/// the chance of any collision among n rows is about n²/2^65 (under 3 in a million for 10
+/// million rows), a risk taken to keep the memory independent of the SKUs' lengths.
+pub struct CatalogReader {
+    path: PathBuf,
+    /// The folder image paths are resolved against.
+    base: PathBuf,
+    source: Source,
+    /// SKU hash -> line of its first accepted row.
+    first_seen: HashMap<u64, usize>,
+    total_bytes: u64,
+    /// A fatal error was yielded, or the end reached.
+    done: bool,
+}
+
+enum Source {
+    Jsonl(JsonlSource),
+    Csv(Box<CsvSource>),
+}
+
+impl fmt::Debug for CatalogReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CatalogReader")
+            .field("path", &self.path)
+            .field("format", &self.format())
+            .field("bytes_read", &self.bytes_read())
+            .field("total_bytes", &self.total_bytes)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CatalogReader {
+    /// Opens `path` (format from `format` or guessed from the extension). Header problems (a
+    /// CSV without a sku or image column, an unknown format, an unreadable file) are errors
+    /// here, not rejections.
+    pub fn open(path: &Path, format: Option<CatalogFormat>) -> Result<Self, CatalogError> {
+        Self::open_with_limit(path, format, MAX_ROW_BYTES)
+    }
+
+    fn open_with_limit(
+        path: &Path,
+        format: Option<CatalogFormat>,
+        limit: usize,
+    ) -> Result<Self, CatalogError> {
+        let format = format
+            .or_else(|| CatalogFormat::from_path(path))
+            .ok_or_else(|| CatalogError::UnknownFormat(path.to_path_buf()))?;
+        let io_err = |source| CatalogError::Io { path: path.to_path_buf(), source };
+        let file = std::fs::File::open(path).map_err(io_err)?;
+        let total = file.metadata().map_err(io_err)?.len();
+        Self::from_reader(path, format, Box::new(file), total, limit)
+    }
+
+    /// A reader over `inner`, which holds the catalogue named `path` (`total` bytes long).
+    fn from_reader(
+        path: &Path,
+        format: CatalogFormat,
+        inner: Box<dyn Read + Send>,
+        total: u64,
+        limit: usize,
+    ) -> Result<Self, CatalogError> {
+        let source = match format {
+            CatalogFormat::Jsonl => Source::Jsonl(JsonlSource::new(path, inner, limit)?),
+            CatalogFormat::Csv => Source::Csv(Box::new(CsvSource::new(path, inner, limit)?)),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            base: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            source,
+            first_seen: HashMap::new(),
+            total_bytes: total,
+            done: false,
+        })
+    }
+
+    /// The catalogue's format.
+    pub fn format(&self) -> CatalogFormat {
+        match self.source {
+            Source::Jsonl(_) => CatalogFormat::Jsonl,
+            Source::Csv(_) => CatalogFormat::Csv,
+        }
+    }
+
+    /// Bytes consumed so far (for a progress bar / ETA); equals [`total_bytes`](Self::total_bytes)
+    /// once the whole file has been read.
+    pub fn bytes_read(&self) -> u64 {
+        match &self.source {
+            Source::Jsonl(s) => s.bytes_read,
+            Source::Csv(s) => s.reader.position().byte(),
+        }
+    }
+
+    /// The file's size when it was opened (0 for a pipe or other file of unknown size).
+    pub fn total_bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    /// Checks the SKU, the image path and SKU uniqueness of a parsed row.
+    fn check(&mut self, raw: RawRow) -> Result<CatalogRow, Rejected> {
+        let reject = |line, sku, reason| Rejected { file: self.path.clone(), line, sku, reason };
+        let (line, sku, image, attrs) = raw.map_err(|(line, sku, reason)| reject(line, sku, reason))?;
+        let sku_id = match SkuId::new(sku.as_str()) {
+            Ok(s) => s,
+            Err(e) => return Err(reject(line, Some(sku), RejectReason::BadSku(e))),
+        };
+        if image.is_empty() {
+            return Err(reject(line, Some(sku), RejectReason::Malformed("image path is empty".into())));
+        }
+        match self.first_seen.entry(sku_hash(&sku)) {
+            std::collections::hash_map::Entry::Occupied(first) => {
+                Err(reject(line, Some(sku), RejectReason::DuplicateSku { first_line: *first.get() }))
+            }
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(line);
+                Ok(CatalogRow { line, sku: sku_id, image: self.base.join(image), attrs })
+            }
+        }
+    }
+}
+
+impl Iterator for CatalogReader {
+    type Item = Result<CatalogRow, RowError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let next = match &mut self.source {
+            Source::Jsonl(s) => s.next_raw(&self.path),
+            Source::Csv(s) => s.next_raw(&self.path),
+        };
+        match next {
+            None => {
+                self.done = true;
+                None
+            }
+            Some(Err(e)) => {
+                self.done = true;
+                Some(Err(RowError::Fatal(e)))
+            }
+            Some(Ok(raw)) => Some(self.check(raw).map_err(RowError::Rejected)),
+        }
+    }
+}
+
+impl std::iter::FusedIterator for CatalogReader {}
+
+/// A 64-bit hash of a SKU, the same in every run of one build (std's SipHash with fixed keys).
+fn sku_hash(sku: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    h.write(sku.as_bytes());
+    h.finish()
+}
+
+/// A row before its SKU and image path are checked: (line, sku, image, attrs) or a rejection.
+type RawRow = Result<(usize, String, String, Attrs), (usize, Option<String>, RejectReason)>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,74 +356,134 @@ struct JsonRow {
     attrs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
-/// Reads and validates a catalogue file.
-pub fn parse_catalog(path: &Path, format: Option<CatalogFormat>) -> Result<ParsedCatalog, CatalogError> {
-    let format = format
-        .or_else(|| CatalogFormat::from_path(path))
-        .ok_or_else(|| CatalogError::UnknownFormat(path.to_path_buf()))?;
-    let text = std::fs::read_to_string(path)
-        .map_err(|source| CatalogError::Io { path: path.to_path_buf(), source })?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    let raw = match format {
-        CatalogFormat::Jsonl => parse_jsonl(&text),
-        CatalogFormat::Csv => {
-            parse_csv(&text).map_err(|why| CatalogError::BadHeader { path: path.to_path_buf(), why })?
-        }
-    };
-    Ok(finish(path, base, raw))
+struct JsonlSource {
+    reader: BufReader<Box<dyn Read + Send>>,
+    /// The current line's bytes (at most `limit + 1`).
+    buf: Vec<u8>,
+    /// Lines read so far.
+    line: usize,
+    bytes_read: u64,
+    limit: usize,
 }
 
-/// A row before its SKU and image path are checked: (line, sku, image, attrs) or a rejection.
-type RawRow = Result<(usize, String, String, Attrs), (usize, Option<String>, RejectReason)>;
+impl JsonlSource {
+    fn new(path: &Path, inner: Box<dyn Read + Send>, limit: usize) -> Result<Self, CatalogError> {
+        let mut reader = BufReader::with_capacity(BUFFER_BYTES, inner);
+        // An unreadable file (a folder, say) is an error of `open`, not of the first row.
+        reader.fill_buf().map_err(|source| CatalogError::Io { path: path.to_path_buf(), source })?;
+        Ok(Self { reader, buf: Vec::new(), line: 0, bytes_read: 0, limit })
+    }
 
-fn parse_jsonl(text: &str) -> Vec<RawRow> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let line_no = i + 1;
-        let trimmed = line.trim();
-        if trimmed.is_empty() || trimmed.starts_with('#') {
-            continue;
-        }
-        let row: JsonRow = match serde_json::from_str(trimmed) {
-            Ok(r) => r,
-            Err(e) => {
-                out.push(Err((line_no, None, RejectReason::Malformed(json_error(&e)))));
+    /// The next row that is not blank or a comment; `None` at the end of the file.
+    fn next_raw(&mut self, path: &Path) -> Option<Result<RawRow, CatalogError>> {
+        loop {
+            let line_no = self.line + 1;
+            let fatal =
+                |source| Some(Err(CatalogError::Read { path: path.to_path_buf(), line: line_no, source }));
+            self.buf.clear();
+            // At most limit + 1 bytes: a longer line is rejected without being buffered.
+            let n = match (&mut self.reader).take(self.limit as u64 + 1).read_until(b'\n', &mut self.buf) {
+                Ok(0) => return None,
+                Ok(n) => n,
+                Err(e) => return fatal(e),
+            };
+            self.line = line_no;
+            self.bytes_read += n as u64;
+            if self.buf.last() == Some(&b'\n') {
+                self.buf.pop();
+            } else if self.buf.len() > self.limit {
+                match skip_line(&mut self.reader) {
+                    Ok(skipped) => self.bytes_read += skipped,
+                    Err(e) => return fatal(e),
+                }
+                let why = format!("the line is longer than {} bytes", self.limit);
+                return Some(Ok(Err((line_no, None, RejectReason::Malformed(why)))));
+            }
+            let mut bytes = &self.buf[..];
+            if line_no == 1 {
+                bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+            }
+            let text = match std::str::from_utf8(bytes) {
+                Ok(t) => t,
+                Err(e) => {
+                    let why = format!("the line is not valid UTF-8 (at byte {})", e.valid_up_to() + 1);
+                    return Some(Ok(Err((line_no, None, RejectReason::Malformed(why)))));
+                }
+            };
+            let trimmed = text.trim();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
                 continue;
             }
-        };
-        let sku = match row.sku {
-            serde_json::Value::String(s) => s,
-            serde_json::Value::Number(n) => n.to_string(),
-            other => {
-                out.push(Err((
-                    line_no,
-                    None,
-                    RejectReason::Malformed(format!("sku must be a string, got {other}")),
-                )));
-                continue;
-            }
-        };
-        match checked_attrs(row.attrs.unwrap_or_default()) {
-            Ok(attrs) => out.push(Ok((line_no, sku, row.image, attrs))),
-            Err(reason) => out.push(Err((line_no, Some(sku), reason))),
+            return Some(Ok(parse_json_line(line_no, trimmed)));
         }
     }
-    out
 }
 
-/// Checks attribute names and values (strings or numbers only).
+/// Consumes input up to and including the next newline (or to the end), without buffering it;
+/// returns the bytes consumed.
+fn skip_line(reader: &mut impl BufRead) -> std::io::Result<u64> {
+    let mut skipped = 0;
+    loop {
+        let available = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if available.is_empty() {
+            return Ok(skipped);
+        }
+        let (used, found) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (i + 1, true),
+            None => (available.len(), false),
+        };
+        reader.consume(used);
+        skipped += used as u64;
+        if found {
+            return Ok(skipped);
+        }
+    }
+}
+
+fn parse_json_line(line_no: usize, text: &str) -> RawRow {
+    let row: JsonRow =
+        serde_json::from_str(text).map_err(|e| (line_no, None, RejectReason::Malformed(json_error(&e))))?;
+    let sku = match row.sku {
+        serde_json::Value::String(s) => s,
+        serde_json::Value::Number(n) => n.to_string(),
+        other => {
+            let why = format!("sku must be a string, got {other}");
+            return Err((line_no, None, RejectReason::Malformed(why)));
+        }
+    };
+    match checked_attrs(row.attrs.unwrap_or_default()) {
+        Ok(attrs) => Ok((line_no, sku, row.image, attrs)),
+        Err(reason) => Err((line_no, Some(sku), reason)),
+    }
+}
+
+/// Checks attribute names and values: strings, numbers, booleans, or arrays of those.
 fn checked_attrs(map: serde_json::Map<String, serde_json::Value>) -> Result<Attrs, RejectReason> {
+    use serde_json::Value;
+    let scalar = |v: &Value| matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_));
     let mut attrs = Attrs::new();
     for (key, value) in map {
         if key.is_empty() {
             return Err(RejectReason::BadAttr { key, why: "empty attribute name" });
         }
-        match value {
-            serde_json::Value::String(_) | serde_json::Value::Number(_) => {
-                attrs.insert(key, value);
+        let why = match &value {
+            Value::Array(items) if !items.iter().all(scalar) => {
+                "array elements must be strings, numbers or booleans (no null, object or nested array)"
             }
-            _ => return Err(RejectReason::BadAttr { key, why: "values must be strings or numbers" }),
-        }
+            Value::Null => "null is not allowed (leave the attribute out instead)",
+            Value::Object(_) => {
+                "nested objects are not allowed; values must be strings, numbers, booleans or arrays of those"
+            }
+            _ => {
+                attrs.insert(key, value);
+                continue;
+            }
+        };
+        return Err(RejectReason::BadAttr { key, why });
     }
     Ok(attrs)
 }
@@ -199,104 +495,179 @@ fn json_error(e: &serde_json::Error) -> String {
     format!("invalid JSON at column {}: {msg}", e.column())
 }
 
-fn parse_csv(text: &str) -> Result<Vec<RawRow>, String> {
-    let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(text.as_bytes());
-    let headers = reader.headers().map_err(|e| format!("cannot read the CSV header: {e}"))?.clone();
-    let col = |name: &str| headers.iter().position(|h| h.trim() == name);
-    let sku_col = col("sku").ok_or("the CSV header has no `sku` column")?;
-    let image_col = col("image").ok_or("the CSV header has no `image` column")?;
-    let attrs_col = col("attrs");
-    let mut out = Vec::new();
-    for record in reader.records() {
-        match record {
-            Ok(rec) => {
-                let line_no = rec.position().map_or(0, |p| p.line() as usize);
-                // An `attrs` column holds a JSON object, as in JSONL; other columns are strings.
-                let mut attrs = match attrs_col.map(|i| &rec[i]).filter(|v| !v.trim().is_empty()) {
-                    None => Attrs::new(),
-                    Some(cell) => {
-                        let parsed = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(cell)
-                            .map_err(|e| RejectReason::Malformed(format!("attrs column: {}", json_error(&e))))
-                            .and_then(checked_attrs);
-                        match parsed {
-                            Ok(a) => a,
-                            Err(reason) => {
-                                out.push(Err((line_no, Some(rec[sku_col].trim().to_string()), reason)));
-                                continue;
-                            }
-                        }
-                    }
-                };
-                for (i, value) in rec.iter().enumerate() {
-                    if i != sku_col && i != image_col && Some(i) != attrs_col && !value.is_empty() {
-                        attrs.insert(
-                            headers[i].trim().to_string(),
-                            serde_json::Value::String(value.to_string()),
-                        );
-                    }
-                }
-                out.push(Ok((
-                    line_no,
-                    rec[sku_col].trim().to_string(),
-                    rec[image_col].trim().to_string(),
-                    attrs,
-                )));
-            }
-            Err(e) => {
-                let line_no = e.position().map_or(0, |p| p.line() as usize);
-                out.push(Err((line_no, None, RejectReason::Malformed(e.to_string()))));
-            }
-        }
-    }
-    Ok(out)
+/// The CSV reader's input: fails once the record being read is over the limit, so that an
+/// unclosed quote cannot make the CSV reader buffer the rest of the file.
+struct CappedRead {
+    inner: Box<dyn Read + Send>,
+    /// Bytes handed to the CSV reader so far.
+    pulled: u64,
+    /// Where the record being read starts.
+    record_start: u64,
+    limit: u64,
 }
 
-fn finish(path: &Path, base: &Path, raw: Vec<RawRow>) -> ParsedCatalog {
-    let mut parsed = ParsedCatalog::default();
-    let mut first_seen: HashMap<SkuId, usize> = HashMap::new();
-    let reject = |line, sku, reason| Rejected { file: path.to_path_buf(), line, sku, reason };
-    for r in raw {
-        let (line, sku, image, attrs) = match r {
-            Ok(row) => row,
-            Err((line, sku, reason)) => {
-                parsed.rejected.push(reject(line, sku, reason));
-                continue;
-            }
-        };
-        let sku_id = match SkuId::new(sku.clone()) {
-            Ok(s) => s,
-            Err(e) => {
-                parsed.rejected.push(reject(line, Some(sku), RejectReason::BadSku(e)));
-                continue;
-            }
-        };
-        if image.is_empty() {
-            parsed.rejected.push(reject(
-                line,
-                Some(sku),
-                RejectReason::Malformed("image path is empty".into()),
-            ));
-            continue;
+/// The error [`CappedRead`] fails with.
+#[derive(Debug, thiserror::Error)]
+#[error("record too long")]
+struct RecordTooLong;
+
+impl Read for CappedRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        // The CSV reader asks for more only once it has consumed all it was given, so this is
+        // how much of the current record it holds.
+        if self.pulled - self.record_start > self.limit {
+            return Err(std::io::Error::other(RecordTooLong));
         }
-        if let Some(&first_line) = first_seen.get(&sku_id) {
-            parsed.rejected.push(reject(line, Some(sku), RejectReason::DuplicateSku { first_line }));
-            continue;
+        loop {
+            match self.inner.read(buf) {
+                Ok(n) => {
+                    self.pulled += n as u64;
+                    return Ok(n);
+                }
+                // The CSV reader would take this for a failure; std's readers retry.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
         }
-        first_seen.insert(sku_id.clone(), line);
-        parsed.rows.push(CatalogRow { line, sku: sku_id, image: base.join(image), attrs });
     }
-    parsed
+}
+
+struct CsvSource {
+    reader: csv::Reader<CappedRead>,
+    headers: csv::StringRecord,
+    sku_col: usize,
+    image_col: usize,
+    attrs_col: Option<usize>,
+    record: csv::StringRecord,
+    limit: usize,
+}
+
+impl CsvSource {
+    fn new(path: &Path, inner: Box<dyn Read + Send>, limit: usize) -> Result<Self, CatalogError> {
+        let capped = CappedRead { inner, pulled: 0, record_start: 0, limit: limit as u64 };
+        let mut reader =
+            csv::ReaderBuilder::new().flexible(false).buffer_capacity(BUFFER_BYTES).from_reader(capped);
+        let bad_header = |why: String| CatalogError::BadHeader { path: path.to_path_buf(), why };
+        let headers = match reader.headers() {
+            Ok(h) => h.clone(),
+            Err(e) => {
+                return Err(match fatal_csv_error(path, 1, limit, e) {
+                    // Unreadable from the start: the file's error, not a line's.
+                    Ok(CatalogError::Read { path, source, .. }) => CatalogError::Io { path, source },
+                    Ok(fatal) => fatal,
+                    Err(e) => bad_header(format!("cannot read the CSV header: {e}")),
+                });
+            }
+        };
+        let col = |name: &str| headers.iter().position(|h| h.trim() == name);
+        let sku_col = col("sku").ok_or_else(|| bad_header("the CSV header has no `sku` column".into()))?;
+        let image_col =
+            col("image").ok_or_else(|| bad_header("the CSV header has no `image` column".into()))?;
+        let attrs_col = col("attrs");
+        Ok(Self { reader, headers, sku_col, image_col, attrs_col, record: csv::StringRecord::new(), limit })
+    }
+
+    fn next_raw(&mut self, path: &Path) -> Option<Result<RawRow, CatalogError>> {
+        let start = self.reader.position().clone();
+        self.reader.get_mut().record_start = start.byte();
+        match self.reader.read_record(&mut self.record) {
+            Ok(false) => None,
+            Ok(true) => Some(Ok(self.raw_row())),
+            Err(e) => match fatal_csv_error(path, start.line() as usize, self.limit, e) {
+                Ok(fatal) => Some(Err(fatal)),
+                Err(e) => {
+                    let line_no = e.position().map_or(0, |p| p.line() as usize);
+                    Some(Ok(Err((line_no, None, RejectReason::Malformed(e.to_string())))))
+                }
+            },
+        }
+    }
+
+    fn raw_row(&self) -> RawRow {
+        let rec = &self.record;
+        let line_no = rec.position().map_or(0, |p| p.line() as usize);
+        // An `attrs` column holds a JSON object, as in JSONL; other columns are strings.
+        let mut attrs = match self.attrs_col.map(|i| &rec[i]).filter(|v| !v.trim().is_empty()) {
+            None => Attrs::new(),
+            Some(cell) => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(cell)
+                .map_err(|e| RejectReason::Malformed(format!("attrs column: {}", json_error(&e))))
+                .and_then(checked_attrs)
+                .map_err(|reason| (line_no, Some(rec[self.sku_col].trim().to_string()), reason))?,
+        };
+        for (i, value) in rec.iter().enumerate() {
+            if i != self.sku_col && i != self.image_col && Some(i) != self.attrs_col && !value.is_empty() {
+                attrs
+                    .insert(self.headers[i].trim().to_string(), serde_json::Value::String(value.to_string()));
+            }
+        }
+        Ok((line_no, rec[self.sku_col].trim().to_string(), rec[self.image_col].trim().to_string(), attrs))
+    }
+}
+
+/// A CSV error that ends the reading (I/O, a record over the limit) as a [`CatalogError`];
+/// any other (a bad record) back as it was.
+fn fatal_csv_error(
+    path: &Path,
+    line: usize,
+    limit: usize,
+    e: csv::Error,
+) -> Result<CatalogError, csv::Error> {
+    if !e.is_io_error() {
+        return Err(e);
+    }
+    let csv::ErrorKind::Io(source) = e.into_kind() else { unreachable!("checked to be an I/O error") };
+    let path = path.to_path_buf();
+    if source.get_ref().is_some_and(|inner| inner.is::<RecordTooLong>()) {
+        Ok(CatalogError::RowTooLong { path, line, limit })
+    } else {
+        Ok(CatalogError::Read { path, line, source })
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn parse_text(name: &str, text: &str) -> ParsedCatalog {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join(name);
         std::fs::write(&p, text).unwrap();
         parse_catalog(&p, None).unwrap()
+    }
+
+    /// In-memory input handed out `chunk` bytes at a time, failing once `fail_at` bytes are out.
+    struct Chunked {
+        data: Vec<u8>,
+        pos: usize,
+        chunk: usize,
+        fail_at: Option<usize>,
+    }
+
+    impl Read for Chunked {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.fail_at.is_some_and(|at| self.pos >= at) {
+                return Err(std::io::Error::other("disk on fire"));
+            }
+            let end = (self.pos + self.chunk.min(buf.len())).min(self.data.len());
+            let end = self.fail_at.map_or(end, |at| end.min(at));
+            let n = end - self.pos;
+            buf[..n].copy_from_slice(&self.data[self.pos..end]);
+            self.pos = end;
+            Ok(n)
+        }
+    }
+
+    fn reader_over(
+        name: &str,
+        format: CatalogFormat,
+        data: &[u8],
+        chunk: usize,
+        fail_at: Option<usize>,
+        limit: usize,
+    ) -> Result<CatalogReader, CatalogError> {
+        let inner = Chunked { data: data.to_vec(), pos: 0, chunk, fail_at };
+        CatalogReader::from_reader(Path::new(name), format, Box::new(inner), data.len() as u64, limit)
     }
 
     #[test]
@@ -308,7 +679,7 @@ mod tests {
             "{\"sku\": \"B\", \"image\": \"b.jpg\"\n",
             "{\"sku\": \"\", \"image\": \"c.jpg\"}\n",
             "{\"sku\": \"A\", \"image\": \"d.jpg\"}\n",
-            "{\"sku\": \"E\", \"image\": \"e.jpg\", \"attrs\": {\"tags\": [1]}}\n",
+            "{\"sku\": \"E\", \"image\": \"e.jpg\", \"attrs\": {\"dims\": {\"h\": 9}}}\n",
             "{\"sku\": \"F\", \"image\": \"f.jpg\", \"colour\": \"red\"}\n",
             "{\"sku\": 42, \"image\": \"g.jpg\"}\n",
         );
@@ -321,8 +692,40 @@ mod tests {
         assert_eq!(lines, vec![4, 5, 6, 7, 8]);
         assert!(matches!(p.rejected[1].reason, RejectReason::BadSku(IdError::EmptySku)));
         assert_eq!(p.rejected[2].reason, RejectReason::DuplicateSku { first_line: 1 });
+        assert!(matches!(&p.rejected[3].reason, RejectReason::BadAttr { key, .. } if key == "dims"));
         assert!(p.rejected[4].to_string().contains("colour"), "{}", p.rejected[4]);
         assert!(p.rejected[0].to_string().contains("cat.jsonl:4:"), "{}", p.rejected[0]);
+    }
+
+    #[test]
+    fn attrs_take_booleans_and_arrays_of_scalars() {
+        let text = concat!(
+            "{\"sku\": \"A\", \"image\": \"a.jpg\", \"attrs\": {\"tags\": [\"eco\", \"sale\"], \"new\": true, \"sizes\": [1, 2.5, false], \"none\": []}}\n",
+            "{\"sku\": \"B\", \"image\": \"b.jpg\", \"attrs\": {\"x\": null}}\n",
+            "{\"sku\": \"C\", \"image\": \"c.jpg\", \"attrs\": {\"tags\": [[\"a\"]]}}\n",
+            "{\"sku\": \"D\", \"image\": \"d.jpg\", \"attrs\": {\"tags\": [{\"a\": 1}]}}\n",
+            "{\"sku\": \"E\", \"image\": \"e.jpg\", \"attrs\": {\"tags\": [\"a\", null]}}\n",
+            "{\"sku\": \"F\", \"image\": \"f.jpg\", \"attrs\": {\"dims\": {\"h\": 9}}}\n",
+        );
+        let p = parse_text("cat.jsonl", text);
+        assert_eq!(p.rows.len(), 1, "{:?}", p.rejected);
+        let attrs = &p.rows[0].attrs;
+        assert_eq!(attrs["tags"], serde_json::json!(["eco", "sale"]));
+        assert_eq!(attrs["new"], serde_json::json!(true));
+        assert_eq!(attrs["sizes"], serde_json::json!([1, 2.5, false]));
+        assert_eq!(attrs["none"], serde_json::json!([]));
+        let whys: Vec<_> = p
+            .rejected
+            .iter()
+            .map(|r| match &r.reason {
+                RejectReason::BadAttr { why, .. } => *why,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert!(whys[0].contains("null"), "{}", whys[0]);
+        assert!(whys[1..4].iter().all(|w| w.contains("array elements")), "{whys:?}");
+        assert!(whys[4].contains("nested objects"), "{}", whys[4]);
+        assert_eq!(p.rejected.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 3, 4, 5, 6]);
     }
 
     #[test]
@@ -360,8 +763,431 @@ mod tests {
         let p = dir.path().join("c.csv");
         std::fs::write(&p, "id,image\n1,a.png\n").unwrap();
         assert!(matches!(parse_catalog(&p, None), Err(CatalogError::BadHeader { .. })));
+        assert!(matches!(CatalogReader::open(&p, None), Err(CatalogError::BadHeader { .. })));
         let q = dir.path().join("c.txt");
         std::fs::write(&q, "").unwrap();
         assert!(matches!(parse_catalog(&q, None), Err(CatalogError::UnknownFormat(_))));
+    }
+
+    #[test]
+    fn unreadable_files_fail_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        for format in [CatalogFormat::Jsonl, CatalogFormat::Csv] {
+            let missing = CatalogReader::open(&dir.path().join("missing.jsonl"), Some(format));
+            assert!(matches!(missing, Err(CatalogError::Io { .. })), "{missing:?}");
+            // A folder opens on Linux but cannot be read.
+            let folder = CatalogReader::open(dir.path(), Some(format));
+            assert!(matches!(folder, Err(CatalogError::Io { .. })), "{folder:?}");
+        }
+    }
+
+    #[test]
+    fn a_long_jsonl_file_streams_every_row_in_order() {
+        const ROWS: usize = 50_000;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.jsonl");
+        // Line 1 is a comment; row k (0-based) is on line k + 2 with SKU "S{k}", except that
+        // two rows far apart repeat earlier SKUs.
+        let dup = |k: usize| match k {
+            40_000 => Some(1),
+            49_999 => Some(25_000),
+            _ => None,
+        };
+        let mut text = String::from("# generated\n");
+        for k in 0..ROWS {
+            let sku = dup(k).unwrap_or(k);
+            text.push_str(&format!(
+                "{{\"sku\": \"S{sku}\", \"image\": \"img/{k}.jpg\", \"attrs\": {{\"n\": {k}, \"tags\": [\"t{}\"]}}}}\n",
+                k % 7
+            ));
+        }
+        std::fs::write(&path, &text).unwrap();
+
+        let mut reader = CatalogReader::open(&path, None).unwrap();
+        assert_eq!(reader.total_bytes(), text.len() as u64);
+        assert_eq!(reader.format(), CatalogFormat::Jsonl);
+        let (mut rows, mut rejected, mut last_bytes) = (Vec::new(), Vec::new(), 0);
+        while let Some(item) = reader.next() {
+            match item {
+                Ok(row) => rows.push(row),
+                Err(RowError::Rejected(r)) => rejected.push(r),
+                Err(RowError::Fatal(e)) => panic!("{e}"),
+            }
+            assert!(reader.bytes_read() >= last_bytes);
+            last_bytes = reader.bytes_read();
+            if rows.len() == ROWS / 2 {
+                assert!(last_bytes < reader.total_bytes());
+            }
+        }
+        assert_eq!(reader.bytes_read(), reader.total_bytes());
+        assert!(reader.next().is_none());
+
+        assert_eq!(rows.len(), ROWS - 2);
+        let expected = (0..ROWS).filter(|&k| dup(k).is_none());
+        for (row, k) in rows.iter().zip(expected) {
+            assert_eq!((row.line, row.sku.as_str()), (k + 2, format!("S{k}").as_str()));
+            assert_eq!(row.attrs["n"], serde_json::json!(k));
+            assert!(row.image.ends_with(format!("img/{k}.jpg")));
+        }
+        let dups: Vec<_> = rejected.iter().map(|r| (r.line, r.reason.clone())).collect();
+        assert_eq!(
+            dups,
+            vec![
+                (40_002, RejectReason::DuplicateSku { first_line: 3 }),
+                (50_001, RejectReason::DuplicateSku { first_line: 25_002 }),
+            ]
+        );
+        assert!(rejected[0].to_string().starts_with(&format!("{}:40002: sku \"S1\"", path.display())));
+    }
+
+    #[test]
+    fn an_over_long_line_is_rejected_and_reading_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cat.jsonl");
+        let pad = "x".repeat(MAX_ROW_BYTES);
+        let text = format!(
+            "{{\"sku\": \"A\", \"image\": \"a.jpg\"}}\n{{\"sku\": \"L\", \"image\": \"l.jpg\", \"attrs\": {{\"pad\": \"{pad}\"}}}}\n{{\"sku\": \"C\", \"image\": \"c.jpg\"}}"
+        );
+        std::fs::write(&path, &text).unwrap();
+        let mut reader = CatalogReader::open(&path, None).unwrap();
+        let parsed = collect(reader.by_ref()).unwrap();
+        assert_eq!(parsed.rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(parsed.rejected.len(), 1);
+        let r = &parsed.rejected[0];
+        assert_eq!(r.line, 2);
+        assert!(
+            matches!(&r.reason, RejectReason::Malformed(why) if why.contains("longer than 1048576 bytes"))
+        );
+        assert_eq!(reader.bytes_read(), text.len() as u64);
+        assert_eq!(reader.bytes_read(), reader.total_bytes());
+    }
+
+    #[test]
+    fn the_line_limit_is_exact() {
+        let row =
+            |id: usize, pad: usize| format!("{{\"sku\": \"S{id}\", \"image\": \"{}.jpg\"}}", "p".repeat(pad));
+        let limit = row(1, 10).len();
+        // Limit-long lines pass (with LF or at the end of the file); one byte more is rejected
+        // (a CR counts), also as the last line; the rows between are unaffected.
+        let text =
+            [row(1, 10), row(2, 11), row(3, 9) + "\r", row(4, 10) + "\r", row(5, 9), row(6, 11)].join("\n");
+        for chunk in [1, 3, 64, 4096] {
+            let reader =
+                reader_over("cat.jsonl", CatalogFormat::Jsonl, text.as_bytes(), chunk, None, limit).unwrap();
+            let parsed = collect(reader).unwrap();
+            assert_eq!(parsed.rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![1, 3, 5]);
+            assert_eq!(parsed.rejected.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 4, 6]);
+            let why = format!("malformed row: the line is longer than {limit} bytes");
+            assert!(parsed.rejected.iter().all(|r| r.to_string() == format!("cat.jsonl:{}: {why}", r.line)));
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_is_rejected_naming_its_line() {
+        let mut data = b"\xEF\xBB\xBF{\"sku\": \"A\", \"image\": \"a.jpg\"}\n".to_vec();
+        data.extend_from_slice(b"{\"sku\": \"B\xFF\", \"image\": \"b.jpg\"}\n");
+        data.extend_from_slice(b"{\"sku\": \"C\", \"image\": \"c.jpg\"}\n");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cat.jsonl");
+        std::fs::write(&path, &data).unwrap();
+        let p = parse_catalog(&path, None).unwrap();
+        // The byte-order mark of line 1 is skipped.
+        assert_eq!(p.rows.iter().map(|r| r.sku.as_str()).collect::<Vec<_>>(), vec!["A", "C"]);
+        assert_eq!(p.rejected.len(), 1);
+        let msg = p.rejected[0].to_string();
+        assert!(
+            msg.contains("cat.jsonl:2: malformed row: the line is not valid UTF-8 (at byte 11)"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn an_io_error_mid_file_is_fatal_and_names_the_file() {
+        let jsonl = "{\"sku\": \"A\", \"image\": \"a.jpg\"}\n{\"sku\": \"B\", \"image\": \"b.jpg\"}\n";
+        let csv = "sku,image\nA,a.jpg\nB,b.jpg\nC,c.jpg\n";
+        // Each fails in its second row: JSONL line 2, CSV line 3.
+        for (format, text, fail_at, line) in
+            [(CatalogFormat::Jsonl, jsonl, 40, 2), (CatalogFormat::Csv, csv, 20, 3)]
+        {
+            let mut reader = reader_over("cat", format, text.as_bytes(), 8, Some(fail_at), 1000).unwrap();
+            assert!(reader.next().unwrap().is_ok());
+            match reader.next() {
+                Some(Err(RowError::Fatal(e @ CatalogError::Read { .. }))) => {
+                    assert!(
+                        e.to_string().starts_with(&format!("cannot read catalogue cat at line {line}")),
+                        "{e}"
+                    );
+                    assert!(e.to_string().ends_with("disk on fire"), "{e}");
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(reader.next().is_none(), "a fatal error is the last item");
+            let reader = reader_over("cat", format, text.as_bytes(), 8, Some(fail_at), 1000).unwrap();
+            assert!(matches!(collect(reader), Err(CatalogError::Read { line: l, .. }) if l == line));
+        }
+    }
+
+    #[test]
+    fn an_unclosed_csv_quote_stops_the_reader() {
+        let mut text = String::from("sku,image\nA,a.jpg\nB,\"b.jpg\n");
+        for k in 0..200 {
+            text.push_str(&format!("S{k},{k}.jpg\n"));
+        }
+        let mut reader = reader_over("cat.csv", CatalogFormat::Csv, text.as_bytes(), 16, None, 500).unwrap();
+        assert_eq!(reader.next().unwrap().unwrap().sku.as_str(), "A");
+        match reader.next() {
+            Some(Err(RowError::Fatal(e @ CatalogError::RowTooLong { line: 3, limit: 500, .. }))) => {
+                assert!(e.to_string().contains("unclosed quote"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(reader.next().is_none());
+        // A header over the limit is an error of `open`.
+        let long_header = format!("sku,image,{}\n", "c".repeat(600));
+        let err =
+            reader_over("cat.csv", CatalogFormat::Csv, long_header.as_bytes(), 16, None, 500).unwrap_err();
+        assert!(matches!(err, CatalogError::RowTooLong { line: 1, .. }), "{err:?}");
+        // Records under the limit are unaffected by it.
+        let fixed = text.replacen("\"b.jpg", "b.jpg", 1);
+        let reader = reader_over("cat.csv", CatalogFormat::Csv, fixed.as_bytes(), 16, None, 50).unwrap();
+        assert_eq!(collect(reader).unwrap().rows.len(), 202);
+    }
+
+    #[test]
+    fn a_csv_stream_gives_the_old_rows() {
+        let text = "\u{feff}sku, image ,attrs,colour\nA,a.png,\"{\"\"tags\"\": [\"\"x\"\"]}\",red\nB,b.png,,\"multi\nline\"\nA,dup.png,,\n,e.png,,\nC,,,\nD,d.png\nE,e.png,{bad},\n\nF,f.png,,blue";
+        let dir = tempfile::tempdir().unwrap();
+        for text in [text.to_string(), text.replace('\n', "\r\n")] {
+            let path = dir.path().join("cat.csv");
+            std::fs::write(&path, &text).unwrap();
+            let mut reader = CatalogReader::open(&path, None).unwrap();
+            let new = collect(reader.by_ref()).unwrap();
+            assert_eq!(reader.bytes_read(), reader.total_bytes());
+            let old = old::parse(&path, CatalogFormat::Csv, &text).unwrap();
+            assert_eq!(new.rows, old.rows);
+            assert_eq!(new.rejected, old.rejected);
+            assert_eq!(new.rows.iter().map(|r| r.sku.as_str()).collect::<Vec<_>>(), vec!["A", "B", "F"]);
+            assert_eq!(new.rows[0].attrs["tags"], serde_json::json!(["x"]));
+            assert_eq!(new.rejected.len(), 5);
+            if !text.contains('\r') {
+                // As before, a record's line is where the csv reader stood when it began it:
+                // after CRLF or a blank line that is the line before (F, on line 11, says 10).
+                assert_eq!(new.rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![2, 3, 10]);
+                assert_eq!(new.rows[1].attrs["colour"], serde_json::json!("multi\nline"));
+                assert_eq!(new.rejected.iter().map(|r| r.line).collect::<Vec<_>>(), vec![5, 6, 7, 8, 9]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_reader_can_move_between_threads() {
+        fn is_send<T: Send>() {}
+        is_send::<CatalogReader>();
+    }
+
+    /// Today's (whole-file) parser, as the reference the streaming one must match.
+    mod old {
+        use super::super::*;
+
+        pub fn parse(path: &Path, format: CatalogFormat, text: &str) -> Result<ParsedCatalog, String> {
+            let base = path.parent().unwrap_or(Path::new("."));
+            let raw = match format {
+                CatalogFormat::Jsonl => parse_jsonl(text),
+                CatalogFormat::Csv => parse_csv(text)?,
+            };
+            Ok(finish(path, base, raw))
+        }
+
+        fn parse_jsonl(text: &str) -> Vec<RawRow> {
+            let mut out = Vec::new();
+            for (i, line) in text.lines().enumerate() {
+                let trimmed = line.trim();
+                if !trimmed.is_empty() && !trimmed.starts_with('#') {
+                    out.push(parse_json_line(i + 1, trimmed));
+                }
+            }
+            out
+        }
+
+        fn parse_csv(text: &str) -> Result<Vec<RawRow>, String> {
+            let mut reader = csv::ReaderBuilder::new().flexible(false).from_reader(text.as_bytes());
+            let headers = reader.headers().map_err(|e| format!("cannot read the CSV header: {e}"))?.clone();
+            let col = |name: &str| headers.iter().position(|h| h.trim() == name);
+            let sku_col = col("sku").ok_or("the CSV header has no `sku` column")?;
+            let image_col = col("image").ok_or("the CSV header has no `image` column")?;
+            let attrs_col = col("attrs");
+            let mut out = Vec::new();
+            for record in reader.records() {
+                match record {
+                    Ok(rec) => {
+                        let line_no = rec.position().map_or(0, |p| p.line() as usize);
+                        let mut attrs =
+                            match attrs_col.map(|i| &rec[i]).filter(|v| !v.trim().is_empty()) {
+                                None => Attrs::new(),
+                                Some(cell) => {
+                                    let parsed = serde_json::from_str::<
+                                        serde_json::Map<String, serde_json::Value>,
+                                    >(cell)
+                                    .map_err(|e| {
+                                        RejectReason::Malformed(format!("attrs column: {}", json_error(&e)))
+                                    })
+                                    .and_then(checked_attrs);
+                                    match parsed {
+                                        Ok(a) => a,
+                                        Err(reason) => {
+                                            out.push(Err((
+                                                line_no,
+                                                Some(rec[sku_col].trim().to_string()),
+                                                reason,
+                                            )));
+                                            continue;
+                                        }
+                                    }
+                                }
+                            };
+                        for (i, value) in rec.iter().enumerate() {
+                            if i != sku_col && i != image_col && Some(i) != attrs_col && !value.is_empty() {
+                                attrs.insert(
+                                    headers[i].trim().to_string(),
+                                    serde_json::Value::String(value.to_string()),
+                                );
+                            }
+                        }
+                        out.push(Ok((
+                            line_no,
+                            rec[sku_col].trim().to_string(),
+                            rec[image_col].trim().to_string(),
+                            attrs,
+                        )));
+                    }
+                    Err(e) => {
+                        let line_no = e.position().map_or(0, |p| p.line() as usize);
+                        out.push(Err((line_no, None, RejectReason::Malformed(e.to_string()))));
+                    }
+                }
+            }
+            Ok(out)
+        }
+
+        fn finish(path: &Path, base: &Path, raw: Vec<RawRow>) -> ParsedCatalog {
+            let mut parsed = ParsedCatalog::default();
+            let mut first_seen: HashMap<SkuId, usize> = HashMap::new();
+            let reject = |line, sku, reason| Rejected { file: path.to_path_buf(), line, sku, reason };
+            for r in raw {
+                let (line, sku, image, attrs) = match r {
+                    Ok(row) => row,
+                    Err((line, sku, reason)) => {
+                        parsed.rejected.push(reject(line, sku, reason));
+                        continue;
+                    }
+                };
+                let sku_id = match SkuId::new(sku.clone()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        parsed.rejected.push(reject(line, Some(sku), RejectReason::BadSku(e)));
+                        continue;
+                    }
+                };
+                if image.is_empty() {
+                    let reason = RejectReason::Malformed("image path is empty".into());
+                    parsed.rejected.push(reject(line, Some(sku), reason));
+                    continue;
+                }
+                if let Some(&first_line) = first_seen.get(&sku_id) {
+                    parsed.rejected.push(reject(line, Some(sku), RejectReason::DuplicateSku { first_line }));
+                    continue;
+                }
+                first_seen.insert(sku_id.clone(), line);
+                parsed.rows.push(CatalogRow { line, sku: sku_id, image: base.join(image), attrs });
+            }
+            parsed
+        }
+    }
+
+    /// Streams `text` in `chunk`-byte reads and parses it the old way; both must agree.
+    fn assert_same_as_old(name: &str, format: CatalogFormat, text: &str, chunk: usize) {
+        let path = Path::new(name);
+        let reader = reader_over(name, format, text.as_bytes(), chunk, None, MAX_ROW_BYTES);
+        match (reader.and_then(collect), old::parse(path, format, text)) {
+            (Ok(new), Ok(old)) => {
+                assert_eq!(new.rows, old.rows);
+                assert_eq!(new.rejected, old.rejected);
+            }
+            (Err(CatalogError::BadHeader { why, .. }), Err(old)) => assert_eq!(why, old),
+            (new, old) => panic!("new {new:?}, old {old:?}"),
+        }
+    }
+
+    const JSONL_LINES: &[&str] = &[
+        "{\"sku\": \"S#\", \"image\": \"#.jpg\"}",
+        "  {\"sku\": \"S#\", \"image\": \"x.jpg\", \"attrs\": {\"tags\": [\"a\", 1, true], \"n\": #}}\t",
+        "{\"sku\": \"S#\", \"image\": \"x.jpg\", \"attrs\": {\"x\": null}}",
+        "{\"sku\": \"S#\", \"image\": \"x.jpg\", \"attrs\": {\"d\": {\"h\": 1}}}",
+        "{\"sku\": \"S#\", \"image\": \"\"}",
+        "{\"sku\": \"\", \"image\": \"a.jpg\"}",
+        "{\"sku\": #, \"image\": \"n.jpg\"}",
+        "{\"sku\": [#], \"image\": \"n.jpg\"}",
+        "{\"sku\": \"S#\", \"image\": \"c.jpg\", \"extra\": 1}",
+        "{\"sku\": \"S#\"",
+        "not json",
+        "",
+        "   ",
+        "# comment #",
+        " #x",
+    ];
+
+    const CSV_HEADERS: &[&str] =
+        &["sku,image", "sku,image,colour", "image,sku,attrs,colour", "sku, image ,attrs", "id,image"];
+    const CSV_CELLS: &[&str] = &[
+        "S1",
+        "S2",
+        "a.png",
+        "",
+        " ",
+        "\"q,\"\"x\"\"\"",
+        "\"{\"\"p\"\": 1}\"",
+        "{}",
+        "\"multi\nline\"",
+        "\"",
+        "x\"y",
+        "\"[1]\"",
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn jsonl_streaming_matches_the_old_parser(
+            lines in prop::collection::vec((0..JSONL_LINES.len(), 0..6usize, any::<bool>()), 0..30),
+            final_newline in any::<bool>(),
+            chunk in 1..40usize,
+        ) {
+            let mut text = String::new();
+            for (i, (template, sku, crlf)) in lines.iter().enumerate() {
+                if i > 0 {
+                    text.push_str(if *crlf { "\r\n" } else { "\n" });
+                }
+                text.push_str(&JSONL_LINES[*template].replace('#', &sku.to_string()));
+            }
+            if final_newline && !text.is_empty() {
+                text.push('\n');
+            }
+            assert_same_as_old("dir/cat.jsonl", CatalogFormat::Jsonl, &text, chunk);
+        }
+
+        #[test]
+        fn csv_streaming_matches_the_old_parser(
+            header in 0..CSV_HEADERS.len(),
+            rows in prop::collection::vec((prop::collection::vec(0..CSV_CELLS.len(), 1..5), any::<bool>()), 0..20),
+            chunk in 1..40usize,
+        ) {
+            let mut text = String::from(CSV_HEADERS[header]);
+            for (cells, crlf) in &rows {
+                text.push_str(if *crlf { "\r\n" } else { "\n" });
+                let cells: Vec<_> = cells.iter().map(|&c| CSV_CELLS[c]).collect();
+                text.push_str(&cells.join(","));
+            }
+            assert_same_as_old("dir/cat.csv", CatalogFormat::Csv, &text, chunk);
+        }
     }
 }

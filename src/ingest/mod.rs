@@ -1,13 +1,16 @@
-//! Bulk catalogue ingestion: parse a JSONL/CSV catalogue, embed images, write segments.
+//! Bulk catalogue ingestion into a data directory, through its index writer.
 //!
-//! The run: parse and validate the catalogue ([`catalog`]), compare each row with what the
-//! data directory already holds (same image bytes and attributes: nothing to do, so re-running
-//! is idempotent), decode and embed new or changed images in parallel batches with every
-//! model version the directory indexes, store the original image bytes (for later backfills),
-//! write one new immutable segment per model version, mark the superseded copies of changed
-//! SKUs deleted, and commit it all with one atomic manifest replacement.
+//! The run streams the catalogue ([`catalog::CatalogReader`]: memory bounded by one chunk of
+//! rows, whatever the file's length), reads each chunk's images in parallel, skips rows whose
+//! SKU already has these exact image bytes and attributes (so a killed run resumes where it
+//! stopped: committed rows are not embedded again), embeds the new or changed images with
+//! every model version the directory indexes, stores the original bytes (for later
+//! backfills) and hands the chunk to the [`IndexWriter`], which makes it durable in its
+//! write-ahead log before answering. Segments are sealed every `max_segment_items` items and
+//! once more at the end, so a finished run leaves no log behind.
 
 pub mod catalog;
+pub mod progress;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -17,34 +20,31 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::encoder::{Encoder, EncoderError};
-use crate::ids::{ModelVersion, SegmentId, SkuId};
-use crate::index::manifest::{CatalogBatch, ModelIndex, SegmentEntry};
-use crate::index::store::{CatalogRecord, DataDir, StoreError};
-use crate::index::{IndexError, IndexSnapshot};
+use crate::ids::ModelVersion;
+use crate::index::store::sha256_hex;
+use crate::index::{IndexWriter, ModelSpec, Outcome, Upsert, WriteOp, WriterConfig, WriterError};
 use crate::models::ModelRegistry;
-use crate::segment::{HnswParams, SegmentError, write_segment};
-use catalog::{CatalogError, CatalogFormat, CatalogRow, RejectReason, Rejected};
+use crate::segment::HnswParams;
+use catalog::{CatalogError, CatalogFormat, CatalogReader, CatalogRow, RejectReason, Rejected, RowError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Index(#[from] IndexError),
+    Writer(#[from] WriterError),
     #[error("cannot load model {version}: {source}")]
     Model { version: ModelVersion, source: Box<EncoderError> },
     #[error("embedding a batch with model {version} failed: {source}")]
     Embed { version: ModelVersion, source: Box<EncoderError> },
-    #[error("writing segment {id} of {version} failed: {source}")]
-    Segment { version: ModelVersion, id: SegmentId, source: SegmentError },
     #[error("model {version} has dimension {found}, but its index in this data directory has {expected}")]
-    ModelDim { version: ModelVersion, expected: u32, found: usize },
+    ModelDim { version: ModelVersion, expected: usize, found: usize },
     #[error(
         "model {version}'s weights (sha256 {found}) differ from the ones its index was built with ({expected}); give the new weights a new version"
     )]
     ModelWeights { version: ModelVersion, expected: String, found: String },
+    #[error("the index writer answered {outcome:?} for sku {sku}")]
+    Unexpected { sku: String, outcome: Outcome },
 }
 
 /// Settings of one ingest run.
@@ -54,12 +54,11 @@ pub struct IngestOptions {
     /// Images per forward pass.
     pub batch_size: usize,
     pub hnsw: HnswParams,
-    /// Show a progress bar on stderr.
+    /// Show progress on stderr.
     pub progress: bool,
     /// The model version to index with when the data directory has none yet.
     pub default_model: ModelVersion,
-    /// A run writes a new segment (per model version) each time this many items have been
-    /// embedded, bounding memory and graph-build size.
+    /// Items per sealed segment (bounds memory and graph-build size).
     pub max_segment_items: usize,
 }
 
@@ -72,10 +71,14 @@ pub struct IngestReport {
     pub rows: usize,
     pub added: usize,
     pub updated: usize,
+    /// Rows already in the index with the same image and attributes (nothing embedded): on a
+    /// re-run after a crash, the rows committed before it.
     pub unchanged: usize,
     pub rejected: Vec<Rejected>,
-    /// (model version, segment, items) written.
-    pub segments: Vec<(ModelVersion, SegmentId, usize)>,
+    /// Images embedded in this run.
+    pub embedded: usize,
+    /// Log records replayed when the directory was opened (a previous run's tail).
+    pub replayed: usize,
     pub generation: u64,
     pub secs: f64,
     pub embed_secs: f64,
@@ -88,314 +91,237 @@ impl IngestReport {
     }
 }
 
-/// A row whose image bytes were read, with what must happen to it.
-struct Pending {
-    row: CatalogRow,
-    sha256: String,
-    bytes: Vec<u8>,
-    /// Whether the SKU already exists (with other image bytes).
-    replaces: bool,
-}
-
 /// Checks that an encoder may write into an existing index of its version.
-fn check_compatible(enc: &Encoder, ix: Option<&ModelIndex>) -> Result<(), IngestError> {
-    let Some(ix) = ix else { return Ok(()) };
+fn check_compatible(enc: &Encoder, dim: usize, sha: &str) -> Result<(), IngestError> {
     let version = enc.version().clone();
-    if enc.dim() != ix.dim as usize {
-        return Err(IngestError::ModelDim { version, expected: ix.dim, found: enc.dim() });
+    if enc.dim() != dim {
+        return Err(IngestError::ModelDim { version, expected: dim, found: enc.dim() });
     }
-    if enc.manifest().sha256 != ix.weights_sha256 {
+    if enc.manifest().sha256 != sha {
         return Err(IngestError::ModelWeights {
             version,
-            expected: ix.weights_sha256.clone(),
+            expected: sha.to_string(),
             found: enc.manifest().sha256.clone(),
         });
     }
     Ok(())
 }
 
-/// Ingests `catalog_path` into the data directory (which must be opened as the writer).
+fn model(models: &ModelRegistry, v: &ModelVersion) -> Result<Arc<Encoder>, IngestError> {
+    models.get(v).map_err(|source| IngestError::Model { version: v.clone(), source: Box::new(source) })
+}
+
+/// Ingests `catalog_path` into the data directory `data_dir`, as its writer (refused while a
+/// server holds it: stream to the server instead).
 pub fn ingest(
-    data: &DataDir,
+    data_dir: &Path,
     models: &ModelRegistry,
     catalog_path: &Path,
     opts: &IngestOptions,
 ) -> Result<IngestReport, IngestError> {
     let started = Instant::now();
-    let manifest = data.load_manifest()?;
-    let removed = data.remove_orphans(&manifest)?;
-    if !removed.is_empty() {
-        tracing::warn!(count = removed.len(), "removed files left by an interrupted writer");
-    }
-    let parsed = catalog::parse_catalog(catalog_path, opts.format)?;
-    let mut report = IngestReport { rows: parsed.rows.len() + parsed.rejected.len(), ..Default::default() };
-    report.rejected = parsed.rejected;
-
-    // Every model version the directory indexes gets the new items; a fresh directory starts
-    // with the default model.
-    let mut versions: Vec<ModelVersion> = manifest.indexes.keys().cloned().collect();
-    if versions.is_empty() {
-        versions.push(opts.default_model.clone());
-    }
-    let mut encoders: Vec<Arc<Encoder>> = Vec::new();
-    for v in &versions {
-        let enc = models
-            .get(v)
-            .map_err(|source| IngestError::Model { version: v.clone(), source: Box::new(source) })?;
-        check_compatible(&enc, manifest.indexes.get(v))?;
+    let default = model(models, &opts.default_model)?;
+    let config = WriterConfig {
+        holder: format!("vitrine ingest (pid {})", std::process::id()),
+        default_model: Some(ModelSpec {
+            version: default.version().clone(),
+            dim: default.dim(),
+            weights_sha256: default.manifest().sha256.clone(),
+        }),
+        seal_items: opts.max_segment_items.max(1),
+        hnsw: opts.hnsw,
+        ..WriterConfig::default()
+    };
+    let reader = CatalogReader::open(catalog_path, opts.format)?;
+    let writer = IndexWriter::open(data_dir, config)?;
+    let mut report = IngestReport { replayed: writer.open_report().replayed, ..Default::default() };
+    let mut encoders = Vec::new();
+    for (v, view) in &writer.live().versions {
+        let enc = model(models, v)?;
+        check_compatible(&enc, view.dim, &view.weights_sha256)?;
         encoders.push(enc);
     }
 
-    let existing = data.read_catalog(&manifest)?;
-    let snapshot = IndexSnapshot::open(data, &manifest)?;
-    let mut next = manifest.clone();
-    let mut records: Vec<CatalogRecord> = Vec::new();
-    let mut replaced: Vec<SkuId> = Vec::new();
-    let mut acc = Accumulator::new(encoders.len());
-    let mut embed_secs = 0.0;
-
-    // Stream the rows in chunks, so memory stays bounded whatever the catalogue's size: read
-    // the images (in parallel), skip the unchanged ones, decode and embed the rest in batches.
-    let bar = progress_bar(parsed.rows.len() as u64, opts.progress);
+    let mut progress = progress::Progress::new(reader.total_bytes(), opts.progress);
     let chunk_len = opts.batch_size.max(1) * 8;
-    for chunk in parsed.rows.chunks(chunk_len) {
-        let read: Vec<Result<Pending, Rejected>> = chunk
-            .par_iter()
-            .map(|row| match std::fs::read(&row.image) {
-                Ok(bytes) => Ok(Pending {
-                    sha256: crate::index::store::sha256_hex(&bytes),
-                    bytes,
-                    row: row.clone(),
-                    replaces: false,
-                }),
-                Err(e) => Err(Rejected {
-                    file: catalog_path.to_path_buf(),
-                    line: row.line,
-                    sku: Some(row.sku.to_string()),
-                    reason: RejectReason::UnreadableImage { path: row.image.clone(), error: e.to_string() },
-                }),
-            })
-            .collect();
-        let mut pending = Vec::new();
-        for r in read {
-            let mut p = match r {
-                Ok(p) => p,
-                Err(rej) => {
-                    report.rejected.push(rej);
-                    continue;
-                }
-            };
-            match existing.get(&p.row.sku) {
-                Some(old) if old.image_sha256 == p.sha256 => {
-                    report.unchanged += 1;
-                    if old.attrs != p.row.attrs {
-                        // Only the attributes changed: a new record, no new vector.
-                        records.push(CatalogRecord {
-                            sku: p.row.sku,
-                            image_sha256: p.sha256,
-                            attrs: p.row.attrs,
-                        });
-                    }
-                }
-                old => {
-                    p.replaces = old.is_some();
-                    pending.push(p);
-                }
-            }
-        }
-        let embed_started = Instant::now();
-        for batch in pending.chunks(opts.batch_size.max(1)) {
-            let embedded = embed_batch(&encoders, batch, catalog_path, &mut report.rejected)?;
-            for (p, vecs) in embedded {
-                data.put_blob(&p.bytes)?;
-                acc.push(&p.row.sku, vecs);
-                if p.replaces {
-                    replaced.push(p.row.sku.clone());
-                    report.updated += 1;
-                } else {
-                    report.added += 1;
-                }
-                records.push(CatalogRecord {
-                    sku: p.row.sku.clone(),
-                    image_sha256: p.sha256.clone(),
-                    attrs: p.row.attrs.clone(),
-                });
-                if acc.skus.len() >= opts.max_segment_items.max(1) {
-                    acc.flush(data, &encoders, &mut next, &opts.hnsw, &mut report)?;
-                }
-            }
-        }
-        embed_secs += embed_started.elapsed().as_secs_f64();
-        bar.inc(chunk.len() as u64);
-    }
-    acc.flush(data, &encoders, &mut next, &opts.hnsw, &mut report)?;
-    bar.finish_and_clear();
-    report.embed_secs = embed_secs;
+    let mut done = 0u64;
+    let mut reader = reader;
+    let mut rejected = Vec::new();
+    report.rows = for_each_chunk(&mut reader, chunk_len, &mut rejected, |rows, bytes_read| {
+        let n = rows.len() as u64;
+        ingest_chunk(&writer, &encoders, rows, catalog_path, opts, &mut report)?;
+        done += n;
+        progress.update(done, bytes_read);
+        Ok::<(), IngestError>(())
+    })?;
+    report.rejected.extend(rejected);
+    progress.finish();
+    report.generation = writer.checkpoint_blocking()?;
+    writer.close();
     report.rejected.sort_by_key(|r| r.line);
-
-    if records.is_empty() {
-        report.generation = manifest.generation;
-        report.secs = started.elapsed().as_secs_f64();
-        return Ok(report);
-    }
-
-    // Superseded copies of changed SKUs are marked deleted in every index.
-    for (version, view) in &snapshot.models {
-        let Some(ix) = next.indexes.get_mut(version) else { continue };
-        for sku in &replaced {
-            if let Some((seg, idx)) = view.find_sku(sku.as_str())
-                && let Some(e) = ix.segments.iter_mut().find(|e| e.id == seg.entry.id)
-            {
-                e.delete(idx);
-            }
-        }
-    }
-    // Commit: the catalogue batch, then one manifest replacement naming everything.
-    let batch_id = next.allocate_id();
-    data.write_catalog_batch(batch_id, &records)?;
-    next.catalog.push(CatalogBatch { id: batch_id, count: records.len() as u64 });
-    if next.serving_model.is_none() {
-        next.serving_model = Some(versions[0].clone());
-    }
-    next.generation += 1;
-    next.store(data.root()).map_err(StoreError::from)?;
-    report.generation = next.generation;
     report.secs = started.elapsed().as_secs_f64();
     Ok(report)
 }
 
-/// A decoded row with its embedding from each encoder, in encoder order.
-type Embedded<'p> = (&'p Pending, Vec<Vec<f32>>);
-
-/// Decodes (in parallel) and embeds (batched) `batch` with every encoder. Undecodable images
-/// become rejections; the rest come back with one vector per encoder.
-fn embed_batch<'p>(
-    encoders: &[Arc<Encoder>],
-    batch: &'p [Pending],
-    catalog_path: &Path,
+/// Feeds the catalogue to `f` in chunks of at most `len` valid rows, in file order, with the
+/// catalogue bytes read so far; rejected rows go to `rejected`. Returns the number of rows
+/// (valid and rejected). Stops at the first error, a fatal read error included.
+pub fn for_each_chunk<E: From<CatalogError>>(
+    reader: &mut CatalogReader,
+    len: usize,
     rejected: &mut Vec<Rejected>,
-) -> Result<Vec<Embedded<'p>>, IngestError> {
-    // Preprocess for every encoder (input sizes may differ between versions).
-    let prepared: Vec<Result<Vec<_>, String>> = batch
-        .par_iter()
-        .map(|p| {
-            encoders
-                .iter()
-                .map(|e| e.preprocess(&p.bytes).map_err(|err| err.to_string().trim_end().to_string()))
-                .collect()
+    mut f: impl FnMut(Vec<CatalogRow>, u64) -> Result<(), E>,
+) -> Result<usize, E> {
+    let mut rows = 0;
+    let mut chunk: Vec<CatalogRow> = Vec::with_capacity(len);
+    loop {
+        let item = reader.next();
+        let end = item.is_none();
+        match item {
+            Some(Ok(row)) => chunk.push(row),
+            Some(Err(RowError::Rejected(r))) => {
+                rows += 1;
+                rejected.push(r);
+            }
+            Some(Err(RowError::Fatal(e))) => return Err(e.into()),
+            None => {}
+        }
+        if chunk.len() >= len.max(1) || (end && !chunk.is_empty()) {
+            rows += chunk.len();
+            f(std::mem::take(&mut chunk), reader.bytes_read())?;
+        }
+        if end {
+            return Ok(rows);
+        }
+    }
+}
+
+/// A row whose image was read.
+struct Read {
+    row: CatalogRow,
+    sha256: String,
+    bytes: Vec<u8>,
+}
+
+fn ingest_chunk(
+    writer: &IndexWriter,
+    encoders: &[Arc<Encoder>],
+    rows: Vec<CatalogRow>,
+    catalog_path: &Path,
+    opts: &IngestOptions,
+    report: &mut IngestReport,
+) -> Result<(), IngestError> {
+    let reject = |row: &CatalogRow, reason| Rejected {
+        file: catalog_path.to_path_buf(),
+        line: row.line,
+        sku: Some(row.sku.to_string()),
+        reason,
+    };
+    let read: Vec<Result<Read, Rejected>> = rows
+        .into_par_iter()
+        .map(|row| match std::fs::read(&row.image) {
+            Ok(bytes) => Ok(Read { sha256: sha256_hex(&bytes), bytes, row }),
+            Err(e) => Err(reject(
+                &row,
+                RejectReason::UnreadableImage { path: row.image.clone(), error: e.to_string() },
+            )),
         })
         .collect();
-    let mut ok_items = Vec::new();
-    let mut per_encoder: Vec<Vec<_>> = encoders.iter().map(|_| Vec::new()).collect();
-    for (p, prep) in batch.iter().zip(prepared) {
-        match prep {
-            Ok(imgs) => {
-                for (slot, img) in per_encoder.iter_mut().zip(imgs) {
-                    slot.push(img);
+    // Rows whose image is already stored need no embedding (the writer decides whether their
+    // attributes changed); the rest are embedded with every model version.
+    let mut ops: Vec<(Upsert, usize)> = Vec::new();
+    let mut to_embed: Vec<Read> = Vec::new();
+    for r in read {
+        match r {
+            Ok(r) => {
+                let stored = writer.record(r.row.sku.as_str())?.and_then(|rec| rec.image_sha256);
+                if stored.as_deref() == Some(r.sha256.as_str()) {
+                    let line = r.row.line;
+                    ops.push((
+                        Upsert {
+                            sku: r.row.sku,
+                            attrs: Some(r.row.attrs),
+                            image_sha256: Some(r.sha256),
+                            vectors: vec![],
+                        },
+                        line,
+                    ));
+                } else {
+                    to_embed.push(r);
                 }
-                ok_items.push(p);
             }
-            Err(error) => rejected.push(Rejected {
-                file: catalog_path.to_path_buf(),
-                line: p.row.line,
-                sku: Some(p.row.sku.to_string()),
-                reason: RejectReason::UndecodableImage { path: p.row.image.clone(), error },
-            }),
+            Err(rej) => report.rejected.push(rej),
         }
     }
-    let mut out: Vec<Embedded<'_>> = ok_items.into_iter().map(|p| (p, Vec::new())).collect();
-    if out.is_empty() {
-        return Ok(out);
-    }
-    for (enc, imgs) in encoders.iter().zip(&per_encoder) {
-        let embs = enc.embed(imgs).map_err(|source| IngestError::Embed {
-            version: enc.version().clone(),
-            source: Box::new(source),
-        })?;
-        for ((_, vecs), e) in out.iter_mut().zip(embs) {
-            vecs.push(e);
+    let embed_started = Instant::now();
+    for batch in to_embed.chunks(opts.batch_size.max(1)) {
+        let prepared: Vec<Result<Vec<_>, String>> = batch
+            .par_iter()
+            .map(|r| {
+                encoders
+                    .iter()
+                    .map(|e| e.preprocess(&r.bytes).map_err(|err| err.to_string().trim_end().to_string()))
+                    .collect()
+            })
+            .collect();
+        let mut ok = Vec::new();
+        let mut per_encoder: Vec<Vec<_>> = encoders.iter().map(|_| Vec::new()).collect();
+        for (r, prep) in batch.iter().zip(prepared) {
+            match prep {
+                Ok(imgs) => {
+                    for (slot, img) in per_encoder.iter_mut().zip(imgs) {
+                        slot.push(img);
+                    }
+                    ok.push(r);
+                }
+                Err(error) => report.rejected.push(reject(
+                    &r.row,
+                    RejectReason::UndecodableImage { path: r.row.image.clone(), error },
+                )),
+            }
         }
-    }
-    Ok(out)
-}
-
-/// Embeddings waiting to be written as one segment per model version.
-struct Accumulator {
-    /// One flat `n x dim` buffer per encoder.
-    vectors: Vec<Vec<f32>>,
-    skus: Vec<SkuId>,
-}
-
-impl Accumulator {
-    fn new(encoders: usize) -> Self {
-        Self { vectors: vec![Vec::new(); encoders], skus: Vec::new() }
-    }
-
-    fn push(&mut self, sku: &SkuId, vecs: Vec<Vec<f32>>) {
-        for (buf, v) in self.vectors.iter_mut().zip(vecs) {
-            buf.extend_from_slice(&v);
-        }
-        self.skus.push(sku.clone());
-    }
-
-    /// Writes the accumulated items as a new segment of each model version (durable, not yet
-    /// live) and records them in `next`, the manifest to be committed.
-    fn flush(
-        &mut self,
-        data: &DataDir,
-        encoders: &[Arc<Encoder>],
-        next: &mut crate::index::manifest::Manifest,
-        hnsw: &HnswParams,
-        report: &mut IngestReport,
-    ) -> Result<(), IngestError> {
-        if self.skus.is_empty() {
-            return Ok(());
-        }
-        for (enc, vecs) in encoders.iter().zip(&mut self.vectors) {
-            let version = enc.version().clone();
-            let id = SegmentId(next.allocate_id());
-            let dir = data.index_dir(&version);
-            std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
-                action: "cannot create",
-                path: dir.clone(),
-                source,
+        let mut vectors: Vec<Vec<(ModelVersion, Vec<f32>)>> = ok.iter().map(|_| Vec::new()).collect();
+        for (enc, imgs) in encoders.iter().zip(&per_encoder) {
+            if imgs.is_empty() {
+                continue;
+            }
+            let embs = enc.embed(imgs).map_err(|source| IngestError::Embed {
+                version: enc.version().clone(),
+                source: Box::new(source),
             })?;
-            let path = data.segment_path(&version, id);
-            let stats = write_segment(&path, enc.dim(), vecs, &self.skus, hnsw)
-                .map_err(|source| IngestError::Segment { version: version.clone(), id, source })?;
-            tracing::info!(%version, %id, count = stats.count, self_recall = stats.self_recall, secs = stats.build_secs, "segment written");
-            let ix = next.indexes.entry(version.clone()).or_insert_with(|| ModelIndex {
-                dim: enc.dim() as u32,
-                weights_sha256: enc.manifest().sha256.clone(),
-                segments: Vec::new(),
-            });
-            ix.segments.push(SegmentEntry {
-                id,
-                count: stats.count as u64,
-                bytes: stats.bytes,
-                deleted: Vec::new(),
-            });
-            report.segments.push((version, id, stats.count));
-            vecs.clear();
+            for (slot, e) in vectors.iter_mut().zip(embs) {
+                slot.push((enc.version().clone(), e));
+            }
         }
-        self.skus.clear();
-        Ok(())
+        for (r, vecs) in ok.into_iter().zip(vectors) {
+            writer.data().put_blob(&r.bytes).map_err(WriterError::from)?;
+            report.embedded += 1;
+            ops.push((
+                Upsert {
+                    sku: r.row.sku.clone(),
+                    attrs: Some(r.row.attrs.clone()),
+                    image_sha256: Some(r.sha256.clone()),
+                    vectors: vecs,
+                },
+                r.row.line,
+            ));
+        }
     }
-}
-
-fn progress_bar(len: u64, show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
+    report.embed_secs += embed_started.elapsed().as_secs_f64();
+    if ops.is_empty() {
+        return Ok(());
     }
-    let bar = indicatif::ProgressBar::new(len);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} ingesting [{bar:30}] {pos}/{len} rows, {per_sec}, ETA {eta}",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar
+    let skus: Vec<String> = ops.iter().map(|(u, _)| u.sku.to_string()).collect();
+    let outcomes = writer.write_blocking(ops.into_iter().map(|(u, _)| WriteOp::Upsert(u)).collect())?;
+    for (sku, o) in skus.into_iter().zip(outcomes) {
+        match o {
+            Outcome::Added => report.added += 1,
+            Outcome::Updated => report.updated += 1,
+            Outcome::Unchanged => report.unchanged += 1,
+            outcome => return Err(IngestError::Unexpected { sku, outcome }),
+        }
+    }
+    Ok(())
 }
 
 /// Counts of rejected rows by reason kind, for the summary line.

@@ -31,6 +31,53 @@ fn to_value(v: &serde_json::Value) -> Value {
     Value { kind: Some(kind) }
 }
 
+/// A request's attributes as stored: top-level values must be strings, finite numbers, bools,
+/// or lists of those; the error names the offending key.
+pub fn from_struct(s: &Struct) -> Result<Attrs, String> {
+    let mut out = Attrs::new();
+    for (key, v) in &s.fields {
+        if key.is_empty() {
+            return Err("attribute names must not be empty".into());
+        }
+        let value = match &v.kind {
+            Some(Kind::ListValue(l)) => {
+                let items = l
+                    .values
+                    .iter()
+                    .map(|x| {
+                        scalar(x).ok_or_else(|| {
+                            format!("attribute {key:?}: list items must be strings, numbers or bools")
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                serde_json::Value::Array(items)
+            }
+            _ => scalar(v).ok_or_else(|| {
+                format!("attribute {key:?}: values must be strings, finite numbers, bools or lists of them")
+            })?,
+        };
+        out.insert(key.clone(), value);
+    }
+    Ok(out)
+}
+
+fn scalar(v: &Value) -> Option<serde_json::Value> {
+    match &v.kind {
+        Some(Kind::StringValue(s)) => Some(serde_json::Value::String(s.clone())),
+        Some(Kind::BoolValue(b)) => Some(serde_json::Value::Bool(*b)),
+        Some(Kind::NumberValue(n)) if n.is_finite() => Some(number(*n)),
+        _ => None,
+    }
+}
+
+/// A JSON object (from the CLI's `--attrs`) as a `Struct`, checked like [`from_struct`].
+pub fn json_to_struct(v: &serde_json::Value) -> Result<Struct, String> {
+    let serde_json::Value::Object(o) = v else { return Err("attributes must be a JSON object".into()) };
+    let s = Struct { fields: o.iter().map(|(k, v)| (k.clone(), to_value(v))).collect() };
+    from_struct(&s)?;
+    Ok(s)
+}
+
 /// A `Struct` back as a JSON object (for the CLI); an absent one is an empty object.
 pub fn to_json(s: Option<&Struct>) -> serde_json::Value {
     serde_json::Value::Object(
@@ -61,6 +108,24 @@ fn number(n: f64) -> serde_json::Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn request_attributes_are_checked() {
+        let ok =
+            json_to_struct(&serde_json::json!({"a": "x", "n": 20, "b": true, "tags": ["eco", 1]})).unwrap();
+        let attrs = from_struct(&ok).unwrap();
+        assert_eq!(attrs["n"], serde_json::json!(20));
+        assert_eq!(attrs["tags"], serde_json::json!(["eco", 1]));
+        for bad in [
+            serde_json::json!({"a": null}),
+            serde_json::json!({"a": {"b": 1}}),
+            serde_json::json!({"a": [[1]]}),
+            serde_json::json!({"": 1}),
+            serde_json::json!([1]),
+        ] {
+            assert!(json_to_struct(&bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn attributes_round_trip_through_struct() {

@@ -3,7 +3,8 @@
 use tonic::{Code, Status};
 
 use crate::encoder::{EncoderError, PreprocessError};
-use crate::index::IndexError;
+use crate::index::filter::FilterError;
+use crate::index::{IndexError, WriterError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
@@ -15,10 +16,14 @@ pub enum ServiceError {
     NoIndex,
     #[error("cannot decode the image: {0}")]
     BadImage(#[from] PreprocessError),
+    #[error("invalid filter: {0}")]
+    Filter(#[from] FilterError),
     #[error("encoder failed: {0}")]
     Encoder(#[from] EncoderError),
     #[error("index error: {0}")]
     Index(#[from] IndexError),
+    #[error("write failed: {0}")]
+    Writer(#[from] WriterError),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -26,18 +31,27 @@ pub enum ServiceError {
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         let code = match &e {
-            ServiceError::InvalidArgument(_) | ServiceError::BadImage(_) => Code::InvalidArgument,
+            ServiceError::InvalidArgument(_) | ServiceError::BadImage(_) | ServiceError::Filter(_) => {
+                Code::InvalidArgument
+            }
             ServiceError::NotFound(_) => Code::NotFound,
             ServiceError::NoIndex => Code::FailedPrecondition,
             ServiceError::Encoder(_) | ServiceError::Internal(_) => Code::Internal,
             ServiceError::Index(ie) => match ie {
                 IndexError::UnknownModel(_) => Code::NotFound,
                 IndexError::QueryDim { .. } | IndexError::BadQuery(_) => Code::InvalidArgument,
-                IndexError::Store(_)
-                | IndexError::Segment(_)
-                | IndexError::CountMismatch { .. }
-                | IndexError::DimMismatch { .. }
-                | IndexError::DamagedSku { .. } => Code::Internal,
+                IndexError::Segment(_) | IndexError::DamagedSku { .. } => Code::Internal,
+            },
+            ServiceError::Writer(we) => match we {
+                WriterError::Poisoned { .. } | WriterError::Closed => Code::Unavailable,
+                WriterError::Store(_)
+                | WriterError::Manifest(_)
+                | WriterError::Wal(_)
+                | WriterError::Records(_)
+                | WriterError::Deletes(_)
+                | WriterError::Segment { .. }
+                | WriterError::SegmentShape { .. }
+                | WriterError::Replay { .. } => Code::Internal,
             },
         };
         Status::new(code, e.to_string())

@@ -1,31 +1,35 @@
 //! The gRPC service: `vitrine.v1.VisualSearch`, plus `grpc.health.v1` and server reflection.
 //!
-//! Handlers are thin: validate the request, call the index (and the encoder for image
-//! queries, on the blocking pool), convert back. The index is an [`IndexSnapshot`] behind an
-//! `ArcSwap`: a watcher re-reads the manifest and swaps in a new snapshot, fully opened
-//! first, when its generation moves, so ingests become visible without a restart.
+//! The server is its data directory's one writer: it opens an [`IndexWriter`] (lock, log
+//! replay) and answers searches from the writer's published [`LiveSet`], so a search that
+//! starts after a write's acknowledgement sees it. Handlers are thin: validate the request,
+//! call the index (and the encoder, on the blocking pool), convert back.
 
 pub mod attrs;
 pub mod error;
+pub mod filter;
+mod writes;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
-use tonic::{Request, Response, Status};
+use tokio_stream::StreamExt;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Request, Response, Status, Streaming};
 
-use crate::ids::ModelVersion;
-use crate::index::manifest::Manifest;
-use crate::index::store::DataDir;
-use crate::index::{IndexSnapshot, ModelIndexView, ScoredSku};
+use crate::ids::{ModelVersion, SkuId};
+use crate::index::filter::Filter;
+use crate::index::{
+    IndexWriter, LiveSet, ModelSpec, Outcome, Query, ScoredSku, VersionLive, WriteOp, WriterConfig,
+};
 use crate::models::ModelRegistry;
 use crate::proto;
 use crate::proto::visual_search_server::{VisualSearch, VisualSearchServer};
 pub use error::ServiceError;
+pub use writes::MAX_IMAGE_BYTES;
 
 /// Largest `k` a request may ask for.
 pub const MAX_K: u32 = 1000;
@@ -34,75 +38,104 @@ pub const MAX_EF: u32 = 10_000;
 /// Default number of hits.
 pub const DEFAULT_K: u32 = 10;
 /// Largest request (an encoded image), in bytes.
-pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+pub const MAX_REQUEST_BYTES: usize = 40 << 20;
+/// Most SKUs in one Delete or Get request.
+pub const MAX_SKUS_PER_REQUEST: usize = 10_000;
+/// Upsert stream items handed to the writer together.
+const STREAM_CHUNK: usize = 64;
 
 /// Settings of a running server.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
-    /// How often to look for a new manifest generation; `None` disables reloading.
-    pub reload_interval: Option<Duration>,
-    /// Image queries embedded at once (each uses the encoder's threads).
+    /// Image queries (and upsert batches) embedded at once.
     pub max_concurrent_embeds: usize,
+    /// The model version indexed when the data directory has none yet.
+    pub default_model: ModelVersion,
+    /// Seal size, merge policy, HNSW parameters (its `holder` and `default_model` are set by
+    /// the server).
+    pub writer: WriterConfig,
+}
+
+impl ServeConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            data_dir: data_dir.into(),
+            max_concurrent_embeds: 2,
+            default_model: ModelVersion::new(crate::models::DEFAULT_MODEL).expect("valid default model"),
+            writer: WriterConfig::default(),
+        }
+    }
 }
 
 /// State shared by all handlers.
 pub struct ServerState {
-    data: DataDir,
-    index: ArcSwap<IndexSnapshot>,
+    writer: Arc<IndexWriter>,
     models: Arc<ModelRegistry>,
     embed_slots: Semaphore,
 }
 
 impl ServerState {
-    /// Opens the data directory's current snapshot and loads the serving model's encoder.
-    pub fn open(config: &ServeConfig, models: Arc<ModelRegistry>) -> Result<Self, anyhow::Error> {
-        let data = DataDir::open_reader(&config.data_dir)?;
-        let manifest = data.load_manifest()?;
-        let snapshot = open_snapshot(&data, &manifest, &models)?;
+    /// Opens the data directory as its writer (replaying its log) and loads the encoder of
+    /// every model version it indexes. `addr` is named in the lock for other writers to see.
+    pub fn open(
+        config: &ServeConfig,
+        models: Arc<ModelRegistry>,
+        addr: SocketAddr,
+    ) -> Result<Self, anyhow::Error> {
+        let default = models
+            .get(&config.default_model)
+            .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", config.default_model))?;
+        let mut wc = config.writer.clone();
+        wc.holder = format!("vitrine serve (pid {}, listening on {addr})", std::process::id());
+        wc.default_model = Some(ModelSpec {
+            version: default.version().clone(),
+            dim: default.dim(),
+            weights_sha256: default.manifest().sha256.clone(),
+        });
+        let writer = IndexWriter::open(&config.data_dir, wc)?;
+        let report = writer.open_report().clone();
+        tracing::info!(
+            replayed = report.replayed,
+            dropped_tail_bytes = report.dropped_tail_bytes,
+            secs = report.secs,
+            "index writer open"
+        );
+        for (v, view) in &writer.live().versions {
+            let enc = models.get(v).map_err(|e| anyhow::anyhow!("cannot load model {v}: {e}"))?;
+            if enc.dim() != view.dim || enc.manifest().sha256 != view.weights_sha256 {
+                anyhow::bail!(
+                    "model {v} in {} (dim {}, weights {}) is not the one its index was built with (dim {}, weights {})",
+                    models.root().display(),
+                    enc.dim(),
+                    enc.manifest().sha256,
+                    view.dim,
+                    view.weights_sha256
+                );
+            }
+        }
+        writer.live().versions.values().for_each(|v| v.sealed.iter().for_each(|s| s.segment.warm()));
         Ok(Self {
-            data,
-            index: ArcSwap::from_pointee(snapshot),
+            writer: Arc::new(writer),
             models,
             embed_slots: Semaphore::new(config.max_concurrent_embeds.max(1)),
         })
     }
 
-    pub fn snapshot(&self) -> Arc<IndexSnapshot> {
-        self.index.load_full()
+    pub fn writer(&self) -> &Arc<IndexWriter> {
+        &self.writer
     }
 
-    /// Re-reads the manifest; swaps in a new snapshot if its generation moved.
-    /// Returns the generation now served.
-    pub fn reload(&self) -> Result<u64, anyhow::Error> {
-        let manifest = self.data.load_manifest()?;
-        let current = self.index.load();
-        if manifest.generation == current.generation {
-            return Ok(current.generation);
-        }
-        let snapshot = open_snapshot(&self.data, &manifest, &self.models)?;
-        let generation = snapshot.generation;
-        self.index.store(Arc::new(snapshot));
-        tracing::info!(generation, "serving a new manifest generation");
-        Ok(generation)
+    pub fn live(&self) -> Arc<LiveSet> {
+        self.writer.live()
     }
 }
 
-/// Maps what `manifest` names, reads the catalogue attributes, loads the serving model's
-/// encoder and starts reading the segments ahead: everything a snapshot needs before it may
-/// serve.
-fn open_snapshot(
-    data: &DataDir,
-    manifest: &Manifest,
-    models: &ModelRegistry,
-) -> Result<IndexSnapshot, anyhow::Error> {
-    let mut snapshot = IndexSnapshot::open(data, manifest)?;
-    snapshot.load_attrs(data, manifest)?;
-    if let Some(v) = &snapshot.serving {
-        models.get(v).map_err(|e| anyhow::anyhow!("cannot load serving model {v}: {e}"))?;
-    }
-    snapshot.warm();
-    Ok(snapshot)
+/// The listener as tonic's incoming stream, with `TCP_NODELAY` on every accepted connection:
+/// without it Nagle's algorithm and delayed ACKs hold each response of more than one packet
+/// for about 40 ms.
+pub fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// The `vitrine.v1.VisualSearch` implementation.
@@ -117,7 +150,13 @@ impl VisualSearchService {
 }
 
 /// Validated search options.
-fn options(o: Option<proto::SearchOptions>) -> Result<(usize, usize), ServiceError> {
+struct Options {
+    k: usize,
+    ef: usize,
+    filter: Option<Filter>,
+}
+
+fn options(o: Option<proto::SearchOptions>) -> Result<Options, ServiceError> {
     let o = o.unwrap_or_default();
     let k = if o.k == 0 { DEFAULT_K } else { o.k };
     if k > MAX_K {
@@ -126,43 +165,72 @@ fn options(o: Option<proto::SearchOptions>) -> Result<(usize, usize), ServiceErr
     if o.ef > MAX_EF {
         return Err(ServiceError::InvalidArgument(format!("ef = {} is above the limit of {MAX_EF}", o.ef)));
     }
-    Ok((k as usize, o.ef as usize))
+    let filter = filter::from_options(&o)?;
+    Ok(Options { k: k as usize, ef: o.ef as usize, filter })
 }
 
-/// The answer, with each hit's catalogue attributes from `snapshot`.
-fn response(
-    snapshot: &IndexSnapshot,
-    version: &ModelVersion,
-    hits: Vec<ScoredSku>,
-) -> Response<proto::SearchResponse> {
-    let hit = |h: ScoredSku| proto::Hit {
-        attrs: snapshot.attrs.get(&h.sku).and_then(attrs::to_struct),
-        sku: h.sku.to_string(),
-        score: h.score,
-    };
-    Response::new(proto::SearchResponse {
-        model_version: version.to_string(),
-        hits: hits.into_iter().map(hit).collect(),
-    })
+/// A Delete or Get request's SKUs, validated; the first bad one is named.
+fn sku_list(raw: &[String]) -> Result<Vec<SkuId>, ServiceError> {
+    if raw.len() > MAX_SKUS_PER_REQUEST {
+        return Err(ServiceError::InvalidArgument(format!(
+            "{} skus in one request; the limit is {MAX_SKUS_PER_REQUEST}",
+            raw.len()
+        )));
+    }
+    raw.iter()
+        .map(|s| {
+            SkuId::new(s.as_str())
+                .map_err(|e| ServiceError::InvalidArgument(format!("invalid sku {s:?}: {e}")))
+        })
+        .collect()
 }
 
-fn serving(snapshot: &IndexSnapshot) -> Result<Arc<ModelIndexView>, ServiceError> {
-    snapshot.serving_index().cloned().ok_or(ServiceError::NoIndex)
+impl ServerState {
+    /// The answer, with each hit's catalogue attributes.
+    fn response(
+        &self,
+        version: &ModelVersion,
+        hits: Vec<ScoredSku>,
+    ) -> Result<proto::SearchResponse, ServiceError> {
+        let mut out = Vec::with_capacity(hits.len());
+        for h in hits {
+            let attrs = self.writer.record(h.sku.as_str())?.and_then(|r| attrs::to_struct(&r.attrs));
+            out.push(proto::Hit { attrs, sku: h.sku.to_string(), score: h.score });
+        }
+        Ok(proto::SearchResponse { model_version: version.to_string(), hits: out })
+    }
+
+    fn search(
+        &self,
+        view: &VersionLive,
+        vector: &[f32],
+        o: &Options,
+        exclude: Option<&str>,
+    ) -> Result<proto::SearchResponse, ServiceError> {
+        let q = Query { vector, k: o.k, ef: o.ef, exclude, filter: o.filter.as_ref() };
+        let hits = view.search(&q, self.writer.attrs())?;
+        self.response(&view.version, hits)
+    }
 }
+
+fn serving(live: &LiveSet) -> Result<Arc<VersionLive>, ServiceError> {
+    live.serving_version().cloned().ok_or(ServiceError::NoIndex)
+}
+
+type Resp<T> = Result<Response<T>, Status>;
 
 #[tonic::async_trait]
 impl VisualSearch for VisualSearchService {
     async fn search_by_image(
         &self,
         request: Request<proto::SearchByImageRequest>,
-    ) -> Result<Response<proto::SearchResponse>, Status> {
+    ) -> Resp<proto::SearchResponse> {
         let req = request.into_inner();
-        let (k, ef) = options(req.options)?;
+        let o = options(req.options)?;
         if req.image.is_empty() {
             return Err(ServiceError::InvalidArgument("image is empty".into()).into());
         }
-        let snapshot = self.state.snapshot();
-        let view = serving(&snapshot)?;
+        let view = serving(&self.state.live())?;
         let encoder = self.state.models.get(&view.version).map_err(ServiceError::from)?;
         let _permit = self
             .state
@@ -170,63 +238,55 @@ impl VisualSearch for VisualSearchService {
             .acquire()
             .await
             .map_err(|_| ServiceError::Internal("server is shutting down".into()))?;
-        let result = tokio::task::spawn_blocking(move || -> Result<_, ServiceError> {
+        let state = Arc::clone(&self.state);
+        let resp = tokio::task::spawn_blocking(move || -> Result<_, ServiceError> {
             let prepared = encoder.preprocess(&req.image)?;
             let mut emb = encoder.embed(std::slice::from_ref(&prepared))?;
             let q =
                 emb.pop().ok_or_else(|| ServiceError::Internal("encoder returned no embedding".into()))?;
-            let hits = view.search(&q, k, ef, None)?;
-            Ok((view, hits))
+            state.search(&view, &q, &o, None)
         })
         .await
-        .map_err(|e| ServiceError::Internal(format!("embedding task failed: {e}")))?;
-        let (view, hits) = result?;
-        Ok(response(&snapshot, &view.version, hits))
+        .map_err(|e| ServiceError::Internal(format!("embedding task failed: {e}")))??;
+        Ok(Response::new(resp))
     }
 
     async fn search_by_vector(
         &self,
         request: Request<proto::SearchByVectorRequest>,
-    ) -> Result<Response<proto::SearchResponse>, Status> {
+    ) -> Resp<proto::SearchResponse> {
         let req = request.into_inner();
-        let (k, ef) = options(req.options)?;
+        let o = options(req.options)?;
         if req.model_version.is_empty() {
             return Err(ServiceError::InvalidArgument("model_version is required".into()).into());
         }
         let version =
             ModelVersion::new(req.model_version).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
-        let snapshot = self.state.snapshot();
-        let view = snapshot.model(&version).map_err(ServiceError::from)?;
-        let hits = view.search(&req.vector, k, ef, None).map_err(ServiceError::from)?;
-        Ok(response(&snapshot, &view.version, hits))
+        let live = self.state.live();
+        let view = live.version(&version).map_err(ServiceError::from)?;
+        Ok(Response::new(self.state.search(view, &req.vector, &o, None)?))
     }
 
     async fn search_by_sku(
         &self,
         request: Request<proto::SearchBySkuRequest>,
-    ) -> Result<Response<proto::SearchResponse>, Status> {
+    ) -> Resp<proto::SearchResponse> {
         let req = request.into_inner();
-        let (k, ef) = options(req.options)?;
+        let o = options(req.options)?;
         if req.sku.is_empty() {
             return Err(ServiceError::InvalidArgument("sku is required".into()).into());
         }
-        let snapshot = self.state.snapshot();
-        let view = serving(&snapshot)?;
+        let view = serving(&self.state.live())?;
         let q = view
             .vector_of(&req.sku)
-            .ok_or_else(|| ServiceError::NotFound(format!("sku {:?} is not in the index", req.sku)))?
-            .to_vec();
-        let hits = view.search(&q, k, ef, Some(&req.sku)).map_err(ServiceError::from)?;
-        Ok(response(&snapshot, &view.version, hits))
+            .ok_or_else(|| ServiceError::NotFound(format!("sku {:?} is not in the index", req.sku)))?;
+        Ok(Response::new(self.state.search(&view, &q, &o, Some(&req.sku))?))
     }
 
-    async fn get_index_info(
-        &self,
-        _request: Request<proto::GetIndexInfoRequest>,
-    ) -> Result<Response<proto::IndexInfo>, Status> {
-        let snapshot = self.state.snapshot();
+    async fn get_index_info(&self, _request: Request<proto::GetIndexInfoRequest>) -> Resp<proto::IndexInfo> {
+        let live = self.state.live();
         let mut models = Vec::new();
-        for (version, view) in &snapshot.models {
+        for (version, view) in &live.versions {
             let (architecture, input_size) = match self.state.models.get(version) {
                 Ok(enc) => (architecture_name(enc.manifest().architecture), enc.manifest().input_size),
                 Err(_) => (String::new(), 0),
@@ -239,23 +299,127 @@ impl VisualSearch for VisualSearchService {
                 weights_sha256: view.weights_sha256.clone(),
                 live_items: view.live_items(),
                 segments: view
-                    .segments
+                    .sealed
                     .iter()
                     .map(|s| proto::SegmentInfo {
-                        id: s.entry.id.0,
-                        count: s.entry.count,
-                        deleted: s.entry.deleted.len() as u64,
-                        bytes: s.entry.bytes,
+                        id: s.id.0,
+                        count: s.segment.len() as u64,
+                        deleted: s.deleted.count(),
+                        bytes: s.segment.file_len(),
                     })
                     .collect(),
-                serving: snapshot.serving.as_ref() == Some(version),
+                serving: live.serving.as_ref() == Some(version),
             });
         }
         Ok(Response::new(proto::IndexInfo {
-            serving_model_version: snapshot.serving.as_ref().map(ToString::to_string).unwrap_or_default(),
+            serving_model_version: live.serving.as_ref().map(ToString::to_string).unwrap_or_default(),
             models,
-            manifest_generation: snapshot.generation,
+            manifest_generation: live.generation,
         }))
+    }
+
+    async fn upsert(&self, request: Request<proto::UpsertRequest>) -> Resp<proto::UpsertResponse> {
+        let req = request.into_inner();
+        let sku = req.sku.clone();
+        let mut results = self.state.upsert_items(vec![req]).await?;
+        match results.pop() {
+            Some(Ok(outcome)) => Ok(Response::new(proto::UpsertResponse { sku, outcome: outcome as i32 })),
+            Some(Err(why)) => Err(ServiceError::InvalidArgument(format!("sku {sku:?}: {why}")).into()),
+            None => Err(ServiceError::Internal("no result for the upsert".into()).into()),
+        }
+    }
+
+    async fn upsert_stream(
+        &self,
+        request: Request<Streaming<proto::UpsertRequest>>,
+    ) -> Resp<proto::UpsertStreamResponse> {
+        let mut stream = request.into_inner();
+        let mut resp = proto::UpsertStreamResponse::default();
+        let mut chunk = Vec::with_capacity(STREAM_CHUNK);
+        let mut done = false;
+        while !done {
+            match stream.next().await {
+                Some(Ok(item)) => chunk.push(item),
+                Some(Err(status)) => return Err(status),
+                None => done = true,
+            }
+            if chunk.len() >= STREAM_CHUNK || (done && !chunk.is_empty()) {
+                let skus: Vec<String> = chunk.iter().map(|r| r.sku.clone()).collect();
+                let results = self.state.upsert_items(std::mem::take(&mut chunk)).await?;
+                for (sku, r) in skus.into_iter().zip(results) {
+                    let index = resp.items.len() as u32;
+                    let status = match r {
+                        Ok(outcome) => {
+                            match outcome {
+                                proto::UpsertOutcome::Added => resp.added += 1,
+                                proto::UpsertOutcome::Updated => resp.updated += 1,
+                                _ => resp.unchanged += 1,
+                            }
+                            proto::UpsertItemStatus {
+                                index,
+                                sku,
+                                code: 0,
+                                message: String::new(),
+                                outcome: outcome as i32,
+                            }
+                        }
+                        Err(message) => {
+                            resp.failed += 1;
+                            proto::UpsertItemStatus {
+                                index,
+                                sku,
+                                code: tonic::Code::InvalidArgument as i32,
+                                message,
+                                outcome: 0,
+                            }
+                        }
+                    };
+                    resp.items.push(status);
+                }
+            }
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn delete(&self, request: Request<proto::DeleteRequest>) -> Resp<proto::DeleteResponse> {
+        let skus = sku_list(&request.into_inner().skus)?;
+        let outcomes = self
+            .state
+            .writer
+            .write(skus.iter().cloned().map(WriteOp::Delete).collect())
+            .await
+            .map_err(ServiceError::from)?;
+        let mut resp = proto::DeleteResponse::default();
+        for (sku, o) in skus.into_iter().zip(outcomes) {
+            match o {
+                Outcome::Deleted => resp.deleted.push(sku.to_string()),
+                _ => resp.missing.push(sku.to_string()),
+            }
+        }
+        Ok(Response::new(resp))
+    }
+
+    async fn get(&self, request: Request<proto::GetRequest>) -> Resp<proto::GetResponse> {
+        let skus = sku_list(&request.into_inner().skus)?;
+        let live = self.state.live();
+        let mut resp = proto::GetResponse::default();
+        for sku in skus {
+            match self.state.writer.record(sku.as_str()).map_err(ServiceError::from)? {
+                Some(rec) => resp.records.push(proto::SkuRecord {
+                    attrs: attrs::to_struct(&rec.attrs),
+                    image_sha256: rec.image_sha256.unwrap_or_default(),
+                    model_versions: live
+                        .versions
+                        .iter()
+                        .filter(|(_, v)| v.holds(sku.as_str()))
+                        .map(|(k, _)| k.to_string())
+                        .collect(),
+                    sku: sku.to_string(),
+                }),
+                None => resp.missing.push(sku.to_string()),
+            }
+        }
+        Ok(Response::new(resp))
     }
 }
 
@@ -266,13 +430,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), anyhow::Error> {
-    let state = Arc::new(ServerState::open(&config, models)?);
     let addr: SocketAddr = listener.local_addr()?;
-    let snapshot = state.snapshot();
+    let state = {
+        let config = config.clone();
+        tokio::task::spawn_blocking(move || ServerState::open(&config, models, addr)).await??
+    };
+    let state = Arc::new(state);
+    let live = state.live();
     tracing::info!(
         %addr,
-        generation = snapshot.generation,
-        serving = snapshot.serving.as_ref().map(ToString::to_string).unwrap_or_else(|| "(none)".into()),
+        generation = live.generation,
+        serving = live.serving.as_ref().map(ToString::to_string).unwrap_or_else(|| "(none)".into()),
         "vitrine serving"
     );
 
@@ -287,37 +455,23 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let watcher = config.reload_interval.map(|every| {
-        let state = Arc::clone(&state);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let s = Arc::clone(&state);
-                match tokio::task::spawn_blocking(move || s.reload()).await {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!("manifest reload failed, still serving the old snapshot: {e:#}")
-                    }
-                    Err(e) => tracing::warn!("manifest reload task failed: {e}"),
-                }
-            }
-        })
-    });
-
     let service = VisualSearchServer::new(VisualSearchService::new(Arc::clone(&state)))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
-    if let Some(w) = watcher {
-        w.abort();
+    // Stop the writer (it finishes a seal in progress) and release the lock.
+    match Arc::try_unwrap(state) {
+        Ok(state) => {
+            if let Ok(writer) = Arc::try_unwrap(state.writer) {
+                tokio::task::spawn_blocking(move || writer.close()).await?;
+            }
+        }
+        Err(_) => tracing::warn!("requests still running at shutdown; the writer stops when they end"),
     }
     result?;
     tracing::info!("vitrine stopped");
@@ -327,4 +481,21 @@ pub async fn serve(
 /// The architecture's name as model manifests spell it.
 fn architecture_name(a: crate::encoder::Architecture) -> String {
     serde_json::to_value(a).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: the listener was wrapped without TCP_NODELAY, so every answer of more than
+    /// one packet waited ~44 ms for a delayed ACK.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut inc = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = inc.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap(), "accepted socket must have TCP_NODELAY");
+    }
 }

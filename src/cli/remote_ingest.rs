@@ -1,0 +1,131 @@
+//! `vitrine ingest --addr URL`: streams a catalogue to a running server, one `UpsertStream`
+//! call per chunk of rows, and maps each item's status back to its catalogue line. Rows the
+//! server already holds with the same image and attributes come back `unchanged` without being
+//! embedded again, so re-running after an interruption resumes.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use rayon::prelude::*;
+use vitrine::ingest::catalog::{CatalogReader, CatalogRow, RejectReason, Rejected};
+use vitrine::ingest::for_each_chunk;
+use vitrine::ingest::progress::Progress;
+use vitrine::proto;
+use vitrine::server::attrs;
+
+use super::IngestArgs;
+use super::client::{connect, status_error};
+
+/// Rows per `UpsertStream` call.
+const ROWS_PER_CALL: usize = 128;
+
+#[derive(Default)]
+struct Counts {
+    rows: usize,
+    added: u64,
+    updated: u64,
+    unchanged: u64,
+    rejected: Vec<Rejected>,
+}
+
+pub fn run(addr: &str, a: &IngestArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let mut reader = CatalogReader::open(&a.catalog, a.format)?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
+    let mut client = rt.block_on(connect(addr))?;
+    let mut progress = Progress::new(reader.total_bytes(), !a.quiet);
+    let mut counts = Counts::default();
+    let mut rejected = Vec::new();
+    let mut done = 0u64;
+    counts.rows = for_each_chunk(&mut reader, ROWS_PER_CALL, &mut rejected, |rows, bytes_read| {
+        done += rows.len() as u64;
+        send_chunk(&rt, &mut client, rows, a, &mut counts)?;
+        progress.update(done, bytes_read);
+        anyhow::Ok(())
+    })?;
+    counts.rejected.extend(rejected);
+    progress.finish();
+    counts.rejected.sort_by_key(|r| r.line);
+    for r in &counts.rejected {
+        eprintln!("rejected {r}");
+    }
+    let accepted = counts.added + counts.updated + counts.unchanged;
+    println!(
+        "ingested {accepted} of {} rows via {addr} in {:.1}s: {} added, {} updated, {} unchanged (already committed, not embedded again), {} rejected",
+        counts.rows,
+        started.elapsed().as_secs_f64(),
+        counts.added,
+        counts.updated,
+        counts.unchanged,
+        counts.rejected.len()
+    );
+    if accepted == 0 {
+        eprintln!("error: nothing could be ingested from {}", a.catalog.display());
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn send_chunk(
+    rt: &tokio::runtime::Runtime,
+    client: &mut vitrine::proto::visual_search_client::VisualSearchClient<tonic::transport::Channel>,
+    rows: Vec<CatalogRow>,
+    a: &IngestArgs,
+    counts: &mut Counts,
+) -> anyhow::Result<()> {
+    let reject = |row: &CatalogRow, reason| Rejected {
+        file: a.catalog.clone(),
+        line: row.line,
+        sku: Some(row.sku.to_string()),
+        reason,
+    };
+    let read: Vec<(CatalogRow, std::io::Result<Vec<u8>>)> = rows
+        .into_par_iter()
+        .map(|row| {
+            let bytes = std::fs::read(&row.image);
+            (row, bytes)
+        })
+        .collect();
+    let mut sent: Vec<CatalogRow> = Vec::with_capacity(read.len());
+    let mut requests = Vec::with_capacity(read.len());
+    for (row, bytes) in read {
+        match bytes {
+            Ok(bytes) => {
+                let attrs_json = serde_json::to_value(&row.attrs).context("attributes serialise")?;
+                let attrs = attrs::json_to_struct(&attrs_json).map_err(|e| anyhow::anyhow!("{e}"))?;
+                requests.push(proto::UpsertRequest {
+                    sku: row.sku.to_string(),
+                    attrs: Some(attrs),
+                    payload: Some(proto::upsert_request::Payload::Image(bytes)),
+                });
+                sent.push(row);
+            }
+            Err(e) => counts.rejected.push(reject(
+                &row,
+                RejectReason::UnreadableImage { path: row.image.clone(), error: e.to_string() },
+            )),
+        }
+    }
+    if requests.is_empty() {
+        return Ok(());
+    }
+    let resp = rt
+        .block_on(client.upsert_stream(tokio_stream::iter(requests)))
+        .map_err(status_error)
+        .with_context(|| format!("streaming rows from line {} of {}", sent[0].line, a.catalog.display()))?
+        .into_inner();
+    counts.added += resp.added;
+    counts.updated += resp.updated;
+    counts.unchanged += resp.unchanged;
+    for item in resp.items {
+        if item.code != 0 {
+            let Some(row) = sent.get(item.index as usize) else { continue };
+            counts.rejected.push(reject(
+                row,
+                RejectReason::UndecodableImage { path: row.image.clone(), error: item.message },
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,238 @@
+//! What searches read: for each model version, its sealed (memory-mapped) segments with their
+//! deletion bitsets, the frozen mutable segments being sealed, and the mutable segment that
+//! takes new writes. One [`LiveSet`] is published through an `ArcSwap` by the index writer;
+//! a search loads it once and sees a consistent set of segments for its whole run.
+//!
+//! Search fans out over every segment of one version, merges the hits, drops duplicates and
+//! deleted items, and applies an attribute filter. The filter planner counts the matching
+//! items with the attribute index first: a selective filter is answered by an exact scan over
+//! the matches (so its recall is 1), a broad one by a filtered HNSW walk with a wider beam.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::RwLock;
+
+use super::deletes::DeleteSet;
+use super::filter::{AttrIndex, DocId, Filter};
+use super::mutable::MutableSegment;
+use super::{IndexError, ScoredSku};
+use crate::ids::{ModelVersion, SegmentId, SkuId};
+use crate::segment::{DEFAULT_EF_SEARCH, Segment, normalise_into};
+
+/// A filter matching at most this share of the live items is answered by an exact scan.
+pub const EXACT_FILTER_FRACTION: f64 = 0.10;
+/// ... and so is one matching at most this many items, whatever the share.
+pub const EXACT_FILTER_ITEMS: u64 = 4096;
+/// Upper bound of the widened beam of a filtered HNSW walk.
+pub const MAX_FILTERED_EF: usize = 4096;
+
+/// An immutable, memory-mapped segment with its deletions.
+#[derive(Debug)]
+pub struct SealedSegment {
+    pub id: SegmentId,
+    pub segment: Segment,
+    pub deleted: DeleteSet,
+    /// The attribute-index document of each position (built on the first filtered search).
+    docs: OnceLock<Vec<DocId>>,
+}
+
+impl SealedSegment {
+    pub fn new(id: SegmentId, segment: Segment, deleted: DeleteSet) -> Self {
+        Self { id, segment, deleted, docs: OnceLock::new() }
+    }
+
+    pub fn live(&self) -> u64 {
+        self.segment.len() as u64 - self.deleted.count()
+    }
+
+    /// The live position of `sku` in this segment.
+    pub fn find(&self, sku: &str) -> Option<u32> {
+        self.segment.find_sku(sku).filter(|&p| !self.deleted.contains(p))
+    }
+
+    fn docs(&self, attrs: &RwLock<AttrIndex>) -> &[DocId] {
+        self.docs.get_or_init(|| {
+            let index = attrs.read();
+            (0..self.segment.len() as u32)
+                .map(|p| index.doc(self.segment.sku(p)).unwrap_or(DocId::MAX))
+                .collect()
+        })
+    }
+}
+
+/// The searchable index of one model version.
+#[derive(Debug)]
+pub struct VersionLive {
+    pub version: ModelVersion,
+    pub dim: usize,
+    pub weights_sha256: String,
+    /// Oldest first.
+    pub sealed: Vec<Arc<SealedSegment>>,
+    /// Oldest first; each is being sealed.
+    pub frozen: Vec<Arc<MutableSegment>>,
+    pub mutable: Arc<MutableSegment>,
+}
+
+/// Every model version's live index, as one writer generation publishes it.
+#[derive(Debug, Default)]
+pub struct LiveSet {
+    /// The manifest generation the sealed segments come from.
+    pub generation: u64,
+    pub serving: Option<ModelVersion>,
+    pub versions: BTreeMap<ModelVersion, Arc<VersionLive>>,
+}
+
+impl LiveSet {
+    pub fn version(&self, v: &ModelVersion) -> Result<&Arc<VersionLive>, IndexError> {
+        self.versions.get(v).ok_or_else(|| IndexError::UnknownModel(v.clone()))
+    }
+
+    pub fn serving_version(&self) -> Option<&Arc<VersionLive>> {
+        self.serving.as_ref().and_then(|v| self.versions.get(v))
+    }
+}
+
+/// A dense bitset over document ids, for fast membership tests in the search loops.
+struct DocMask {
+    words: Vec<u64>,
+}
+
+impl DocMask {
+    fn new(matches: &roaring::RoaringBitmap) -> Self {
+        let max = matches.max().map_or(0, |m| m as usize + 1);
+        let mut words = vec![0u64; max.div_ceil(64)];
+        for d in matches {
+            words[d as usize / 64] |= 1 << (d % 64);
+        }
+        Self { words }
+    }
+
+    #[inline]
+    fn contains(&self, d: DocId) -> bool {
+        self.words.get(d as usize / 64).is_some_and(|w| w & (1 << (d % 64)) != 0)
+    }
+}
+
+/// One search, as the caller asks it.
+#[derive(Debug, Clone, Copy)]
+pub struct Query<'a> {
+    pub vector: &'a [f32],
+    pub k: usize,
+    /// 0: [`DEFAULT_EF_SEARCH`]. Raised to at least `k`.
+    pub ef: usize,
+    /// A SKU never to return (the query item of "more like this").
+    pub exclude: Option<&'a str>,
+    pub filter: Option<&'a Filter>,
+}
+
+impl VersionLive {
+    /// Live items in every segment.
+    pub fn live_items(&self) -> u64 {
+        let sealed: u64 = self.sealed.iter().map(|s| s.live()).sum();
+        let mutable: usize = self.frozen.iter().chain([&self.mutable]).map(|m| m.live_count()).sum();
+        sealed + mutable as u64
+    }
+
+    /// The stored (unit-length) vector of the live copy of `sku`.
+    pub fn vector_of(&self, sku: &str) -> Option<Vec<f32>> {
+        for m in std::iter::once(&self.mutable).chain(self.frozen.iter().rev()) {
+            if let Some(v) = m.vector_of(sku) {
+                return Some(v);
+            }
+        }
+        self.sealed.iter().rev().find_map(|s| s.find(sku).map(|p| s.segment.vector(p).to_vec()))
+    }
+
+    /// Whether this version holds a live vector of `sku`.
+    pub fn holds(&self, sku: &str) -> bool {
+        std::iter::once(&self.mutable).chain(self.frozen.iter()).any(|m| m.find(sku).is_some())
+            || self.sealed.iter().any(|s| s.find(sku).is_some())
+    }
+
+    /// Top-`k` live items by cosine similarity, best first; see the module docs.
+    pub fn search(&self, q: &Query<'_>, attrs: &RwLock<AttrIndex>) -> Result<Vec<ScoredSku>, IndexError> {
+        if q.vector.len() != self.dim {
+            return Err(IndexError::QueryDim {
+                model: self.version.clone(),
+                expected: self.dim,
+                found: q.vector.len(),
+            });
+        }
+        let mut query = Vec::with_capacity(self.dim);
+        normalise_into(q.vector, &mut query).map_err(IndexError::BadQuery)?;
+        let k_inner = q.k + usize::from(q.exclude.is_some());
+        let mut ef = if q.ef == 0 { DEFAULT_EF_SEARCH } else { q.ef }.max(k_inner);
+
+        // Filter planning: count the matches, then scan them exactly or widen the beam.
+        let mut exact = false;
+        let mask = match q.filter.filter(|f| !f.conditions.is_empty()) {
+            None => None,
+            Some(f) => {
+                let index = attrs.read();
+                let matches = index.matching(f);
+                let (hits, live) = (matches.len(), index.len().max(1));
+                drop(index);
+                if hits == 0 {
+                    return Ok(Vec::new());
+                }
+                let share = hits as f64 / live as f64;
+                exact = share <= EXACT_FILTER_FRACTION || hits <= EXACT_FILTER_ITEMS;
+                if !exact {
+                    ef = ((ef as f64 / share).ceil() as usize).clamp(ef, MAX_FILTERED_EF.max(ef));
+                }
+                Some(DocMask::new(&matches))
+            }
+        };
+
+        // (score, segment order, sku): newer segments have higher order.
+        let mut all: Vec<(f32, usize, SkuId)> = Vec::new();
+        for (order, s) in self.sealed.iter().enumerate() {
+            let docs = mask.as_ref().map(|_| s.docs(attrs));
+            let deleted = s.deleted.count() > 0;
+            let keep = |pos: u32| {
+                !(deleted && s.deleted.contains(pos))
+                    && match (&mask, docs) {
+                        (Some(m), Some(d)) => d.get(pos as usize).is_some_and(|&doc| m.contains(doc)),
+                        _ => true,
+                    }
+            };
+            let filter: Option<&dyn Fn(u32) -> bool> =
+                if deleted || mask.is_some() { Some(&keep) } else { None };
+            let hits = if exact {
+                s.segment.brute_force(&query, k_inner, filter)?
+            } else {
+                s.segment.search(&query, k_inner, ef, filter)?
+            };
+            for h in hits {
+                let sku = SkuId::new(s.segment.sku(h.idx)).map_err(|_| IndexError::DamagedSku {
+                    model: self.version.clone(),
+                    id: s.id,
+                    idx: h.idx,
+                })?;
+                all.push((h.score, order, sku));
+            }
+        }
+        let base = self.sealed.len();
+        let keep_doc = |d: DocId| mask.as_ref().is_none_or(|m| m.contains(d));
+        let doc_filter: Option<&dyn Fn(DocId) -> bool> = if mask.is_some() { Some(&keep_doc) } else { None };
+        for (i, m) in self.frozen.iter().chain([&self.mutable]).enumerate() {
+            for (h, sku) in m.search(&query, k_inner, doc_filter) {
+                all.push((h.score, base + i, sku));
+            }
+        }
+        all.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then_with(|| a.2.cmp(&b.2)));
+        let mut seen = HashSet::with_capacity(all.len());
+        let mut out = Vec::with_capacity(q.k);
+        for (score, _, sku) in all {
+            if q.exclude == Some(sku.as_str()) || !seen.insert(sku.clone()) {
+                continue;
+            }
+            out.push(ScoredSku { sku, score });
+            if out.len() == q.k {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

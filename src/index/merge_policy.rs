@@ -1,0 +1,158 @@
+//! Which sealed segments of one model version to merge next: pure decision logic, no IO.
+//!
+//! The policy, applied after every seal and merge:
+//! 1. A segment with no live item left is dropped (a merge of nothing).
+//! 2. A segment whose deleted share is at least `purge_ratio` is rewritten without its dead
+//!    items, together with the segments smaller than it that fit into `max_merge_items`.
+//! 3. While a version has more than `max_segments` segments, just enough of its smallest
+//!    segments (by live items) to get back to the limit are merged, as far as they fit into
+//!    `max_merge_items` (at least two).
+//!
+//! Segments never grow past `max_merge_items` by merging, so once the policy settles a version
+//! has at most `max_segments` segments, or no two of its smallest fit together (so each holds
+//! over half the limit): at most about `max_segments + 2 * live_items / max_merge_items`,
+//! whatever the write pattern.
+
+use crate::ids::SegmentId;
+
+/// The policy's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MergePolicy {
+    pub max_segments: usize,
+    pub max_merge_items: u64,
+    pub purge_ratio: f64,
+}
+
+impl Default for MergePolicy {
+    fn default() -> Self {
+        Self { max_segments: 8, max_merge_items: 1_000_000, purge_ratio: 0.3 }
+    }
+}
+
+/// What the policy sees of one segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentStat {
+    pub id: SegmentId,
+    pub count: u64,
+    pub live: u64,
+}
+
+impl MergePolicy {
+    /// The segments to merge into one next (none: nothing to do). `segments` must not contain
+    /// segments already being merged.
+    pub fn plan(&self, segments: &[SegmentStat]) -> Option<Vec<SegmentId>> {
+        if let Some(empty) = segments.iter().find(|s| s.live == 0) {
+            return Some(vec![empty.id]);
+        }
+        let mut by_size: Vec<&SegmentStat> = segments.iter().collect();
+        by_size.sort_by_key(|s| (s.live, s.id));
+        let dirty = segments
+            .iter()
+            .filter(|s| (s.count - s.live) as f64 >= self.purge_ratio * s.count as f64)
+            .max_by_key(|s| (s.count - s.live, s.id));
+        let mut chosen: Vec<SegmentId> = Vec::new();
+        if let Some(d) = dirty {
+            // Purge it, taking along the segments smaller than it that fit.
+            chosen.push(d.id);
+            let mut total = d.live;
+            for s in by_size.iter().filter(|s| s.id != d.id && s.live <= d.live) {
+                if total + s.live > self.max_merge_items {
+                    break;
+                }
+                total += s.live;
+                chosen.push(s.id);
+            }
+        } else if segments.len() > self.max_segments.max(1) {
+            // Merge just enough of the smallest to get back to the limit, as far as they fit.
+            let need = (segments.len() - self.max_segments.max(1) + 1).max(2);
+            let mut total = 0;
+            for s in by_size.iter().take(need) {
+                if total + s.live > self.max_merge_items {
+                    break;
+                }
+                total += s.live;
+                chosen.push(s.id);
+            }
+            if chosen.len() < 2 {
+                return None;
+            }
+        } else {
+            return None;
+        }
+        chosen.sort();
+        Some(chosen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn seg(id: u64, count: u64, live: u64) -> SegmentStat {
+        SegmentStat { id: SegmentId(id), count, live }
+    }
+
+    #[test]
+    fn nothing_to_do_below_the_limits() {
+        let p = MergePolicy { max_segments: 4, max_merge_items: 100, purge_ratio: 0.5 };
+        assert_eq!(p.plan(&[seg(1, 10, 10), seg(2, 10, 9)]), None);
+    }
+
+    #[test]
+    fn empty_segments_are_dropped_and_dirty_ones_purged() {
+        let p = MergePolicy { max_segments: 4, max_merge_items: 100, purge_ratio: 0.5 };
+        assert_eq!(p.plan(&[seg(1, 10, 10), seg(2, 10, 0)]), Some(vec![SegmentId(2)]));
+        assert_eq!(p.plan(&[seg(1, 90, 90), seg(2, 10, 4)]), Some(vec![SegmentId(2)]));
+        assert_eq!(
+            p.plan(&[seg(1, 50, 50), seg(2, 10, 4), seg(3, 3, 3)]),
+            Some(vec![SegmentId(2), SegmentId(3)]),
+            "a purge takes along smaller segments only"
+        );
+    }
+
+    #[test]
+    fn too_many_segments_merge_the_smallest() {
+        let p = MergePolicy { max_segments: 3, max_merge_items: 100, purge_ratio: 0.5 };
+        let segs = [seg(1, 50, 50), seg(2, 5, 5), seg(3, 6, 6), seg(4, 7, 7), seg(5, 60, 60)];
+        assert_eq!(p.plan(&segs), Some(vec![SegmentId(2), SegmentId(3), SegmentId(4)]));
+    }
+
+    proptest! {
+        /// Applying the plan until it says nothing keeps the count bounded and never builds a
+        /// segment over the size limit.
+        #[test]
+        fn repeated_plans_bound_the_segment_count(
+            sizes in prop::collection::vec((1u64..500, 0u64..100), 1..60),
+            max_segments in 1usize..10,
+        ) {
+            let p = MergePolicy { max_segments, max_merge_items: 1000, purge_ratio: 0.3 };
+            let mut next = 1000u64;
+            let mut segs: Vec<SegmentStat> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &(count, dead_pct))| {
+                    let live = count - count * dead_pct / 100;
+                    seg(i as u64 + 1, count, live)
+                })
+                .collect();
+            let total: u64 = segs.iter().map(|s| s.live).sum();
+            for _ in 0..1000 {
+                let Some(ids) = p.plan(&segs) else { break };
+                prop_assert!(!ids.is_empty());
+                let merged: u64 = segs.iter().filter(|s| ids.contains(&s.id)).map(|s| s.live).sum();
+                prop_assert!(merged <= 1000 || ids.len() == 1);
+                segs.retain(|s| !ids.contains(&s.id));
+                if merged > 0 {
+                    next += 1;
+                    segs.push(seg(next, merged, merged));
+                }
+            }
+            prop_assert!(p.plan(&segs).is_none(), "the policy must settle");
+            prop_assert_eq!(segs.iter().map(|s| s.live).sum::<u64>(), total);
+            // Settled: at most max_segments, or no two of the smallest fit together (each > half the limit).
+            let bound = max_segments as u64 + 2 * total / 1000 + 1;
+            prop_assert!(segs.len() as u64 <= bound, "{} segments > bound {}", segs.len(), bound);
+        }
+    }
+}

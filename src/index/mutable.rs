@@ -1,0 +1,264 @@
+//! The in-memory mutable segment of one model version: where upserts land the moment they are
+//! acknowledged, searched by exact scan until it is sealed into an immutable, memory-mapped
+//! HNSW segment.
+//!
+//! Appends and deletions take a short write lock; searches take a read lock for one scan. An
+//! item's position never changes. The writer freezes a full mutable segment (no more appends;
+//! deletions still land) and a background task seals it; until the sealed segment replaces
+//! it, the frozen one keeps serving.
+
+use std::cmp::Ordering;
+use std::collections::{BinaryHeap, HashMap};
+
+use parking_lot::RwLock;
+
+use crate::ids::SkuId;
+use crate::index::filter::DocId;
+use crate::segment::dot;
+
+/// One scored position of a segment.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PosHit {
+    pub score: f32,
+    pub pos: u32,
+}
+
+/// Keeps the best `k` hits; ties prefer the lower position.
+pub(crate) struct TopHits {
+    k: usize,
+    heap: BinaryHeap<Worst>,
+}
+
+#[derive(PartialEq)]
+struct Worst(PosHit);
+impl Eq for Worst {}
+impl PartialOrd for Worst {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Worst {
+    /// The heap's top is the worst hit kept: lowest score, then highest position.
+    fn cmp(&self, other: &Self) -> Ordering {
+        other.0.score.total_cmp(&self.0.score).then(self.0.pos.cmp(&other.0.pos))
+    }
+}
+
+impl TopHits {
+    pub(crate) fn new(k: usize) -> Self {
+        Self { k, heap: BinaryHeap::with_capacity(k + 1) }
+    }
+
+    #[inline]
+    pub(crate) fn offer(&mut self, score: f32, pos: u32) {
+        if self.k == 0 {
+            return;
+        }
+        if self.heap.len() < self.k {
+            self.heap.push(Worst(PosHit { score, pos }));
+        } else if let Some(top) = self.heap.peek()
+            && (score > top.0.score || (score == top.0.score && pos < top.0.pos))
+        {
+            self.heap.pop();
+            self.heap.push(Worst(PosHit { score, pos }));
+        }
+    }
+
+    /// Best first.
+    pub(crate) fn into_sorted(self) -> Vec<PosHit> {
+        let mut v: Vec<PosHit> = self.heap.into_iter().map(|w| w.0).collect();
+        v.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.pos.cmp(&b.pos)));
+        v
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    skus: Vec<SkuId>,
+    docs: Vec<DocId>,
+    /// `len * dim` unit-length values.
+    vectors: Vec<f32>,
+    deleted: Vec<bool>,
+    /// The live position of each SKU.
+    live: HashMap<SkuId, u32>,
+    frozen: bool,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct MutableSegment {
+    dim: usize,
+    inner: RwLock<Inner>,
+}
+
+/// A consistent copy of a segment's live items, for sealing.
+#[derive(Debug, Default)]
+pub struct LiveItems {
+    pub positions: Vec<u32>,
+    pub skus: Vec<SkuId>,
+    pub vectors: Vec<f32>,
+}
+
+impl MutableSegment {
+    pub fn new(dim: usize) -> Self {
+        Self { dim, inner: RwLock::new(Inner::default()) }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Positions used (live and deleted).
+    pub fn len(&self) -> usize {
+        self.inner.read().skus.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn live_count(&self) -> usize {
+        self.inner.read().live.len()
+    }
+
+    /// Appends a unit-length `vector` for `sku` (the caller has deleted any older copy) and
+    /// returns its position.
+    ///
+    /// # Panics
+    /// If the segment is frozen or the vector has the wrong length: both are writer bugs.
+    pub fn push(&self, sku: SkuId, doc: DocId, vector: &[f32]) -> u32 {
+        assert_eq!(vector.len(), self.dim, "vector length");
+        let mut g = self.inner.write();
+        assert!(!g.frozen, "append to a frozen mutable segment");
+        let pos = g.skus.len() as u32;
+        g.vectors.extend_from_slice(vector);
+        g.docs.push(doc);
+        g.deleted.push(false);
+        if let Some(old) = g.live.insert(sku.clone(), pos) {
+            // Never two live copies of one SKU in a segment.
+            g.deleted[old as usize] = true;
+        }
+        g.skus.push(sku);
+        pos
+    }
+
+    /// Deletes the live copy of `sku`, if this segment has one. True if it did.
+    pub fn delete_sku(&self, sku: &SkuId) -> bool {
+        let mut g = self.inner.write();
+        match g.live.remove(sku) {
+            Some(pos) => {
+                g.deleted[pos as usize] = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The live position of `sku`.
+    pub fn find(&self, sku: &str) -> Option<u32> {
+        let key = SkuId::new(sku).ok()?;
+        self.inner.read().live.get(&key).copied()
+    }
+
+    pub fn is_deleted(&self, pos: u32) -> bool {
+        self.inner.read().deleted.get(pos as usize).copied().unwrap_or(true)
+    }
+
+    /// The stored vector of the live copy of `sku`.
+    pub fn vector_of(&self, sku: &str) -> Option<Vec<f32>> {
+        let key = SkuId::new(sku).ok()?;
+        let g = self.inner.read();
+        let pos = *g.live.get(&key)? as usize;
+        Some(g.vectors[pos * self.dim..(pos + 1) * self.dim].to_vec())
+    }
+
+    pub fn sku(&self, pos: u32) -> SkuId {
+        self.inner.read().skus[pos as usize].clone()
+    }
+
+    /// No more appends (deletions still apply).
+    pub fn freeze(&self) {
+        self.inner.write().frozen = true;
+    }
+
+    /// A copy of the live items, in position order.
+    pub fn live_items(&self) -> LiveItems {
+        let g = self.inner.read();
+        let mut out = LiveItems::default();
+        for (pos, sku) in g.skus.iter().enumerate() {
+            if !g.deleted[pos] {
+                out.positions.push(pos as u32);
+                out.skus.push(sku.clone());
+                out.vectors.extend_from_slice(&g.vectors[pos * self.dim..(pos + 1) * self.dim]);
+            }
+        }
+        out
+    }
+
+    /// Exact top-`k` over live items whose doc passes `keep` (all when `None`), with their SKUs.
+    /// `query` must be unit length and `dim` long.
+    pub fn search(
+        &self,
+        query: &[f32],
+        k: usize,
+        keep: Option<&dyn Fn(DocId) -> bool>,
+    ) -> Vec<(PosHit, SkuId)> {
+        let g = self.inner.read();
+        let mut top = TopHits::new(k);
+        for (pos, v) in g.vectors.chunks_exact(self.dim).enumerate() {
+            if g.deleted[pos] || keep.is_some_and(|f| !f(g.docs[pos])) {
+                continue;
+            }
+            top.offer(dot(query, v), pos as u32);
+        }
+        top.into_sorted().into_iter().map(|h| (h, g.skus[h.pos as usize].clone())).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(dim: usize, hot: usize) -> Vec<f32> {
+        let mut v = vec![0.0; dim];
+        v[hot] = 1.0;
+        v
+    }
+
+    #[test]
+    fn push_replace_delete_and_search() {
+        let m = MutableSegment::new(4);
+        let a = SkuId::new("a").unwrap();
+        let b = SkuId::new("b").unwrap();
+        m.push(a.clone(), 0, &unit(4, 0));
+        m.push(b.clone(), 1, &unit(4, 1));
+        let hits = m.search(&unit(4, 0), 2, None);
+        assert_eq!(hits[0].1, a);
+        assert_eq!(hits.len(), 2);
+        // A second copy of `a` replaces the first.
+        m.push(a.clone(), 0, &unit(4, 2));
+        assert_eq!(m.live_count(), 2);
+        let hits = m.search(&unit(4, 0), 5, None);
+        assert_eq!(hits.len(), 2);
+        assert_eq!(m.find("a"), Some(2));
+        assert!(m.delete_sku(&b));
+        assert!(!m.delete_sku(&b));
+        let hits = m.search(&unit(4, 1), 5, None);
+        assert_eq!(hits.iter().map(|h| h.1.as_str()).collect::<Vec<_>>(), vec!["a"]);
+        let only_doc1 = |d: DocId| d == 1;
+        assert!(m.search(&unit(4, 1), 5, Some(&only_doc1)).is_empty());
+        let live = m.live_items();
+        assert_eq!(live.positions, vec![2]);
+        assert_eq!(live.vectors, unit(4, 2));
+    }
+
+    #[test]
+    fn top_hits_keeps_the_best_in_order() {
+        let mut t = TopHits::new(3);
+        for (i, s) in [0.1f32, 0.9, 0.5, 0.9, 0.2, 0.7].into_iter().enumerate() {
+            t.offer(s, i as u32);
+        }
+        let v = t.into_sorted();
+        assert_eq!(v.iter().map(|h| h.pos).collect::<Vec<_>>(), vec![1, 3, 5]);
+    }
+}

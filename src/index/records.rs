@@ -1,0 +1,214 @@
+//! SKU records: what the catalogue says about each SKU (attributes, the sha256 of its stored
+//! image), independent of any model version, with O(1)-ish lookup by SKU.
+//!
+//! The durable part is a [redb](https://docs.rs/redb) database (`DATA_DIR/records.redb`): a
+//! single-file copy-on-write B-tree with ACID commits. Writes since the last checkpoint live in
+//! an in-memory overlay (the write-ahead log is what makes them durable); a checkpoint writes
+//! the overlay into redb in one transaction (O(changes), fsynced) before the manifest commit.
+//! A crash after that redb commit but before the manifest commit is harmless: recovery replays
+//! the log from the manifest's checkpoint, and applying a record again gives the same result.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::SkuId;
+use crate::index::store::Attrs;
+
+const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
+pub const RECORDS_FILE: &str = "records.redb";
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("record store {path}: {source}")]
+    Db { path: PathBuf, source: Box<redb::Error> },
+    #[error("record store {path}: record of sku {sku:?} is damaged: {source}")]
+    Damaged { path: PathBuf, sku: String, source: serde_json::Error },
+}
+
+/// What the catalogue says about one SKU.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Record {
+    /// sha256 (hex) of the original image bytes under blobs/; `None` for SKUs upserted as
+    /// vectors only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Attrs::is_empty")]
+    pub attrs: Attrs,
+}
+
+/// The record store: redb plus the overlay of changes since the last checkpoint.
+pub struct RecordStore {
+    path: PathBuf,
+    db: redb::Database,
+    /// sku -> (log sequence number, record or `None` for deleted).
+    overlay: Mutex<HashMap<SkuId, (u64, Option<Record>)>>,
+}
+
+impl std::fmt::Debug for RecordStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordStore").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+impl RecordStore {
+    fn db_err(&self, e: impl Into<redb::Error>) -> RecordError {
+        RecordError::Db { path: self.path.clone(), source: Box::new(e.into()) }
+    }
+
+    /// Opens (creating) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, RecordError> {
+        let db = redb::Database::create(path)
+            .map_err(|e| RecordError::Db { path: path.to_path_buf(), source: Box::new(e.into()) })?;
+        let store = Self { path: path.to_path_buf(), db, overlay: Mutex::new(HashMap::new()) };
+        // Make sure the table exists so readers never see "table does not exist".
+        let txn = store.db.begin_write().map_err(|e| store.db_err(e))?;
+        txn.open_table(RECORDS).map_err(|e| store.db_err(e))?;
+        txn.commit().map_err(|e| store.db_err(e))?;
+        Ok(store)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The current record of `sku`.
+    pub fn get(&self, sku: &str) -> Result<Option<Record>, RecordError> {
+        if let Ok(key) = SkuId::new(sku)
+            && let Some((_, rec)) = self.overlay.lock().get(&key)
+        {
+            return Ok(rec.clone());
+        }
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(RECORDS).map_err(|e| self.db_err(e))?;
+        let Some(value) = table.get(sku).map_err(|e| self.db_err(e))? else { return Ok(None) };
+        let rec = serde_json::from_slice(value.value()).map_err(|source| RecordError::Damaged {
+            path: self.path.clone(),
+            sku: sku.to_string(),
+            source,
+        })?;
+        Ok(Some(rec))
+    }
+
+    /// Sets (or with `None` removes) the record of `sku`, as log record `seq` says. In memory
+    /// until the next [`flush`](Self::flush); the log makes it durable.
+    pub fn put(&self, sku: SkuId, record: Option<Record>, seq: u64) {
+        self.overlay.lock().insert(sku, (seq, record));
+    }
+
+    /// Changes waiting for a checkpoint.
+    pub fn pending(&self) -> usize {
+        self.overlay.lock().len()
+    }
+
+    /// Writes every pending change into redb in one durable transaction and forgets them.
+    /// Returns how many were written. Called by the one writer only.
+    pub fn flush(&self) -> Result<usize, RecordError> {
+        let pending: Vec<(SkuId, (u64, Option<Record>))> =
+            self.overlay.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let mut txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
+        txn.set_durability(redb::Durability::Immediate).map_err(|e| self.db_err(e))?;
+        {
+            let mut table = txn.open_table(RECORDS).map_err(|e| self.db_err(e))?;
+            for (sku, (_, rec)) in &pending {
+                match rec {
+                    Some(r) => {
+                        let bytes = serde_json::to_vec(r).expect("records serialise");
+                        table.insert(sku.as_str(), bytes.as_slice()).map_err(|e| self.db_err(e))?;
+                    }
+                    None => {
+                        table.remove(sku.as_str()).map_err(|e| self.db_err(e))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.db_err(e))?;
+        let mut overlay = self.overlay.lock();
+        for (sku, (seq, _)) in &pending {
+            if overlay.get(sku).is_some_and(|(s, _)| s == seq) {
+                overlay.remove(sku);
+            }
+        }
+        Ok(pending.len())
+    }
+
+    /// Calls `f` for every current record (redb's, with pending changes applied), in no
+    /// particular order. O(records): for building in-memory indexes at start.
+    pub fn for_each(&self, mut f: impl FnMut(&SkuId, &Record)) -> Result<(), RecordError> {
+        let overlay = self.overlay.lock().clone();
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
+        let table = txn.open_table(RECORDS).map_err(|e| self.db_err(e))?;
+        for item in table.iter().map_err(|e| self.db_err(e))? {
+            let (k, v) = item.map_err(|e| self.db_err(e))?;
+            let Ok(sku) = SkuId::new(k.value()) else { continue };
+            if overlay.contains_key(&sku) {
+                continue;
+            }
+            let rec: Record = serde_json::from_slice(v.value()).map_err(|source| RecordError::Damaged {
+                path: self.path.clone(),
+                sku: sku.to_string(),
+                source,
+            })?;
+            f(&sku, &rec);
+        }
+        for (sku, (_, rec)) in &overlay {
+            if let Some(r) = rec {
+                f(sku, r);
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of current records (O(records)).
+    pub fn count(&self) -> Result<u64, RecordError> {
+        let mut n = 0;
+        self.for_each(|_, _| n += 1)?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(sha: &str, title: &str) -> Record {
+        let mut attrs = Attrs::new();
+        attrs.insert("title".into(), serde_json::json!(title));
+        Record { image_sha256: Some(sha.into()), attrs }
+    }
+
+    #[test]
+    fn overlay_then_flush_then_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(RECORDS_FILE);
+        let a = SkuId::new("A").unwrap();
+        let b = SkuId::new("B").unwrap();
+        {
+            let s = RecordStore::open(&p).unwrap();
+            s.put(a.clone(), Some(rec("1", "mug")), 1);
+            s.put(b.clone(), Some(rec("2", "cup")), 2);
+            assert_eq!(s.get("A").unwrap(), Some(rec("1", "mug")));
+            assert_eq!(s.flush().unwrap(), 2);
+            assert_eq!(s.pending(), 0);
+            s.put(a.clone(), None, 3);
+            assert_eq!(s.get("A").unwrap(), None, "the overlay hides the flushed record");
+            assert_eq!(s.count().unwrap(), 1);
+            // Not flushed: lost on reopen, as intended (the log replays it).
+        }
+        let s = RecordStore::open(&p).unwrap();
+        assert_eq!(s.get("A").unwrap(), Some(rec("1", "mug")));
+        assert_eq!(s.get("B").unwrap(), Some(rec("2", "cup")));
+        assert_eq!(s.get("C").unwrap(), None);
+        s.put(a, None, 3);
+        s.flush().unwrap();
+        let mut seen = Vec::new();
+        s.for_each(|k, _| seen.push(k.to_string())).unwrap();
+        assert_eq!(seen, vec!["B".to_string()]);
+    }
+}

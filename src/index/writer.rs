@@ -1,0 +1,1230 @@
+//! The index writer: the one owner of a data directory's changes.
+//!
+//! [`IndexWriter::open`] takes the directory's lock, migrates a format-1 directory, removes
+//! what a crashed writer left, maps the sealed segments, replays the write-ahead log into
+//! fresh mutable segments and starts two threads:
+//!
+//! * the **writer thread** owns all mutable state. It drains every queued write request at
+//!   once (group commit): decides each operation against the current records, appends the
+//!   resulting changes to the log in one frame with one fdatasync, applies them to the mutable
+//!   segments, deletion bitsets, record store and attribute index, and only then answers. A
+//!   search that starts after an answer therefore sees the write, and the write survives a
+//!   crash. When a mutable segment is full (or the log is large) it freezes every version's
+//!   mutable segment and hands them to the sealer; it also commits what the sealer returns.
+//! * the **sealer thread** builds HNSW segment files from frozen mutable segments and merges
+//!   sealed segments (see `merge_policy.rs`). It never touches shared state: it returns the
+//!   built file and the writer thread commits it (deletion files, record store flush, manifest
+//!   rename, then log truncation) and publishes a new [`LiveSet`].
+//!
+//! A failed commit poisons the writer: later writes are refused with the reason, searches keep
+//! working, and a restart recovers from the last manifest plus the log.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use parking_lot::RwLock;
+
+use super::deletes::{DeleteSet, DeletesError};
+use super::entry::{Change, EntryError};
+use super::filter::AttrIndex;
+use super::live::{LiveSet, SealedSegment, VersionLive};
+use super::manifest::{DeletesRef, Loaded, Manifest, ManifestError, ModelIndex, SegmentEntry};
+use super::merge_policy::{MergePolicy, SegmentStat};
+use super::mutable::MutableSegment;
+use super::records::{Record, RecordError, RecordStore};
+use super::store::{Attrs, DataDir, StoreError};
+use super::wal::{Wal, WalError};
+use crate::ids::{ModelVersion, SegmentId, SkuId};
+use crate::segment::{HnswParams, Segment, SegmentError, SegmentStats, normalise_into, write_segment};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriterError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Wal(#[from] WalError),
+    #[error(transparent)]
+    Records(#[from] RecordError),
+    #[error(transparent)]
+    Deletes(#[from] DeletesError),
+    #[error("segment {id} of {version}: {source}")]
+    Segment { version: ModelVersion, id: SegmentId, source: SegmentError },
+    #[error(
+        "segment {id} of {version}: manifest says {expected} items of dimension {dim}, file {path} differs"
+    )]
+    SegmentShape { version: ModelVersion, id: SegmentId, path: PathBuf, expected: u64, dim: u32 },
+    #[error("write-ahead log record {seq} cannot be replayed: {source}")]
+    Replay { seq: u64, source: EntryError },
+    #[error(
+        "the index writer stopped after an earlier failure and takes no more writes (restart to recover): {reason}"
+    )]
+    Poisoned { reason: String },
+    #[error("the index writer has shut down")]
+    Closed,
+}
+
+/// A model version's index as created on first use: its dimension and weights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSpec {
+    pub version: ModelVersion,
+    pub dim: usize,
+    pub weights_sha256: String,
+}
+
+/// Settings of an [`IndexWriter`].
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Written into the LOCK file, shown to a second writer that is refused.
+    pub holder: String,
+    /// The index created (and served) when the directory has none yet.
+    pub default_model: Option<ModelSpec>,
+    /// A mutable segment is sealed once it holds this many items.
+    pub seal_items: usize,
+    /// A checkpoint is forced once the log holds this many bytes.
+    pub checkpoint_wal_bytes: u64,
+    pub hnsw: HnswParams,
+    pub merge: MergePolicy,
+    /// Frozen segments waiting for the sealer before writes wait (backpressure).
+    pub max_pending_seals: usize,
+}
+
+/// Default for [`WriterConfig::seal_items`]: small enough that the exact scan of the
+/// mutable segment stays around a millisecond at 1280 dimensions.
+pub const DEFAULT_SEAL_ITEMS: usize = 4096;
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        Self {
+            holder: format!("vitrine, pid {}", std::process::id()),
+            default_model: None,
+            seal_items: DEFAULT_SEAL_ITEMS,
+            checkpoint_wal_bytes: 256 << 20,
+            hnsw: HnswParams::default(),
+            merge: MergePolicy::default(),
+            max_pending_seals: 2,
+        }
+    }
+}
+
+/// One change a client asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WriteOp {
+    Upsert(Upsert),
+    Delete(SkuId),
+}
+
+/// An upsert: the SKU's new attributes (`None`: keep), image (by the sha256 of bytes already
+/// stored with [`DataDir::put_blob`]; `None`: keep) and vectors (one per model version; an
+/// image upsert must bring one for every version the directory indexes).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upsert {
+    pub sku: SkuId,
+    pub attrs: Option<Attrs>,
+    pub image_sha256: Option<String>,
+    pub vectors: Vec<(ModelVersion, Vec<f32>)>,
+}
+
+/// What became of one operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Added,
+    Updated,
+    /// Same image and attributes as stored: nothing written.
+    Unchanged,
+    Deleted,
+    /// A delete of a SKU that does not exist.
+    NotFound,
+    /// An image upsert whose image is new but which lacks a vector for some model version
+    /// (`missing`): embed with those and send it again.
+    NeedsEmbedding {
+        missing: Vec<ModelVersion>,
+    },
+    /// Invalid: nothing written.
+    Rejected(String),
+}
+
+/// Where the writer thread sends an answer: to an async caller or a blocking one (a blocking
+/// caller may itself run inside an async runtime, where tokio's blocking receive panics).
+enum Reply<T> {
+    Async(tokio::sync::oneshot::Sender<Result<T, WriterError>>),
+    Blocking(std::sync::mpsc::Sender<Result<T, WriterError>>),
+}
+
+impl<T> Reply<T> {
+    fn send(self, value: Result<T, WriterError>) -> Result<(), ()> {
+        match self {
+            Reply::Async(tx) => tx.send(value).map_err(|_| ()),
+            Reply::Blocking(tx) => tx.send(value).map_err(|_| ()),
+        }
+    }
+}
+
+enum Msg {
+    Write { ops: Vec<WriteOp>, reply: Reply<Vec<Outcome>> },
+    Checkpoint { reply: Reply<u64> },
+    Sealed(SealResult),
+    Merged(MergeResult),
+    Stop,
+}
+
+struct SealJob {
+    id: u64,
+    seal_seq: u64,
+    parts: Vec<(ModelVersion, Arc<MutableSegment>, SegmentId)>,
+}
+
+/// A segment file the sealer wrote: its id, where each of its items came from (a position of
+/// the frozen segment, or an (input, position) pair of a merge), and its build stats.
+struct BuiltFile<P> {
+    id: SegmentId,
+    sources: Vec<P>,
+    stats: SegmentStats,
+}
+
+/// One frozen segment after sealing: its file, or none when no item was live.
+struct SealedPart {
+    version: ModelVersion,
+    frozen: Arc<MutableSegment>,
+    file: Option<BuiltFile<u32>>,
+}
+
+struct SealResult {
+    id: u64,
+    seal_seq: u64,
+    built: Result<Vec<SealedPart>, WriterError>,
+}
+
+struct MergeJob {
+    version: ModelVersion,
+    inputs: Vec<Arc<SealedSegment>>,
+    id: SegmentId,
+}
+
+struct MergeResult {
+    version: ModelVersion,
+    inputs: Vec<Arc<SealedSegment>>,
+    /// The merged file (none when nothing was live).
+    built: Result<Option<BuiltFile<(usize, u32)>>, WriterError>,
+}
+
+enum Job {
+    Seal(SealJob),
+    Merge(MergeJob),
+}
+
+/// What the writer shares with readers.
+struct Shared {
+    data: DataDir,
+    wal: Wal,
+    records: RecordStore,
+    attrs: RwLock<AttrIndex>,
+    live: ArcSwap<LiveSet>,
+}
+
+/// What a writer's open found and did.
+#[derive(Debug, Clone, Default)]
+pub struct OpenReport {
+    pub replayed: usize,
+    pub dropped_tail_bytes: u64,
+    pub orphans_removed: usize,
+    pub migrated: bool,
+    pub secs: f64,
+}
+
+/// See the module docs.
+pub struct IndexWriter {
+    shared: Arc<Shared>,
+    tx: Sender<Msg>,
+    writer: Option<JoinHandle<()>>,
+    sealer: Option<JoinHandle<()>>,
+    report: OpenReport,
+}
+
+impl std::fmt::Debug for IndexWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IndexWriter").field("root", &self.shared.data.root()).finish_non_exhaustive()
+    }
+}
+
+struct VState {
+    dim: usize,
+    weights_sha256: String,
+    sealed: Vec<Arc<SealedSegment>>,
+    frozen: Vec<Arc<MutableSegment>>,
+    mutable: Arc<MutableSegment>,
+}
+
+/// The writer thread's state.
+struct State {
+    shared: Arc<Shared>,
+    cfg: WriterConfig,
+    manifest: Manifest,
+    versions: BTreeMap<ModelVersion, VState>,
+    jobs: Sender<Job>,
+    next_job: u64,
+    pending_seals: usize,
+    merging: HashSet<SegmentId>,
+    checkpoint_waiters: Vec<(u64, Reply<u64>)>,
+    poisoned: Option<String>,
+}
+
+impl IndexWriter {
+    /// Opens `root` (creating it) as its one writer; see the module docs.
+    pub fn open(root: &std::path::Path, cfg: WriterConfig) -> Result<Self, WriterError> {
+        let started = Instant::now();
+        let data = DataDir::open_writer(root, &cfg.holder)?;
+        let records = RecordStore::open(&data.records_path())?;
+        let mut report = OpenReport::default();
+        let mut manifest = match Manifest::load_any(root)? {
+            Loaded::Current(m) => m,
+            Loaded::Legacy(legacy) => {
+                report.migrated = true;
+                migrate(&data, &records, legacy)?
+            }
+        };
+        report.orphans_removed = data.remove_orphans(&manifest)?.len();
+        if report.orphans_removed > 0 {
+            tracing::warn!(count = report.orphans_removed, "removed files left by an interrupted writer");
+        }
+        if manifest.indexes.is_empty()
+            && let Some(spec) = &cfg.default_model
+        {
+            manifest.indexes.insert(
+                spec.version.clone(),
+                ModelIndex {
+                    dim: spec.dim as u32,
+                    weights_sha256: spec.weights_sha256.clone(),
+                    segments: vec![],
+                },
+            );
+            manifest.serving_model = Some(spec.version.clone());
+            manifest.generation += 1;
+            manifest.store(root)?;
+        }
+        let mut versions = BTreeMap::new();
+        for (version, ix) in &manifest.indexes {
+            std::fs::create_dir_all(data.index_dir(version)).map_err(|source| StoreError::Io {
+                action: "cannot create",
+                path: data.index_dir(version),
+                source,
+            })?;
+            let mut sealed = Vec::with_capacity(ix.segments.len());
+            for e in &ix.segments {
+                sealed.push(Arc::new(open_sealed(&data, version, ix.dim, e)?));
+            }
+            let mutable = Arc::new(MutableSegment::new(ix.dim as usize));
+            versions.insert(
+                version.clone(),
+                VState {
+                    dim: ix.dim as usize,
+                    weights_sha256: ix.weights_sha256.clone(),
+                    sealed,
+                    frozen: vec![],
+                    mutable,
+                },
+            );
+        }
+        let mut attrs = AttrIndex::new();
+        records.for_each(|sku, rec| {
+            attrs.upsert(sku.as_str(), &rec.attrs);
+        })?;
+        let (wal, replayed) = Wal::open(&data.wal_dir(), manifest.wal_checkpoint)?;
+        report.dropped_tail_bytes = replayed.dropped_tail_bytes;
+        if replayed.dropped_tail_bytes > 0 {
+            tracing::warn!(bytes = replayed.dropped_tail_bytes, "dropped a torn write at the end of the log");
+        }
+        let shared = Arc::new(Shared {
+            data,
+            wal,
+            records,
+            attrs: RwLock::new(attrs),
+            live: ArcSwap::from_pointee(LiveSet::default()),
+        });
+        let (tx, rx) = channel::<Msg>();
+        let (job_tx, job_rx) = channel::<Job>();
+        let mut state = State {
+            shared: Arc::clone(&shared),
+            cfg,
+            manifest,
+            versions,
+            jobs: job_tx,
+            next_job: 1,
+            pending_seals: 0,
+            merging: HashSet::new(),
+            checkpoint_waiters: vec![],
+            poisoned: None,
+        };
+        report.replayed = replayed.records.len();
+        for (seq, bytes) in replayed.records {
+            let change = Change::decode(&bytes).map_err(|source| WriterError::Replay { seq, source })?;
+            state.apply(seq, &change)?;
+            if state.mutable_full() {
+                state.freeze_all(seq)?;
+            }
+        }
+        state.publish();
+        state.plan_merges();
+        let sealer = {
+            let shared = Arc::clone(&shared);
+            let tx = tx.clone();
+            let hnsw = state.cfg.hnsw;
+            std::thread::Builder::new()
+                .name("vitrine-sealer".into())
+                .spawn(move || sealer_loop(&shared, &job_rx, &tx, &hnsw))
+                .map_err(|source| StoreError::Io {
+                    action: "cannot start the sealer thread in",
+                    path: root.into(),
+                    source,
+                })?
+        };
+        let writer = std::thread::Builder::new()
+            .name("vitrine-writer".into())
+            .spawn(move || state.run(&rx))
+            .map_err(|source| StoreError::Io {
+                action: "cannot start the writer thread in",
+                path: root.into(),
+                source,
+            })?;
+        report.secs = started.elapsed().as_secs_f64();
+        Ok(Self { shared, tx, writer: Some(writer), sealer: Some(sealer), report })
+    }
+
+    pub fn open_report(&self) -> &OpenReport {
+        &self.report
+    }
+
+    pub fn data(&self) -> &DataDir {
+        &self.shared.data
+    }
+
+    /// What searches read now.
+    pub fn live(&self) -> Arc<LiveSet> {
+        self.shared.live.load_full()
+    }
+
+    pub fn attrs(&self) -> &RwLock<AttrIndex> {
+        &self.shared.attrs
+    }
+
+    /// The current record of `sku`.
+    pub fn record(&self, sku: &str) -> Result<Option<Record>, WriterError> {
+        Ok(self.shared.records.get(sku)?)
+    }
+
+    /// Bytes of write-ahead log on disk.
+    pub fn wal_bytes(&self) -> u64 {
+        self.shared.wal.disk_bytes()
+    }
+
+    /// Applies `ops` (in order) durably; see [`Outcome`]. Answers once every change is in the
+    /// log (fsynced) and visible to searches.
+    pub async fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<Outcome>, WriterError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Msg::Write { ops, reply: Reply::Async(tx) }).map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)?
+    }
+
+    /// [`write`](Self::write) that blocks the calling thread.
+    pub fn write_blocking(&self, ops: Vec<WriteOp>) -> Result<Vec<Outcome>, WriterError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx.send(Msg::Write { ops, reply: Reply::Blocking(tx) }).map_err(|_| WriterError::Closed)?;
+        rx.recv().map_err(|_| WriterError::Closed)?
+    }
+
+    /// Seals every mutable segment and waits for the commit; returns the manifest generation.
+    /// Afterwards the log holds nothing that the segments do not.
+    pub fn checkpoint_blocking(&self) -> Result<u64, WriterError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx.send(Msg::Checkpoint { reply: Reply::Blocking(tx) }).map_err(|_| WriterError::Closed)?;
+        rx.recv().map_err(|_| WriterError::Closed)?
+    }
+
+    /// Async [`checkpoint_blocking`](Self::checkpoint_blocking).
+    pub async fn checkpoint(&self) -> Result<u64, WriterError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Msg::Checkpoint { reply: Reply::Async(tx) }).map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)?
+    }
+
+    /// Stops both threads (a seal or merge in progress finishes first; its file is committed
+    /// by the next writer's start, or removed as an orphan) and releases the lock.
+    pub fn close(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+        if let Some(s) = self.sealer.take() {
+            let _ = s.join();
+        }
+    }
+}
+
+impl Drop for IndexWriter {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn open_sealed(
+    data: &DataDir,
+    version: &ModelVersion,
+    dim: u32,
+    e: &SegmentEntry,
+) -> Result<SealedSegment, WriterError> {
+    let path = data.segment_path(version, e.id);
+    let segment = Segment::open(&path).map_err(|source| WriterError::Segment {
+        version: version.clone(),
+        id: e.id,
+        source,
+    })?;
+    if segment.len() as u64 != e.count || segment.dim() != dim as usize {
+        return Err(WriterError::SegmentShape {
+            version: version.clone(),
+            id: e.id,
+            path,
+            expected: e.count,
+            dim,
+        });
+    }
+    let deleted = match e.deletes {
+        Some(d) => {
+            let set = DeleteSet::load(&data.deletes_path(version, e.id, d.generation), segment.len())?;
+            if set.count() != d.count {
+                return Err(DeletesError::Damaged {
+                    path: data.deletes_path(version, e.id, d.generation),
+                    reason: "bit count differs from the manifest's",
+                }
+                .into());
+            }
+            set
+        }
+        None => DeleteSet::new(segment.len()),
+    };
+    Ok(SealedSegment::new(e.id, segment, deleted))
+}
+
+/// Turns a format-1 directory into format 2: catalogue batches into the record store, inline
+/// deleted lists into deletion files, then the new manifest (the commit point). Idempotent: a
+/// crash before the manifest rename leaves format 1, and the next open migrates again.
+fn migrate(
+    data: &DataDir,
+    records: &RecordStore,
+    legacy: super::manifest::LegacyManifest,
+) -> Result<Manifest, WriterError> {
+    tracing::info!(generation = legacy.generation, "migrating a format-1 data directory to format 2");
+    for (sku, rec) in data.read_legacy_catalog(&legacy)? {
+        records.put(sku, Some(Record { image_sha256: Some(rec.image_sha256), attrs: rec.attrs }), 0);
+    }
+    records.flush()?;
+    let generation = legacy.generation + 1;
+    let mut m = Manifest {
+        generation,
+        next_id: legacy.next_id,
+        serving_model: legacy.serving_model.clone(),
+        ..Manifest::default()
+    };
+    for (version, ix) in &legacy.indexes {
+        let mut segments = Vec::new();
+        for s in &ix.segments {
+            let mut deletes = None;
+            if !s.deleted.is_empty() {
+                let set = DeleteSet::new(s.count as usize);
+                for &p in &s.deleted {
+                    set.set(p);
+                }
+                let count = set.store(&data.deletes_path(version, s.id, generation))?;
+                deletes = Some(DeletesRef { generation, count });
+            }
+            segments.push(SegmentEntry { id: s.id, count: s.count, bytes: s.bytes, deletes });
+        }
+        m.indexes.insert(
+            version.clone(),
+            ModelIndex { dim: ix.dim, weights_sha256: ix.weights_sha256.clone(), segments },
+        );
+    }
+    m.store(data.root())?;
+    for batch in &legacy.catalog {
+        let _ = data.remove_file(&data.catalog_path(batch.id));
+    }
+    let _ = std::fs::remove_dir(data.root().join("catalog"));
+    Ok(m)
+}
+
+/// Checks and normalises one vector of an upsert.
+fn checked_vector(
+    versions: &BTreeMap<ModelVersion, VState>,
+    v: &ModelVersion,
+    values: &[f32],
+) -> Result<Vec<f32>, String> {
+    let Some(vs) = versions.get(v) else {
+        return Err(format!("model version {v} has no index in this data directory"));
+    };
+    if values.len() != vs.dim {
+        return Err(format!("vector for {v} has {} dimensions; the index has {}", values.len(), vs.dim));
+    }
+    let mut out = Vec::with_capacity(values.len());
+    normalise_into(values, &mut out).map_err(|why| format!("vector for {v} is unusable: {why}"))?;
+    Ok(out)
+}
+
+impl State {
+    fn run(mut self, rx: &Receiver<Msg>) {
+        let mut deferred: Vec<Msg> = Vec::new();
+        loop {
+            // Backpressure: while the sealer is behind, only its results are taken.
+            let msg = if self.pending_seals >= self.cfg.max_pending_seals.max(1) || deferred.is_empty() {
+                match rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => return,
+                }
+            } else {
+                deferred.remove(0)
+            };
+            let mut batch = vec![msg];
+            while let Ok(m) = rx.try_recv() {
+                batch.push(m);
+                if batch.len() >= 1024 {
+                    break;
+                }
+            }
+            let mut writes = Vec::new();
+            for m in batch {
+                match m {
+                    Msg::Write { .. } | Msg::Checkpoint { .. }
+                        if self.pending_seals >= self.cfg.max_pending_seals.max(1) =>
+                    {
+                        deferred.push(m)
+                    }
+                    Msg::Write { ops, reply } => writes.push((ops, reply)),
+                    Msg::Checkpoint { reply } => {
+                        if !writes.is_empty() {
+                            self.process_writes(std::mem::take(&mut writes));
+                        }
+                        self.request_checkpoint(reply);
+                    }
+                    Msg::Sealed(r) => self.commit_seal(r),
+                    Msg::Merged(r) => self.commit_merge(r),
+                    Msg::Stop => {
+                        if !writes.is_empty() {
+                            self.process_writes(std::mem::take(&mut writes));
+                        }
+                        return;
+                    }
+                }
+            }
+            if !writes.is_empty() {
+                self.process_writes(writes);
+            }
+        }
+    }
+
+    fn poison(&mut self, why: &WriterError) {
+        tracing::error!("index writer failed, refusing further writes: {why}");
+        self.poisoned.get_or_insert_with(|| why.to_string());
+    }
+
+    /// Decides, logs (one frame, one fsync), applies and answers a group of write requests.
+    fn process_writes(&mut self, requests: Vec<(Vec<WriteOp>, Reply<Vec<Outcome>>)>) {
+        if let Some(reason) = &self.poisoned {
+            for (_, reply) in requests {
+                let _ = reply.send(Err(WriterError::Poisoned { reason: reason.clone() }));
+            }
+            return;
+        }
+        // Decide every operation against the records as the earlier ones leave them.
+        let mut pending: HashMap<SkuId, Option<Record>> = HashMap::new();
+        let mut changes: Vec<Change> = Vec::new();
+        let mut outcomes: Vec<Result<Vec<Outcome>, WriterError>> = Vec::with_capacity(requests.len());
+        for (ops, _) in &requests {
+            let mut out = Vec::with_capacity(ops.len());
+            let mut failed = None;
+            for op in ops {
+                match self.decide(op, &mut pending) {
+                    Ok((outcome, change)) => {
+                        if let Some(c) = change {
+                            changes.push(c);
+                        }
+                        out.push(outcome);
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+            }
+            outcomes.push(match failed {
+                Some(e) => Err(e),
+                None => Ok(out),
+            });
+        }
+        if outcomes.iter().any(Result::is_err) {
+            // A record store read failed: answer everyone with an error, change nothing.
+            for ((_, reply), o) in requests.into_iter().zip(outcomes) {
+                let _ = reply.send(Err(o.err().unwrap_or(WriterError::Poisoned {
+                    reason: "another request in the same group failed".into(),
+                })));
+            }
+            return;
+        }
+        if !changes.is_empty() {
+            let payloads: Vec<Vec<u8>> = changes.iter().map(Change::encode).collect();
+            let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            let first = match self.shared.wal.append_batch(&refs) {
+                Ok(first) => first,
+                Err(e) => {
+                    let e = WriterError::Wal(e);
+                    self.poison(&e);
+                    for (_, reply) in requests {
+                        let _ = reply.send(Err(WriterError::Poisoned { reason: e.to_string() }));
+                    }
+                    return;
+                }
+            };
+            let mut froze = false;
+            for (i, c) in changes.iter().enumerate() {
+                let seq = first + i as u64;
+                if let Err(e) = self.apply(seq, c) {
+                    self.poison(&e);
+                }
+                // Segments are cut at exactly `seal_items`, even inside a group.
+                if self.mutable_full() {
+                    if let Err(e) = self.freeze_all(seq) {
+                        self.poison(&e);
+                    }
+                    froze = true;
+                }
+            }
+            let last = first + changes.len() as u64 - 1;
+            if self.shared.wal.disk_bytes() >= self.cfg.checkpoint_wal_bytes && self.pending_seals == 0 {
+                if let Err(e) = self.freeze_all(last) {
+                    self.poison(&e);
+                }
+                froze = true;
+            }
+            if froze {
+                self.publish();
+            }
+        }
+        for ((_, reply), o) in requests.into_iter().zip(outcomes) {
+            let _ = reply.send(o);
+        }
+    }
+
+    fn current(
+        &self,
+        sku: &SkuId,
+        pending: &HashMap<SkuId, Option<Record>>,
+    ) -> Result<Option<Record>, WriterError> {
+        match pending.get(sku) {
+            Some(r) => Ok(r.clone()),
+            None => Ok(self.shared.records.get(sku.as_str())?),
+        }
+    }
+
+    /// What one operation does, given the records; the change to log, if any.
+    fn decide(
+        &self,
+        op: &WriteOp,
+        pending: &mut HashMap<SkuId, Option<Record>>,
+    ) -> Result<(Outcome, Option<Change>), WriterError> {
+        match op {
+            WriteOp::Delete(sku) => {
+                if self.current(sku, pending)?.is_none() {
+                    return Ok((Outcome::NotFound, None));
+                }
+                pending.insert(sku.clone(), None);
+                Ok((Outcome::Deleted, Some(Change::Delete { sku: sku.clone() })))
+            }
+            WriteOp::Upsert(u) => {
+                let mut vectors = Vec::with_capacity(u.vectors.len());
+                let mut seen = HashSet::new();
+                for (v, values) in &u.vectors {
+                    if !seen.insert(v) {
+                        return Ok((Outcome::Rejected(format!("two vectors for model version {v}")), None));
+                    }
+                    match checked_vector(&self.versions, v, values) {
+                        Ok(vec) => vectors.push((v.clone(), vec)),
+                        Err(why) => return Ok((Outcome::Rejected(why), None)),
+                    }
+                }
+                let cur = self.current(&u.sku, pending)?;
+                let cur_attrs = cur.as_ref().map(|r| r.attrs.clone()).unwrap_or_default();
+                let attrs_changed = u.attrs.as_ref().is_some_and(|a| *a != cur_attrs);
+                let same_image = u.image_sha256.is_some()
+                    && cur.as_ref().and_then(|r| r.image_sha256.as_ref()) == u.image_sha256.as_ref();
+                let new_image = u.image_sha256.is_some() && !same_image;
+                if new_image {
+                    let missing: Vec<ModelVersion> = self
+                        .versions
+                        .keys()
+                        .filter(|v| !vectors.iter().any(|(have, _)| have == *v))
+                        .cloned()
+                        .collect();
+                    if !missing.is_empty() {
+                        return Ok((Outcome::NeedsEmbedding { missing }, None));
+                    }
+                }
+                if !new_image && vectors.is_empty() || same_image {
+                    // Attributes only (the image, if sent, is the stored one: nothing to embed).
+                    if cur.is_none() {
+                        return Ok((
+                            Outcome::Rejected(format!(
+                                "sku {:?} does not exist: a new SKU needs an image or a vector",
+                                u.sku.as_str()
+                            )),
+                            None,
+                        ));
+                    }
+                    if !attrs_changed {
+                        return Ok((Outcome::Unchanged, None));
+                    }
+                    vectors.clear();
+                }
+                let record = Record {
+                    image_sha256: if new_image {
+                        u.image_sha256.clone()
+                    } else {
+                        cur.as_ref().and_then(|r| r.image_sha256.clone())
+                    },
+                    attrs: u.attrs.clone().unwrap_or(cur_attrs),
+                };
+                let outcome = if cur.is_some() { Outcome::Updated } else { Outcome::Added };
+                pending.insert(u.sku.clone(), Some(record));
+                let change = Change::Upsert {
+                    sku: u.sku.clone(),
+                    attrs: u.attrs.clone().filter(|_| attrs_changed || cur.is_none()),
+                    image_sha256: u.image_sha256.clone().filter(|_| new_image),
+                    vectors,
+                };
+                Ok((outcome, Some(change)))
+            }
+        }
+    }
+
+    /// Applies one logged change to memory (live writes and replay alike).
+    fn apply(&mut self, seq: u64, change: &Change) -> Result<(), WriterError> {
+        let records = &self.shared.records;
+        match change {
+            Change::Upsert { sku, attrs, image_sha256, vectors } => {
+                let cur = records.get(sku.as_str())?;
+                let record = Record {
+                    image_sha256: image_sha256
+                        .clone()
+                        .or_else(|| cur.as_ref().and_then(|r| r.image_sha256.clone())),
+                    attrs: attrs.clone().or_else(|| cur.map(|r| r.attrs)).unwrap_or_default(),
+                };
+                let doc = self.shared.attrs.write().upsert(sku.as_str(), &record.attrs);
+                for (v, values) in vectors {
+                    let Some(vs) = self.versions.get(v) else { continue };
+                    if values.len() != vs.dim {
+                        continue;
+                    }
+                    // The new copy first, then the old ones go: a search never sees neither.
+                    vs.mutable.push(sku.clone(), doc, values);
+                    for f in &vs.frozen {
+                        f.delete_sku(sku);
+                    }
+                    for s in &vs.sealed {
+                        if let Some(p) = s.find(sku.as_str()) {
+                            s.deleted.set(p);
+                        }
+                    }
+                }
+                records.put(sku.clone(), Some(record), seq);
+            }
+            Change::Delete { sku } => {
+                for vs in self.versions.values() {
+                    for m in std::iter::once(&vs.mutable).chain(vs.frozen.iter()) {
+                        m.delete_sku(sku);
+                    }
+                    for s in &vs.sealed {
+                        if let Some(p) = s.find(sku.as_str()) {
+                            s.deleted.set(p);
+                        }
+                    }
+                }
+                records.put(sku.clone(), None, seq);
+                self.shared.attrs.write().remove(sku.as_str());
+            }
+        }
+        Ok(())
+    }
+
+    fn mutable_full(&self) -> bool {
+        self.versions.values().any(|vs| vs.mutable.len() >= self.cfg.seal_items.max(1))
+    }
+
+    /// Freezes every version's mutable segment (they hold exactly the log records after the
+    /// last checkpoint, up to `seal_seq`) and queues them for sealing.
+    fn freeze_all(&mut self, seal_seq: u64) -> Result<(), WriterError> {
+        self.shared.wal.rotate()?;
+        let mut parts = Vec::new();
+        for (v, vs) in &mut self.versions {
+            let old = std::mem::replace(&mut vs.mutable, Arc::new(MutableSegment::new(vs.dim)));
+            old.freeze();
+            vs.frozen.push(Arc::clone(&old));
+            let id = SegmentId(self.manifest.allocate_id());
+            parts.push((v.clone(), old, id));
+        }
+        let job = SealJob { id: self.next_job, seal_seq, parts };
+        self.next_job += 1;
+        self.pending_seals += 1;
+        self.jobs.send(Job::Seal(job)).map_err(|_| WriterError::Closed)
+    }
+
+    fn request_checkpoint(&mut self, reply: Reply<u64>) {
+        if let Some(reason) = &self.poisoned {
+            let _ = reply.send(Err(WriterError::Poisoned { reason: reason.clone() }));
+            return;
+        }
+        let seq = self.shared.wal.last_seq();
+        if seq <= self.manifest.wal_checkpoint && self.pending_seals == 0 {
+            // Nothing logged since the last checkpoint: nothing to seal or commit.
+            let _ = reply.send(Ok(self.manifest.generation));
+            return;
+        }
+        let job = self.next_job;
+        if let Err(e) = self.freeze_all(seq) {
+            self.poison(&e);
+            let _ = reply.send(Err(e));
+            return;
+        }
+        self.publish();
+        self.checkpoint_waiters.push((job, reply));
+    }
+
+    /// Publishes the current segments to searches.
+    fn publish(&self) {
+        let versions = self
+            .versions
+            .iter()
+            .map(|(v, vs)| {
+                let live = VersionLive {
+                    version: v.clone(),
+                    dim: vs.dim,
+                    weights_sha256: vs.weights_sha256.clone(),
+                    sealed: vs.sealed.clone(),
+                    frozen: vs.frozen.clone(),
+                    mutable: Arc::clone(&vs.mutable),
+                };
+                (v.clone(), Arc::new(live))
+            })
+            .collect();
+        self.shared.live.store(Arc::new(LiveSet {
+            generation: self.manifest.generation,
+            serving: self.manifest.serving_model.clone(),
+            versions,
+        }));
+    }
+
+    /// Writes a new deletion file for every sealed segment whose deletions changed since the
+    /// manifest `next` names; returns the files it replaces.
+    fn persist_deletes(
+        &self,
+        next: &mut Manifest,
+        extra: &[(ModelVersion, Arc<SealedSegment>)],
+    ) -> Result<Vec<PathBuf>, WriterError> {
+        let data = &self.shared.data;
+        let generation = next.generation;
+        let mut replaced = Vec::new();
+        for (v, ix) in &mut next.indexes {
+            for e in &mut ix.segments {
+                let seg = self
+                    .versions
+                    .get(v)
+                    .and_then(|vs| vs.sealed.iter().find(|s| s.id == e.id))
+                    .or_else(|| extra.iter().find(|(ev, s)| ev == v && s.id == e.id).map(|(_, s)| s));
+                let Some(seg) = seg else { continue };
+                if seg.deleted.count() == e.deleted() {
+                    continue;
+                }
+                let count = seg.deleted.store(&data.deletes_path(v, e.id, generation))?;
+                if let Some(old) = e.deletes {
+                    replaced.push(data.deletes_path(v, e.id, old.generation));
+                }
+                e.deletes = Some(DeletesRef { generation, count });
+            }
+        }
+        Ok(replaced)
+    }
+
+    /// Maps a file the sealer built, with the deletions that happened to its items while it
+    /// was being built (`dead` says, per item source, whether it is deleted now).
+    fn open_built<P>(
+        &self,
+        v: &ModelVersion,
+        file: &BuiltFile<P>,
+        dead: impl Fn(&P) -> bool,
+    ) -> Result<Arc<SealedSegment>, WriterError> {
+        let id = file.id;
+        let path = self.shared.data.segment_path(v, id);
+        let segment =
+            Segment::open(&path).map_err(|source| WriterError::Segment { version: v.clone(), id, source })?;
+        let deleted = DeleteSet::new(segment.len());
+        for (i, src) in file.sources.iter().enumerate() {
+            if dead(src) {
+                deleted.set(i as u32);
+            }
+        }
+        Ok(Arc::new(SealedSegment::new(id, segment, deleted)))
+    }
+
+    fn commit_seal(&mut self, r: SealResult) {
+        self.pending_seals -= 1;
+        let result = self.try_commit_seal(r.seal_seq, r.built);
+        let waiters: Vec<_> = {
+            let (done, rest): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut self.checkpoint_waiters).into_iter().partition(|(j, _)| *j <= r.id);
+            self.checkpoint_waiters = rest;
+            done
+        };
+        match result {
+            Ok(()) => {
+                for (_, reply) in waiters {
+                    let _ = reply.send(Ok(self.manifest.generation));
+                }
+                self.plan_merges();
+            }
+            Err(e) => {
+                self.poison(&e);
+                for (_, reply) in waiters {
+                    let _ = reply.send(Err(WriterError::Poisoned { reason: e.to_string() }));
+                }
+            }
+        }
+    }
+
+    fn try_commit_seal(
+        &mut self,
+        seal_seq: u64,
+        built: Result<Vec<SealedPart>, WriterError>,
+    ) -> Result<(), WriterError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(WriterError::Poisoned { reason: reason.clone() });
+        }
+        let built = built?;
+        let data = &self.shared.data;
+        let mut next = self.manifest.clone();
+        next.generation += 1;
+        let mut added: Vec<(ModelVersion, Arc<SealedSegment>)> = Vec::new();
+        for part in &built {
+            let (v, Some(file)) = (&part.version, &part.file) else { continue };
+            let seg = self.open_built(v, file, |&p| part.frozen.is_deleted(p))?;
+            if let Some(ix) = next.indexes.get_mut(v) {
+                ix.segments.push(SegmentEntry {
+                    id: file.id,
+                    count: file.stats.count as u64,
+                    bytes: file.stats.bytes,
+                    deletes: None,
+                });
+            }
+            added.push((v.clone(), seg));
+        }
+        let replaced = self.persist_deletes(&mut next, &added)?;
+        self.shared.records.flush()?;
+        next.wal_checkpoint = seal_seq;
+        next.store(data.root())?;
+        self.manifest = next;
+        for (v, seg) in added {
+            if let Some(vs) = self.versions.get_mut(&v) {
+                vs.sealed.push(seg);
+            }
+        }
+        for part in &built {
+            if let Some(vs) = self.versions.get_mut(&part.version) {
+                vs.frozen.retain(|f| !Arc::ptr_eq(f, &part.frozen));
+            }
+        }
+        self.publish();
+        self.shared.wal.remove_through(seal_seq)?;
+        for p in replaced {
+            data.remove_file(&p)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a merge for every version the policy says needs one (one at a time per version).
+    fn plan_merges(&mut self) {
+        if self.poisoned.is_some() {
+            return;
+        }
+        let mut jobs = Vec::new();
+        for (v, vs) in &self.versions {
+            if vs.sealed.iter().any(|s| self.merging.contains(&s.id)) {
+                continue;
+            }
+            let stats: Vec<SegmentStat> = vs
+                .sealed
+                .iter()
+                .map(|s| SegmentStat { id: s.id, count: s.segment.len() as u64, live: s.live() })
+                .collect();
+            if let Some(ids) = self.cfg.merge.plan(&stats) {
+                let inputs: Vec<Arc<SealedSegment>> =
+                    vs.sealed.iter().filter(|s| ids.contains(&s.id)).cloned().collect();
+                jobs.push((v.clone(), inputs));
+            }
+        }
+        for (version, inputs) in jobs {
+            for s in &inputs {
+                self.merging.insert(s.id);
+            }
+            let id = SegmentId(self.manifest.allocate_id());
+            tracing::debug!(%version, inputs = inputs.len(), %id, "merging segments");
+            if self.jobs.send(Job::Merge(MergeJob { version, inputs, id })).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn commit_merge(&mut self, r: MergeResult) {
+        for s in &r.inputs {
+            self.merging.remove(&s.id);
+        }
+        if let Err(e) = self.try_commit_merge(&r) {
+            // A merge that fails changes nothing: the inputs stay live.
+            tracing::error!(version = %r.version, "merge failed, keeping its input segments: {e}");
+            if let Ok(Some(file)) = &r.built {
+                let _ = self.shared.data.remove_file(&self.shared.data.segment_path(&r.version, file.id));
+            }
+            return;
+        }
+        self.plan_merges();
+    }
+
+    fn try_commit_merge(&mut self, r: &MergeResult) -> Result<(), WriterError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(WriterError::Poisoned { reason: reason.clone() });
+        }
+        let built = match &r.built {
+            Ok(b) => b,
+            Err(e) => return Err(WriterError::Poisoned { reason: e.to_string() }),
+        };
+        let data = &self.shared.data;
+        let v = &r.version;
+        let input_ids: Vec<SegmentId> = r.inputs.iter().map(|s| s.id).collect();
+        let mut next = self.manifest.clone();
+        next.generation += 1;
+        let mut added = Vec::new();
+        let merged = match built {
+            Some(file) => {
+                let seg = self.open_built(v, file, |&(input, pos)| r.inputs[input].deleted.contains(pos))?;
+                added.push((v.clone(), Arc::clone(&seg)));
+                let entry = SegmentEntry {
+                    id: file.id,
+                    count: file.stats.count as u64,
+                    bytes: file.stats.bytes,
+                    deletes: None,
+                };
+                Some((entry, seg))
+            }
+            None => None,
+        };
+        let Some(ix) = next.indexes.get_mut(v) else { return Ok(()) };
+        let at = ix.segments.iter().position(|e| input_ids.contains(&e.id)).unwrap_or(ix.segments.len());
+        let removed: Vec<SegmentEntry> =
+            ix.segments.iter().filter(|e| input_ids.contains(&e.id)).cloned().collect();
+        ix.segments.retain(|e| !input_ids.contains(&e.id));
+        if let Some((entry, _)) = &merged {
+            ix.segments.insert(at.min(ix.segments.len()), entry.clone());
+        }
+        let replaced = self.persist_deletes(&mut next, &added)?;
+        next.store(data.root())?;
+        self.manifest = next;
+        if let Some(vs) = self.versions.get_mut(v) {
+            let at = vs.sealed.iter().position(|s| input_ids.contains(&s.id)).unwrap_or(vs.sealed.len());
+            vs.sealed.retain(|s| !input_ids.contains(&s.id));
+            if let Some((_, seg)) = merged {
+                vs.sealed.insert(at.min(vs.sealed.len()), seg);
+            }
+        }
+        self.publish();
+        for e in removed {
+            data.remove_file(&data.segment_path(v, e.id))?;
+            if let Some(d) = e.deletes {
+                data.remove_file(&data.deletes_path(v, e.id, d.generation))?;
+            }
+        }
+        for p in replaced {
+            data.remove_file(&p)?;
+        }
+        Ok(())
+    }
+}
+
+/// The sealer thread: builds segment files, one job at a time, in order.
+fn sealer_loop(shared: &Shared, jobs: &Receiver<Job>, tx: &Sender<Msg>, hnsw: &HnswParams) {
+    while let Ok(job) = jobs.recv() {
+        let msg = match job {
+            Job::Seal(job) => {
+                let built = job
+                    .parts
+                    .into_iter()
+                    .map(|(version, frozen, id)| {
+                        let items = frozen.live_items();
+                        if items.skus.is_empty() {
+                            return Ok(SealedPart { version, frozen, file: None });
+                        }
+                        let path = shared.data.segment_path(&version, id);
+                        let stats = write_segment(&path, frozen.dim(), &items.vectors, &items.skus, hnsw)
+                            .map_err(|source| WriterError::Segment { version: version.clone(), id, source })?;
+                        tracing::info!(%version, %id, count = stats.count, secs = stats.build_secs, "sealed a segment");
+                        Ok(SealedPart { version, frozen, file: Some(BuiltFile { id, sources: items.positions, stats }) })
+                    })
+                    .collect();
+                Msg::Sealed(SealResult { id: job.id, seal_seq: job.seal_seq, built })
+            }
+            Job::Merge(job) => {
+                let built = merge_segments(shared, &job, hnsw);
+                Msg::Merged(MergeResult { version: job.version, inputs: job.inputs, built })
+            }
+        };
+        if tx.send(msg).is_err() {
+            return;
+        }
+    }
+}
+
+/// Writes the live items of `job.inputs` as one new segment.
+fn merge_segments(
+    shared: &Shared,
+    job: &MergeJob,
+    hnsw: &HnswParams,
+) -> Result<Option<BuiltFile<(usize, u32)>>, WriterError> {
+    let dim = job.inputs.first().map_or(0, |s| s.segment.dim());
+    let mut skus = Vec::new();
+    let mut vectors = Vec::new();
+    let mut mapping = Vec::new();
+    for (i, s) in job.inputs.iter().enumerate() {
+        for p in 0..s.segment.len() as u32 {
+            if s.deleted.contains(p) {
+                continue;
+            }
+            let Ok(sku) = SkuId::new(s.segment.sku(p)) else { continue };
+            skus.push(sku);
+            vectors.extend_from_slice(s.segment.vector(p));
+            mapping.push((i, p));
+        }
+    }
+    if skus.is_empty() {
+        return Ok(None);
+    }
+    let path = shared.data.segment_path(&job.version, job.id);
+    let stats = write_segment(&path, dim, &vectors, &skus, hnsw).map_err(|source| WriterError::Segment {
+        version: job.version.clone(),
+        id: job.id,
+        source,
+    })?;
+    tracing::info!(version = %job.version, id = %job.id, inputs = job.inputs.len(), count = stats.count, "merged segments");
+    Ok(Some(BuiltFile { id: job.id, sources: mapping, stats }))
+}

@@ -1,0 +1,195 @@
+//! The write handlers' work: validate upsert items, embed new images with every model version
+//! the index holds (batched, on the blocking pool), store the image bytes, hand the operations
+//! to the index writer and turn its outcomes into per-item statuses.
+
+use std::sync::Arc;
+
+use crate::ids::{ModelVersion, SkuId};
+use crate::index::store::sha256_hex;
+use crate::index::{Outcome, Upsert, WriteOp};
+use crate::proto;
+
+use super::{ServerState, ServiceError, attrs};
+
+/// Largest image an upsert may carry.
+pub const MAX_IMAGE_BYTES: usize = 32 << 20;
+
+/// One image's vectors (one per model version), or why it could not be embedded.
+type Embedded = Result<Vec<(ModelVersion, Vec<f32>)>, String>;
+
+/// One upsert item's result: its outcome, or why it was refused.
+pub type ItemResult = Result<proto::UpsertOutcome, String>;
+
+/// A validated upsert item, before embedding.
+struct Item {
+    sku: SkuId,
+    attrs: Option<crate::index::store::Attrs>,
+    payload: Payload,
+}
+
+enum Payload {
+    None,
+    Image { bytes: Vec<u8>, sha256: String },
+    Vector(ModelVersion, Vec<f32>),
+}
+
+fn validate(req: proto::UpsertRequest) -> Result<Item, String> {
+    let sku = SkuId::new(req.sku.clone()).map_err(|e| format!("invalid sku {:?}: {e}", req.sku))?;
+    let attrs = req.attrs.as_ref().map(attrs::from_struct).transpose()?;
+    let payload = match req.payload {
+        None => Payload::None,
+        Some(proto::upsert_request::Payload::Image(bytes)) => {
+            if bytes.is_empty() {
+                return Err("image is empty".into());
+            }
+            if bytes.len() > MAX_IMAGE_BYTES {
+                return Err(format!("image is {} bytes; the limit is {MAX_IMAGE_BYTES}", bytes.len()));
+            }
+            let sha256 = sha256_hex(&bytes);
+            Payload::Image { bytes, sha256 }
+        }
+        Some(proto::upsert_request::Payload::Vector(v)) => {
+            let version = ModelVersion::new(v.model_version.clone()).map_err(|e| e.to_string())?;
+            if v.values.is_empty() {
+                return Err("vector is empty".into());
+            }
+            Payload::Vector(version, v.values)
+        }
+    };
+    Ok(Item { sku, attrs, payload })
+}
+
+fn outcome_to_proto(o: &Outcome) -> ItemResult {
+    match o {
+        Outcome::Added => Ok(proto::UpsertOutcome::Added),
+        Outcome::Updated => Ok(proto::UpsertOutcome::Updated),
+        Outcome::Unchanged => Ok(proto::UpsertOutcome::Unchanged),
+        Outcome::Rejected(why) => Err(why.clone()),
+        Outcome::Deleted | Outcome::NotFound | Outcome::NeedsEmbedding { .. } => {
+            Err(format!("unexpected outcome {o:?} for an upsert"))
+        }
+    }
+}
+
+impl ServerState {
+    /// Embeds `images` with each of `versions` (on the blocking pool, under the embed limit).
+    /// Per image: one vector per version, or why it failed.
+    async fn embed(
+        self: &Arc<Self>,
+        images: Vec<Vec<u8>>,
+        versions: Vec<ModelVersion>,
+    ) -> Result<Vec<Embedded>, ServiceError> {
+        let mut encoders = Vec::with_capacity(versions.len());
+        for v in &versions {
+            encoders.push(self.models.get(v).map_err(ServiceError::from)?);
+        }
+        let _permit = self
+            .embed_slots
+            .acquire()
+            .await
+            .map_err(|_| ServiceError::Internal("server is shutting down".into()))?;
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+            let mut out: Vec<Embedded> = refs.iter().map(|_| Ok(Vec::new())).collect();
+            for enc in &encoders {
+                for (slot, r) in out.iter_mut().zip(enc.embed_bytes(&refs)) {
+                    match (slot.as_mut(), r) {
+                        (Ok(vecs), Ok(v)) => vecs.push((enc.version().clone(), v)),
+                        (Ok(_), Err(e)) => {
+                            *slot = Err(format!("cannot embed the image: {}", e.to_string().trim_end()))
+                        }
+                        (Err(_), _) => {}
+                    }
+                }
+            }
+            out
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("embedding task failed: {e}")))
+    }
+
+    /// Runs a group of upsert requests: each item's result in order. An error is for the whole
+    /// group (the writer is down); an invalid item only fails itself.
+    pub(super) async fn upsert_items(
+        self: &Arc<Self>,
+        requests: Vec<proto::UpsertRequest>,
+    ) -> Result<Vec<ItemResult>, ServiceError> {
+        let mut results: Vec<Option<ItemResult>> = requests.iter().map(|_| None).collect();
+        let mut items: Vec<(usize, Item)> = Vec::new();
+        for (i, req) in requests.into_iter().enumerate() {
+            match validate(req) {
+                Ok(item) => items.push((i, item)),
+                Err(why) => results[i] = Some(Err(why)),
+            }
+        }
+        // First try: images whose bytes are already stored for that SKU need no embedding.
+        let mut ops: Vec<(usize, Upsert, Option<Vec<u8>>)> = Vec::new();
+        let mut to_embed: Vec<(usize, Upsert, Vec<u8>)> = Vec::new();
+        for (i, item) in items {
+            let mut op = Upsert { sku: item.sku, attrs: item.attrs, image_sha256: None, vectors: vec![] };
+            match item.payload {
+                Payload::None => ops.push((i, op, None)),
+                Payload::Vector(v, values) => {
+                    op.vectors.push((v, values));
+                    ops.push((i, op, None));
+                }
+                Payload::Image { bytes, sha256 } => {
+                    let stored = self.writer.record(op.sku.as_str())?.and_then(|r| r.image_sha256);
+                    let same = stored.as_deref() == Some(sha256.as_str());
+                    op.image_sha256 = Some(sha256);
+                    if same {
+                        ops.push((i, op, Some(bytes)));
+                    } else {
+                        to_embed.push((i, op, bytes));
+                    }
+                }
+            }
+        }
+        for _attempt in 0..3 {
+            if !to_embed.is_empty() {
+                let versions: Vec<ModelVersion> = self.writer.live().versions.keys().cloned().collect();
+                if versions.is_empty() {
+                    return Err(ServiceError::NoIndex);
+                }
+                let images: Vec<Vec<u8>> = to_embed.iter().map(|(_, _, b)| b.clone()).collect();
+                let embedded = self.embed(images, versions).await?;
+                for ((i, mut op, bytes), emb) in std::mem::take(&mut to_embed).into_iter().zip(embedded) {
+                    match emb {
+                        Ok(vectors) => {
+                            let writer = Arc::clone(&self.writer);
+                            let b = bytes.clone();
+                            tokio::task::spawn_blocking(move || writer.data().put_blob(&b))
+                                .await
+                                .map_err(|e| ServiceError::Internal(format!("blob task failed: {e}")))?
+                                .map_err(|e| ServiceError::Writer(e.into()))?;
+                            op.vectors = vectors;
+                            ops.push((i, op, Some(bytes)));
+                        }
+                        Err(why) => results[i] = Some(Err(why)),
+                    }
+                }
+            }
+            if ops.is_empty() {
+                break;
+            }
+            let batch = std::mem::take(&mut ops);
+            let outcomes = self
+                .writer
+                .write(batch.iter().map(|(_, op, _)| WriteOp::Upsert(op.clone())).collect())
+                .await?;
+            for ((i, op, bytes), outcome) in batch.into_iter().zip(outcomes) {
+                match (&outcome, bytes) {
+                    (Outcome::NeedsEmbedding { .. }, Some(bytes)) => to_embed.push((i, op, bytes)),
+                    _ => results[i] = Some(outcome_to_proto(&outcome)),
+                }
+            }
+            if to_embed.is_empty() {
+                break;
+            }
+        }
+        for (i, _, _) in to_embed {
+            results[i] = Some(Err("the catalogue's model versions changed while embedding; retry".into()));
+        }
+        Ok(results.into_iter().map(|r| r.unwrap_or_else(|| Err("not processed".into()))).collect())
+    }
+}
