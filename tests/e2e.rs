@@ -54,9 +54,12 @@ struct Server {
 
 impl Server {
     async fn start(dir: &Path, models: Arc<ModelRegistry>) -> Self {
+        Self::start_with(ServeConfig::new(dir), models).await
+    }
+
+    async fn start_with(config: ServeConfig, models: Arc<ModelRegistry>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = ServeConfig::new(dir);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(serve(config, models, listener, async move {
             let _ = rx.await;
@@ -345,48 +348,88 @@ fn ingest_reports_bad_rows_and_cli_exit_codes() {
     assert!(stderr.contains("nothing could be ingested"), "{stderr}");
 }
 
-/// An ingest killed at an arbitrary moment leaves the last committed state readable, and the
-/// next run finishes the job.
-#[test]
-fn killed_ingest_leaves_a_consistent_data_dir() {
-    let dir = tempfile::tempdir().unwrap();
-    let models = registry();
-    // A first commit: the three good rows of the bad catalogue.
-    let first = ingest_into(dir.path(), &repo().join("data/bad/catalog_with_errors.jsonl"), &models);
-    assert_eq!(first.added, 3);
-
-    let exe = env!("CARGO_BIN_EXE_vitrine");
-    for delay_ms in [300u64, 1500] {
-        let mut child = Command::new(exe)
-            .args(["ingest", "--quiet", "--data-dir"])
-            .arg(dir.path())
-            .arg("--catalog")
-            .arg(repo().join("data/catalog.jsonl"))
-            .arg("--models")
-            .arg(repo().join("models"))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
-        let _ = child.kill();
-        let _ = child.wait();
-        // Whatever the moment, the manifest on disk opens and every segment it names is whole.
-        let data = DataDir::open_reader(dir.path()).unwrap();
-        let manifest = data.load_manifest().unwrap();
-        for (v, ix) in &manifest.indexes {
-            for e in &ix.segments {
-                vitrine::segment::Segment::open(&data.segment_path(v, e.id)).unwrap().verify().unwrap();
-            }
-        }
+/// Writes `n` distinct synthetic product images and their catalogue; returns its path.
+fn synthetic_catalog(dir: &Path, n: usize) -> PathBuf {
+    std::fs::create_dir_all(dir.join("img")).unwrap();
+    let mut cat = String::new();
+    for i in 0..n {
+        let mut rng = vitrine::segment::synth::SplitMix64::new(0xC0FFEE ^ i as u64);
+        let blocks: Vec<[u8; 3]> =
+            (0..16).map(|_| [rng.below(256) as u8, rng.below(256) as u8, rng.below(256) as u8]).collect();
+        let img = image::RgbImage::from_fn(64, 64, |x, y| {
+            image::Rgb(blocks[(y as usize / 16) * 4 + x as usize / 16])
+        });
+        img.save(dir.join(format!("img/{i}.png"))).unwrap();
+        cat.push_str(&format!(
+            "{{\"sku\": \"SYN-{i:05}\", \"image\": \"img/{i}.png\", \"attrs\": {{\"n\": {i}}}}}\n"
+        ));
     }
-    // The next run cleans up and completes.
-    let report = ingest_into(dir.path(), &repo().join("data/catalog.jsonl"), &models);
-    let data = DataDir::open_reader(dir.path()).unwrap();
-    let manifest = data.load_manifest().unwrap();
-    let live = manifest.serving().unwrap().1.live_items();
-    assert_eq!(live as usize, catalog_items().len() + 3, "{report:?}");
+    let path = dir.join("catalog.jsonl");
+    std::fs::write(&path, cat).unwrap();
+    path
+}
+
+/// `vitrine ingest` killed with SIGKILL in the middle of a catalogue: every row committed
+/// before the kill survives, the re-run skips exactly those (embedding only the rest), and the
+/// index ends with every row once.
+#[test]
+fn killed_ingest_resumes_without_embedding_committed_rows_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let n = 200;
+    let catalog = synthetic_catalog(&dir.path().join("cat"), n);
+    let models = registry();
+    let exe = env!("CARGO_BIN_EXE_vitrine");
+    let mut child = Command::new(exe)
+        .args(["ingest", "--quiet", "--batch-size", "4", "--data-dir"])
+        .arg(&data_dir)
+        .arg("--catalog")
+        .arg(&catalog)
+        .arg("--models")
+        .arg(repo().join("models"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill it once some rows are committed (the log has grown past a few records).
+    let wal = data_dir.join("wal");
+    let started = std::time::Instant::now();
+    loop {
+        let logged: u64 = std::fs::read_dir(&wal)
+            .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+            .unwrap_or(0);
+        if logged > 40 * 5_200 || started.elapsed().as_secs() > 120 {
+            break;
+        }
+        if child.try_wait().unwrap().is_some() {
+            panic!("ingest finished before it could be killed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // What survived: open the directory (the log is replayed) and count the committed rows.
+    let committed = {
+        let w =
+            vitrine::index::IndexWriter::open(&data_dir, vitrine::index::WriterConfig::default()).unwrap();
+        let c = (0..n).filter(|i| w.record(&format!("SYN-{i:05}")).unwrap().is_some()).count();
+        let live = w.live();
+        assert_eq!(live.serving_version().unwrap().live_items(), c as u64, "records and vectors agree");
+        w.close();
+        c
+    };
+    assert!(committed >= 40 && committed < n, "killed mid-run: {committed} of {n} committed");
+
+    let report = ingest_into(&data_dir, &catalog, &models);
+    println!("after the kill: {committed} rows committed; the re-run: {report:?}");
+    assert_eq!(report.unchanged, committed, "committed rows are skipped");
+    assert_eq!(report.added, n - committed);
+    assert_eq!(report.embedded, n - committed, "only the rest is embedded");
+    let manifest = Manifest::load(&data_dir).unwrap();
+    assert_eq!(manifest.serving().unwrap().1.live_items(), n as u64);
     // No stray files: every file on disk is a segment or deletion file the manifest names.
+    let data = DataDir::open_reader(&data_dir).unwrap();
     let ix_dir = data.index_dir(&ModelVersion::new(DEFAULT_MODEL).unwrap());
     let on_disk = std::fs::read_dir(&ix_dir).unwrap().count();
     let segments = &manifest.serving().unwrap().1.segments;
@@ -429,4 +472,278 @@ fn verify_command_finds_damage() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&ix.segments[0].id.to_string()), "{stderr}");
     assert!(stderr.contains(victim_sku.as_str()), "{stderr}");
+}
+
+fn image_upsert(sku: &str, image: Vec<u8>, attrs_json: Option<serde_json::Value>) -> proto::UpsertRequest {
+    proto::UpsertRequest {
+        sku: sku.into(),
+        attrs: attrs_json.map(|a| attrs::json_to_struct(&a).unwrap()),
+        payload: Some(proto::upsert_request::Payload::Image(image)),
+    }
+}
+
+fn vector_upsert(sku: &str, model_version: &str, values: Vec<f32>) -> proto::UpsertRequest {
+    proto::UpsertRequest {
+        sku: sku.into(),
+        attrs: None,
+        payload: Some(proto::upsert_request::Payload::Vector(proto::VectorPayload {
+            model_version: model_version.into(),
+            values,
+        })),
+    }
+}
+
+/// Runs the CLI off the async workers; returns (success, stdout, stderr).
+async fn cli(args: Vec<String>) -> (bool, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitrine")).args(&args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// The live catalogue through gRPC and the CLI: upserts (unary and streamed, image and
+/// vector), visible at once; attribute updates; Get; Delete; filters; bad items refused with
+/// their reason; a second writer refused while the server holds the directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_writes_through_grpc_and_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = registry();
+    let mut config = ServeConfig::new(dir.path());
+    config.writer.seal_items = 8;
+    config.writer.merge.max_segments = 2;
+    let server = Server::start_with(config, Arc::clone(&models)).await;
+    let mut c = server.client().await;
+    let url = format!("http://{}", server.addr);
+    let items: Vec<(String, PathBuf)> = catalog_items().into_iter().take(24).collect();
+    let all_attrs = catalog_attrs();
+
+    // A stream of upserts with three bad items among them: each fails alone, with its reason.
+    let mut reqs: Vec<proto::UpsertRequest> = items
+        .iter()
+        .map(|(sku, path)| image_upsert(sku, std::fs::read(path).unwrap(), Some(all_attrs[sku].clone())))
+        .collect();
+    reqs.insert(
+        3,
+        image_upsert("BAD-IMAGE", std::fs::read(repo().join("data/bad/corrupt.jpg")).unwrap(), None),
+    );
+    reqs.insert(7, image_upsert("bad\nsku", vec![1, 2, 3], None));
+    reqs.insert(9, vector_upsert("BAD-VECTOR", DEFAULT_MODEL, vec![f32::NAN; 1280]));
+    let resp = c.upsert_stream(tokio_stream::iter(reqs)).await.unwrap().into_inner();
+    assert_eq!((resp.added, resp.failed), (items.len() as u64, 3), "{resp:?}");
+    let failed: Vec<(u32, &str)> =
+        resp.items.iter().filter(|i| i.code != 0).map(|i| (i.index, i.message.as_str())).collect();
+    assert_eq!(failed.iter().map(|f| f.0).collect::<Vec<_>>(), vec![3, 7, 9]);
+    assert!(failed[0].1.contains("image"), "{failed:?}");
+    assert!(failed[1].1.contains("sku"), "{failed:?}");
+    assert!(failed[2].1.contains("non-finite"), "{failed:?}");
+
+    // Visible on acknowledgement, across the mutable and sealed segments.
+    for (sku, path) in items.iter().step_by(5) {
+        let r = search_image(&mut c, near_duplicate(path), 3).await;
+        assert_eq!(r.hits[0].sku, *sku);
+        assert_eq!(attrs::to_json(r.hits[0].attrs.as_ref()), all_attrs[sku]);
+    }
+
+    // Unary upserts: bad input is INVALID_ARGUMENT naming the SKU and the reason.
+    for (req, why) in [
+        (image_upsert("X-1", std::fs::read(repo().join("data/bad/corrupt.jpg")).unwrap(), None), "image"),
+        (vector_upsert("X-2", DEFAULT_MODEL, vec![0.5; 7]), "dimensions"),
+        (vector_upsert("X-3", DEFAULT_MODEL, vec![0.0; 1280]), "zero"),
+        (vector_upsert("X-4", "no-such-model", vec![0.5; 1280]), "no-such-model"),
+        (
+            proto::UpsertRequest { sku: "NEW".into(), attrs: None, payload: None },
+            "needs an image or a vector",
+        ),
+        (image_upsert("", vec![1], None), "sku"),
+    ] {
+        let err = c.upsert(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains(why), "{:?} should mention {why}", err.message());
+    }
+
+    // Same image and attributes: unchanged; new attributes only: updated, same vector.
+    let (sku0, path0) = &items[0];
+    let before = search_image(&mut c, near_duplicate(path0), 1).await;
+    let same = image_upsert(sku0, std::fs::read(path0).unwrap(), Some(all_attrs[sku0].clone()));
+    let r = c.upsert(same).await.unwrap().into_inner();
+    assert_eq!(r.outcome, proto::UpsertOutcome::Unchanged as i32);
+    let renamed =
+        image_upsert(sku0, std::fs::read(path0).unwrap(), Some(serde_json::json!({"title": "renamed"})));
+    let r = c.upsert(renamed).await.unwrap().into_inner();
+    assert_eq!(r.outcome, proto::UpsertOutcome::Updated as i32);
+    let after = search_image(&mut c, near_duplicate(path0), 1).await;
+    assert_eq!(after.hits[0].score, before.hits[0].score);
+    assert_eq!(attrs::to_json(after.hits[0].attrs.as_ref()), serde_json::json!({"title": "renamed"}));
+
+    // Get: records in request order, unknown SKUs as missing.
+    let got = c
+        .get(proto::GetRequest { skus: vec![sku0.clone(), "NOPE".into(), items[1].0.clone()] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.records.iter().map(|r| r.sku.as_str()).collect::<Vec<_>>(),
+        vec![sku0.as_str(), items[1].0.as_str()]
+    );
+    assert_eq!(got.missing, vec!["NOPE".to_string()]);
+    assert_eq!(got.records[0].model_versions, vec![DEFAULT_MODEL.to_string()]);
+    let sha = vitrine::index::store::sha256_hex(&std::fs::read(path0).unwrap());
+    assert_eq!(got.records[0].image_sha256, sha);
+
+    // Filters: every hit passes; a bad filter is INVALID_ARGUMENT.
+    let filtered = c
+        .search_by_image(proto::SearchByImageRequest {
+            image: near_duplicate(&items[2].1),
+            options: Some(SearchOptions {
+                k: 10,
+                filter_exprs: vec!["category!=clothing".into()],
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!filtered.hits.is_empty());
+    for h in &filtered.hits {
+        assert_ne!(attrs::to_json(h.attrs.as_ref())["category"], "clothing", "{h:?}");
+    }
+    let err = c
+        .search_by_sku(proto::SearchBySkuRequest {
+            sku: items[2].0.clone(),
+            options: Some(SearchOptions { filter_exprs: vec!["price<".into()], ..Default::default() }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("price<"), "{}", err.message());
+
+    // Delete: gone from every answer at once; unknown SKUs reported missing.
+    let (victim, vpath) = &items[4];
+    let del = c
+        .delete(proto::DeleteRequest { skus: vec![victim.clone(), "NOPE".into()] })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((del.deleted, del.missing), (vec![victim.clone()], vec!["NOPE".to_string()]));
+    let r = search_image(&mut c, near_duplicate(vpath), 24).await;
+    assert!(r.hits.iter().all(|h| h.sku != *victim));
+    let err =
+        c.search_by_sku(proto::SearchBySkuRequest { sku: victim.clone(), options: None }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+
+    // The CLI: upsert, get, delete, search --filter, ingest --addr; each exits 0 once answered.
+    let (ok, out, err) = cli(vec![
+        "upsert".into(),
+        "--addr".into(),
+        url.clone(),
+        "--sku".into(),
+        "CLI-1".into(),
+        "--image".into(),
+        repo().join("data/bad/ok-1.png").display().to_string(),
+        "--attrs".into(),
+        r#"{"category": "cli", "price": 12.5}"#.into(),
+    ])
+    .await;
+    assert!(ok && out.contains("CLI-1: added"), "{out}{err}");
+    let (ok, out, err) = cli(vec![
+        "get".into(),
+        "--addr".into(),
+        url.clone(),
+        "--sku".into(),
+        "CLI-1".into(),
+        "--json".into(),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["records"][0]["attrs"], serde_json::json!({"category": "cli", "price": 12.5}));
+    let (ok, out, _) = cli(vec![
+        "search".into(),
+        "--addr".into(),
+        url.clone(),
+        "--image".into(),
+        repo().join("data/bad/ok-1.png").display().to_string(),
+        "--filter".into(),
+        "category=cli".into(),
+        "--filter".into(),
+        "price<20".into(),
+        "--json".into(),
+    ])
+    .await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["hits"].as_array().unwrap().len(), 1, "{v}");
+    let (ok, out, _) =
+        cli(vec!["delete".into(), "--addr".into(), url.clone(), "--sku".into(), "CLI-1".into()]).await;
+    assert!(ok && out.contains("deleted 1"), "{out}");
+    let (ok, out, _) =
+        cli(vec!["get".into(), "--addr".into(), url.clone(), "--sku".into(), "CLI-1".into()]).await;
+    assert!(!ok && out.contains("missing"), "get of a missing SKU exits non-zero: {out}");
+    let (ok, _, err) = cli(vec![
+        "search".into(),
+        "--addr".into(),
+        url.clone(),
+        "--sku".into(),
+        sku0.clone(),
+        "--filter".into(),
+        "price<abc".into(),
+    ])
+    .await;
+    assert!(!ok && err.contains("price<abc"), "{err}");
+
+    // A second writer is refused, naming the server.
+    let (ok, _, err) = cli(vec![
+        "ingest".into(),
+        "--quiet".into(),
+        "--data-dir".into(),
+        dir.path().display().to_string(),
+        "--catalog".into(),
+        repo().join("data/bad/catalog_with_errors.jsonl").display().to_string(),
+        "--models".into(),
+        repo().join("models").display().to_string(),
+    ])
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("vitrine serve") && err.contains(&server.addr.to_string()) && err.contains("--addr"),
+        "{err}"
+    );
+
+    // Streaming a catalogue to the server: bad rows named by file and line, good ones added,
+    // and a re-run embeds nothing.
+    let bad_catalog = repo().join("data/bad/catalog_with_errors.jsonl");
+    let ingest_args = vec![
+        "ingest".into(),
+        "--quiet".into(),
+        "--addr".into(),
+        url.clone(),
+        "--catalog".into(),
+        bad_catalog.display().to_string(),
+    ];
+    let (ok, out, err) = cli(ingest_args.clone()).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("3 added"), "{out}");
+    assert!(err.contains("catalog_with_errors.jsonl:"), "{err}");
+    let (ok, out, _) = cli(ingest_args).await;
+    assert!(ok && out.contains("0 added, 0 updated, 3 unchanged"), "{out}");
+
+    // Everything acknowledged survives a restart (the log is replayed).
+    drop(c);
+    server.stop().await;
+    let server = Server::start(dir.path(), Arc::clone(&models)).await;
+    let mut c = server.client().await;
+    let got =
+        c.get(proto::GetRequest { skus: vec![sku0.clone(), victim.clone()] }).await.unwrap().into_inner();
+    assert_eq!(got.missing, vec![victim.clone()]);
+    assert_eq!(attrs::to_json(got.records[0].attrs.as_ref()), serde_json::json!({"title": "renamed"}));
+    let info = c.get_index_info(proto::GetIndexInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.models[0].live_items, items.len() as u64 - 1 + 3);
+    assert!(info.models[0].segments.len() <= 3, "merging bounds the segments: {:?}", info.models[0].segments);
+    server.stop().await;
 }

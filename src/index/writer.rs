@@ -95,6 +95,9 @@ pub struct WriterConfig {
     pub max_pending_seals: usize,
 }
 
+/// Most log bytes written as one frame (the log refuses frames over 128 MiB).
+const MAX_GROUP_BYTES: usize = 32 << 20;
+
 /// Default for [`WriterConfig::seal_items`]: small enough that the exact scan of the
 /// mutable segment stays around a millisecond at 1280 dimensions.
 pub const DEFAULT_SEAL_ITEMS: usize = 4096;
@@ -679,33 +682,50 @@ impl State {
         }
         if !changes.is_empty() {
             let payloads: Vec<Vec<u8>> = changes.iter().map(Change::encode).collect();
-            let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
-            let first = match self.shared.wal.append_batch(&refs) {
-                Ok(first) => first,
-                Err(e) => {
-                    let e = WriterError::Wal(e);
-                    self.poison(&e);
-                    for (_, reply) in requests {
-                        let _ = reply.send(Err(WriterError::Poisoned { reason: e.to_string() }));
-                    }
-                    return;
-                }
-            };
             let mut froze = false;
-            for (i, c) in changes.iter().enumerate() {
-                let seq = first + i as u64;
-                if let Err(e) = self.apply(seq, c) {
-                    self.poison(&e);
+            let mut done = 0;
+            let mut last = 0;
+            // One frame (one fsync) per group, split only to respect the log's frame limit.
+            while done < changes.len() {
+                let mut end = done;
+                let mut bytes = 0;
+                while end < changes.len()
+                    && (end == done || bytes + payloads[end].len() + 4 <= MAX_GROUP_BYTES)
+                {
+                    bytes += payloads[end].len() + 4;
+                    end += 1;
                 }
-                // Segments are cut at exactly `seal_items`, even inside a group.
-                if self.mutable_full() {
-                    if let Err(e) = self.freeze_all(seq) {
+                let refs: Vec<&[u8]> = payloads[done..end].iter().map(Vec::as_slice).collect();
+                let first = match self.shared.wal.append_batch(&refs) {
+                    Ok(first) => first,
+                    Err(e) => {
+                        let e = WriterError::Wal(e);
+                        self.poison(&e);
+                        if froze {
+                            self.publish();
+                        }
+                        for (_, reply) in requests {
+                            let _ = reply.send(Err(WriterError::Poisoned { reason: e.to_string() }));
+                        }
+                        return;
+                    }
+                };
+                for (i, c) in changes[done..end].iter().enumerate() {
+                    let seq = first + i as u64;
+                    if let Err(e) = self.apply(seq, c) {
                         self.poison(&e);
                     }
-                    froze = true;
+                    // Segments are cut at exactly `seal_items`, even inside a group.
+                    if self.mutable_full() {
+                        if let Err(e) = self.freeze_all(seq) {
+                            self.poison(&e);
+                        }
+                        froze = true;
+                    }
+                    last = seq;
                 }
+                done = end;
             }
-            let last = first + changes.len() as u64 - 1;
             if self.shared.wal.disk_bytes() >= self.cfg.checkpoint_wal_bytes && self.pending_seals == 0 {
                 if let Err(e) = self.freeze_all(last) {
                     self.poison(&e);

@@ -1,0 +1,778 @@
+//! Benchmarks the live write path end to end: a real vitrine server in this process (on
+//! 127.0.0.1:0, over a fresh temporary data directory), driven only through real gRPC clients,
+//! one HTTP/2 channel per simulated client.
+//!
+//! Phases (each prints a line; `--json` prints one JSON object at the end instead, the lines
+//! going to stderr):
+//! 0. fsync baseline: append a 5 KiB record to a file in the temp dir and `sync_data`, the
+//!    floor under every durable acknowledgement.
+//! 1. vector upserts, one client, sequential: ack latency and upserts/s.
+//! 2. vector upserts, N concurrent clients (default 16), closed loop for a fixed time: ack
+//!    latency and total upserts/s, plus frames vs records in the log files left on disk.
+//! 3. image upserts of every bundled catalogue image under a new SKU: ack latency, and the
+//!    encoder's own time (preprocess + embed of that image, in-process, same run) next to it.
+//! 4. SearchByVector k=10 from one client, idle and while 4 other clients upsert vectors.
+//! 5. restart: 100k vector upserts logged through an `IndexWriter` opened directly, closed
+//!    without a checkpoint, then the time of `IndexWriter::open` replaying the whole log.
+//!
+//! Run: `cargo run --release --example live_bench -- [--quick] [--json]`
+//! (or `tools/live_bench.sh`). Absolute numbers on a shared 2-core machine are noisy.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+use vitrine::ids::{ModelVersion, SkuId};
+use vitrine::index::writer::DEFAULT_SEAL_ITEMS;
+use vitrine::index::{IndexWriter, ModelSpec, Outcome, Upsert, WriteOp, WriterConfig};
+use vitrine::models::{DEFAULT_MODEL, ModelRegistry};
+use vitrine::proto;
+use vitrine::proto::visual_search_client::VisualSearchClient;
+use vitrine::server::{ServeConfig, serve};
+
+/// EfficientNet-Lite0's embedding length.
+const DIM: usize = 1280;
+/// Records per `write_blocking` call while filling the restart log.
+const RESTART_BATCH: usize = 256;
+
+#[derive(Parser)]
+#[command(
+    about = "Benchmark vitrine's live write path (ack latency, group commit, image upserts, search while writing, restart)"
+)]
+struct Args {
+    /// A shorter run: fewer upserts and queries, 3 s of concurrent writes, a 20k-record log.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object at the end (progress lines go to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Concurrent clients in phase 2.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Seconds of concurrent writes in phase 2 (default 10; 3 with --quick).
+    #[arg(long)]
+    seconds: Option<f64>,
+    /// Records in the phase-5 log (default 100000; 20000 with --quick).
+    #[arg(long)]
+    restart_items: Option<usize>,
+}
+
+/// Sizes of one run.
+struct Plan {
+    sequential: usize,
+    concurrent_secs: f64,
+    images: usize,
+    queries: usize,
+    restart_items: usize,
+}
+
+/// splitmix64: reproducible, fast, no dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// A random unit vector (coordinates uniform in [-1, 1), then normalised).
+    fn unit_vector(&mut self, dim: usize) -> Vec<f32> {
+        let mut v: Vec<f32> =
+            (0..dim).map(|_| (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();
+        let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
+        v.iter_mut().for_each(|x| *x /= norm);
+        v
+    }
+}
+
+/// Latency summary, in milliseconds.
+#[derive(Debug, Clone, Copy, Default)]
+struct Lat {
+    n: usize,
+    mean: f64,
+    p50: f64,
+    p99: f64,
+    p999: f64,
+    max: f64,
+}
+
+impl Lat {
+    fn of(samples: &[Duration]) -> Self {
+        let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        let n = ms.len();
+        if n == 0 {
+            return Self::default();
+        }
+        // Nearest rank on the sorted samples.
+        let pct = |p: f64| ms[((p * n as f64).ceil() as usize).clamp(1, n) - 1];
+        Self {
+            n,
+            mean: ms.iter().sum::<f64>() / n as f64,
+            p50: pct(0.50),
+            p99: pct(0.99),
+            p999: pct(0.999),
+            max: ms[n - 1],
+        }
+    }
+
+    fn line(&self) -> String {
+        format!(
+            "p50 {:.3} ms, p99 {:.3} ms, p99.9 {:.3} ms, max {:.3} ms, mean {:.3} ms (n={})",
+            self.p50, self.p99, self.p999, self.max, self.mean, self.n
+        )
+    }
+
+    fn json(&self) -> Value {
+        let r = |x: f64| (x * 1e4).round() / 1e4;
+        json!({"n": self.n, "mean_ms": r(self.mean), "p50_ms": r(self.p50), "p99_ms": r(self.p99),
+               "p999_ms": r(self.p999), "max_ms": r(self.max)})
+    }
+}
+
+/// Where progress lines go: stdout, or stderr when stdout carries the JSON report.
+struct Out {
+    json: bool,
+}
+
+impl Out {
+    fn line(&self, s: impl AsRef<str>) {
+        if self.json {
+            eprintln!("{}", s.as_ref());
+        } else {
+            println!("{}", s.as_ref());
+            let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+/// One target of the issue: what was measured against what limit.
+struct Target {
+    name: &'static str,
+    measured: f64,
+    limit: f64,
+    unit: &'static str,
+    higher_is_better: bool,
+}
+
+impl Target {
+    fn met(&self) -> bool {
+        if self.higher_is_better { self.measured >= self.limit } else { self.measured <= self.limit }
+    }
+}
+
+type Client = VisualSearchClient<Channel>;
+
+/// A server running in this process, stopped gracefully by [`Server::stop`].
+struct Server {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    async fn start(dir: &Path, models: Arc<ModelRegistry>) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(ServeConfig::new(dir), models, listener, async move {
+            let _ = rx.await;
+        }));
+        let server = Self { url, stop, task };
+        // Up once it answers a real RPC (the listener accepts before the writer is open).
+        let started = Instant::now();
+        loop {
+            if let Ok(mut c) = server.client().await
+                && c.get_index_info(proto::GetIndexInfoRequest {}).await.is_ok()
+            {
+                return Ok(server);
+            }
+            if server.task.is_finished() || started.elapsed() > Duration::from_secs(120) {
+                let Server { task, .. } = server;
+                task.await??;
+                bail!("the server did not come up");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// A new client on its own HTTP/2 connection.
+    async fn client(&self) -> anyhow::Result<Client> {
+        let channel = Endpoint::from_shared(self.url.clone())?.tcp_nodelay(true).connect().await?;
+        Ok(VisualSearchClient::new(channel)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20))
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await.context("server task")?
+    }
+}
+
+fn vector_upsert(sku: String, version: &str, values: Vec<f32>) -> proto::UpsertRequest {
+    proto::UpsertRequest {
+        sku,
+        attrs: None,
+        payload: Some(proto::upsert_request::Payload::Vector(proto::VectorPayload {
+            model_version: version.to_string(),
+            values,
+        })),
+    }
+}
+
+/// One acknowledged upsert; fails unless the server added or updated the SKU.
+async fn upsert(client: &mut Client, req: proto::UpsertRequest) -> anyhow::Result<()> {
+    let sku = req.sku.clone();
+    let resp = client.upsert(req).await.with_context(|| format!("upsert of {sku}"))?.into_inner();
+    let ok = [proto::UpsertOutcome::Added as i32, proto::UpsertOutcome::Updated as i32];
+    if !ok.contains(&resp.outcome) {
+        bail!("upsert of {sku}: unexpected outcome {}", resp.outcome);
+    }
+    Ok(())
+}
+
+/// What GetIndexInfo says about the serving model's index.
+#[derive(Debug, Clone, PartialEq)]
+struct IndexShape {
+    live_items: u64,
+    /// Sealed segment ids with their item counts.
+    segments: Vec<(u64, u64)>,
+    generation: u64,
+}
+
+impl IndexShape {
+    /// Live items not yet in a sealed segment (mutable plus frozen).
+    fn unsealed(&self) -> u64 {
+        self.live_items.saturating_sub(self.segments.iter().map(|s| s.1).sum())
+    }
+}
+
+async fn shape(client: &mut Client) -> anyhow::Result<IndexShape> {
+    let info = client.get_index_info(proto::GetIndexInfoRequest {}).await?.into_inner();
+    let m = info.models.iter().find(|m| m.serving).context("no serving model")?;
+    Ok(IndexShape {
+        live_items: m.live_items,
+        segments: m.segments.iter().map(|s| (s.id, s.count - s.deleted)).collect(),
+        generation: info.manifest_generation,
+    })
+}
+
+/// Waits until no seal can be pending (fewer unsealed items than a segment holds) and no merge
+/// is due (at most the merge policy's segment limit), and nothing changed for 2 s. Returns the
+/// seconds waited.
+async fn wait_quiet(client: &mut Client, limit: Duration) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let max_segments = vitrine::index::merge_policy::MergePolicy::default().max_segments;
+    let mut last = shape(client).await?;
+    let mut stable_since = Instant::now();
+    while started.elapsed() < limit {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = shape(client).await?;
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+            continue;
+        }
+        let settled = last.unsealed() < DEFAULT_SEAL_ITEMS as u64 && last.segments.len() <= max_segments;
+        if settled && stable_since.elapsed() >= Duration::from_secs(2) {
+            break;
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Frames and records in the log files now in `wal_dir` (each frame is one `sync_data`).
+fn count_log_frames(wal_dir: &Path) -> anyhow::Result<(u64, u64, u64)> {
+    const HEADER: usize = 24;
+    let (mut frames, mut records, mut bytes) = (0u64, 0u64, 0u64);
+    for entry in std::fs::read_dir(wal_dir)? {
+        let data = std::fs::read(entry?.path())?;
+        bytes += data.len() as u64;
+        let mut off = 0;
+        while off + HEADER <= data.len() && &data[off..off + 4] == b"VWAL" {
+            let body = u32::from_le_bytes(data[off + 4..off + 8].try_into()?) as usize;
+            let count = u32::from_le_bytes(data[off + 16..off + 20].try_into()?);
+            if off + HEADER + body > data.len() {
+                break;
+            }
+            frames += 1;
+            records += u64::from(count);
+            off += HEADER + body;
+        }
+    }
+    Ok((frames, records, bytes))
+}
+
+/// The floor under a durable ack on this disk: append `bytes` and `sync_data`, `n` times.
+fn fsync_baseline(dir: &Path, n: usize, bytes: usize) -> anyhow::Result<Lat> {
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+    let buf = vec![0x5au8; bytes];
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        f.write_all(&buf)?;
+        f.sync_data()?;
+        samples.push(t.elapsed());
+    }
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(Lat::of(&samples))
+}
+
+/// Catalogue images (path, bytes), in catalogue order.
+fn catalogue_images(repo: &Path) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
+    let catalog = repo.join("data/catalog.jsonl");
+    let text = std::fs::read_to_string(&catalog).with_context(|| format!("reading {}", catalog.display()))?;
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+        let v: Value = serde_json::from_str(line)?;
+        let rel = v["image"].as_str().context("catalogue line without an image")?;
+        let path = repo.join("data").join(rel);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        out.push((path, bytes));
+    }
+    Ok(out)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let plan = if args.quick {
+        Plan { sequential: 1000, concurrent_secs: 3.0, images: 40, queries: 1000, restart_items: 20_000 }
+    } else {
+        Plan {
+            sequential: 3000,
+            concurrent_secs: 10.0,
+            images: usize::MAX,
+            queries: 3000,
+            restart_items: 100_000,
+        }
+    };
+    let plan = Plan {
+        concurrent_secs: args.seconds.unwrap_or(plan.concurrent_secs),
+        restart_items: args.restart_items.unwrap_or(plan.restart_items),
+        ..plan
+    };
+    let out = Out { json: args.json };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    out.line(format!(
+        "live_bench: {cores} cores{}; absolute numbers on a shared 2-core machine are noisy, \
+         ratios measured in one run less so",
+        if args.quick { ", --quick" } else { "" }
+    ));
+
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let device = vitrine::encoder::default_device()?;
+    let models = Arc::new(ModelRegistry::new(repo.join("models"), device));
+    let version = ModelVersion::new(DEFAULT_MODEL)?;
+    let encoder = models.get(&version)?;
+    if encoder.dim() != DIM {
+        bail!("{version} has dimension {}, expected {DIM}", encoder.dim());
+    }
+    let tmp = tempfile::tempdir()?;
+    out.line(format!("data directories under {}", tmp.path().display()));
+    let mut report = serde_json::Map::new();
+    report.insert("cores".into(), json!(cores));
+    report.insert("quick".into(), json!(args.quick));
+    let mut targets: Vec<Target> = Vec::new();
+
+    // Phase 0: the disk's fsync floor.
+    let fsync = fsync_baseline(tmp.path(), if args.quick { 100 } else { 300 }, 5 * 1024 + 64)?;
+    out.line(format!("0. fsync baseline (append 5 KiB + sync_data): {}", fsync.line()));
+    report.insert("fsync_baseline".into(), fsync.json());
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let server_dir = tmp.path().join("server");
+    rt.block_on(async {
+        let server = Server::start(&server_dir, Arc::clone(&models)).await?;
+        let v = version.as_str();
+        let mut rng = Rng(0x5EED);
+
+        // Phase 1: one client, sequential.
+        let mut c = server.client().await?;
+        for i in 0..50 {
+            upsert(&mut c, vector_upsert(format!("WARM-{i}"), v, rng.unit_vector(DIM))).await?;
+        }
+        let mut stored: Vec<Vec<f32>> = Vec::with_capacity(plan.sequential);
+        let mut lats = Vec::with_capacity(plan.sequential);
+        let started = Instant::now();
+        for i in 0..plan.sequential {
+            let vec = rng.unit_vector(DIM);
+            let req = vector_upsert(format!("P1-{i:06}"), v, vec.clone());
+            let t = Instant::now();
+            upsert(&mut c, req).await?;
+            lats.push(t.elapsed());
+            stored.push(vec);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let l1 = Lat::of(&lats);
+        let rate1 = plan.sequential as f64 / secs;
+        out.line(format!("1. vector upsert, 1 client, sequential: {}; {rate1:.0} upserts/s", l1.line()));
+        report.insert("sequential".into(), json!({"ack": l1.json(), "upserts_per_sec": rate1.round()}));
+        targets.push(Target {
+            name: "vector upsert ack p99, 1 client",
+            measured: l1.p99,
+            limit: 2.0,
+            unit: "ms",
+            higher_is_better: false,
+        });
+
+        // Phase 2: N clients, closed loop, fixed duration.
+        let before = shape(&mut c).await?;
+        let mut clients = Vec::with_capacity(args.clients);
+        for _ in 0..args.clients {
+            clients.push(server.client().await?);
+        }
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs_f64(plan.concurrent_secs);
+        let mut tasks = Vec::new();
+        for (ci, mut cl) in clients.into_iter().enumerate() {
+            let v = v.to_string();
+            tasks.push(tokio::spawn(async move {
+                let mut rng = Rng(0xC0FFEE + ci as u64);
+                let mut lats = Vec::new();
+                let mut i = 0usize;
+                while Instant::now() < deadline {
+                    let req = vector_upsert(format!("P2-{ci:02}-{i:07}"), &v, rng.unit_vector(DIM));
+                    let t = Instant::now();
+                    upsert(&mut cl, req).await?;
+                    lats.push(t.elapsed());
+                    i += 1;
+                }
+                anyhow::Ok(lats)
+            }));
+        }
+        let mut all = Vec::new();
+        let mut per_client = Vec::new();
+        for t in tasks {
+            let l = t.await??;
+            per_client.push(l.len());
+            all.extend(l);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let l2 = Lat::of(&all);
+        let rate2 = all.len() as f64 / secs;
+        let after = shape(&mut c).await?;
+        let (frames, records, log_bytes) = count_log_frames(&server_dir.join("wal"))?;
+        out.line(format!(
+            "2. vector upsert, {} clients, closed loop {:.1} s: {}; {rate2:.0} upserts/s total \
+             (per client {}..{})",
+            args.clients,
+            secs,
+            l2.line(),
+            per_client.iter().min().unwrap_or(&0),
+            per_client.iter().max().unwrap_or(&0)
+        ));
+        out.line(format!(
+            "   log files on disk afterwards: {frames} frames (one fdatasync each) for {records} records \
+             ({:.1} records/frame, {:.1} MiB); sealed segments {} -> {}, unsealed items {} -> {}",
+            records as f64 / frames.max(1) as f64,
+            log_bytes as f64 / (1 << 20) as f64,
+            before.segments.len(),
+            after.segments.len(),
+            before.unsealed(),
+            after.unsealed()
+        ));
+        report.insert(
+            "concurrent".into(),
+            json!({"clients": args.clients, "secs": secs, "ack": l2.json(), "upserts_per_sec": rate2.round(),
+                   "log_frames": frames, "log_records": records,
+                   "segments_before": before.segments.len(), "segments_after": after.segments.len()}),
+        );
+        targets.push(Target {
+            name: "vector upsert ack p99, 16 clients",
+            measured: l2.p99,
+            limit: 5.0,
+            unit: "ms",
+            higher_is_better: false,
+        });
+        targets.push(Target {
+            name: "vector upserts/s with group commit",
+            measured: rate2,
+            limit: 5000.0,
+            unit: "/s",
+            higher_is_better: true,
+        });
+
+        // Phase 3: image upserts vs the encoder's own time for the same image.
+        let quiet3 = wait_quiet(&mut c, Duration::from_secs(300)).await?;
+        let images: Vec<(PathBuf, Vec<u8>)> = catalogue_images(&repo)?.into_iter().take(plan.images).collect();
+        let encode = |bytes: Vec<u8>| {
+            let enc = Arc::clone(&encoder);
+            tokio::task::spawn_blocking(move || -> anyhow::Result<(Duration, Duration)> {
+                let t = Instant::now();
+                let prepared = enc.preprocess(&bytes)?;
+                let pre = t.elapsed();
+                let e = enc.embed(std::slice::from_ref(&prepared))?;
+                std::hint::black_box(e);
+                Ok((pre, t.elapsed()))
+            })
+        };
+        // Warm-up: the encoder and one image upsert of a query image (not in the catalogue).
+        let warm = std::fs::read(repo.join("data/queries/coffee-crop-rotated.jpg"))?;
+        encode(warm.clone()).await??;
+        let warm_req = proto::UpsertRequest {
+            sku: "WARM-IMAGE".into(),
+            attrs: None,
+            payload: Some(proto::upsert_request::Payload::Image(warm)),
+        };
+        upsert(&mut c, warm_req).await?;
+        let (mut acks, mut encs, mut pres, mut ratios, mut over) = (vec![], vec![], vec![], vec![], vec![]);
+        for (i, (_, bytes)) in images.iter().enumerate() {
+            let (pre, enc) = encode(bytes.clone()).await??;
+            let req = proto::UpsertRequest {
+                sku: format!("P3-IMG-{i:04}"),
+                attrs: None,
+                payload: Some(proto::upsert_request::Payload::Image(bytes.clone())),
+            };
+            let t = Instant::now();
+            upsert(&mut c, req).await?;
+            let ack = t.elapsed();
+            acks.push(ack);
+            encs.push(enc);
+            pres.push(pre);
+            ratios.push(ack.as_secs_f64() / enc.as_secs_f64());
+            over.push(ack.saturating_sub(enc));
+        }
+        ratios.sort_by(f64::total_cmp);
+        let ratio_median = ratios.get(ratios.len() / 2).copied().unwrap_or(0.0);
+        let (la, le, lp, lo) = (Lat::of(&acks), Lat::of(&encs), Lat::of(&pres), Lat::of(&over));
+        let ratio_p50 = la.p50 / le.p50;
+        out.line(format!("3. image upsert ack, {} new images, 1 client: {}", acks.len(), la.line()));
+        out.line(format!("   encoder alone (preprocess + embed, in-process): {}", le.line()));
+        out.line(format!("   of which preprocess: {}", lp.line()));
+        out.line(format!(
+            "   ack - encoder per image: {}; ratio ack/encoder: {ratio_p50:.2} (p50s), {ratio_median:.2} \
+             (median per image); waited {quiet3:.1} s for seals/merges first",
+            lo.line()
+        ));
+        report.insert(
+            "image_upsert".into(),
+            json!({"images": acks.len(), "ack": la.json(), "encoder": le.json(), "preprocess": lp.json(),
+                   "ack_minus_encoder": lo.json(), "ratio_p50": ratio_p50, "ratio_median_per_image": ratio_median,
+                   "waited_for_quiet_secs": quiet3}),
+        );
+        targets.push(Target {
+            name: "image upsert ack / encoder time (p50s)",
+            measured: ratio_p50,
+            limit: 1.5,
+            unit: "x",
+            higher_is_better: false,
+        });
+
+        // Phase 4: search latency, idle and while 4 clients write.
+        let quiet4 = wait_quiet(&mut c, Duration::from_secs(300)).await?;
+        let idle_shape = shape(&mut c).await?;
+        let mut s = server.client().await?;
+        let search_req = |q: &[f32]| proto::SearchByVectorRequest {
+            model_version: v.to_string(),
+            vector: q.to_vec(),
+            options: Some(proto::SearchOptions { k: 10, ..Default::default() }),
+        };
+        for _ in 0..100 {
+            let q = &stored[rng.below(stored.len())];
+            s.search_by_vector(search_req(q)).await?;
+        }
+        let search = |s: &mut Client, rng: &mut Rng| {
+            let q = search_req(&stored[rng.below(stored.len())]);
+            let mut s = s.clone();
+            async move {
+                let t = Instant::now();
+                let resp = s.search_by_vector(q).await?.into_inner();
+                if resp.hits.len() != 10 {
+                    bail!("search returned {} hits", resp.hits.len());
+                }
+                anyhow::Ok(t.elapsed())
+            }
+        };
+        let mut idle = Vec::with_capacity(plan.queries);
+        for _ in 0..plan.queries {
+            idle.push(search(&mut s, &mut rng).await?);
+        }
+        let li = Lat::of(&idle);
+        out.line(format!(
+            "4. SearchByVector k=10, idle ({} live items, {} sealed segments, {} unsealed): {}",
+            idle_shape.live_items,
+            idle_shape.segments.len(),
+            idle_shape.unsealed(),
+            li.line()
+        ));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for wi in 0..4 {
+            let mut cl = server.client().await?;
+            let stop = Arc::clone(&stop);
+            let v = v.to_string();
+            writers.push(tokio::spawn(async move {
+                let mut rng = Rng(0xBEEF + wi as u64);
+                let mut n = 0usize;
+                while !stop.load(Ordering::Relaxed) {
+                    upsert(&mut cl, vector_upsert(format!("P4-{wi}-{n:07}"), &v, rng.unit_vector(DIM))).await?;
+                    n += 1;
+                }
+                anyhow::Ok(n)
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = Instant::now();
+        let mut busy = Vec::with_capacity(plan.queries);
+        for _ in 0..plan.queries {
+            busy.push(search(&mut s, &mut rng).await?);
+        }
+        let busy_secs = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let mut written = 0;
+        for w in writers {
+            written += w.await??;
+        }
+        let busy_shape = shape(&mut c).await?;
+        let lb = Lat::of(&busy);
+        let ratio4 = lb.p99 / li.p99;
+        out.line(format!(
+            "   while 4 clients upsert ({written} upserts, ~{:.0}/s; now {} live items, {} sealed segments): {}",
+            written as f64 / (busy_secs + 0.5),
+            busy_shape.live_items,
+            busy_shape.segments.len(),
+            lb.line()
+        ));
+        out.line(format!(
+            "   p99 while writing / idle: {ratio4:.2}x (p50 {:.2}x); waited {quiet4:.1} s for seals/merges first",
+            lb.p50 / li.p50
+        ));
+        report.insert(
+            "search".into(),
+            json!({"idle": li.json(), "while_writing": lb.json(), "p99_ratio": ratio4, "p50_ratio": lb.p50 / li.p50,
+                   "idle_live_items": idle_shape.live_items, "idle_segments": idle_shape.segments.len(),
+                   "upserts_during": written, "waited_for_quiet_secs": quiet4}),
+        );
+        targets.push(Target {
+            name: "search p99 while writing / idle",
+            measured: ratio4,
+            limit: 1.5,
+            unit: "x",
+            higher_is_better: false,
+        });
+
+        let t = Instant::now();
+        server.stop().await?;
+        out.line(format!("   server stopped gracefully in {:.2} s", t.elapsed().as_secs_f64()));
+        anyhow::Ok(())
+    })?;
+    drop(rt);
+
+    // Phase 5: restart with a large log.
+    let spec =
+        ModelSpec { version: version.clone(), dim: DIM, weights_sha256: encoder.manifest().sha256.clone() };
+    let cfg = WriterConfig {
+        seal_items: 1_000_000,
+        // Never checkpoint on log size: every record must stay in the log.
+        checkpoint_wal_bytes: u64::MAX,
+        default_model: Some(spec),
+        ..WriterConfig::default()
+    };
+    let dir = tmp.path().join("restart");
+    let n = plan.restart_items;
+    let writer = IndexWriter::open(&dir, cfg.clone())?;
+    let mut rng = Rng(0xABCD);
+    let started = Instant::now();
+    let mut written = 0usize;
+    while written < n {
+        let batch: Vec<WriteOp> = (written..(written + RESTART_BATCH).min(n))
+            .map(|i| {
+                Ok(WriteOp::Upsert(Upsert {
+                    sku: SkuId::new(format!("R-{i:07}"))?,
+                    attrs: None,
+                    image_sha256: None,
+                    vectors: vec![(version.clone(), rng.unit_vector(DIM))],
+                }))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let len = batch.len();
+        for o in writer.write_blocking(batch)? {
+            if o != Outcome::Added {
+                bail!("restart fill: unexpected outcome {o:?}");
+            }
+        }
+        written += len;
+    }
+    let fill_secs = started.elapsed().as_secs_f64();
+    writer.close();
+    let (frames, records, log_bytes) = count_log_frames(&dir.join("wal"))?;
+    if records != n as u64 {
+        bail!("the log holds {records} records, expected {n} (was a checkpoint taken?)");
+    }
+    let t = Instant::now();
+    let writer = IndexWriter::open(&dir, cfg)?;
+    let open_secs = t.elapsed().as_secs_f64();
+    let replayed = writer.open_report().replayed;
+    let live = writer.live().versions.get(&version).map_or(0, |v| v.live_items());
+    let t = Instant::now();
+    writer.close();
+    let close_secs = t.elapsed().as_secs_f64();
+    out.line(format!(
+        "5. restart: {n} vector upserts logged in {fill_secs:.1} s ({frames} frames, {:.0} MiB, \
+         closed without a checkpoint); IndexWriter::open replayed {replayed} records in {open_secs:.2} s \
+         ({live} live items after; log in the page cache); close {close_secs:.2} s",
+        log_bytes as f64 / (1 << 20) as f64
+    ));
+    report.insert(
+        "restart".into(),
+        json!({"items": n, "fill_secs": fill_secs, "log_frames": frames, "log_bytes": log_bytes,
+               "open_secs": open_secs, "replayed": replayed, "live_items": live}),
+    );
+    if live != n as u64 || replayed != n {
+        bail!("restart: {replayed} records replayed and {live} live items, expected {n}");
+    }
+    targets.push(Target {
+        name: if n == 100_000 {
+            "restart with a 100k-item log"
+        } else {
+            "restart with the log (target is for 100k)"
+        },
+        measured: open_secs,
+        limit: 5.0,
+        unit: "s",
+        higher_is_better: false,
+    });
+
+    out.line("targets:");
+    let mut tj = Vec::new();
+    for t in &targets {
+        let cmp = if t.higher_is_better { ">=" } else { "<=" };
+        out.line(format!(
+            "   {:<44} {:>10.3} {} (target {cmp} {} {}) {}",
+            t.name,
+            t.measured,
+            t.unit,
+            t.limit,
+            t.unit,
+            if t.met() { "MET" } else { "MISSED" }
+        ));
+        tj.push(
+            json!({"name": t.name, "measured": t.measured, "limit": t.limit, "unit": t.unit, "met": t.met()}),
+        );
+    }
+    report.insert("targets".into(), Value::Array(tj));
+    if args.json {
+        println!("{}", Value::Object(report));
+    }
+    Ok(())
+}
