@@ -401,3 +401,76 @@ fn a_format_1_directory_is_migrated_on_first_open() {
     assert_eq!(w.record(sku(10).as_str()).unwrap().unwrap().attrs["n"], serde_json::json!(10));
     assert_eq!(w.record(sku(10).as_str()).unwrap().unwrap().image_sha256.as_deref(), Some("ab10"));
 }
+
+/// A second model version added to a live directory: image upserts then need its vector, a
+/// backfill fills it without overwriting newer writes, serving switches in one commit, and the
+/// old version can be dropped.
+#[test]
+fn versions_are_added_backfilled_switched_and_dropped() {
+    use vitrine::index::writer::AdminOp;
+    let dir = tempfile::tempdir().unwrap();
+    let rows = data().rows(0, 40);
+    let v2 = ModelVersion::new("synth-v2").unwrap();
+    let v2_spec = ModelSpec { version: v2.clone(), dim: 8, weights_sha256: "02".into() };
+    let image_upsert = |i: usize, sha: &str, vectors: Vec<(ModelVersion, Vec<f32>)>| {
+        WriteOp::Upsert(Upsert { sku: sku(i), attrs: None, image_sha256: Some(sha.into()), vectors })
+    };
+    let w = IndexWriter::open(dir.path(), config(16)).unwrap();
+    let ops = (0..20).map(|i| {
+        image_upsert(i, &format!("img{i}"), vec![(version(), rows[i * DIM..(i + 1) * DIM].to_vec())])
+    });
+    assert!(w.write_blocking(ops.collect()).unwrap().iter().all(|o| *o == Outcome::Added));
+
+    w.admin_blocking(AdminOp::AddVersion(v2_spec.clone())).unwrap();
+    // Adding the same version again is a no-op; other weights under the same name are refused.
+    w.admin_blocking(AdminOp::AddVersion(v2_spec.clone())).unwrap();
+    let conflict = ModelSpec { weights_sha256: "other".into(), ..v2_spec.clone() };
+    assert!(matches!(
+        w.admin_blocking(AdminOp::AddVersion(conflict)),
+        Err(WriterError::VersionConflict { .. })
+    ));
+    // A new image now needs a vector of both versions.
+    let out =
+        w.write_blocking(vec![image_upsert(30, "img30", vec![(version(), rows[..DIM].to_vec())])]).unwrap();
+    assert_eq!(out, vec![Outcome::NeedsEmbedding { missing: vec![v2.clone()] }]);
+
+    let unit8 = |k: usize| {
+        let mut v = vec![0.0f32; 8];
+        v[k % 8] = 1.0;
+        v
+    };
+    let backfill = |i: usize, sha: &str| WriteOp::Backfill {
+        sku: sku(i),
+        version: v2.clone(),
+        image_sha256: sha.into(),
+        vector: unit8(i),
+    };
+    // SKU 1 got a new image meanwhile (with both vectors): its stale backfill is skipped.
+    w.write_blocking(vec![image_upsert(
+        1,
+        "new1",
+        vec![(version(), rows[..DIM].to_vec()), (v2.clone(), unit8(7))],
+    )])
+    .unwrap();
+    let out = w.write_blocking((0..20).map(|i| backfill(i, &format!("img{i}"))).collect()).unwrap();
+    assert_eq!(out[1], Outcome::Unchanged, "a stale backfill must not overwrite a newer image");
+    assert!(out.iter().enumerate().all(|(i, o)| i == 1 || *o == Outcome::Updated), "{out:?}");
+    // Again: everything is held already.
+    let out = w.write_blocking((0..20).map(|i| backfill(i, &format!("img{i}"))).collect()).unwrap();
+    assert!(out.iter().all(|o| *o == Outcome::Unchanged));
+    let live = w.live();
+    assert_eq!(live.version(&v2).unwrap().live_items(), 20);
+    assert_eq!(live.version(&v2).unwrap().vector_of(sku(1).as_str()).unwrap(), unit8(7));
+
+    w.admin_blocking(AdminOp::SetServing(v2.clone())).unwrap();
+    assert_eq!(w.live().serving.as_ref(), Some(&v2));
+    assert!(matches!(w.admin_blocking(AdminOp::DropVersion(v2.clone())), Err(WriterError::DropServing(_))));
+    w.admin_blocking(AdminOp::DropVersion(version())).unwrap();
+    assert!(!dir.path().join("indexes").join(version().as_str()).exists());
+    assert!(w.live().version(&version()).is_err());
+    w.close();
+    let w = IndexWriter::open(dir.path(), config(16)).unwrap();
+    assert_eq!(w.live().serving.as_ref(), Some(&v2));
+    assert_eq!(w.live().versions.len(), 1);
+    assert_eq!(w.live().version(&v2).unwrap().live_items(), 20);
+}

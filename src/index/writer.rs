@@ -68,6 +68,14 @@ pub enum WriterError {
     Poisoned { reason: String },
     #[error("the index writer has shut down")]
     Closed,
+    #[error("model version {0} has no index in this data directory")]
+    UnknownVersion(ModelVersion),
+    #[error(
+        "model version {version} already has an index with other dimension or weights ({dim}, {weights_sha256})"
+    )]
+    VersionConflict { version: ModelVersion, dim: usize, weights_sha256: String },
+    #[error("model version {0} serves queries; make another version serve first")]
+    DropServing(ModelVersion),
 }
 
 /// A model version's index as created on first use: its dimension and weights.
@@ -121,6 +129,27 @@ impl Default for WriterConfig {
 pub enum WriteOp {
     Upsert(Upsert),
     Delete(SkuId),
+    /// A backfill's vector for one model version, made from the stored image `image_sha256`:
+    /// written only while the SKU still has that image and the version holds no vector of it
+    /// (otherwise `Unchanged`), so it never overwrites a newer upsert.
+    Backfill {
+        sku: SkuId,
+        version: ModelVersion,
+        image_sha256: String,
+        vector: Vec<f32>,
+    },
+}
+
+/// A change to the directory's set of model versions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdminOp {
+    /// Adds an empty index for a new model version; image upserts from now on must bring a
+    /// vector for it too. A no-op if an index with the same dimension and weights exists.
+    AddVersion(ModelSpec),
+    /// Makes `version` the one that serves image and SKU queries (one manifest commit).
+    SetServing(ModelVersion),
+    /// Removes a version's index and deletes its files; never the serving one.
+    DropVersion(ModelVersion),
 }
 
 /// An upsert: the SKU's new attributes (`None`: keep), image (by the sha256 of bytes already
@@ -172,6 +201,7 @@ impl<T> Reply<T> {
 enum Msg {
     Write { ops: Vec<WriteOp>, reply: Reply<Vec<Outcome>> },
     Checkpoint { reply: Reply<u64> },
+    Admin { op: AdminOp, reply: Reply<u64> },
     Sealed(SealResult),
     Merged(MergeResult),
     Stop,
@@ -456,6 +486,21 @@ impl IndexWriter {
         rx.await.map_err(|_| WriterError::Closed)?
     }
 
+    /// Applies a change to the set of model versions (one manifest commit); returns the new
+    /// manifest generation.
+    pub async fn admin(&self, op: AdminOp) -> Result<u64, WriterError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(Msg::Admin { op, reply: Reply::Async(tx) }).map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)?
+    }
+
+    /// [`admin`](Self::admin) that blocks the calling thread.
+    pub fn admin_blocking(&self, op: AdminOp) -> Result<u64, WriterError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx.send(Msg::Admin { op, reply: Reply::Blocking(tx) }).map_err(|_| WriterError::Closed)?;
+        rx.recv().map_err(|_| WriterError::Closed)?
+    }
+
     /// Stops both threads (a seal or merge in progress finishes first; its file is committed
     /// by the next writer's start, or removed as an orphan) and releases the lock.
     pub fn close(mut self) {
@@ -604,7 +649,7 @@ impl State {
             let mut writes = Vec::new();
             for m in batch {
                 match m {
-                    Msg::Write { .. } | Msg::Checkpoint { .. }
+                    Msg::Write { .. } | Msg::Checkpoint { .. } | Msg::Admin { .. }
                         if self.pending_seals >= self.cfg.max_pending_seals.max(1) =>
                     {
                         deferred.push(m)
@@ -615,6 +660,13 @@ impl State {
                             self.process_writes(std::mem::take(&mut writes));
                         }
                         self.request_checkpoint(reply);
+                    }
+                    Msg::Admin { op, reply } => {
+                        if !writes.is_empty() {
+                            self.process_writes(std::mem::take(&mut writes));
+                        }
+                        let result = self.admin(op);
+                        let _ = reply.send(result);
                     }
                     Msg::Sealed(r) => self.commit_seal(r),
                     Msg::Merged(r) => self.commit_merge(r),
@@ -765,6 +817,30 @@ impl State {
                 }
                 pending.insert(sku.clone(), None);
                 Ok((Outcome::Deleted, Some(Change::Delete { sku: sku.clone() })))
+            }
+            WriteOp::Backfill { sku, version, image_sha256, vector } => {
+                let cur = self.current(sku, pending)?;
+                let same_image = cur.as_ref().and_then(|r| r.image_sha256.as_ref()) == Some(image_sha256);
+                let held = self.versions.get(version).is_some_and(|vs| {
+                    vs.mutable.find(sku.as_str()).is_some()
+                        || vs.frozen.iter().any(|f| f.find(sku.as_str()).is_some())
+                        || vs.sealed.iter().any(|s| s.find(sku.as_str()).is_some())
+                });
+                if !same_image || held {
+                    return Ok((Outcome::Unchanged, None));
+                }
+                match checked_vector(&self.versions, version, vector) {
+                    Ok(v) => Ok((
+                        Outcome::Updated,
+                        Some(Change::Upsert {
+                            sku: sku.clone(),
+                            attrs: None,
+                            image_sha256: None,
+                            vectors: vec![(version.clone(), v)],
+                        }),
+                    )),
+                    Err(why) => Ok((Outcome::Rejected(why), None)),
+                }
             }
             WriteOp::Upsert(u) => {
                 let mut vectors = Vec::with_capacity(u.vectors.len());
@@ -924,6 +1000,94 @@ impl State {
         self.checkpoint_waiters.push((job, reply));
     }
 
+    /// Runs one change to the set of model versions: commit the manifest, then publish.
+    fn admin(&mut self, op: AdminOp) -> Result<u64, WriterError> {
+        if let Some(reason) = &self.poisoned {
+            return Err(WriterError::Poisoned { reason: reason.clone() });
+        }
+        let data = &self.shared.data;
+        let mut next = self.manifest.clone();
+        let mut drop_dir = None;
+        match &op {
+            AdminOp::AddVersion(spec) => {
+                if let Some(ix) = next.indexes.get(&spec.version) {
+                    if ix.dim as usize == spec.dim && ix.weights_sha256 == spec.weights_sha256 {
+                        return Ok(self.manifest.generation);
+                    }
+                    return Err(WriterError::VersionConflict {
+                        version: spec.version.clone(),
+                        dim: ix.dim as usize,
+                        weights_sha256: ix.weights_sha256.clone(),
+                    });
+                }
+                let dir = data.index_dir(&spec.version);
+                std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
+                    action: "cannot create",
+                    path: dir,
+                    source,
+                })?;
+                next.indexes.insert(
+                    spec.version.clone(),
+                    ModelIndex {
+                        dim: spec.dim as u32,
+                        weights_sha256: spec.weights_sha256.clone(),
+                        segments: vec![],
+                    },
+                );
+                if next.serving_model.is_none() {
+                    next.serving_model = Some(spec.version.clone());
+                }
+            }
+            AdminOp::SetServing(v) => {
+                if !next.indexes.contains_key(v) {
+                    return Err(WriterError::UnknownVersion(v.clone()));
+                }
+                if next.serving_model.as_ref() == Some(v) {
+                    return Ok(self.manifest.generation);
+                }
+                next.serving_model = Some(v.clone());
+            }
+            AdminOp::DropVersion(v) => {
+                if next.serving_model.as_ref() == Some(v) {
+                    return Err(WriterError::DropServing(v.clone()));
+                }
+                if next.indexes.remove(v).is_none() {
+                    return Err(WriterError::UnknownVersion(v.clone()));
+                }
+                drop_dir = Some(data.index_dir(v));
+            }
+        }
+        next.generation += 1;
+        next.store(data.root())?;
+        self.manifest = next;
+        match op {
+            AdminOp::AddVersion(spec) => {
+                self.versions.insert(
+                    spec.version,
+                    VState {
+                        dim: spec.dim,
+                        weights_sha256: spec.weights_sha256,
+                        sealed: vec![],
+                        frozen: vec![],
+                        mutable: Arc::new(MutableSegment::new(spec.dim)),
+                    },
+                );
+            }
+            AdminOp::SetServing(_) => {}
+            AdminOp::DropVersion(v) => {
+                self.versions.remove(&v);
+            }
+        }
+        self.publish();
+        if let Some(dir) = drop_dir {
+            // After the commit: the files are orphans now; open mappings keep working.
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), "cannot remove a dropped version's files: {e}");
+            }
+        }
+        Ok(self.manifest.generation)
+    }
+
     /// Publishes the current segments to searches.
     fn publish(&self) {
         let versions = self
@@ -1040,6 +1204,11 @@ impl State {
         let mut added: Vec<(ModelVersion, Arc<SealedSegment>)> = Vec::new();
         for part in &built {
             let (v, Some(file)) = (&part.version, &part.file) else { continue };
+            if !next.indexes.contains_key(v) {
+                // The version was dropped while its segment was being sealed.
+                data.remove_file(&data.segment_path(v, file.id))?;
+                continue;
+            }
             let seg = self.open_built(v, file, |&p| part.frozen.is_deleted(p))?;
             if let Some(ix) = next.indexes.get_mut(v) {
                 ix.segments.push(SegmentEntry {
@@ -1150,7 +1319,13 @@ impl State {
             }
             None => None,
         };
-        let Some(ix) = next.indexes.get_mut(v) else { return Ok(()) };
+        let Some(ix) = next.indexes.get_mut(v) else {
+            // The version was dropped while it was being merged.
+            if let Some(file) = built {
+                data.remove_file(&data.segment_path(v, file.id))?;
+            }
+            return Ok(());
+        };
         let at = ix.segments.iter().position(|e| input_ids.contains(&e.id)).unwrap_or(ix.segments.len());
         let removed: Vec<SegmentEntry> =
             ix.segments.iter().filter(|e| input_ids.contains(&e.id)).cloned().collect();

@@ -44,6 +44,8 @@ impl From<ServiceError> for Status {
             },
             ServiceError::Writer(we) => match we {
                 WriterError::Poisoned { .. } | WriterError::Closed => Code::Unavailable,
+                WriterError::UnknownVersion(_) => Code::NotFound,
+                WriterError::VersionConflict { .. } | WriterError::DropServing(_) => Code::FailedPrecondition,
                 WriterError::Store(_)
                 | WriterError::Manifest(_)
                 | WriterError::Wal(_)
