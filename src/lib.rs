@@ -13,5 +13,6 @@ pub mod index;
 pub mod ingest;
 pub mod models;
 pub mod proto;
+pub mod rollout;
 pub mod segment;
 pub mod server;

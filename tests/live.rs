@@ -467,10 +467,13 @@ fn versions_are_added_backfilled_switched_and_dropped() {
     assert!(matches!(w.admin_blocking(AdminOp::DropVersion(v2.clone())), Err(WriterError::DropServing(_))));
     w.admin_blocking(AdminOp::DropVersion(version())).unwrap();
     assert!(!dir.path().join("indexes").join(version().as_str()).exists());
+    let state = serde_json::json!({"phase": "promoted", "challenger": "synth-v2"});
+    w.admin_blocking(AdminOp::SetRollout(Some(state.clone()))).unwrap();
     assert!(w.live().version(&version()).is_err());
     w.close();
     let w = IndexWriter::open(dir.path(), config(16)).unwrap();
     assert_eq!(w.live().serving.as_ref(), Some(&v2));
+    assert_eq!(w.live().rollout, Some(state), "the rollout state is committed with the manifest");
     assert_eq!(w.live().versions.len(), 1);
     assert_eq!(w.live().version(&v2).unwrap().live_items(), 20);
 }

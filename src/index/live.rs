@@ -80,6 +80,8 @@ pub struct LiveSet {
     /// The manifest generation the sealed segments come from.
     pub generation: u64,
     pub serving: Option<ModelVersion>,
+    /// The rollout layer's state, as the manifest holds it.
+    pub rollout: Option<serde_json::Value>,
     pub versions: BTreeMap<ModelVersion, Arc<VersionLive>>,
 }
 

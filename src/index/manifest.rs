@@ -108,6 +108,10 @@ pub struct Manifest {
     pub wal_checkpoint: u64,
     #[serde(default)]
     pub indexes: BTreeMap<ModelVersion, ModelIndex>,
+    /// The rollout layer's state (its schema is `rollout::state::Rollout`), kept here so it
+    /// commits atomically with the version changes it causes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<serde_json::Value>,
 }
 
 impl Default for Manifest {
@@ -119,6 +123,7 @@ impl Default for Manifest {
             serving_model: None,
             wal_checkpoint: 0,
             indexes: BTreeMap::new(),
+            rollout: None,
         }
     }
 }

@@ -150,6 +150,8 @@ pub enum AdminOp {
     SetServing(ModelVersion),
     /// Removes a version's index and deletes its files; never the serving one.
     DropVersion(ModelVersion),
+    /// Replaces the rollout layer's state in the manifest.
+    SetRollout(Option<serde_json::Value>),
 }
 
 /// An upsert: the SKU's new attributes (`None`: keep), image (by the sha256 of bytes already
@@ -1056,6 +1058,7 @@ impl State {
                 }
                 drop_dir = Some(data.index_dir(v));
             }
+            AdminOp::SetRollout(r) => next.rollout = r.clone(),
         }
         next.generation += 1;
         next.store(data.root())?;
@@ -1073,7 +1076,7 @@ impl State {
                     },
                 );
             }
-            AdminOp::SetServing(_) => {}
+            AdminOp::SetServing(_) | AdminOp::SetRollout(_) => {}
             AdminOp::DropVersion(v) => {
                 self.versions.remove(&v);
             }
@@ -1108,6 +1111,7 @@ impl State {
         self.shared.live.store(Arc::new(LiveSet {
             generation: self.manifest.generation,
             serving: self.manifest.serving_model.clone(),
+            rollout: self.manifest.rollout.clone(),
             versions,
         }));
     }
