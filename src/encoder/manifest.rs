@@ -24,6 +24,47 @@ pub enum Architecture {
     EfficientNetLite4,
 }
 
+impl Architecture {
+    /// `(width, depth)` coefficients of TensorFlow's `efficientnet_lite_builder`.
+    pub fn coefficients(self) -> (f64, f64) {
+        match self {
+            Self::EfficientNetLite0 => (1.0, 1.0),
+            Self::EfficientNetLite1 => (1.0, 1.1),
+            Self::EfficientNetLite2 => (1.1, 1.2),
+            Self::EfficientNetLite3 => (1.2, 1.4),
+            Self::EfficientNetLite4 => (1.4, 1.8),
+        }
+    }
+
+    /// `(blocks, channels out of the last block)` as the TF builder lays the network out: the
+    /// EfficientNet-B0 stages with repeats scaled by depth (`ceil`), except the first and last
+    /// stage ("fix_head_stem"), and channels scaled by width, rounded to multiples of 8.
+    pub fn expected_layout(self) -> (usize, usize) {
+        const REPEATS: [usize; 7] = [1, 2, 2, 3, 3, 4, 1];
+        let (width, depth) = self.coefficients();
+        let blocks = REPEATS
+            .iter()
+            .enumerate()
+            .map(
+                |(i, &r)| {
+                    if i == 0 || i == REPEATS.len() - 1 { r } else { (depth * r as f64).ceil() as usize }
+                },
+            )
+            .sum();
+        (blocks, round_filters(320, width))
+    }
+}
+
+/// TF EfficientNet's `round_filters` with divisor 8.
+fn round_filters(filters: usize, width: f64) -> usize {
+    let scaled = filters as f64 * width;
+    let mut rounded = (((scaled + 4.0) as usize) / 8 * 8).max(8);
+    if (rounded as f64) < 0.9 * scaled {
+        rounded += 8;
+    }
+    rounded
+}
+
 /// Per-channel input normalisation in 0..=255 pixel units: `x = (pixel - mean) / std`, RGB order.
 /// In JSON each of `mean` and `std` is either one number for all channels or three.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -49,7 +90,80 @@ fn one_or_three<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[f32; 3], D::E
     }
 }
 
-/// The contents of `manifest.json`.
+/// How the head's final feature map (post-ReLU6, `>= 0`) becomes one vector per image, before
+/// the L2 normalisation of [`Encoder::embed`](super::Encoder::embed). In JSON:
+/// `{"kind": "average"}` (the default when the field is absent) or
+/// `{"kind": "gem", "p": 3.0, "sqrt": true}`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(try_from = "RawPooling", into = "RawPooling")]
+pub enum Pooling {
+    /// The mean over positions: the network's own pooling, the one its classifier was trained on.
+    #[default]
+    Average,
+    /// Generalised mean: `f_c = (mean over positions of max(x, eps)^p)^(1/p)` with
+    /// `eps` = [`Pooling::GEM_EPS`], then `sqrt(f_c)` element-wise when `sqrt`.
+    Gem { p: f32, sqrt: bool },
+}
+
+/// The JSON form of [`Pooling`] (serde's tagged enums let a unit variant carry stray fields).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPooling {
+    kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sqrt: Option<bool>,
+}
+
+impl TryFrom<RawPooling> for Pooling {
+    type Error = String;
+
+    fn try_from(raw: RawPooling) -> Result<Self, String> {
+        match (raw.kind.as_str(), raw.p, raw.sqrt) {
+            ("average", None, None) => Ok(Self::Average),
+            ("average", _, _) => Err("pooling \"average\" takes no parameters".into()),
+            ("gem", Some(p), Some(sqrt)) => Ok(Self::Gem { p, sqrt }),
+            ("gem", _, _) => {
+                Err("pooling \"gem\" needs \"p\" (a number) and \"sqrt\" (true or false)".into())
+            }
+            (other, _, _) => Err(format!("unknown pooling kind {other:?}: expected \"average\" or \"gem\"")),
+        }
+    }
+}
+
+impl From<Pooling> for RawPooling {
+    fn from(p: Pooling) -> Self {
+        match p {
+            Pooling::Average => Self { kind: "average".into(), p: None, sqrt: None },
+            Pooling::Gem { p, sqrt } => Self { kind: "gem".into(), p: Some(p), sqrt: Some(sqrt) },
+        }
+    }
+}
+
+impl Pooling {
+    /// Floor applied to activations before the power in GeM pooling.
+    pub const GEM_EPS: f32 = 1e-6;
+    /// Range accepted for GeM's `p` (1 is the average; large powers overflow `f32`).
+    pub const GEM_P_RANGE: std::ops::RangeInclusive<f32> = 1.0..=16.0;
+
+    pub fn is_average(&self) -> bool {
+        *self == Self::Average
+    }
+
+    /// A stable text form, e.g. `average` or `gem(p=3,sqrt=true)`.
+    pub fn describe(&self) -> String {
+        match *self {
+            Self::Average => "average".to_string(),
+            Self::Gem { p, sqrt } => format!("gem(p={p:?},sqrt={sqrt})"),
+        }
+    }
+}
+
+/// The contents of `manifest.json`. A model version names the weights *and* everything else that
+/// shapes its embeddings: input size, normalisation and pooling (the resize and crop are fixed in
+/// code, see [`super::preprocess::PIPELINE`]). Two folders that differ in any of these are two
+/// versions, even over the same weights file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelManifest {
@@ -73,6 +187,10 @@ pub struct ModelManifest {
     pub licence: String,
     /// Number of classifier outputs (`_fc` rows).
     pub num_classes: usize,
+    /// Pooling of the embeddings; average pooling when absent. Classification always uses
+    /// average pooling (the classifier was trained on it).
+    #[serde(default, skip_serializing_if = "Pooling::is_average")]
+    pub pooling: Pooling,
 }
 
 /// A manifest field holds a value this crate refuses.
@@ -92,6 +210,8 @@ pub enum ManifestInvalid {
     WeightsName(String),
     #[error("sha256 {0:?} must be 64 hexadecimal digits")]
     Sha256(String),
+    #[error("pooling: GeM power p = {0} must be within 1..=16")]
+    GemPower(f32),
 }
 
 /// Why a manifest could not be used.
@@ -160,7 +280,33 @@ impl ModelManifest {
         if self.sha256.len() != 64 || !self.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(ManifestInvalid::Sha256(self.sha256.clone()));
         }
+        if let Pooling::Gem { p, .. } = self.pooling
+            && !Pooling::GEM_P_RANGE.contains(&p)
+        {
+            return Err(ManifestInvalid::GemPower(p));
+        }
         Ok(())
+    }
+
+    /// Lower-case hex sha256 over everything that determines this model's embeddings: the
+    /// weights' sha256, architecture, dim, input size, normalisation, pooling and the
+    /// preprocessing pipeline's identifier. Equal fingerprints mean interchangeable vectors;
+    /// the weights' sha256 alone does not tell two poolings of one network apart.
+    pub fn embedding_fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let n = &self.normalisation;
+        let text = format!(
+            "vitrine-embedding-v1;weights={};architecture={:?};dim={};input_size={};mean={:?};std={:?};pooling={};preprocess={}",
+            self.sha256.to_ascii_lowercase(),
+            self.architecture,
+            self.dim,
+            self.input_size,
+            n.mean,
+            n.std,
+            self.pooling.describe(),
+            super::preprocess::PIPELINE,
+        );
+        Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -218,10 +364,99 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_manifest_is_valid() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/manifest.json");
-        let m = ModelManifest::load(&path).unwrap();
-        assert_eq!((m.dim, m.input_size, m.num_classes), (1280, 224, 1000));
+    fn the_shipped_manifests_are_valid() {
+        let load = |v: &str| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("models/{v}/manifest.json"));
+            ModelManifest::load(&path).unwrap()
+        };
+        let lite0 = load("efficientnet-lite0");
+        assert_eq!((lite0.dim, lite0.input_size, lite0.num_classes), (1280, 224, 1000));
+        assert_eq!(lite0.pooling, Pooling::Average);
+        let gem = load("efficientnet-lite0-gem");
+        assert_eq!(gem.pooling, Pooling::Gem { p: 3.0, sqrt: true });
+        assert_eq!((gem.sha256.as_str(), gem.input_size), (lite0.sha256.as_str(), lite0.input_size));
+        assert_eq!(gem.normalisation, lite0.normalisation);
+        let lite2 = load("efficientnet-lite2");
+        assert_eq!(
+            (lite2.dim, lite2.input_size, lite2.architecture),
+            (1280, 260, Architecture::EfficientNetLite2)
+        );
+        // Three versions, three fingerprints; the same weights with another pooling included.
+        let prints = [&lite0, &gem, &lite2].map(|m| m.embedding_fingerprint());
+        assert!(prints[0] != prints[1] && prints[1] != prints[2] && prints[0] != prints[2], "{prints:?}");
+    }
+
+    #[test]
+    fn pooling_defaults_to_average_and_parses_gem() {
+        let m = parse(sample()).unwrap();
+        assert_eq!(m.pooling, Pooling::Average);
+        // An absent field and an explicit average are one version; average is not written out.
+        let mut v = sample();
+        v["pooling"] = serde_json::json!({"kind": "average"});
+        let explicit = parse(v).unwrap();
+        assert_eq!(explicit, m);
+        assert_eq!(explicit.embedding_fingerprint(), m.embedding_fingerprint());
+        assert!(serde_json::to_value(&m).unwrap().get("pooling").is_none());
+        let mut v = sample();
+        v["pooling"] = serde_json::json!({"kind": "gem", "p": 3.0, "sqrt": true});
+        let gem = parse(v).unwrap();
+        assert_eq!(gem.pooling, Pooling::Gem { p: 3.0, sqrt: true });
+        assert_ne!(gem.embedding_fingerprint(), m.embedding_fingerprint());
+        let back: ModelManifest = serde_json::from_value(serde_json::to_value(&gem).unwrap()).unwrap();
+        assert_eq!(back, gem);
+        for bad in [
+            serde_json::json!({"kind": "max"}),
+            serde_json::json!({"kind": "gem", "p": 3.0}),
+            serde_json::json!({"kind": "gem", "p": 3.0, "sqrt": true, "eps": 1e-6}),
+            serde_json::json!({"kind": "gem", "p": 0.5, "sqrt": false}),
+            serde_json::json!({"kind": "gem", "p": 100.0, "sqrt": false}),
+            serde_json::json!({"kind": "average", "p": 3.0}),
+            serde_json::json!("gem"),
+        ] {
+            let mut v = sample();
+            v["pooling"] = bad.clone();
+            assert!(parse(v).is_err(), "pooling {bad} was accepted");
+        }
+    }
+
+    #[test]
+    fn every_field_that_shapes_embeddings_changes_the_fingerprint() {
+        let base = parse(sample()).unwrap();
+        let mut changed = Vec::new();
+        for (field, value) in [
+            ("sha256", serde_json::json!("cd".repeat(32))),
+            ("architecture", serde_json::json!("efficientnet-lite2")),
+            ("dim", serde_json::json!(1024)),
+            ("input_size", serde_json::json!(260)),
+            ("normalisation", serde_json::json!({"mean": 127.5, "std": 128.0})),
+            ("normalisation", serde_json::json!({"mean": 127.0, "std": [128.0, 128.0, 127.0]})),
+            ("pooling", serde_json::json!({"kind": "gem", "p": 3.0, "sqrt": false})),
+        ] {
+            let mut v = sample();
+            v[field] = value;
+            changed.push(parse(v).unwrap().embedding_fingerprint());
+        }
+        changed.push(base.embedding_fingerprint());
+        let distinct: std::collections::HashSet<_> = changed.iter().collect();
+        assert_eq!(distinct.len(), changed.len());
+        // Names, licence and provenance do not change embeddings.
+        let mut v = sample();
+        v["name"] = serde_json::json!("renamed");
+        v["licence"] = serde_json::json!("MIT");
+        assert_eq!(parse(v).unwrap().embedding_fingerprint(), base.embedding_fingerprint());
+    }
+
+    #[test]
+    fn expected_layouts_follow_the_tensorflow_builder() {
+        assert_eq!(Architecture::EfficientNetLite0.expected_layout(), (16, 320));
+        assert_eq!(Architecture::EfficientNetLite1.expected_layout(), (21, 320));
+        assert_eq!(Architecture::EfficientNetLite2.expected_layout(), (21, 352));
+        assert_eq!(Architecture::EfficientNetLite3.expected_layout(), (24, 384));
+        assert_eq!(Architecture::EfficientNetLite4.expected_layout(), (30, 448));
+        // Stage widths of Lite2 as its weights have them.
+        let lite2: Vec<usize> =
+            [16, 24, 40, 80, 112, 192, 320].iter().map(|&f| round_filters(f, 1.1)).collect();
+        assert_eq!(lite2, [16, 24, 48, 88, 120, 208, 352]);
     }
 
     #[test]

@@ -3,12 +3,18 @@
 //!
 //! A model lives in a folder named after its version (`models/<version>/`) holding
 //! `manifest.json` ([`ModelManifest`]) and the safetensors weights the manifest names and
-//! checksums. Loading refuses a weights file whose sha256 differs from the manifest's.
+//! checksums. Loading refuses a weights file whose sha256 differs from the manifest's, and
+//! weights whose layout is not the manifest's architecture.
+//!
+//! Embeddings ([`Encoder::embed`]) are the head's feature map pooled as the manifest's
+//! [`Pooling`] says (average by default, or GeM), then L2-normalised. Classification
+//! ([`Encoder::classify`]) always average-pools, as the classifier was trained.
 
 mod fused;
 mod lite;
 pub mod manifest;
 mod pointwise;
+mod pool;
 pub mod preprocess;
 
 use std::path::{Path, PathBuf};
@@ -19,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 use crate::ids::ModelVersion;
 pub use lite::{Kernels, WeightsError};
-pub use manifest::{Architecture, ManifestError, ManifestInvalid, ModelManifest, Normalisation};
+pub use manifest::{Architecture, ManifestError, ManifestInvalid, ModelManifest, Normalisation, Pooling};
 pub use preprocess::{PreparedImage, PreprocessError};
 
 /// Images per forward pass on the CPU. Larger CPU batches are no faster per image and get
@@ -82,6 +88,16 @@ pub fn default_device() -> candle_core::Result<Device> {
     Device::cuda_if_available(0)
 }
 
+/// The head's final feature map of one image, before pooling.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureMap {
+    pub height: usize,
+    pub width: usize,
+    pub channels: usize,
+    /// `height * width * channels` values, channels last (HWC).
+    pub data: Vec<f32>,
+}
+
 /// A loaded model: preprocessing settings plus the network, ready to embed images.
 /// `Send + Sync`; share one behind an `Arc`.
 #[derive(Debug)]
@@ -122,9 +138,12 @@ impl Encoder {
         drop(bytes);
         let net = lite::LiteNet::from_tensors(tensors)
             .map_err(|source| EncoderError::Weights { path: path.clone(), source: Box::new(source) })?;
+        let (blocks, last_channels) = manifest.architecture.expected_layout();
         for (field, in_manifest, from_weights) in [
             ("dim", manifest.dim, net.feature_dim()),
             ("num_classes", manifest.num_classes, net.num_classes()),
+            ("blocks (from the architecture)", blocks, net.num_blocks()),
+            ("last block channels (from the architecture)", last_channels, net.last_block_channels()),
         ] {
             if in_manifest != from_weights {
                 return Err(EncoderError::Disagrees { path, field, in_manifest, from_weights });
@@ -158,6 +177,11 @@ impl Encoder {
         self.manifest.input_size
     }
 
+    /// How embeddings are pooled (the manifest's `pooling`).
+    pub fn pooling(&self) -> Pooling {
+        self.manifest.pooling
+    }
+
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -167,9 +191,10 @@ impl Encoder {
         preprocess::preprocess(bytes, self.manifest.input_size, &self.manifest.normalisation)
     }
 
-    /// L2-normalised embeddings, one per image, in order.
+    /// L2-normalised embeddings, one per image, in order: [`embedding_features`](Self::embedding_features)
+    /// divided by their L2 norm.
     pub fn embed(&self, batch: &[PreparedImage]) -> Result<Vec<Vec<f32>>, EncoderError> {
-        let mut out = self.pooled_features(batch)?;
+        let mut out = self.embedding_features(batch)?;
         for (index, v) in out.iter_mut().enumerate() {
             let norm = v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt();
             if !(norm.is_finite() && norm > 0.0) {
@@ -216,12 +241,35 @@ impl Encoder {
         Ok(v.pop().unwrap_or_default())
     }
 
-    /// Globally pooled features before L2 normalisation (`dim` values per image).
+    /// Globally average-pooled features (`dim` values per image), whatever the manifest's
+    /// pooling: the network's own features, the classifier's input.
     pub fn pooled_features(&self, batch: &[PreparedImage]) -> Result<Vec<Vec<f32>>, EncoderError> {
         self.run(batch, |net, x| net.pooled_features(x))
     }
 
-    /// ImageNet logits (`num_classes` values per image).
+    /// Features pooled as the manifest says, before L2 normalisation (`dim` values per image):
+    /// what [`embed`](Self::embed) normalises. Equal to [`pooled_features`](Self::pooled_features)
+    /// under average pooling.
+    pub fn embedding_features(&self, batch: &[PreparedImage]) -> Result<Vec<Vec<f32>>, EncoderError> {
+        let pooling = self.manifest.pooling;
+        self.run(batch, |net, x| net.pool(&net.feature_map(x)?, pooling))
+    }
+
+    /// The head's feature maps before pooling, one per image (for tests and analysis; large:
+    /// `side * side * dim` values each).
+    pub fn feature_maps(&self, batch: &[PreparedImage]) -> Result<Vec<FeatureMap>, EncoderError> {
+        let side = self.net.feature_map_side(self.manifest.input_size as usize);
+        let channels = self.net.feature_dim();
+        let rows = self.run(batch, |net, x| {
+            let map = net.feature_map(x)?;
+            let n = map.dim(0)?;
+            map.reshape((n, side * side * channels))
+        })?;
+        Ok(rows.into_iter().map(|data| FeatureMap { height: side, width: side, channels, data }).collect())
+    }
+
+    /// ImageNet logits (`num_classes` values per image), from average-pooled features whatever
+    /// the manifest's pooling (the classifier was trained on average pooling).
     pub fn classify(&self, batch: &[PreparedImage]) -> Result<Vec<Vec<f32>>, EncoderError> {
         self.run(batch, |net, x| net.logits(&net.pooled_features(x)?))
     }

@@ -12,6 +12,13 @@ use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Li
 
 use super::manifest::Normalisation;
 
+/// Identifies the steps below (decode, orientation, white background, resize filter, pre-shrink,
+/// crop, layout) in [`ModelManifest::embedding_fingerprint`](super::ModelManifest::embedding_fingerprint).
+/// Anything that changes the pixels a model sees changes its embeddings: change this string with
+/// it, and ship such a change as a new model version.
+pub const PIPELINE: &str =
+    "exif-orient;alpha-over-white;shorter-side-triangle(area-preshrink-4x-to-2x);centre-crop;rgb-chw-f32";
+
 /// Images with more pixels than this are refused before their pixels are decoded.
 pub const MAX_PIXELS: u64 = 40_000_000;
 /// Longest side accepted, whatever the pixel count.
