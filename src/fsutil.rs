@@ -12,7 +12,7 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 
 /// Atomically replaces `path` with a file produced by `write`.
 ///
-/// The bytes go to `path.tmp-<pid>` in the same directory, are fsynced, renamed over `path`,
+/// The bytes go to `.name.tmp-<pid>-<n>` (unique per call) in the same directory, are fsynced, renamed over `path`,
 /// and the directory is fsynced. On error the temp file is removed and `path` is untouched.
 pub fn atomic_write_with<F>(path: &Path, write: F) -> io::Result<()>
 where
@@ -22,7 +22,11 @@ where
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    // Unique per call: concurrent writers of the same path (e.g. two upserts of the same image
+    // bytes) must not share, truncate or rename each other's temp file.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let file = File::create(&tmp)?;
         {
@@ -58,6 +62,25 @@ mod tests {
         assert_eq!(fs::read(&p).unwrap(), b"two");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    /// Regression: two threads writing the same path shared one temp file name, so one
+    /// rename failed (seen as INTERNAL on concurrent upserts of the same image bytes).
+    #[test]
+    fn concurrent_writers_of_one_path_do_not_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("blob");
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..50 {
+                        atomic_write(&p, b"same bytes").unwrap();
+                    }
+                });
+            }
+        });
+        assert_eq!(fs::read(&p).unwrap(), b"same bytes");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left");
     }
 
     #[test]

@@ -17,6 +17,10 @@
 //! random seed (default: from the clock; printed). `tools/crash_loop.sh N` runs N rounds in
 //! release.
 
+// Request messages are built with `..Default::default()` so that fields added to the proto later
+// do not break this test.
+#![allow(clippy::needless_update)]
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
 use std::io::Cursor;
@@ -45,6 +49,9 @@ const IMAGES_PER_CLIENT_ROUND: usize = 2;
 const SEAL_ITEMS: usize = 40;
 const MAX_SEGMENTS: usize = 3;
 const KILL_AFTER_MS: std::ops::RangeInclusive<u64> = 100..=1500;
+/// Rounds whose restart is itself killed, and when.
+const RECOVERY_KILL_PERCENT: u64 = 25;
+const RECOVERY_KILL_AFTER_MS: std::ops::RangeInclusive<u64> = 0..=400;
 const SEARCH_K: u32 = 10;
 /// Above any segment's size here, so the HNSW searches are in effect exhaustive.
 const SEARCH_EF: u32 = 256;
@@ -98,8 +105,14 @@ enum Target {
 enum State {
     /// Never written, or deleted; `ghost` is the vector or image it last had (searched for to
     /// check it is gone).
-    Absent { ghost: Target },
-    Present { attrs: Value, image_sha: Option<String>, target: Target },
+    Absent {
+        ghost: Target,
+    },
+    Present {
+        attrs: Value,
+        image_sha: Option<String>,
+        target: Target,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -235,7 +248,7 @@ fn random_attrs(rng: &mut Rng) -> Value {
 
 /// A 48x48 PNG of 6x6 random colour blocks: distinct for every seed.
 fn synthetic_png(seed: u64) -> Vec<u8> {
-    let mut rng = Rng(seed ^ 0x5eed_1ma9e_u64);
+    let mut rng = Rng(seed ^ 0x5eed_1a9e_u64);
     let blocks: Vec<[u8; 3]> = (0..36)
         .map(|_| {
             let c = rng.next_u64();
@@ -244,7 +257,9 @@ fn synthetic_png(seed: u64) -> Vec<u8> {
         .collect();
     let img = image::RgbImage::from_fn(48, 48, |x, y| image::Rgb(blocks[(y / 8 * 6 + x / 8) as usize]));
     let mut out = Vec::new();
-    image::DynamicImage::ImageRgb8(img).write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png).unwrap();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(&mut Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
     out
 }
 
@@ -264,16 +279,22 @@ fn upsert_request(sku: &str, op: &Op) -> proto::UpsertRequest {
             payload: Some(Payload::Vector(proto::VectorPayload {
                 model_version: MODEL.into(),
                 values: vector.to_vec(),
+                ..Default::default()
             })),
+            ..Default::default()
         },
         Op::Image { bytes, attrs, .. } => proto::UpsertRequest {
             sku: sku.into(),
             attrs: struct_of(attrs),
             payload: Some(Payload::Image(bytes.to_vec())),
+            ..Default::default()
         },
-        Op::Attrs { attrs } => {
-            proto::UpsertRequest { sku: sku.into(), attrs: struct_of(&Some(attrs.clone())), payload: None }
-        }
+        Op::Attrs { attrs } => proto::UpsertRequest {
+            sku: sku.into(),
+            attrs: struct_of(&Some(attrs.clone())),
+            payload: None,
+            ..Default::default()
+        },
         Op::Delete => unreachable!("a delete is not an upsert"),
     }
 }
@@ -314,44 +335,49 @@ async fn connect(url: &str) -> Result<VisualSearchClient<Channel>, tonic::transp
 }
 
 impl Server {
-    /// Starts the server on `dir` and waits until it answers `GetIndexInfo`; `log` gets its
+    /// Starts `vitrine serve` on `dir` and a free port, without waiting for it; `log` gets its
     /// stderr.
+    fn spawn(dir: &Path, log: PathBuf) -> Server {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_vitrine"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--models")
+            .arg(repo().join("models"))
+            .arg("--seal-items")
+            .arg(SEAL_ITEMS.to_string())
+            .arg("--max-segments")
+            .arg(MAX_SEGMENTS.to_string())
+            .env("NO_COLOR", "1")
+            .env("RUST_LOG", "info,hnsw_rs=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("cannot start the server");
+        Server { child, url: format!("http://127.0.0.1:{port}"), log }
+    }
+
+    /// Starts the server and waits until it answers `GetIndexInfo`.
     async fn start(dir: &Path, log: PathBuf) -> Server {
         for _attempt in 0..5 {
-            let port = free_port();
-            let mut child = Command::new(env!("CARGO_BIN_EXE_vitrine"))
-                .arg("serve")
-                .arg("--data-dir")
-                .arg(dir)
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--models")
-                .arg(repo().join("models"))
-                .arg("--seal-items")
-                .arg(SEAL_ITEMS.to_string())
-                .arg("--max-segments")
-                .arg(MAX_SEGMENTS.to_string())
-                .env("NO_COLOR", "1")
-                .env("RUST_LOG", "info,hnsw_rs=warn")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(File::create(&log).unwrap())
-                .spawn()
-                .expect("cannot start the server");
-            let url = format!("http://127.0.0.1:{port}");
+            let mut server = Server::spawn(dir, log.clone());
             let deadline = Instant::now() + Duration::from_secs(120);
             loop {
-                if let Some(status) = child.try_wait().unwrap() {
+                if let Some(status) = server.child.try_wait().unwrap() {
                     let stderr = std::fs::read_to_string(&log).unwrap_or_default();
                     if stderr.contains("cannot listen") {
                         break; // the port was taken meanwhile: another one
                     }
                     panic!("the server exited at start ({status}):\n{stderr}");
                 }
-                if let Ok(mut c) = connect(&url).await
-                    && c.get_index_info(proto::GetIndexInfoRequest {}).await.is_ok()
+                if let Ok(mut c) = connect(&server.url).await
+                    && c.get_index_info(proto::GetIndexInfoRequest::default()).await.is_ok()
                 {
-                    return Server { child, url, log };
+                    return server;
                 }
                 assert!(
                     Instant::now() < deadline,
@@ -364,10 +390,13 @@ impl Server {
         panic!("could not find a free port for the server");
     }
 
+    /// SIGKILLs the server; returns its stderr (and removes the file).
     fn kill(mut self) -> String {
         self.child.kill().expect("SIGKILL the server");
         self.child.wait().unwrap();
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        let stderr = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.log);
+        stderr
     }
 }
 
@@ -578,7 +607,9 @@ impl Client {
                 }
                 for (status, (sku, before, op)) in resp.items.iter().zip(&items) {
                     if status.sku != *sku {
-                        self.report.anomalies.push(format!("UpsertStream status for {} says {}", sku, status.sku));
+                        self.report
+                            .anomalies
+                            .push(format!("UpsertStream status for {} says {}", sku, status.sku));
                     }
                     if status.code == 0 {
                         self.check_outcome(sku, before, op, status.outcome);
@@ -604,7 +635,10 @@ impl Client {
         for sku in &skus {
             self.start(sku, &Op::Delete);
         }
-        match c.delete(proto::DeleteRequest { skus: skus.iter().cloned().collect() }).await {
+        match c
+            .delete(proto::DeleteRequest { skus: skus.iter().cloned().collect(), ..Default::default() })
+            .await
+        {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 for (sku, present) in before {
@@ -639,13 +673,13 @@ struct CheckReport {
     checked: usize,
     resynced: usize,
     /// SKU -> what is wrong with it.
-    lost: BTreeMap<String, Vec<String>>,
+    lost: BTreeMap<String, BTreeSet<String>>,
     searches: usize,
 }
 
 impl CheckReport {
     fn fail(&mut self, sku: &str, why: String) {
-        self.lost.entry(sku.to_string()).or_default().push(why);
+        self.lost.entry(sku.to_string()).or_default().insert(why);
     }
 }
 
@@ -667,11 +701,17 @@ async fn search(
                 model_version: MODEL.into(),
                 vector: v.to_vec(),
                 options,
+                ..Default::default()
             })
             .await?
         }
         Target::Image(bytes) => {
-            c.search_by_image(proto::SearchByImageRequest { image: bytes.to_vec(), options }).await?
+            c.search_by_image(proto::SearchByImageRequest {
+                image: bytes.to_vec(),
+                options,
+                ..Default::default()
+            })
+            .await?
         }
         Target::Unknown => unreachable!("no query for an unknown target"),
     };
@@ -684,8 +724,13 @@ async fn check(url: &str, data_dir: &Path, model: &Model) -> CheckReport {
     let mut report = CheckReport::default();
     let mut c = connect(url).await.expect("connect to the restarted server");
     let skus: Vec<String> = model.lock().unwrap().keys().cloned().collect();
-    let resp = c.get(proto::GetRequest { skus: skus.clone() }).await.expect("Get").into_inner();
-    let records: HashMap<&str, &proto::SkuRecord> = resp.records.iter().map(|r| (r.sku.as_str(), r)).collect();
+    let resp = c
+        .get(proto::GetRequest { skus: skus.clone(), ..Default::default() })
+        .await
+        .expect("Get")
+        .into_inner();
+    let records: HashMap<&str, &proto::SkuRecord> =
+        resp.records.iter().map(|r| (r.sku.as_str(), r)).collect();
     let missing: BTreeSet<&str> = resp.missing.iter().map(String::as_str).collect();
     let mut probes: Vec<(String, Probe)> = Vec::new();
     {
@@ -706,11 +751,17 @@ async fn check(url: &str, data_dir: &Path, model: &Model) -> CheckReport {
                 (State::Present { attrs, image_sha, target }, Some(rec)) => {
                     let got = to_json(rec.attrs.as_ref());
                     if got != *attrs {
-                        report.fail(sku, format!("attributes are {got}, the last acknowledged write set {attrs}"));
+                        report.fail(
+                            sku,
+                            format!("attributes are {got}, the last acknowledged write set {attrs}"),
+                        );
                     }
                     let want_sha = image_sha.clone().unwrap_or_default();
                     if rec.image_sha256 != want_sha {
-                        report.fail(sku, format!("image sha256 is {:?}, expected {want_sha:?}", rec.image_sha256));
+                        report.fail(
+                            sku,
+                            format!("image sha256 is {:?}, expected {want_sha:?}", rec.image_sha256),
+                        );
                     }
                     if !rec.model_versions.iter().any(|v| v == MODEL) {
                         report.fail(sku, format!("no vector in {MODEL} (versions {:?})", rec.model_versions));
@@ -719,7 +770,8 @@ async fn check(url: &str, data_dir: &Path, model: &Model) -> CheckReport {
                         let blob = data_dir.join("blobs").join(&sha[..2]).join(sha);
                         match std::fs::read(&blob) {
                             Ok(b) if sha256_hex(&b) == *sha => {}
-                            Ok(_) => report.fail(sku, format!("image blob {} does not match its hash", blob.display())),
+                            Ok(_) => report
+                                .fail(sku, format!("image blob {} does not match its hash", blob.display())),
                             Err(e) => report.fail(sku, format!("image blob {}: {e}", blob.display())),
                         }
                     }
@@ -727,10 +779,13 @@ async fn check(url: &str, data_dir: &Path, model: &Model) -> CheckReport {
                         probes.push((sku.clone(), Probe::Found(target.clone())));
                     }
                 }
-                (State::Present { .. }, None) => report.fail(sku, "acknowledged upsert: Get says missing".into()),
+                (State::Present { .. }, None) => {
+                    report.fail(sku, "acknowledged upsert: Get says missing".into())
+                }
                 (State::Absent { ghost }, rec) => {
                     if rec.is_some() {
-                        report.fail(sku, "acknowledged delete (or never written): Get returns a record".into());
+                        report
+                            .fail(sku, "acknowledged delete (or never written): Get returns a record".into());
                     }
                     if !matches!(ghost, Target::Unknown) {
                         probes.push((sku.clone(), Probe::Gone(ghost.clone())));
@@ -864,30 +919,55 @@ async fn run(rounds: usize, seed: u64) {
         let merges = stderr.matches("merged segments").count();
         let in_flight = model.lock().unwrap().values().filter(|e| e.in_flight.is_some()).count();
 
+        // Sometimes a second crash during recovery (log replay, seals of the replayed items).
+        let mut recovery_kill = String::new();
+        let mut orphans = 0;
+        if rng.chance(RECOVERY_KILL_PERCENT) {
+            let early = Server::spawn(&data_dir, log(round));
+            let after = rng.range(RECOVERY_KILL_AFTER_MS);
+            tokio::time::sleep(Duration::from_millis(after)).await;
+            let stderr = early.kill();
+            orphans +=
+                log_field(&stderr, "removed files left by an interrupted writer", "count").unwrap_or(0);
+            failures
+                .extend(log_problems(&stderr).into_iter().map(|l| format!("round {round}: server log: {l}")));
+            let stage = if stderr.contains("vitrine serving") {
+                "serving"
+            } else if stderr.contains("index writer open") {
+                "recovered"
+            } else {
+                "starting"
+            };
+            recovery_kill = format!("; killed again {after} ms into the restart ({stage})");
+        }
+
         // Restart on the same directory and compare.
         server = Server::start(&data_dir, log(round)).await;
         let report = check(&server.url, &data_dir, &model).await;
         let restart_log = std::fs::read_to_string(&server.log).unwrap_or_default();
         let replayed = log_field(&restart_log, "index writer open", "replayed").unwrap_or(0);
-        let orphans = log_field(&restart_log, "removed files left by an interrupted writer", "count").unwrap_or(0);
+        orphans +=
+            log_field(&restart_log, "removed files left by an interrupted writer", "count").unwrap_or(0);
         orphan_rounds += usize::from(orphans > 0);
         acked_total += acked;
         lost_total += report.lost.len();
         {
             let m = model.lock().unwrap();
             for (sku, whys) in &report.lost {
-                let last = m.get(sku).and_then(|e| e.last_ack).map_or("none".to_string(), |(r, what)| {
-                    format!("{what} in round {r}")
-                });
+                let last = m
+                    .get(sku)
+                    .and_then(|e| e.last_ack)
+                    .map_or("none".to_string(), |(r, what)| format!("{what} in round {r}"));
                 for why in whys {
-                    failures.push(format!("round {round}: LOST {sku} (last acknowledged write: {last}): {why}"));
+                    failures
+                        .push(format!("round {round}: LOST {sku} (last acknowledged write: {last}): {why}"));
                 }
             }
         }
         println!(
             "round {round}/{rounds}: killed after {delay} ms ({seals} seals, {merges} merges); acknowledged {acked}, \
-             {in_flight} in flight; restart replayed {replayed} log records, removed {orphans} orphan files; \
-             checked {} skus with {} searches, {} re-read; lost {}",
+             {in_flight} in flight{recovery_kill}; restart replayed {replayed} log records, removed {orphans} orphan \
+             files; checked {} skus with {} searches, {} re-read; lost {}",
             report.checked,
             report.searches,
             report.resynced,

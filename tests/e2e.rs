@@ -127,7 +127,10 @@ fn opts(k: u32) -> Option<SearchOptions> {
 }
 
 async fn search_image(c: &mut VisualSearchClient<Channel>, image: Vec<u8>, k: u32) -> proto::SearchResponse {
-    c.search_by_image(proto::SearchByImageRequest { image, options: opts(k) }).await.unwrap().into_inner()
+    c.search_by_image(proto::SearchByImageRequest { image, options: opts(k), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -208,14 +211,18 @@ async fn bundled_catalogue_end_to_end() {
     // More like this: the item itself is left out; an unknown SKU is NOT_FOUND.
     let (sku0, _) = &items[0];
     let mlt = c
-        .search_by_sku(proto::SearchBySkuRequest { sku: sku0.clone(), options: opts(5) })
+        .search_by_sku(proto::SearchBySkuRequest {
+            sku: sku0.clone(),
+            options: opts(5),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(mlt.hits.len(), 5);
     assert!(mlt.hits.iter().all(|h| h.sku != *sku0));
     let err = c
-        .search_by_sku(proto::SearchBySkuRequest { sku: "NO-SUCH-SKU".into(), options: None })
+        .search_by_sku(proto::SearchBySkuRequest { sku: "NO-SUCH-SKU".into(), ..Default::default() })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
@@ -224,17 +231,23 @@ async fn bundled_catalogue_end_to_end() {
     let err = c
         .search_by_image(proto::SearchByImageRequest {
             image: b"\xff\xd8\xffnot really a jpeg".to_vec(),
-            options: None,
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(!err.message().is_empty());
-    let err =
-        c.search_by_image(proto::SearchByImageRequest { image: vec![], options: None }).await.unwrap_err();
+    let err = c
+        .search_by_image(proto::SearchByImageRequest { image: vec![], ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     let err = c
-        .search_by_image(proto::SearchByImageRequest { image: vec![1, 2, 3], options: opts(5000) })
+        .search_by_image(proto::SearchByImageRequest {
+            image: vec![1, 2, 3],
+            options: opts(5000),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
@@ -605,6 +618,7 @@ async fn live_writes_through_grpc_and_the_cli() {
                 filter_exprs: vec!["category!=clothing".into()],
                 ..Default::default()
             }),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -617,6 +631,7 @@ async fn live_writes_through_grpc_and_the_cli() {
         .search_by_sku(proto::SearchBySkuRequest {
             sku: items[2].0.clone(),
             options: Some(SearchOptions { filter_exprs: vec!["price<".into()], ..Default::default() }),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -633,8 +648,10 @@ async fn live_writes_through_grpc_and_the_cli() {
     assert_eq!((del.deleted, del.missing), (vec![victim.clone()], vec!["NOPE".to_string()]));
     let r = search_image(&mut c, near_duplicate(vpath), 24).await;
     assert!(r.hits.iter().all(|h| h.sku != *victim));
-    let err =
-        c.search_by_sku(proto::SearchBySkuRequest { sku: victim.clone(), options: None }).await.unwrap_err();
+    let err = c
+        .search_by_sku(proto::SearchBySkuRequest { sku: victim.clone(), ..Default::default() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 
     // The CLI: upsert, get, delete, search --filter, ingest --addr; each exits 0 once answered.

@@ -468,7 +468,7 @@ fn versions_are_added_backfilled_switched_and_dropped() {
     w.admin_blocking(AdminOp::DropVersion(version())).unwrap();
     assert!(!dir.path().join("indexes").join(version().as_str()).exists());
     let state = serde_json::json!({"phase": "promoted", "challenger": "synth-v2"});
-    w.admin_blocking(AdminOp::SetRollout(Some(state.clone()))).unwrap();
+    w.admin_blocking(AdminOp::SetRollout { state: Some(state.clone()), serve: None, drop: None }).unwrap();
     assert!(w.live().version(&version()).is_err());
     w.close();
     let w = IndexWriter::open(dir.path(), config(16)).unwrap();

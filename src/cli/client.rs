@@ -38,6 +38,9 @@ pub struct SearchArgs {
     /// `category=Food`, `brand=acme,globex`, `colour!=red`, `price<20`, `5<=price<20`.
     #[arg(long, value_name = "EXPR")]
     pub filter: Vec<String>,
+    /// During a canary rollout, keeps this key (e.g. a shopper's session id) on one arm.
+    #[arg(long, default_value = "")]
+    pub routing_key: String,
 }
 
 #[derive(Args)]
@@ -70,10 +73,18 @@ pub async fn search(addr: &str, a: &SearchArgs) -> anyhow::Result<proto::SearchR
     let options = Some(SearchOptions { k: a.k, ef: a.ef, filter: None, filter_exprs: a.filter.clone() });
     let resp = if let Some(path) = &a.image {
         let image = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        client.search_by_image(proto::SearchByImageRequest { image, options }).await
+        client
+            .search_by_image(proto::SearchByImageRequest {
+                image,
+                options,
+                routing_key: a.routing_key.clone(),
+            })
+            .await
     } else {
         let sku = a.sku.clone().unwrap_or_default();
-        client.search_by_sku(proto::SearchBySkuRequest { sku, options }).await
+        client
+            .search_by_sku(proto::SearchBySkuRequest { sku, options, routing_key: a.routing_key.clone() })
+            .await
     };
     Ok(resp.map_err(status_error)?.into_inner())
 }

@@ -77,6 +77,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
                 json: false,
                 attrs: false,
                 filter: vec![],
+                routing_key: String::new(),
             };
             println!("\n== vitrine search --addr {url} --image {} -k 5", q.display());
             match client::search(&url, &args).await {

@@ -3,6 +3,7 @@
 mod client;
 mod demo;
 mod remote_ingest;
+mod rollout;
 mod verify;
 mod write_client;
 
@@ -48,6 +49,8 @@ enum Command {
     Delete(write_client::DeleteArgs),
     /// Show the stored records of catalogue items.
     Get(write_client::GetArgs),
+    /// Canary rollout of a new model version: start, set, promote, rollback, abort, gc, status.
+    Rollout(rollout::RolloutArgs),
 }
 
 #[derive(Args, Clone)]
@@ -146,6 +149,7 @@ pub fn run() -> anyhow::Result<ExitCode> {
         Command::Upsert(a) => write_client::run_upsert(a),
         Command::Delete(a) => write_client::run_delete(a),
         Command::Get(a) => write_client::run_get(a),
+        Command::Rollout(a) => rollout::run(a),
     }
 }
 

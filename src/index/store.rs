@@ -235,12 +235,20 @@ impl DataDir {
                 fsutil::sync_dir(&dir).map_err(io_err("cannot sync", &dir))?;
             }
         }
-        for e in fs::read_dir(&self.root).map_err(io_err("cannot list", &self.root))? {
-            let path = e.map_err(io_err("cannot list", &self.root))?.path();
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            if path.is_file() && name.starts_with('.') && name.contains(".tmp-") {
-                fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
-                removed.push(path);
+        // Temp files of interrupted atomic writes: at the top and in the blob folders.
+        let mut tmp_dirs = vec![self.root.clone()];
+        let blobs = self.root.join("blobs");
+        if let Ok(rd) = fs::read_dir(&blobs) {
+            tmp_dirs.extend(rd.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()));
+        }
+        for dir in tmp_dirs {
+            for e in fs::read_dir(&dir).map_err(io_err("cannot list", &dir))? {
+                let path = e.map_err(io_err("cannot list", &dir))?.path();
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                if path.is_file() && name.starts_with('.') && name.contains(".tmp-") {
+                    fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
+                    removed.push(path);
+                }
             }
         }
         Ok(removed)

@@ -150,8 +150,9 @@ pub enum AdminOp {
     SetServing(ModelVersion),
     /// Removes a version's index and deletes its files; never the serving one.
     DropVersion(ModelVersion),
-    /// Replaces the rollout layer's state in the manifest.
-    SetRollout(Option<serde_json::Value>),
+    /// Replaces the rollout layer's state in the manifest, in the same commit switching the
+    /// serving version (`serve`) and dropping a version (`drop`), if given.
+    SetRollout { state: Option<serde_json::Value>, serve: Option<ModelVersion>, drop: Option<ModelVersion> },
 }
 
 /// An upsert: the SKU's new attributes (`None`: keep), image (by the sha256 of bytes already
@@ -451,6 +452,11 @@ impl IndexWriter {
     /// The current record of `sku`.
     pub fn record(&self, sku: &str) -> Result<Option<Record>, WriterError> {
         Ok(self.shared.records.get(sku)?)
+    }
+
+    /// Calls `f` for every current SKU record (O(records); for backfills and checks).
+    pub fn for_each_record(&self, f: impl FnMut(&SkuId, &Record)) -> Result<(), WriterError> {
+        Ok(self.shared.records.for_each(f)?)
     }
 
     /// Bytes of write-ahead log on disk.
@@ -1058,7 +1064,23 @@ impl State {
                 }
                 drop_dir = Some(data.index_dir(v));
             }
-            AdminOp::SetRollout(r) => next.rollout = r.clone(),
+            AdminOp::SetRollout { state, serve, drop } => {
+                next.rollout = state.clone();
+                if let Some(v) = serve {
+                    if !next.indexes.contains_key(v) {
+                        return Err(WriterError::UnknownVersion(v.clone()));
+                    }
+                    next.serving_model = Some(v.clone());
+                }
+                if let Some(v) = drop {
+                    if next.serving_model.as_ref() == Some(v) {
+                        return Err(WriterError::DropServing(v.clone()));
+                    }
+                    if next.indexes.remove(v).is_some() {
+                        drop_dir = Some(data.index_dir(v));
+                    }
+                }
+            }
         }
         next.generation += 1;
         next.store(data.root())?;
@@ -1076,8 +1098,8 @@ impl State {
                     },
                 );
             }
-            AdminOp::SetServing(_) | AdminOp::SetRollout(_) => {}
-            AdminOp::DropVersion(v) => {
+            AdminOp::SetServing(_) | AdminOp::SetRollout { drop: None, .. } => {}
+            AdminOp::DropVersion(v) | AdminOp::SetRollout { drop: Some(v), .. } => {
                 self.versions.remove(&v);
             }
         }

@@ -12,6 +12,8 @@ pub enum ServiceError {
     InvalidArgument(String),
     #[error("{0}")]
     NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error("the index is empty: ingest a catalogue first (vitrine ingest)")]
     NoIndex,
     #[error("cannot decode the image: {0}")]
@@ -35,7 +37,7 @@ impl From<ServiceError> for Status {
                 Code::InvalidArgument
             }
             ServiceError::NotFound(_) => Code::NotFound,
-            ServiceError::NoIndex => Code::FailedPrecondition,
+            ServiceError::NoIndex | ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
             ServiceError::Encoder(_) | ServiceError::Internal(_) => Code::Internal,
             ServiceError::Index(ie) => match ie {
                 IndexError::UnknownModel(_) => Code::NotFound,

@@ -8,6 +8,7 @@
 pub mod attrs;
 pub mod error;
 pub mod filter;
+pub mod rollout;
 mod writes;
 
 use std::net::SocketAddr;
@@ -27,8 +28,12 @@ use crate::index::{
 };
 use crate::models::ModelRegistry;
 use crate::proto;
+use crate::proto::rollouts_server::{Rollouts, RolloutsServer};
 use crate::proto::visual_search_server::{VisualSearch, VisualSearchServer};
+use crate::rollout::guardrail::GuardrailConfig;
+use crate::rollout::router::Arm;
 pub use error::ServiceError;
+use rollout::{Kind, RolloutController};
 pub use writes::MAX_IMAGE_BYTES;
 
 /// Largest `k` a request may ask for.
@@ -39,6 +44,8 @@ pub const MAX_EF: u32 = 10_000;
 pub const DEFAULT_K: u32 = 10;
 /// Largest request (an encoded image), in bytes.
 pub const MAX_REQUEST_BYTES: usize = 40 << 20;
+/// Largest rollout start request (it carries the golden set's images).
+pub const MAX_GOLDEN_BYTES: usize = 512 << 20;
 /// Most SKUs in one Delete or Get request.
 pub const MAX_SKUS_PER_REQUEST: usize = 10_000;
 /// Upsert stream items handed to the writer together.
@@ -55,6 +62,10 @@ pub struct ServeConfig {
     /// Seal size, merge policy, HNSW parameters (its `holder` and `default_model` are set by
     /// the server).
     pub writer: WriterConfig,
+    /// Limits that take a canary out of traffic.
+    pub guardrail: GuardrailConfig,
+    /// For tests of the guardrails: the share of canary requests that fail on purpose.
+    pub canary_fault_rate: f64,
 }
 
 impl ServeConfig {
@@ -64,6 +75,8 @@ impl ServeConfig {
             max_concurrent_embeds: 2,
             default_model: ModelVersion::new(crate::models::DEFAULT_MODEL).expect("valid default model"),
             writer: WriterConfig::default(),
+            guardrail: GuardrailConfig::default(),
+            canary_fault_rate: 0.0,
         }
     }
 }
@@ -73,6 +86,7 @@ pub struct ServerState {
     writer: Arc<IndexWriter>,
     models: Arc<ModelRegistry>,
     embed_slots: Semaphore,
+    rollout: Arc<RolloutController>,
 }
 
 impl ServerState {
@@ -115,10 +129,18 @@ impl ServerState {
             }
         }
         writer.live().versions.values().for_each(|v| v.sealed.iter().for_each(|s| s.segment.warm()));
+        config.guardrail.validate()?;
+        let rollout = Arc::new(RolloutController::new(
+            &writer.live(),
+            config.data_dir.clone(),
+            config.guardrail,
+            config.canary_fault_rate,
+        ));
         Ok(Self {
             writer: Arc::new(writer),
             models,
             embed_slots: Semaphore::new(config.max_concurrent_embeds.max(1)),
+            rollout,
         })
     }
 
@@ -200,6 +222,17 @@ impl ServerState {
         Ok(proto::SearchResponse { model_version: version.to_string(), hits: out })
     }
 
+    fn search_hits(
+        &self,
+        view: &VersionLive,
+        vector: &[f32],
+        o: &Options,
+        exclude: Option<&str>,
+    ) -> Result<Vec<ScoredSku>, ServiceError> {
+        let q = Query { vector, k: o.k, ef: o.ef, exclude, filter: o.filter.as_ref() };
+        Ok(view.search(&q, self.writer.attrs())?)
+    }
+
     fn search(
         &self,
         view: &VersionLive,
@@ -207,14 +240,39 @@ impl ServerState {
         o: &Options,
         exclude: Option<&str>,
     ) -> Result<proto::SearchResponse, ServiceError> {
-        let q = Query { vector, k: o.k, ef: o.ef, exclude, filter: o.filter.as_ref() };
-        let hits = view.search(&q, self.writer.attrs())?;
+        let hits = self.search_hits(view, vector, o, exclude)?;
         self.response(&view.version, hits)
     }
-}
 
-fn serving(live: &LiveSet) -> Result<Arc<VersionLive>, ServiceError> {
-    live.serving_version().cloned().ok_or(ServiceError::NoIndex)
+    /// Embeds `image` with `view`'s model (on the blocking pool, under the embed limit) and
+    /// searches `view`.
+    async fn embed_and_search(
+        self: &Arc<Self>,
+        view: &Arc<VersionLive>,
+        image: Arc<Vec<u8>>,
+        o: Arc<Options>,
+        arm: Arm,
+    ) -> Result<proto::SearchResponse, ServiceError> {
+        let encoder = self.models.get(&view.version).map_err(ServiceError::from)?;
+        let _permit = self
+            .embed_slots
+            .acquire()
+            .await
+            .map_err(|_| ServiceError::Internal("server is shutting down".into()))?;
+        let (state, view) = (Arc::clone(self), Arc::clone(view));
+        tokio::task::spawn_blocking(move || -> Result<_, ServiceError> {
+            if state.rollout.inject_fault(arm) {
+                return Err(ServiceError::Internal("injected canary fault".into()));
+            }
+            let prepared = encoder.preprocess(&image)?;
+            let mut emb = encoder.embed(std::slice::from_ref(&prepared))?;
+            let q =
+                emb.pop().ok_or_else(|| ServiceError::Internal("encoder returned no embedding".into()))?;
+            state.search(&view, &q, &o, None)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("embedding task failed: {e}")))?
+    }
 }
 
 type Resp<T> = Result<Response<T>, Status>;
@@ -225,29 +283,29 @@ impl VisualSearch for VisualSearchService {
         &self,
         request: Request<proto::SearchByImageRequest>,
     ) -> Resp<proto::SearchResponse> {
+        let started = std::time::Instant::now();
         let req = request.into_inner();
-        let o = options(req.options)?;
+        let o = Arc::new(options(req.options)?);
         if req.image.is_empty() {
             return Err(ServiceError::InvalidArgument("image is empty".into()).into());
         }
-        let view = serving(&self.state.live())?;
-        let encoder = self.state.models.get(&view.version).map_err(ServiceError::from)?;
-        let _permit = self
-            .state
-            .embed_slots
-            .acquire()
-            .await
-            .map_err(|_| ServiceError::Internal("server is shutting down".into()))?;
-        let state = Arc::clone(&self.state);
-        let resp = tokio::task::spawn_blocking(move || -> Result<_, ServiceError> {
-            let prepared = encoder.preprocess(&req.image)?;
-            let mut emb = encoder.embed(std::slice::from_ref(&prepared))?;
-            let q =
-                emb.pop().ok_or_else(|| ServiceError::Internal("encoder returned no embedding".into()))?;
-            state.search(&view, &q, &o, None)
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("embedding task failed: {e}")))??;
+        let route = self.state.rollout.route(&self.state.live(), &req.routing_key)?;
+        let image = Arc::new(req.image);
+        let result =
+            self.state.embed_and_search(&route.primary, Arc::clone(&image), Arc::clone(&o), route.arm).await;
+        self.state.rollout.observe(&self.state, Kind::Image, route.arm, started.elapsed(), result.is_ok());
+        let resp = result?;
+        if let Some(other) = route.shadow {
+            let state = Arc::clone(&self.state);
+            let hits = resp.hits.iter().map(|h| h.sku.clone()).collect();
+            self.state.rollout.shadow(&self.state, Kind::Image, hits, move || {
+                let enc = state.models.get(&other.version).map_err(ServiceError::from)?;
+                let prepared = enc.preprocess(&image)?;
+                let q = enc.embed(std::slice::from_ref(&prepared))?.pop().unwrap_or_default();
+                let hits = state.search_hits(&other, &q, &o, None)?;
+                Ok(hits.into_iter().map(|h| h.sku.to_string()).collect())
+            });
+        }
         Ok(Response::new(resp))
     }
 
@@ -271,16 +329,38 @@ impl VisualSearch for VisualSearchService {
         &self,
         request: Request<proto::SearchBySkuRequest>,
     ) -> Resp<proto::SearchResponse> {
+        let started = std::time::Instant::now();
         let req = request.into_inner();
-        let o = options(req.options)?;
+        let o = Arc::new(options(req.options)?);
         if req.sku.is_empty() {
             return Err(ServiceError::InvalidArgument("sku is required".into()).into());
         }
-        let view = serving(&self.state.live())?;
-        let q = view
-            .vector_of(&req.sku)
-            .ok_or_else(|| ServiceError::NotFound(format!("sku {:?} is not in the index", req.sku)))?;
-        Ok(Response::new(self.state.search(&view, &q, &o, Some(&req.sku))?))
+        let route = self.state.rollout.route(&self.state.live(), &req.routing_key)?;
+        let result = (|| {
+            if self.state.rollout.inject_fault(route.arm) {
+                return Err(ServiceError::Internal("injected canary fault".into()));
+            }
+            let q = route
+                .primary
+                .vector_of(&req.sku)
+                .ok_or_else(|| ServiceError::NotFound(format!("sku {:?} is not in the index", req.sku)))?;
+            self.state.search(&route.primary, &q, &o, Some(&req.sku))
+        })();
+        let failed = matches!(&result, Err(e) if !matches!(e, ServiceError::NotFound(_)));
+        self.state.rollout.observe(&self.state, Kind::Sku, route.arm, started.elapsed(), !failed);
+        let resp = result?;
+        if let Some(other) = route.shadow {
+            let state = Arc::clone(&self.state);
+            let hits = resp.hits.iter().map(|h| h.sku.clone()).collect();
+            let sku = req.sku.clone();
+            self.state.rollout.shadow(&self.state, Kind::Sku, hits, move || {
+                let q =
+                    other.vector_of(&sku).ok_or_else(|| ServiceError::NotFound(format!("sku {sku:?}")))?;
+                let hits = state.search_hits(&other, &q, &o, Some(&sku))?;
+                Ok(hits.into_iter().map(|h| h.sku.to_string()).collect())
+            });
+        }
+        Ok(Response::new(resp))
     }
 
     async fn get_index_info(&self, _request: Request<proto::GetIndexInfoRequest>) -> Resp<proto::IndexInfo> {
@@ -423,6 +503,54 @@ impl VisualSearch for VisualSearchService {
     }
 }
 
+/// The `vitrine.v1.Rollouts` implementation: thin wrappers over the rollout controller.
+pub struct RolloutsService {
+    state: Arc<ServerState>,
+}
+
+impl RolloutsService {
+    fn status(&self) -> Response<proto::RolloutStatus> {
+        Response::new(self.state.rollout.status(&self.state.live()))
+    }
+}
+
+#[tonic::async_trait]
+impl Rollouts for RolloutsService {
+    async fn start(&self, request: Request<proto::RolloutStartRequest>) -> Resp<proto::RolloutStatus> {
+        self.state.rollout.start(&self.state, request.into_inner()).await?;
+        Ok(self.status())
+    }
+
+    async fn set(&self, request: Request<proto::RolloutSetRequest>) -> Resp<proto::RolloutStatus> {
+        self.state.rollout.set(&self.state, request.into_inner().fraction).await?;
+        Ok(self.status())
+    }
+
+    async fn promote(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
+        self.state.rollout.act(&self.state, "promote").await?;
+        Ok(self.status())
+    }
+
+    async fn rollback(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
+        self.state.rollout.act(&self.state, "rollback").await?;
+        Ok(self.status())
+    }
+
+    async fn abort(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
+        self.state.rollout.act(&self.state, "abort").await?;
+        Ok(self.status())
+    }
+
+    async fn gc(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
+        self.state.rollout.act(&self.state, "gc").await?;
+        Ok(self.status())
+    }
+
+    async fn status(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
+        Ok(self.status())
+    }
+}
+
 /// Runs the server on `listener` until `shutdown` resolves.
 pub async fn serve(
     config: ServeConfig,
@@ -436,6 +564,8 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || ServerState::open(&config, models, addr)).await??
     };
     let state = Arc::new(state);
+    // A rollout interrupted by a stop or crash resumes its backfill or gate.
+    state.rollout.spawn_driver(&state);
     let live = state.live();
     tracing::info!(
         %addr,
@@ -457,11 +587,14 @@ pub async fn serve(
 
     let service = VisualSearchServer::new(VisualSearchService::new(Arc::clone(&state)))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let rollouts = RolloutsServer::new(RolloutsService { state: Arc::clone(&state) })
+        .max_decoding_message_size(MAX_GOLDEN_BYTES);
     let result = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(rollouts)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
     // Stop the writer (it finishes a seal in progress) and release the lock.
