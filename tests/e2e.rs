@@ -461,6 +461,36 @@ fn verify_command_finds_damage() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains(": ok"));
 
+    // The skew check: the shipped encoder reproduces the stored vectors...
+    let skew = |models: &Path| {
+        Command::new(exe)
+            .args(["verify", "--skew", "3", "--data-dir"])
+            .arg(dir.path())
+            .arg("--models")
+            .arg(models)
+            .output()
+            .unwrap()
+    };
+    let out = skew(&repo().join("models"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && stdout.contains("3 stored images re-embedded"), "{stdout}");
+    // ...and a folder whose preprocessing changed under the same name and weights does not.
+    let changed = dir.path().join("changed-models");
+    let folder = changed.join(DEFAULT_MODEL);
+    std::fs::create_dir_all(&folder).unwrap();
+    for f in ["model.safetensors", "LICENSE.md"] {
+        std::fs::copy(repo().join("models").join(DEFAULT_MODEL).join(f), folder.join(f)).unwrap();
+    }
+    let mut m: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("models/efficientnet-lite0-gem/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    m["version"] = DEFAULT_MODEL.into();
+    std::fs::write(folder.join("manifest.json"), m.to_string()).unwrap();
+    let out = skew(&changed);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success() && stdout.contains("BEYOND"), "{stdout}");
+
     // Flip one byte inside the vector section of the segment.
     let data = DataDir::open_reader(dir.path()).unwrap();
     let manifest = data.load_manifest().unwrap();

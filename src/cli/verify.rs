@@ -16,6 +16,15 @@ use vitrine::segment::Segment;
 pub struct VerifyArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// Also re-embed up to N stored images per model version with the encoder that version
+    /// names now and compare with the stored vectors (training/serving skew check).
+    #[arg(long, value_name = "N")]
+    pub skew: Option<usize>,
+    /// Largest cosine distance between a stored vector and a re-embedding that passes.
+    #[arg(long, default_value_t = 1e-3)]
+    pub skew_threshold: f64,
+    #[command(flatten)]
+    pub models: super::ModelArgs,
 }
 
 pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
@@ -75,6 +84,9 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     for p in blob_problems {
         report(p);
     }
+    if let Some(n) = a.skew {
+        problems += skew(a, &data, &manifest, &records, n)?;
+    }
     let wal_bytes: u64 = std::fs::read_dir(data.wal_dir())
         .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
         .unwrap_or(0);
@@ -89,4 +101,69 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
         if problems == 0 { "ok".to_string() } else { format!("{problems} problems") }
     );
     Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Re-embeds up to `n` stored images per model version and reports the largest cosine
+/// distance to the stored vectors; returns the number of versions beyond the threshold.
+/// Only vectors in sealed segments are compared (a running server's log tail is not read).
+fn skew(
+    a: &VerifyArgs,
+    data: &DataDir,
+    manifest: &Manifest,
+    records: &RecordStore,
+    n: usize,
+) -> anyhow::Result<usize> {
+    let registry = a.models.registry()?;
+    let mut sample = Vec::new();
+    records.for_each(|sku, rec| {
+        if let Some(sha) = &rec.image_sha256 {
+            sample.push((sku.clone(), sha.clone()));
+        }
+    })?;
+    let mut bad = 0;
+    for (version, ix) in &manifest.indexes {
+        let enc = registry.get(version).map_err(|e| anyhow::anyhow!("cannot load model {version}: {e}"))?;
+        let mut segments = Vec::new();
+        for e in ix.segments.iter().rev() {
+            let seg = Segment::open(&data.segment_path(version, e.id))?;
+            let deleted = match e.deletes {
+                Some(d) => DeleteSet::load(&data.deletes_path(version, e.id, d.generation), seg.len())?,
+                None => DeleteSet::new(seg.len()),
+            };
+            segments.push((seg, deleted));
+        }
+        let (mut compared, mut worst, mut worst_sku) = (0usize, 0f64, String::new());
+        for (sku, sha) in &sample {
+            if compared >= n {
+                break;
+            }
+            let stored = segments.iter().find_map(|(seg, del)| {
+                seg.find_sku(sku.as_str()).filter(|&p| !del.contains(p)).map(|p| seg.vector(p).to_vec())
+            });
+            let Some(stored) = stored else { continue };
+            let bytes = data.read_blob(sha)?;
+            let prepared = enc.preprocess(&bytes)?;
+            let v = enc.embed(std::slice::from_ref(&prepared))?.pop().unwrap_or_default();
+            let distance = 1.0 - f64::from(vitrine::segment::dot(&stored, &v));
+            compared += 1;
+            if distance > worst {
+                worst = distance;
+                worst_sku = sku.to_string();
+            }
+        }
+        let ok = worst <= a.skew_threshold;
+        println!(
+            "skew {version}: {compared} stored images re-embedded, largest cosine distance {worst:.2e}{} ({})",
+            if worst_sku.is_empty() { String::new() } else { format!(" (sku {worst_sku})") },
+            if ok {
+                "ok"
+            } else {
+                "BEYOND the threshold: the index was built with other weights or preprocessing"
+            }
+        );
+        if !ok {
+            bad += 1;
+        }
+    }
+    Ok(bad)
 }
