@@ -189,7 +189,7 @@ async fn canary_rollout_end_to_end() {
     // 1. A degraded challenger: backfilled, then refused by the gate; it never serves.
     r.start(start_request(DEGRADED, &golden)).await.unwrap();
     let s = settle(&mut r).await;
-    let gate = s.gate.clone().unwrap();
+    let gate = s.gate.unwrap();
     let (champ, chall) = (gate.champion.unwrap(), gate.challenger.unwrap());
     println!("gate, degraded challenger: champion {champ:?}, challenger {chall:?}");
     assert_eq!(s.state, "refused", "{s:?}");
@@ -218,7 +218,7 @@ async fn canary_rollout_end_to_end() {
     // A write during the backfill reaches both versions.
     upsert_image(&mut c, "NEW-DURING-BACKFILL", &repo().join("data/bad/ok-1.png")).await;
     let s = settle(&mut r).await;
-    let gate = s.gate.clone().unwrap();
+    let gate = s.gate.unwrap();
     println!("gate, {GEM}: champion {:?}, challenger {:?}", gate.champion, gate.challenger);
     if s.state == "refused" {
         // The gate is the judge of whether GeM helps; let the test go on regardless.
@@ -269,7 +269,7 @@ async fn canary_rollout_end_to_end() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let s = r.status(proto::RolloutActionRequest {}).await.unwrap().into_inner();
-    let shadow = s.shadow.clone().unwrap();
+    let shadow = s.shadow.unwrap();
     assert!(shadow.compared > 0, "shadow comparisons ran: {s:?}");
     assert!(shadow.mean_jaccard > 0.0 && shadow.mean_rbo > 0.0);
 
