@@ -638,16 +638,17 @@ impl State {
     fn run(mut self, rx: &Receiver<Msg>) {
         let mut deferred: Vec<Msg> = Vec::new();
         loop {
-            // Backpressure: while the sealer is behind, only its results are taken.
-            let msg = if self.pending_seals >= self.cfg.max_pending_seals.max(1) || deferred.is_empty() {
+            // Backpressure: while the sealer is behind, only its results are taken; requests
+            // wait in `deferred` and go first, in arrival order, once it catches up.
+            let backlogged = self.pending_seals >= self.cfg.max_pending_seals.max(1);
+            let mut batch = if !backlogged && !deferred.is_empty() {
+                std::mem::take(&mut deferred)
+            } else {
                 match rx.recv() {
-                    Ok(m) => m,
+                    Ok(m) => vec![m],
                     Err(_) => return,
                 }
-            } else {
-                deferred.remove(0)
             };
-            let mut batch = vec![msg];
             while let Ok(m) = rx.try_recv() {
                 batch.push(m);
                 if batch.len() >= 1024 {
