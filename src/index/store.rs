@@ -160,7 +160,12 @@ impl DataDir {
             return Ok(sha);
         }
         let dir = path.parent().expect("blob path has a parent");
-        fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+        if !dir.is_dir() {
+            fs::create_dir_all(dir).map_err(io_err("cannot create", dir))?;
+            // The new folder's entry must be durable too, or a crash could lose the blob.
+            let blobs = self.root.join("blobs");
+            fsutil::sync_dir(&blobs).map_err(io_err("cannot sync", &blobs))?;
+        }
         fsutil::atomic_write(&path, bytes).map_err(io_err("cannot write", &path))?;
         Ok(sha)
     }

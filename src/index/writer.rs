@@ -101,6 +101,10 @@ pub struct WriterConfig {
     pub merge: MergePolicy,
     /// Frozen segments waiting for the sealer before writes wait (backpressure).
     pub max_pending_seals: usize,
+    /// Threads each graph build (seal or merge) may use. Seals and merges run on separate
+    /// threads, so a long merge never holds up a seal; by default each uses half the cores,
+    /// leaving the rest to acknowledgements and searches.
+    pub build_threads: usize,
 }
 
 /// Most log bytes written as one frame (the log refuses frames over 128 MiB).
@@ -119,7 +123,8 @@ impl Default for WriterConfig {
             checkpoint_wal_bytes: 256 << 20,
             hnsw: HnswParams::default(),
             merge: MergePolicy::default(),
-            max_pending_seals: 2,
+            max_pending_seals: 8,
+            build_threads: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
         }
     }
 }
@@ -250,11 +255,6 @@ struct MergeResult {
     built: Result<Option<BuiltFile<(usize, u32)>>, WriterError>,
 }
 
-enum Job {
-    Seal(SealJob),
-    Merge(MergeJob),
-}
-
 /// What the writer shares with readers.
 struct Shared {
     data: DataDir,
@@ -280,6 +280,7 @@ pub struct IndexWriter {
     tx: Sender<Msg>,
     writer: Option<JoinHandle<()>>,
     sealer: Option<JoinHandle<()>>,
+    merger: Option<JoinHandle<()>>,
     report: OpenReport,
 }
 
@@ -303,7 +304,8 @@ struct State {
     cfg: WriterConfig,
     manifest: Manifest,
     versions: BTreeMap<ModelVersion, VState>,
-    jobs: Sender<Job>,
+    seal_jobs: Sender<SealJob>,
+    merge_jobs: Sender<MergeJob>,
     next_job: u64,
     pending_seals: usize,
     merging: HashSet<SegmentId>,
@@ -384,13 +386,15 @@ impl IndexWriter {
             live: ArcSwap::from_pointee(LiveSet::default()),
         });
         let (tx, rx) = channel::<Msg>();
-        let (job_tx, job_rx) = channel::<Job>();
+        let (seal_tx, seal_rx) = channel::<SealJob>();
+        let (merge_tx, merge_rx) = channel::<MergeJob>();
         let mut state = State {
             shared: Arc::clone(&shared),
             cfg,
             manifest,
             versions,
-            jobs: job_tx,
+            seal_jobs: seal_tx,
+            merge_jobs: merge_tx,
             next_job: 1,
             pending_seals: 0,
             merging: HashSet::new(),
@@ -407,18 +411,40 @@ impl IndexWriter {
         }
         state.publish();
         state.plan_merges();
-        let sealer = {
-            let shared = Arc::clone(&shared);
-            let tx = tx.clone();
-            let hnsw = state.cfg.hnsw;
+        let spawn_builder = |name: &str, work: Box<dyn FnOnce(&rayon::ThreadPool) + Send>| {
+            let threads = state.cfg.build_threads.max(1);
+            let thread_name = name.to_string();
             std::thread::Builder::new()
-                .name("vitrine-sealer".into())
-                .spawn(move || sealer_loop(&shared, &job_rx, &tx, &hnsw))
+                .name(thread_name.clone())
+                .spawn(move || {
+                    match rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .thread_name(move |i| format!("{thread_name}-{i}"))
+                        .build()
+                    {
+                        Ok(pool) => work(&pool),
+                        Err(e) => tracing::error!("cannot start a graph-build pool: {e}"),
+                    }
+                })
                 .map_err(|source| StoreError::Io {
-                    action: "cannot start the sealer thread in",
+                    action: "cannot start a thread in",
                     path: root.into(),
                     source,
-                })?
+                })
+        };
+        let sealer = {
+            let (shared, tx, hnsw) = (Arc::clone(&shared), tx.clone(), state.cfg.hnsw);
+            spawn_builder(
+                "vitrine-sealer",
+                Box::new(move |pool| sealer_loop(&shared, &seal_rx, &tx, &hnsw, pool)),
+            )?
+        };
+        let merger = {
+            let (shared, tx, hnsw) = (Arc::clone(&shared), tx.clone(), state.cfg.hnsw);
+            spawn_builder(
+                "vitrine-merger",
+                Box::new(move |pool| merger_loop(&shared, &merge_rx, &tx, &hnsw, pool)),
+            )?
         };
         let writer = std::thread::Builder::new()
             .name("vitrine-writer".into())
@@ -429,7 +455,7 @@ impl IndexWriter {
                 source,
             })?;
         report.secs = started.elapsed().as_secs_f64();
-        Ok(Self { shared, tx, writer: Some(writer), sealer: Some(sealer), report })
+        Ok(Self { shared, tx, writer: Some(writer), sealer: Some(sealer), merger: Some(merger), report })
     }
 
     pub fn open_report(&self) -> &OpenReport {
@@ -520,8 +546,8 @@ impl IndexWriter {
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
-        if let Some(s) = self.sealer.take() {
-            let _ = s.join();
+        for t in [self.sealer.take(), self.merger.take()].into_iter().flatten() {
+            let _ = t.join();
         }
     }
 }
@@ -746,13 +772,26 @@ impl State {
             let mut froze = false;
             let mut done = 0;
             let mut last = 0;
-            // One frame (one fsync) per group, split only to respect the log's frame limit.
+            // One frame (one fsync) per group, split only to respect the log's frame limit and
+            // where a mutable segment fills up (so the log file closed at that freeze holds
+            // nothing past the seal point, and the checkpoint can drop it).
             while done < changes.len() {
+                let mut room = self
+                    .versions
+                    .values()
+                    .map(|vs| self.cfg.seal_items.max(1).saturating_sub(vs.mutable.len()))
+                    .min()
+                    .unwrap_or(usize::MAX)
+                    .max(1);
                 let mut end = done;
                 let mut bytes = 0;
                 while end < changes.len()
+                    && room > 0
                     && (end == done || bytes + payloads[end].len() + 4 <= MAX_GROUP_BYTES)
                 {
+                    if matches!(&changes[end], Change::Upsert { vectors, .. } if !vectors.is_empty()) {
+                        room -= 1;
+                    }
                     bytes += payloads[end].len() + 4;
                     end += 1;
                 }
@@ -985,7 +1024,7 @@ impl State {
         let job = SealJob { id: self.next_job, seal_seq, parts };
         self.next_job += 1;
         self.pending_seals += 1;
-        self.jobs.send(Job::Seal(job)).map_err(|_| WriterError::Closed)
+        self.seal_jobs.send(job).map_err(|_| WriterError::Closed)
     }
 
     fn request_checkpoint(&mut self, reply: Reply<u64>) {
@@ -1297,7 +1336,7 @@ impl State {
             }
             let id = SegmentId(self.manifest.allocate_id());
             tracing::debug!(%version, inputs = inputs.len(), %id, "merging segments");
-            if self.jobs.send(Job::Merge(MergeJob { version, inputs, id })).is_err() {
+            if self.merge_jobs.send(MergeJob { version, inputs, id }).is_err() {
                 return;
             }
         }
@@ -1384,34 +1423,50 @@ impl State {
     }
 }
 
-/// The sealer thread: builds segment files, one job at a time, in order.
-fn sealer_loop(shared: &Shared, jobs: &Receiver<Job>, tx: &Sender<Msg>, hnsw: &HnswParams) {
+/// The sealer thread: builds segment files from frozen segments, one job at a time, in order,
+/// on its own graph-build pool.
+fn sealer_loop(
+    shared: &Shared,
+    jobs: &Receiver<SealJob>,
+    tx: &Sender<Msg>,
+    hnsw: &HnswParams,
+    pool: &rayon::ThreadPool,
+) {
     while let Ok(job) = jobs.recv() {
-        let msg = match job {
-            Job::Seal(job) => {
-                let built = job
-                    .parts
-                    .into_iter()
-                    .map(|(version, frozen, id)| {
-                        let items = frozen.live_items();
-                        if items.skus.is_empty() {
-                            return Ok(SealedPart { version, frozen, file: None });
-                        }
-                        let path = shared.data.segment_path(&version, id);
-                        let stats = write_segment(&path, frozen.dim(), &items.vectors, &items.skus, hnsw)
-                            .map_err(|source| WriterError::Segment { version: version.clone(), id, source })?;
-                        tracing::info!(%version, %id, count = stats.count, secs = stats.build_secs, "sealed a segment");
-                        Ok(SealedPart { version, frozen, file: Some(BuiltFile { id, sources: items.positions, stats }) })
-                    })
-                    .collect();
-                Msg::Sealed(SealResult { id: job.id, seal_seq: job.seal_seq, built })
-            }
-            Job::Merge(job) => {
-                let built = merge_segments(shared, &job, hnsw);
-                Msg::Merged(MergeResult { version: job.version, inputs: job.inputs, built })
-            }
-        };
-        if tx.send(msg).is_err() {
+        let built = job
+            .parts
+            .into_iter()
+            .map(|(version, frozen, id)| {
+                let items = frozen.live_items();
+                if items.skus.is_empty() {
+                    return Ok(SealedPart { version, frozen, file: None });
+                }
+                let path = shared.data.segment_path(&version, id);
+                let stats = pool
+                    .install(|| write_segment(&path, frozen.dim(), &items.vectors, &items.skus, hnsw))
+                    .map_err(|source| WriterError::Segment { version: version.clone(), id, source })?;
+                tracing::info!(%version, %id, count = stats.count, secs = stats.build_secs, "sealed a segment");
+                Ok(SealedPart { version, frozen, file: Some(BuiltFile { id, sources: items.positions, stats }) })
+            })
+            .collect();
+        if tx.send(Msg::Sealed(SealResult { id: job.id, seal_seq: job.seal_seq, built })).is_err() {
+            return;
+        }
+    }
+}
+
+/// The merger thread: merges sealed segments on its own graph-build pool, so a long merge
+/// never holds up a seal (and with it the writes waiting on seal backpressure).
+fn merger_loop(
+    shared: &Shared,
+    jobs: &Receiver<MergeJob>,
+    tx: &Sender<Msg>,
+    hnsw: &HnswParams,
+    pool: &rayon::ThreadPool,
+) {
+    while let Ok(job) = jobs.recv() {
+        let built = pool.install(|| merge_segments(shared, &job, hnsw));
+        if tx.send(Msg::Merged(MergeResult { version: job.version, inputs: job.inputs, built })).is_err() {
             return;
         }
     }

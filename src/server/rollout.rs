@@ -45,6 +45,8 @@ struct Progress {
     total: u64,
     embedded: u64,
     started: Option<Instant>,
+    /// When the backfill ended (the rate is over started..finished).
+    finished: Option<Instant>,
 }
 
 /// The kind of query: latencies are only comparable within one kind (an image query embeds,
@@ -407,8 +409,13 @@ impl RolloutController {
             .map_err(|e| ServiceError::Internal(format!("backfill task failed: {e}")))??
         };
         let (total, todo) = todo;
-        *self.progress.lock() =
-            Progress { done: total - todo.len() as u64, total, embedded: 0, started: Some(Instant::now()) };
+        *self.progress.lock() = Progress {
+            done: total - todo.len() as u64,
+            total,
+            embedded: 0,
+            started: Some(Instant::now()),
+            finished: None,
+        };
         tracing::info!(%version, total, todo = todo.len(), "backfilling");
         for batch in todo.chunks(BACKFILL_BATCH) {
             if self.current().is_none_or(|c| c.phase != Phase::Backfilling || c.challenger != version) {
@@ -460,6 +467,7 @@ impl RolloutController {
                 tokio::time::sleep(pause).await;
             }
         }
+        self.progress.lock().finished = Some(Instant::now());
         Ok(true)
     }
 
@@ -544,7 +552,8 @@ impl RolloutController {
             backfill.total = n;
         }
         if let Some(started) = p.started {
-            let secs = started.elapsed().as_secs_f64().max(1e-3);
+            let secs =
+                p.finished.unwrap_or_else(Instant::now).duration_since(started).as_secs_f64().max(1e-3);
             backfill.images_per_second = p.embedded as f64 / secs;
             if backfill.images_per_second > 0.0 {
                 backfill.eta_seconds = (p.total - p.done.min(p.total)) as f64 / backfill.images_per_second;

@@ -1,0 +1,3 @@
+#!/bin/sh
+# Benchmarks the live write path (see tools/README.md); arguments go to the example: --quick, --json, ...
+cd "$(dirname "$0")/.." && exec cargo run --release --example live_bench -- "$@"
