@@ -365,6 +365,16 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // C. Swaps under load.
+    let s = status(&ch).await?;
+    let g = s.guardrail.clone().unwrap_or_default();
+    let sh = s.shadow.unwrap_or_default();
+    eprintln!(
+        "B status before the swaps: {} (shadow: {} compared, Jaccard {:.3}, RBO {:.3}; guardrail tripped {}: {})",
+        s.state, sh.compared, sh.mean_jaccard, sh.mean_rbo, g.tripped, g.reason
+    );
+    if s.state != "canary" {
+        bail!("the canary left traffic before the swaps: {}", g.reason);
+    }
     let promote = swap_under_load(&ch, &skus, args.seconds, "promote").await?;
     let rollback = swap_under_load(&ch, &skus, args.seconds, "rollback").await?;
     server.child.kill()?;
