@@ -1,5 +1,5 @@
 //! Canary rollouts end to end on the real server with real models: a degraded challenger is
-//! refused by the gate and aborted; a real one (Lite0 with GeM pooling) is backfilled, gated,
+//! refused by the gate and aborted; EfficientNet-Lite2 is backfilled, gated,
 //! split sticky by routing key, shadowed, promoted, rolled back and collected, with writes
 //! reaching both versions throughout; a failing canary is taken out of traffic by the
 //! guardrail, with the reason in the status.
@@ -19,6 +19,7 @@ use vitrine::rollout::guardrail::GuardrailConfig;
 use vitrine::server::{ServeConfig, serve};
 
 const GEM: &str = "efficientnet-lite0-gem";
+const LITE2: &str = "efficientnet-lite2";
 const DEGRADED: &str = "degraded-lite0";
 /// Catalogue rows used (a subset keeps the backfills short in the debug test profile).
 const ROWS: usize = 60;
@@ -35,11 +36,11 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
-/// A models folder with Lite0, Lite0-GeM and a deliberately degraded Lite0 (32-pixel inputs
+/// A models folder with Lite0, Lite2, Lite0-GeM and a deliberately degraded Lite0 (32-pixel inputs
 /// shifted so far that most activations die: the same weights, poor embeddings).
 fn models_dir(root: &Path) -> PathBuf {
     let dir = root.join("models");
-    for v in [DEFAULT_MODEL, GEM] {
+    for v in [DEFAULT_MODEL, GEM, LITE2] {
         copy_dir(&repo().join("models").join(v), &dir.join(v));
     }
     let degraded = dir.join(DEGRADED);
@@ -213,19 +214,19 @@ async fn canary_rollout_end_to_end() {
     assert!(!data.join("indexes").join(DEGRADED).exists());
 
     // 2. The real challenger: backfilled, gated, then half the traffic, sticky per key.
-    let s = r.start(start_request(GEM, &golden)).await.unwrap().into_inner();
+    let s = r.start(start_request(LITE2, &golden)).await.unwrap().into_inner();
     assert_eq!(s.state, "backfilling");
     // A write during the backfill reaches both versions.
     upsert_image(&mut c, "NEW-DURING-BACKFILL", &repo().join("data/bad/ok-1.png")).await;
     let s = settle(&mut r).await;
     let gate = s.gate.unwrap();
-    println!("gate, {GEM}: champion {:?}, challenger {:?}", gate.champion, gate.challenger);
+    println!("gate, {LITE2}: champion {:?}, challenger {:?}", gate.champion, gate.challenger);
     if s.state == "refused" {
         // The gate is the judge of whether GeM helps; let the test go on regardless.
-        let forced = r.start(start_request(GEM, &golden)).await;
+        let forced = r.start(start_request(LITE2, &golden)).await;
         assert!(forced.is_err(), "a refused rollout must be aborted first");
         r.abort(proto::RolloutActionRequest {}).await.unwrap();
-        let mut req = start_request(GEM, &golden);
+        let mut req = start_request(LITE2, &golden);
         req.force = true;
         r.start(req).await.unwrap();
         let s = settle(&mut r).await;
@@ -233,7 +234,7 @@ async fn canary_rollout_end_to_end() {
     }
     assert_eq!(
         versions_of(&mut c, "NEW-DURING-BACKFILL").await,
-        vec![DEFAULT_MODEL.to_string(), GEM.to_string()]
+        vec![DEFAULT_MODEL.to_string(), LITE2.to_string()]
     );
     let mut arms = std::collections::HashMap::new();
     for k in 0..40 {
@@ -256,7 +257,7 @@ async fn canary_rollout_end_to_end() {
         *arms.entry(seen[0].clone()).or_insert(0) += 1;
     }
     println!("arms at fraction 0.5: {arms:?}");
-    assert!(arms.get(GEM).copied().unwrap_or(0) >= 8 && arms.get(DEFAULT_MODEL).copied().unwrap_or(0) >= 8);
+    assert!(arms.get(LITE2).copied().unwrap_or(0) >= 8 && arms.get(DEFAULT_MODEL).copied().unwrap_or(0) >= 8);
     let image = std::fs::read(repo().join("data/queries/coffee-crop-rotated.jpg")).unwrap();
     for k in 0..6 {
         c.search_by_image(proto::SearchByImageRequest {
@@ -275,7 +276,10 @@ async fn canary_rollout_end_to_end() {
 
     // 3. Promote: the challenger serves; the old champion keeps receiving writes.
     let s = r.promote(proto::RolloutActionRequest {}).await.unwrap().into_inner();
-    assert_eq!((s.state.as_str(), s.serving.as_str(), s.retired.as_str()), ("promoted", GEM, DEFAULT_MODEL));
+    assert_eq!(
+        (s.state.as_str(), s.serving.as_str(), s.retired.as_str()),
+        ("promoted", LITE2, DEFAULT_MODEL)
+    );
     let resp = c
         .search_by_sku(proto::SearchBySkuRequest {
             sku: "SKIMG-COFFEE".into(),
@@ -285,7 +289,7 @@ async fn canary_rollout_end_to_end() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(resp.model_version, GEM);
+    assert_eq!(resp.model_version, LITE2);
     upsert_image(&mut c, "NEW-AFTER-PROMOTE", &repo().join("data/bad/ok-2.jpg")).await;
     assert_eq!(versions_of(&mut c, "NEW-AFTER-PROMOTE").await.len(), 2);
 
@@ -302,7 +306,7 @@ async fn canary_rollout_end_to_end() {
     assert_eq!((s.state.as_str(), s.serving.as_str()), ("rolled_back", DEFAULT_MODEL));
     let s = r.gc(proto::RolloutActionRequest {}).await.unwrap().into_inner();
     assert!(s.collected);
-    assert!(!data.join("indexes").join(GEM).exists());
+    assert!(!data.join("indexes").join(LITE2).exists());
     assert_eq!(versions_of(&mut c, "NEW-AFTER-PROMOTE").await, vec![DEFAULT_MODEL.to_string()]);
     drop((c, r));
     server.stop().await;
