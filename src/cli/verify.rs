@@ -143,7 +143,7 @@ fn skew(
             let Some(stored) = stored else { continue };
             let bytes = data.read_blob(sha)?;
             let prepared = enc.preprocess(&bytes)?;
-            let v = enc.embed(std::slice::from_ref(&prepared))?.pop().unwrap_or_default();
+            let v = enc.embed_one(&prepared)?;
             let distance = 1.0 - f64::from(vitrine::segment::dot(&stored, &v));
             compared += 1;
             if distance > worst {

@@ -236,7 +236,8 @@ impl Encoder {
             .collect()
     }
 
-    fn embed_one(&self, image: &PreparedImage) -> Result<Vec<f32>, EncoderError> {
+    /// The L2-normalised embedding of one prepared image.
+    pub fn embed_one(&self, image: &PreparedImage) -> Result<Vec<f32>, EncoderError> {
         let mut v = self.embed(std::slice::from_ref(image))?;
         Ok(v.pop().unwrap_or_default())
     }

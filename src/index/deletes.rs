@@ -55,10 +55,6 @@ impl DeleteSet {
         Self { n, words, count: AtomicU64::new(0) }
     }
 
-    pub fn len_positions(&self) -> usize {
-        self.n
-    }
-
     /// Marks `idx` deleted; true if it was live. Out-of-range positions are ignored.
     pub fn set(&self, idx: u32) -> bool {
         let i = idx as usize;

@@ -95,6 +95,35 @@ impl LiveSet {
     }
 }
 
+/// Whether one version's segments (mutable, frozen, sealed) hold a live vector of `sku`.
+pub(crate) fn holds(
+    mutable: &MutableSegment,
+    frozen: &[Arc<MutableSegment>],
+    sealed: &[Arc<SealedSegment>],
+    sku: &str,
+) -> bool {
+    mutable.find(sku).is_some()
+        || frozen.iter().any(|f| f.find(sku).is_some())
+        || sealed.iter().any(|s| s.find(sku).is_some())
+}
+
+/// Deletes the live copies of `sku` in frozen and sealed segments (the ones a new copy in the
+/// mutable segment supersedes).
+pub(crate) fn delete_older_copies(
+    frozen: &[Arc<MutableSegment>],
+    sealed: &[Arc<SealedSegment>],
+    sku: &SkuId,
+) {
+    for f in frozen {
+        f.delete_sku(sku);
+    }
+    for s in sealed {
+        if let Some(p) = s.find(sku.as_str()) {
+            s.deleted.set(p);
+        }
+    }
+}
+
 /// A dense bitset over document ids, for fast membership tests in the search loops.
 struct DocMask {
     words: Vec<u64>,
@@ -148,8 +177,7 @@ impl VersionLive {
 
     /// Whether this version holds a live vector of `sku`.
     pub fn holds(&self, sku: &str) -> bool {
-        std::iter::once(&self.mutable).chain(self.frozen.iter()).any(|m| m.find(sku).is_some())
-            || self.sealed.iter().any(|s| s.find(sku).is_some())
+        holds(&self.mutable, &self.frozen, &self.sealed, sku)
     }
 
     /// Top-`k` live items by cosine similarity, best first; see the module docs.

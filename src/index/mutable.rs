@@ -172,10 +172,6 @@ impl MutableSegment {
         Some(g.vectors[pos * self.dim..(pos + 1) * self.dim].to_vec())
     }
 
-    pub fn sku(&self, pos: u32) -> SkuId {
-        self.inner.read().skus[pos as usize].clone()
-    }
-
     /// No more appends (deletions still apply).
     pub fn freeze(&self) {
         self.inner.write().frozen = true;

@@ -32,7 +32,7 @@ use parking_lot::RwLock;
 use super::deletes::{DeleteSet, DeletesError};
 use super::entry::{Change, EntryError};
 use super::filter::AttrIndex;
-use super::live::{LiveSet, SealedSegment, VersionLive};
+use super::live::{LiveSet, SealedSegment, VersionLive, delete_older_copies, holds};
 use super::manifest::{DeletesRef, Loaded, Manifest, ManifestError, ModelIndex, SegmentEntry};
 use super::merge_policy::{MergePolicy, SegmentStat};
 use super::mutable::MutableSegment;
@@ -485,54 +485,46 @@ impl IndexWriter {
         Ok(self.shared.records.for_each(f)?)
     }
 
-    /// Bytes of write-ahead log on disk.
-    pub fn wal_bytes(&self) -> u64 {
-        self.shared.wal.disk_bytes()
+    /// Sends the writer thread a request and awaits its answer.
+    async fn ask<T>(&self, msg: impl FnOnce(Reply<T>) -> Msg) -> Result<T, WriterError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx.send(msg(Reply::Async(tx))).map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)?
+    }
+
+    /// [`ask`](Self::ask), blocking the calling thread (safe inside an async runtime too).
+    fn ask_blocking<T>(&self, msg: impl FnOnce(Reply<T>) -> Msg) -> Result<T, WriterError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.tx.send(msg(Reply::Blocking(tx))).map_err(|_| WriterError::Closed)?;
+        rx.recv().map_err(|_| WriterError::Closed)?
     }
 
     /// Applies `ops` (in order) durably; see [`Outcome`]. Answers once every change is in the
     /// log (fsynced) and visible to searches.
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<Outcome>, WriterError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Msg::Write { ops, reply: Reply::Async(tx) }).map_err(|_| WriterError::Closed)?;
-        rx.await.map_err(|_| WriterError::Closed)?
+        self.ask(|reply| Msg::Write { ops, reply }).await
     }
 
     /// [`write`](Self::write) that blocks the calling thread.
     pub fn write_blocking(&self, ops: Vec<WriteOp>) -> Result<Vec<Outcome>, WriterError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.tx.send(Msg::Write { ops, reply: Reply::Blocking(tx) }).map_err(|_| WriterError::Closed)?;
-        rx.recv().map_err(|_| WriterError::Closed)?
+        self.ask_blocking(|reply| Msg::Write { ops, reply })
     }
 
     /// Seals every mutable segment and waits for the commit; returns the manifest generation.
     /// Afterwards the log holds nothing that the segments do not.
     pub fn checkpoint_blocking(&self) -> Result<u64, WriterError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.tx.send(Msg::Checkpoint { reply: Reply::Blocking(tx) }).map_err(|_| WriterError::Closed)?;
-        rx.recv().map_err(|_| WriterError::Closed)?
-    }
-
-    /// Async [`checkpoint_blocking`](Self::checkpoint_blocking).
-    pub async fn checkpoint(&self) -> Result<u64, WriterError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Msg::Checkpoint { reply: Reply::Async(tx) }).map_err(|_| WriterError::Closed)?;
-        rx.await.map_err(|_| WriterError::Closed)?
+        self.ask_blocking(|reply| Msg::Checkpoint { reply })
     }
 
     /// Applies a change to the set of model versions (one manifest commit); returns the new
     /// manifest generation.
     pub async fn admin(&self, op: AdminOp) -> Result<u64, WriterError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.tx.send(Msg::Admin { op, reply: Reply::Async(tx) }).map_err(|_| WriterError::Closed)?;
-        rx.await.map_err(|_| WriterError::Closed)?
+        self.ask(|reply| Msg::Admin { op, reply }).await
     }
 
     /// [`admin`](Self::admin) that blocks the calling thread.
     pub fn admin_blocking(&self, op: AdminOp) -> Result<u64, WriterError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.tx.send(Msg::Admin { op, reply: Reply::Blocking(tx) }).map_err(|_| WriterError::Closed)?;
-        rx.recv().map_err(|_| WriterError::Closed)?
+        self.ask_blocking(|reply| Msg::Admin { op, reply })
     }
 
     /// Stops both threads (a seal or merge in progress finishes first; its file is committed
@@ -869,11 +861,10 @@ impl State {
             WriteOp::Backfill { sku, version, image_sha256, vector } => {
                 let cur = self.current(sku, pending)?;
                 let same_image = cur.as_ref().and_then(|r| r.image_sha256.as_ref()) == Some(image_sha256);
-                let held = self.versions.get(version).is_some_and(|vs| {
-                    vs.mutable.find(sku.as_str()).is_some()
-                        || vs.frozen.iter().any(|f| f.find(sku.as_str()).is_some())
-                        || vs.sealed.iter().any(|s| s.find(sku.as_str()).is_some())
-                });
+                let held = self
+                    .versions
+                    .get(version)
+                    .is_some_and(|vs| holds(&vs.mutable, &vs.frozen, &vs.sealed, sku.as_str()));
                 if !same_image || held {
                     return Ok((Outcome::Unchanged, None));
                 }
@@ -976,27 +967,14 @@ impl State {
                     }
                     // The new copy first, then the old ones go: a search never sees neither.
                     vs.mutable.push(sku.clone(), doc, values);
-                    for f in &vs.frozen {
-                        f.delete_sku(sku);
-                    }
-                    for s in &vs.sealed {
-                        if let Some(p) = s.find(sku.as_str()) {
-                            s.deleted.set(p);
-                        }
-                    }
+                    delete_older_copies(&vs.frozen, &vs.sealed, sku);
                 }
                 records.put(sku.clone(), Some(record), seq);
             }
             Change::Delete { sku } => {
                 for vs in self.versions.values() {
-                    for m in std::iter::once(&vs.mutable).chain(vs.frozen.iter()) {
-                        m.delete_sku(sku);
-                    }
-                    for s in &vs.sealed {
-                        if let Some(p) = s.find(sku.as_str()) {
-                            s.deleted.set(p);
-                        }
-                    }
+                    vs.mutable.delete_sku(sku);
+                    delete_older_copies(&vs.frozen, &vs.sealed, sku);
                 }
                 records.put(sku.clone(), None, seq);
                 self.shared.attrs.write().remove(sku.as_str());

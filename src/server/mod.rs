@@ -265,9 +265,7 @@ impl ServerState {
                 return Err(ServiceError::Internal("injected canary fault".into()));
             }
             let prepared = encoder.preprocess(&image)?;
-            let mut emb = encoder.embed(std::slice::from_ref(&prepared))?;
-            let q =
-                emb.pop().ok_or_else(|| ServiceError::Internal("encoder returned no embedding".into()))?;
+            let q = encoder.embed_one(&prepared)?;
             state.search(&view, &q, &o, None)
         })
         .await
@@ -301,7 +299,7 @@ impl VisualSearch for VisualSearchService {
             self.state.rollout.shadow(&self.state, Kind::Image, hits, move || {
                 let enc = state.models.get(&other.version).map_err(ServiceError::from)?;
                 let prepared = enc.preprocess(&image)?;
-                let q = enc.embed(std::slice::from_ref(&prepared))?.pop().unwrap_or_default();
+                let q = enc.embed_one(&prepared)?;
                 let hits = state.search_hits(&other, &q, &o, None)?;
                 Ok(hits.into_iter().map(|h| h.sku.to_string()).collect())
             });

@@ -385,7 +385,6 @@ impl RolloutController {
     /// Embeds every stored image the challenger lacks; false if the rollout was stopped.
     async fn backfill(&self, state: &Arc<ServerState>, r: &Rollout) -> Result<bool, ServiceError> {
         let version = r.challenger.clone();
-        let enc = state.models.get(&version).map_err(ServiceError::from)?;
         let writer = Arc::clone(state.writer());
         let todo = {
             let writer = Arc::clone(&writer);
@@ -421,37 +420,38 @@ impl RolloutController {
             if self.current().is_none_or(|c| c.phase != Phase::Backfilling || c.challenger != version) {
                 return Ok(false);
             }
-            let images: Vec<Option<Vec<u8>>> = {
+            let read: Vec<Result<Vec<u8>, String>> = {
                 let writer = Arc::clone(&writer);
                 let shas: Vec<String> = batch.iter().map(|(_, s)| s.clone()).collect();
                 tokio::task::spawn_blocking(move || {
-                    shas.iter().map(|s| writer.data().read_blob(s).ok()).collect()
+                    shas.iter().map(|s| writer.data().read_blob(s).map_err(|e| e.to_string())).collect()
                 })
                 .await
                 .map_err(|e| ServiceError::Internal(format!("backfill task failed: {e}")))?
             };
-            let permit = state
-                .embed_slots
-                .acquire()
-                .await
-                .map_err(|_| ServiceError::Internal("server is shutting down".into()))?;
-            let enc2 = Arc::clone(&enc);
-            let vectors = tokio::task::spawn_blocking(move || {
-                let refs: Vec<&[u8]> = images.iter().map(|i| i.as_deref().unwrap_or(&[])).collect();
-                enc2.embed_bytes(&refs)
-            })
-            .await
-            .map_err(|e| ServiceError::Internal(format!("backfill task failed: {e}")))?;
-            drop(permit);
-            let mut ops = Vec::with_capacity(batch.len());
-            for ((sku, sha), v) in batch.iter().zip(vectors) {
-                match v {
-                    Ok(vector) => ops.push(WriteOp::Backfill {
+            let mut items = Vec::with_capacity(batch.len());
+            let mut images = Vec::with_capacity(batch.len());
+            for ((sku, sha), bytes) in batch.iter().zip(read) {
+                match bytes {
+                    Ok(b) => {
+                        items.push((sku, sha));
+                        images.push(b);
+                    }
+                    Err(e) => tracing::warn!(%sku, "backfill cannot read the stored image: {e}"),
+                }
+            }
+            // The same embedding path as upserts: one of the server's embed slots, blocking pool.
+            let vectors = state.embed(images, vec![version.clone()]).await?;
+            let mut ops = Vec::with_capacity(items.len());
+            for ((sku, sha), v) in items.into_iter().zip(vectors) {
+                match v.map(|mut per_version| per_version.pop()) {
+                    Ok(Some((_, vector))) => ops.push(WriteOp::Backfill {
                         sku: sku.clone(),
                         version: version.clone(),
                         image_sha256: sha.clone(),
                         vector,
                     }),
+                    Ok(None) => {}
                     Err(e) => tracing::warn!(%sku, "backfill cannot embed the stored image: {e}"),
                 }
             }
@@ -491,8 +491,7 @@ impl RolloutController {
                         let hits = enc
                             .preprocess(&image)
                             .ok()
-                            .and_then(|p| enc.embed(std::slice::from_ref(&p)).ok())
-                            .and_then(|mut e| e.pop())
+                            .and_then(|p| enc.embed_one(&p).ok())
                             .and_then(|q| {
                                 let query =
                                     Query { vector: &q, k: COMPARE_K, ef: 0, exclude: None, filter: None };

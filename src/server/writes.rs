@@ -74,7 +74,7 @@ fn outcome_to_proto(o: &Outcome) -> ItemResult {
 impl ServerState {
     /// Embeds `images` with each of `versions` (on the blocking pool, under the embed limit).
     /// Per image: one vector per version, or why it failed.
-    async fn embed(
+    pub(super) async fn embed(
         self: &Arc<Self>,
         images: Vec<Vec<u8>>,
         versions: Vec<ModelVersion>,
