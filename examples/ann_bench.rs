@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use vitrine::ids::SkuId;
 use vitrine::segment::synth::Structured;
-use vitrine::segment::{HnswParams, Segment, write_segment};
+use vitrine::segment::{HnswParams, Segment, write_segment, write_segment_hnsw_rs};
 
 #[derive(Parser)]
 struct Args {
@@ -47,6 +47,9 @@ struct Args {
     /// Timed passes over the queries per ef (the fastest is reported).
     #[arg(long, default_value_t = 3)]
     passes: usize,
+    /// Graph builder: `native` (vitrine's, what the server writes) or `hnsw_rs` (the reference).
+    #[arg(long, default_value = "native", value_parser = ["native", "hnsw_rs"])]
+    builder: String,
     /// Where to write the segment (default: a temp dir). Reused if it exists.
     #[arg(long)]
     segment: Option<PathBuf>,
@@ -95,7 +98,8 @@ fn main() -> anyhow::Result<()> {
     if !path.exists() {
         let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("item-{i}"))).collect::<Result<_, _>>()?;
         let params = HnswParams { m: args.m, ef_construction: args.ef_construction };
-        let stats = write_segment(&path, dim, &base, &skus, &params)?;
+        let write = if args.builder == "hnsw_rs" { write_segment_hnsw_rs } else { write_segment };
+        let stats = write(&path, dim, &base, &skus, &params)?;
         build = serde_json::json!({
             "secs": stats.build_secs, "self_recall": stats.self_recall, "bytes": stats.bytes,
         });
@@ -144,7 +148,7 @@ fn main() -> anyhow::Result<()> {
         }));
     }
     let out = serde_json::json!({
-        "engine": "vitrine", "n": n, "dim": dim, "nq": nq, "k": k, "m": args.m,
+        "engine": "vitrine", "builder": args.builder, "n": n, "dim": dim, "nq": nq, "k": k, "m": args.m,
         "ef_construction": args.ef_construction, "build": build, "points": points,
     });
     println!("{out}");

@@ -6,6 +6,7 @@
 //! (gRPC). [`ingest`] turns a catalogue file into segments. See ARCHITECTURE.md.
 #![deny(unsafe_code)]
 
+pub mod background;
 pub mod encoder;
 pub mod fsutil;
 pub mod ids;

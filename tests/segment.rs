@@ -12,6 +12,7 @@ use vitrine::segment::format::{FOOTER_LEN, HEADER_LEN, Header, SectionId};
 use vitrine::segment::synth::{SplitMix64, Structured};
 use vitrine::segment::{
     DEFAULT_EF_SEARCH, Hit, HnswParams, Segment, SegmentError, SegmentStats, write_segment,
+    write_segment_extending, write_segment_hnsw_rs,
 };
 
 fn skus(n: usize, prefix: &str) -> Vec<SkuId> {
@@ -471,15 +472,130 @@ fn recall_at_default_ef_on_harder_data_is_at_least_095() {
     let path = dir.path().join("hard.vseg");
     write_segment(&path, shape.dim, &base, &skus(n, "hard"), &HnswParams::default()).unwrap();
     let seg = Segment::open(&path).unwrap();
-    let mut total = 0.0;
-    let mut low_ef = 0.0;
-    for q in queries.chunks_exact(shape.dim) {
-        let exact = seg.brute_force(q, 10, None).unwrap();
-        total += recall(&seg.search(q, 10, DEFAULT_EF_SEARCH, None).unwrap(), &exact);
-        low_ef += recall(&seg.search(q, 10, 10, None).unwrap(), &exact);
-    }
-    let (r, r10) = (total / 200.0, low_ef / 200.0);
+    let (r, r10) = (
+        mean_recall(&seg, &queries, shape.dim, DEFAULT_EF_SEARCH),
+        mean_recall(&seg, &queries, shape.dim, 10),
+    );
     eprintln!("harder data: recall@10 at ef={DEFAULT_EF_SEARCH}: {r:.4}, at ef=10: {r10:.4}");
     assert!(r >= 0.95, "recall@10 {r} at ef={DEFAULT_EF_SEARCH}");
     assert!(r10 < r, "ef=10 ({r10}) should trail ef={DEFAULT_EF_SEARCH} ({r})");
+}
+
+/// Mean recall@10 of `seg` at `ef` against its own brute force, over `queries`.
+fn mean_recall(seg: &Segment, queries: &[f32], dim: usize, ef: usize) -> f64 {
+    let mut total = 0.0;
+    let mut count = 0.0;
+    for q in queries.chunks_exact(dim) {
+        let exact = seg.brute_force(q, 10, None).unwrap();
+        total += recall(&seg.search(q, 10, ef, None).unwrap(), &exact);
+        count += 1.0;
+    }
+    total / count
+}
+
+/// vitrine's own builder against hnsw_rs (the reference) on the same data and parameters:
+/// its graph must be at least as good at a low ef, where the graph's quality shows.
+#[test]
+fn native_builder_matches_the_hnsw_rs_reference() {
+    let shape = Structured { dim: 64, latent: 24, noise: 0.3, seed: 11 };
+    let n = 8_000;
+    let base = shape.rows(0, n);
+    let queries = shape.rows(1_000_000, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let (native, reference) = (dir.path().join("native.vseg"), dir.path().join("hnsw_rs.vseg"));
+    let params = HnswParams::default();
+    let a = write_segment(&native, shape.dim, &base, &skus(n, "n"), &params).unwrap();
+    let b = write_segment_hnsw_rs(&reference, shape.dim, &base, &skus(n, "n"), &params).unwrap();
+    assert!(a.self_recall >= 0.99 && b.self_recall >= 0.99, "{a:?} {b:?}");
+    let (native, reference) = (Segment::open(&native).unwrap(), Segment::open(&reference).unwrap());
+    for ef in [16, DEFAULT_EF_SEARCH] {
+        let (ra, rb) =
+            (mean_recall(&native, &queries, shape.dim, ef), mean_recall(&reference, &queries, shape.dim, ef));
+        eprintln!("ef={ef}: native {ra:.4}, hnsw_rs {rb:.4}");
+        assert!(ra >= rb - 0.02, "ef={ef}: native {ra} trails hnsw_rs {rb}");
+    }
+}
+
+/// A merge extends its largest input's graph: items of the base that are dropped (deleted)
+/// leave links that are repaired, the base's entry point among them, and the extended graph
+/// finds every item and keeps the recall of a fresh build.
+#[test]
+fn extending_a_graph_keeps_recall_and_repairs_dropped_links() {
+    let shape = Structured { dim: 48, latent: 16, noise: 0.3, seed: 5 };
+    let (n_base, n_new) = (6_000, 3_000);
+    let rows = shape.rows(0, n_base + n_new);
+    let queries = shape.rows(1_000_000, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let base_path = dir.path().join("base.vseg");
+    let names = skus(n_base + n_new, "x");
+    write_segment(
+        &base_path,
+        shape.dim,
+        &rows[..n_base * shape.dim],
+        &names[..n_base],
+        &HnswParams::default(),
+    )
+    .unwrap();
+    let base = Segment::open(&base_path).unwrap();
+    // Drop 15% of the base, always including the entry point (the node on the top layer
+    // that every walk starts from).
+    let entry = base.entry_point();
+    let keep: Vec<u32> = (0..n_base as u32).filter(|&i| i % 7 != 0 && i != entry).collect();
+    let mut vectors = Vec::new();
+    let mut kept_names = Vec::new();
+    for &k in &keep {
+        vectors.extend_from_slice(&rows[k as usize * shape.dim..(k as usize + 1) * shape.dim]);
+        kept_names.push(names[k as usize].clone());
+    }
+    vectors.extend_from_slice(&rows[n_base * shape.dim..]);
+    kept_names.extend_from_slice(&names[n_base..]);
+    let merged_path = dir.path().join("merged.vseg");
+    let stats = write_segment_extending(
+        &merged_path,
+        shape.dim,
+        &vectors,
+        &kept_names,
+        &HnswParams::default(),
+        &base,
+        &keep,
+    )
+    .unwrap();
+    assert_eq!(stats.count, keep.len() + n_new);
+    assert!(stats.self_recall >= 0.99, "self-recall {}", stats.self_recall);
+    let merged = Segment::open(&merged_path).unwrap();
+    merged.verify().unwrap();
+    for (i, name) in kept_names.iter().enumerate() {
+        assert_eq!(merged.sku(i as u32), name.as_str());
+    }
+    let fresh_path = dir.path().join("fresh.vseg");
+    write_segment(&fresh_path, shape.dim, &vectors, &kept_names, &HnswParams::default()).unwrap();
+    let fresh = Segment::open(&fresh_path).unwrap();
+    let (re, rf) =
+        (mean_recall(&merged, &queries, shape.dim, 16), mean_recall(&fresh, &queries, shape.dim, 16));
+    eprintln!("ef=16: extended {re:.4}, fresh {rf:.4}");
+    assert!(re >= rf - 0.03, "extended graph {re} trails a fresh build {rf}");
+    assert!(mean_recall(&merged, &queries, shape.dim, DEFAULT_EF_SEARCH) >= 0.95);
+    // Every item, old and new, is reachable: each finds itself.
+    let lost = (0..merged.len() as u32)
+        .filter(|&i| {
+            !merged.search(merged.vector(i), 10, DEFAULT_EF_SEARCH, None).unwrap().iter().any(|h| h.idx == i)
+        })
+        .count();
+    assert!(lost * 200 <= merged.len(), "{lost} of {} items do not find themselves", merged.len());
+    // Bad keep lists are refused before anything is written.
+    let bad = dir.path().join("bad.vseg");
+    let unsorted = [2u32, 1];
+    assert!(
+        write_segment_extending(
+            &bad,
+            shape.dim,
+            &vectors,
+            &kept_names,
+            &HnswParams::default(),
+            &base,
+            &unsorted
+        )
+        .is_err()
+    );
+    assert!(!bad.exists());
 }

@@ -40,7 +40,9 @@ use super::records::{Record, RecordError, RecordStore};
 use super::store::{Attrs, DataDir, StoreError};
 use super::wal::{Wal, WalError};
 use crate::ids::{ModelVersion, SegmentId, SkuId};
-use crate::segment::{HnswParams, Segment, SegmentError, SegmentStats, normalise_into, write_segment};
+use crate::segment::{
+    HnswParams, Segment, SegmentError, SegmentStats, normalise_into, write_segment, write_segment_extending,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriterError {
@@ -416,15 +418,9 @@ impl IndexWriter {
             let thread_name = name.to_string();
             std::thread::Builder::new()
                 .name(thread_name.clone())
-                .spawn(move || {
-                    match rayon::ThreadPoolBuilder::new()
-                        .num_threads(threads)
-                        .thread_name(move |i| format!("{thread_name}-{i}"))
-                        .build()
-                    {
-                        Ok(pool) => work(&pool),
-                        Err(e) => tracing::error!("cannot start a graph-build pool: {e}"),
-                    }
+                .spawn(move || match crate::background::pool(&thread_name, threads) {
+                    Ok(pool) => work(&pool),
+                    Err(e) => tracing::error!("cannot start a graph-build pool: {e}"),
                 })
                 .map_err(|source| StoreError::Io {
                     action: "cannot start a thread in",
@@ -1450,17 +1446,30 @@ fn merger_loop(
     }
 }
 
-/// Writes the live items of `job.inputs` as one new segment.
+/// A merge extends the graph of its largest input unless more than this fraction of that
+/// input is deleted (then too many links need repair, and the graph is built afresh).
+const MAX_BASE_DELETED: f64 = 0.2;
+
+/// Writes the live items of `job.inputs` as one new segment. The input with the most live
+/// items goes first and keeps its graph; only the others' items are inserted into it.
 fn merge_segments(
     shared: &Shared,
     job: &MergeJob,
     hnsw: &HnswParams,
 ) -> Result<Option<BuiltFile<(usize, u32)>>, WriterError> {
     let dim = job.inputs.first().map_or(0, |s| s.segment.dim());
+    let live = |s: &SealedSegment| (s.segment.len() as u64).saturating_sub(s.deleted.count());
+    let base = (0..job.inputs.len()).max_by_key(|&i| live(&job.inputs[i])).filter(|&i| {
+        let s = &job.inputs[i];
+        (s.deleted.count() as f64) <= MAX_BASE_DELETED * s.segment.len() as f64
+    });
+    let order = base.into_iter().chain((0..job.inputs.len()).filter(|&i| Some(i) != base));
     let mut skus = Vec::new();
     let mut vectors = Vec::new();
     let mut mapping = Vec::new();
-    for (i, s) in job.inputs.iter().enumerate() {
+    let mut keep = Vec::new();
+    for i in order {
+        let s = &job.inputs[i];
         for p in 0..s.segment.len() as u32 {
             if s.deleted.contains(p) {
                 continue;
@@ -1469,17 +1478,27 @@ fn merge_segments(
             skus.push(sku);
             vectors.extend_from_slice(s.segment.vector(p));
             mapping.push((i, p));
+            if Some(i) == base {
+                keep.push(p);
+            }
         }
     }
     if skus.is_empty() {
         return Ok(None);
     }
     let path = shared.data.segment_path(&job.version, job.id);
-    let stats = write_segment(&path, dim, &vectors, &skus, hnsw).map_err(|source| WriterError::Segment {
+    let written = match base {
+        Some(b) => write_segment_extending(&path, dim, &vectors, &skus, hnsw, &job.inputs[b].segment, &keep),
+        None => write_segment(&path, dim, &vectors, &skus, hnsw),
+    };
+    let stats = written.map_err(|source| WriterError::Segment {
         version: job.version.clone(),
         id: job.id,
         source,
     })?;
-    tracing::info!(version = %job.version, id = %job.id, inputs = job.inputs.len(), count = stats.count, "merged segments");
+    tracing::info!(
+        version = %job.version, id = %job.id, inputs = job.inputs.len(), count = stats.count,
+        extended = keep.len(), secs = stats.build_secs, "merged segments"
+    );
     Ok(Some(BuiltFile { id: job.id, sources: mapping, stats }))
 }

@@ -48,7 +48,7 @@
 //! ```
 //!
 //! Layer 0 has degree `2*m`, upper layers degree `m`; the graph is the HNSW graph built by
-//! hnsw_rs, copied verbatim. `entry_point` is a node whose level is `max_level`.
+//! `build.rs` (or hnsw_rs, the reference), copied verbatim. `entry_point` is a node whose level is `max_level`.
 //! Opening a file checks the header, footer, header crc and the bounds and alignment of every
 //! section (O(1)); the section crcs and the graph's structure are checked by
 //! [`Segment::verify`](super::Segment::verify), which the writer runs on every file it writes.

@@ -1,14 +1,17 @@
 //! Immutable, memory-mapped HNSW segment files: format, writer, reader and search.
 //!
 //! A segment holds one batch of items (L2-normalised vectors + SKUs) for one model version,
-//! with an HNSW graph built by hnsw_rs and stored as flat arrays (see [`format`](mod@format) for the byte
+//! with an HNSW graph built by vitrine's own builder (`build`; hnsw_rs is the reference it is
+//! tested against) and stored as flat arrays (see [`format`](mod@format) for the byte
 //! layout). [`write_segment`] builds and writes one crash-safely; [`Segment::open`] maps it in
 //! O(1) without reading the body; [`Segment::search`] runs HNSW straight on the mapping;
 //! [`Segment::verify`] checks every checksum and the graph's structure.
 
+mod build;
 mod distance;
 mod error;
 pub mod format;
+mod heap;
 mod mmap;
 mod reader;
 mod search;
@@ -19,7 +22,9 @@ pub use distance::{dot, normalise_into};
 pub use error::SegmentError;
 pub use reader::Segment;
 pub use search::{EXACT_SCAN_FACTOR, Hit};
-pub use writer::{GraphLayout, write_segment, write_segment_with_graph};
+pub use writer::{
+    GraphLayout, write_segment, write_segment_extending, write_segment_hnsw_rs, write_segment_with_graph,
+};
 
 /// Layer-0 candidate list size used when the caller has no preference. Chosen so that
 /// recall@10 against brute force is at least 0.95 on structured data (see tests/segment.rs).

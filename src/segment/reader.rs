@@ -223,6 +223,11 @@ impl Segment {
         self.header.max_level as usize
     }
 
+    /// The node every graph walk starts from (on the top layer).
+    pub fn entry_point(&self) -> u32 {
+        self.header.entry_point
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -14,6 +14,7 @@ use multiversion::target::target_cfg_f;
 
 use super::distance::{dot_body, normalise_into};
 use super::error::SegmentError;
+use super::heap::{Heap, TopK, Walk};
 use super::reader::{Segment, View};
 
 /// [`Segment::search`] scans a segment exactly when it holds at most this many times `ef` items.
@@ -26,151 +27,13 @@ pub struct Hit {
     pub score: f32,
 }
 
-/// A binary max-heap of (key, id) with f32 keys, kept in a reusable Vec.
-#[derive(Default)]
-struct Heap {
-    items: Vec<(f32, u32)>,
-}
-
-impl Heap {
-    #[inline(always)]
-    fn clear(&mut self) {
-        self.items.clear();
-    }
-
-    #[inline(always)]
-    fn len(&self) -> usize {
-        self.items.len()
-    }
-
-    #[inline(always)]
-    fn top_key(&self) -> f32 {
-        self.items.first().map_or(f32::NEG_INFINITY, |t| t.0)
-    }
-
-    #[inline(always)]
-    fn push(&mut self, key: f32, id: u32) {
-        let items = &mut self.items;
-        let mut pos = items.len();
-        items.push((key, id));
-        while pos > 0 {
-            let parent = (pos - 1) / 2;
-            if items[parent].0 >= key {
-                break;
-            }
-            items[pos] = items[parent];
-            pos = parent;
-        }
-        items[pos] = (key, id);
-    }
-
-    #[inline(always)]
-    fn pop(&mut self) -> Option<(f32, u32)> {
-        let last = self.items.pop()?;
-        if self.items.is_empty() {
-            return Some(last);
-        }
-        let top = self.items[0];
-        self.sift_down_from_root(last);
-        Some(top)
-    }
-
-    /// Replaces the top with (key, id) and restores the heap (pop + push in one pass).
-    #[inline(always)]
-    fn replace_top(&mut self, key: f32, id: u32) {
-        self.sift_down_from_root((key, id));
-    }
-
-    #[inline(always)]
-    fn sift_down_from_root(&mut self, item: (f32, u32)) {
-        let items = &mut self.items[..];
-        let len = items.len();
-        let mut pos = 0;
-        loop {
-            let left = 2 * pos + 1;
-            if left >= len {
-                break;
-            }
-            let right = left + 1;
-            let child = if right < len && items[right].0 > items[left].0 { right } else { left };
-            if items[child].0 <= item.0 {
-                break;
-            }
-            items[pos] = items[child];
-            pos = child;
-        }
-        items[pos] = item;
-    }
-}
-
-/// Keeps the best `cap` (score, id) pairs seen: a min-heap on score (stored negated).
-#[derive(Default)]
-struct TopK {
-    heap: Heap,
-}
-
-impl TopK {
-    #[inline(always)]
-    fn clear(&mut self) {
-        self.heap.clear();
-    }
-
-    #[inline(always)]
-    fn len(&self) -> usize {
-        self.heap.len()
-    }
-
-    /// Lowest score kept; +inf when empty.
-    #[inline(always)]
-    fn worst(&self) -> f32 {
-        -self.heap.top_key()
-    }
-
-    /// Offers a result; keeps at most `cap`.
-    #[inline(always)]
-    fn offer(&mut self, score: f32, id: u32, cap: usize) {
-        if self.heap.len() < cap {
-            self.heap.push(-score, id);
-        } else if score > self.worst() {
-            self.heap.replace_top(-score, id);
-        }
-    }
-
-    /// The kept results, best first, ties broken by lower index; at most `k`.
-    fn sorted_hits(&self, k: usize) -> Vec<Hit> {
-        let mut hits: Vec<Hit> = self.heap.items.iter().map(|&(neg, idx)| Hit { idx, score: -neg }).collect();
-        hits.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.idx.cmp(&b.idx)));
-        hits.truncate(k);
-        hits
-    }
-}
-
 /// Per-thread reusable search state.
 #[derive(Default)]
 struct Scratch {
-    visited: Vec<u16>,
-    epoch: u16,
-    candidates: Heap,
-    results: TopK,
+    walk: Walk,
     query: Vec<f32>,
     ids: Vec<u32>,
     scores: Vec<f32>,
-}
-
-impl Scratch {
-    /// Starts a new query over `n` nodes: a fresh visited epoch, empty heaps.
-    fn begin(&mut self, n: usize) {
-        if self.visited.len() < n {
-            self.visited.resize(n, 0);
-        }
-        self.epoch = self.epoch.wrapping_add(1);
-        if self.epoch == 0 {
-            self.visited.fill(0);
-            self.epoch = 1;
-        }
-        self.candidates.clear();
-        self.results.clear();
-    }
 }
 
 thread_local! {
@@ -212,12 +75,12 @@ impl Segment {
             }
             let ef = ef.max(k);
             if view.n <= ef.saturating_mul(EXACT_SCAN_FACTOR) {
-                s.results.clear();
-                brute_force_impl(&view, &s.query, k, filter, &mut s.results);
-                return Ok(s.results.sorted_hits(k));
+                s.walk.results.clear();
+                brute_force_impl(&view, &s.query, k, filter, &mut s.walk.results);
+                return Ok(s.walk.results.sorted_hits(k));
             }
-            s.begin(view.n);
-            let Scratch { visited, epoch, candidates, results, query, ids, scores } = s;
+            s.walk.begin(view.n);
+            let Scratch { walk: Walk { visited, epoch, candidates, results }, query, ids, scores } = s;
             let entry = greedy_upper(&view, query);
             let visited = &mut visited[..view.n];
             search_layer0(&view, query, entry, ef, filter, visited, *epoch, candidates, results, ids, scores);
@@ -231,9 +94,9 @@ impl Segment {
         let view = self.view();
         with_scratch(|s| {
             self.prepare_query(query, &mut s.query)?;
-            s.results.clear();
-            brute_force_impl(&view, &s.query, k, filter, &mut s.results);
-            Ok(s.results.sorted_hits(k))
+            s.walk.results.clear();
+            brute_force_impl(&view, &s.query, k, filter, &mut s.walk.results);
+            Ok(s.walk.results.sorted_hits(k))
         })
     }
 
@@ -426,25 +289,6 @@ mod tests {
     use crate::ids::SkuId;
     use crate::segment::synth::Structured;
     use crate::segment::{HnswParams, write_segment};
-
-    #[test]
-    fn heaps_order_and_bound() {
-        let mut h = Heap::default();
-        for (i, k) in [3.0f32, -1.0, 7.5, 0.0, 7.5, 2.0].into_iter().enumerate() {
-            h.push(k, i as u32);
-        }
-        let keys: Vec<f32> = std::iter::from_fn(|| h.pop().map(|t| t.0)).collect();
-        assert_eq!(keys, vec![7.5, 7.5, 3.0, 2.0, 0.0, -1.0]);
-        let mut top = TopK::default();
-        for (i, s) in [0.1f32, 0.9, 0.5, 0.7, 0.3, 0.9].into_iter().enumerate() {
-            top.offer(s, i as u32, 3);
-        }
-        assert_eq!(top.len(), 3);
-        assert_eq!(top.worst(), 0.7);
-        let hits = top.sorted_hits(10);
-        let got: Vec<(u32, f32)> = hits.iter().map(|h| (h.idx, h.score)).collect();
-        assert_eq!(got, vec![(1, 0.9), (5, 0.9), (3, 0.7)]);
-    }
 
     /// The visited array is stamped with a u16 epoch that wraps after 65535 queries: a stale
     /// stamp would mark unvisited nodes as visited and change the answer.

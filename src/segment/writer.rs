@@ -1,6 +1,6 @@
-//! Writing segment files: validate and normalise the batch, build the HNSW graph with hnsw_rs,
-//! flatten it into vitrine's format, write the file crash-safely, then verify it and measure
-//! self-recall.
+//! Writing segment files: validate and normalise the batch, build the HNSW graph (vitrine's
+//! own builder, optionally extending a merged segment's graph; hnsw_rs as the reference),
+//! write the file crash-safely, then verify it and measure self-recall.
 
 use std::io::Write;
 use std::path::Path;
@@ -9,6 +9,7 @@ use std::time::Instant;
 use hnsw_rs::prelude::{DistDot, Hnsw};
 use rayon::prelude::*;
 
+use super::build::{BaseGraph, FlatGraph, build};
 use super::distance::normalise_into;
 use super::error::SegmentError;
 use super::format::{
@@ -58,6 +59,14 @@ fn invalid_param(path: &Path, name: &'static str, value: usize, reason: &'static
     SegmentError::InvalidParams { path: path.to_path_buf(), name, value, reason }
 }
 
+/// Which graph builder a write uses.
+enum Builder<'a> {
+    /// vitrine's builder ([`super::build`]), extending `(base, keep)` when given.
+    Native(Option<(&'a Segment, &'a [u32])>),
+    /// hnsw_rs, the reference implementation.
+    HnswRs,
+}
+
 /// Builds an HNSW index over `vectors` (`skus.len()` rows of `dim` values, any non-zero
 /// finite length: they are L2-normalised here) and writes it as a new segment at `path`.
 ///
@@ -70,6 +79,58 @@ pub fn write_segment(
     vectors: &[f32],
     skus: &[SkuId],
     params: &HnswParams,
+) -> Result<SegmentStats, SegmentError> {
+    write_built(path, dim, vectors, skus, params, Builder::Native(None))
+}
+
+/// [`write_segment`] for a merge: the first `keep.len()` rows of `vectors` are the items
+/// `keep` (strictly ascending) of `base`, in that order, and the new graph extends `base`'s
+/// graph instead of being built from nothing (links to items of `base` not kept are
+/// repaired). Falls back to a full build when `base` has another `m` or `dim`.
+pub fn write_segment_extending(
+    path: &Path,
+    dim: usize,
+    vectors: &[f32],
+    skus: &[SkuId],
+    params: &HnswParams,
+    base: &Segment,
+    keep: &[u32],
+) -> Result<SegmentStats, SegmentError> {
+    if keep.len() > skus.len()
+        || keep.windows(2).any(|w| w[0] >= w[1])
+        || keep.last().is_some_and(|&k| k as usize >= base.len())
+    {
+        return Err(invalid_param(
+            path,
+            "keep",
+            keep.len(),
+            "must be ascending ids of the base segment, at most the batch size",
+        ));
+    }
+    let compatible = base.m() == params.m && base.dim() == dim;
+    let builder = Builder::Native(compatible.then_some((base, keep)));
+    write_built(path, dim, vectors, skus, params, builder)
+}
+
+/// [`write_segment`] with the graph built by hnsw_rs: the reference the native builder is
+/// tested and benchmarked against.
+pub fn write_segment_hnsw_rs(
+    path: &Path,
+    dim: usize,
+    vectors: &[f32],
+    skus: &[SkuId],
+    params: &HnswParams,
+) -> Result<SegmentStats, SegmentError> {
+    write_built(path, dim, vectors, skus, params, Builder::HnswRs)
+}
+
+fn write_built(
+    path: &Path,
+    dim: usize,
+    vectors: &[f32],
+    skus: &[SkuId],
+    params: &HnswParams,
+    builder: Builder<'_>,
 ) -> Result<SegmentStats, SegmentError> {
     let started = Instant::now();
     let n = skus.len();
@@ -87,7 +148,13 @@ pub fn write_segment(
     }
     let normalised = normalise_rows(path, dim, vectors)?;
     let sku_sections = SkuSections::build(path, skus)?;
-    let graph = build_graph(path, dim, &normalised, params)?;
+    let graph = match builder {
+        Builder::Native(base) => {
+            let base = base.map(|(segment, keep)| BaseGraph { view: segment.view(), keep });
+            build(dim, params.m, params.ef_construction, &normalised, base)
+        }
+        Builder::HnswRs => build_graph_hnsw_rs(path, dim, &normalised, params)?,
+    };
     let layout = GraphLayout {
         dim,
         m: params.m,
@@ -202,16 +269,8 @@ impl SkuSections {
     }
 }
 
-/// The HNSW graph in flat form.
-struct FlatGraph {
-    levels: Vec<u8>,
-    layer0: Vec<u32>,
-    upper: Vec<u32>,
-    entry_point: u32,
-}
-
 /// Builds the graph with hnsw_rs (parallel inserts) and copies it into flat arrays.
-fn build_graph(
+fn build_graph_hnsw_rs(
     path: &Path,
     dim: usize,
     normalised: &[f32],

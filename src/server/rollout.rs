@@ -441,7 +441,7 @@ impl RolloutController {
                 }
             }
             // The same embedding path as upserts: one of the server's embed slots, blocking pool.
-            let vectors = state.embed(images, vec![version.clone()]).await?;
+            let vectors = state.embed(images, vec![version.clone()], true).await?;
             let mut ops = Vec::with_capacity(items.len());
             for ((sku, sha), v) in items.into_iter().zip(vectors) {
                 match v.map(|mut per_version| per_version.pop()) {

@@ -72,12 +72,15 @@ fn outcome_to_proto(o: &Outcome) -> ItemResult {
 }
 
 impl ServerState {
-    /// Embeds `images` with each of `versions` (on the blocking pool, under the embed limit).
-    /// Per image: one vector per version, or why it failed.
+    /// Embeds `images` with each of `versions` (on the blocking pool, under the embed limit;
+    /// `background` work such as a canary's backfill runs on the niced pool of
+    /// [`crate::background`], so queries keep their latency). Per image: one vector per
+    /// version, or why it failed.
     pub(super) async fn embed(
         self: &Arc<Self>,
         images: Vec<Vec<u8>>,
         versions: Vec<ModelVersion>,
+        background: bool,
     ) -> Result<Vec<Embedded>, ServiceError> {
         let mut encoders = Vec::with_capacity(versions.len());
         for v in &versions {
@@ -88,21 +91,13 @@ impl ServerState {
             .acquire()
             .await
             .map_err(|_| ServiceError::Internal("server is shutting down".into()))?;
+        let pool = if background { crate::background::embed_pool() } else { None };
         tokio::task::spawn_blocking(move || {
-            let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
-            let mut out: Vec<Embedded> = refs.iter().map(|_| Ok(Vec::new())).collect();
-            for enc in &encoders {
-                for (slot, r) in out.iter_mut().zip(enc.embed_bytes(&refs)) {
-                    match (slot.as_mut(), r) {
-                        (Ok(vecs), Ok(v)) => vecs.push((enc.version().clone(), v)),
-                        (Ok(_), Err(e)) => {
-                            *slot = Err(format!("cannot embed the image: {}", e.to_string().trim_end()))
-                        }
-                        (Err(_), _) => {}
-                    }
-                }
+            let run = || embed_all(&encoders, &images);
+            match pool {
+                Some(pool) => pool.install(run),
+                None => run(),
             }
-            out
         })
         .await
         .map_err(|e| ServiceError::Internal(format!("embedding task failed: {e}")))
@@ -152,7 +147,7 @@ impl ServerState {
                     return Err(ServiceError::NoIndex);
                 }
                 let images: Vec<Vec<u8>> = to_embed.iter().map(|(_, _, b)| b.clone()).collect();
-                let embedded = self.embed(images, versions).await?;
+                let embedded = self.embed(images, versions, false).await?;
                 for ((i, mut op, bytes), emb) in std::mem::take(&mut to_embed).into_iter().zip(embedded) {
                     match emb {
                         Ok(vectors) => {
@@ -192,4 +187,23 @@ impl ServerState {
         }
         Ok(results.into_iter().map(|r| r.unwrap_or_else(|| Err("not processed".into()))).collect())
     }
+}
+
+/// Embeds every image with every encoder: per image, one vector per encoder's version, or
+/// the first error.
+fn embed_all(encoders: &[Arc<crate::encoder::Encoder>], images: &[Vec<u8>]) -> Vec<Embedded> {
+    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+    let mut out: Vec<Embedded> = refs.iter().map(|_| Ok(Vec::new())).collect();
+    for enc in encoders {
+        for (slot, r) in out.iter_mut().zip(enc.embed_bytes(&refs)) {
+            match (slot.as_mut(), r) {
+                (Ok(vecs), Ok(v)) => vecs.push((enc.version().clone(), v)),
+                (Ok(_), Err(e)) => {
+                    *slot = Err(format!("cannot embed the image: {}", e.to_string().trim_end()))
+                }
+                (Err(_), _) => {}
+            }
+        }
+    }
+    out
 }

@@ -1,0 +1,473 @@
+//! vitrine's own parallel HNSW graph builder: the graph every segment is written with.
+//!
+//! It follows hnswlib's algorithm (Malkov & Yashunin): each node draws its top layer from an
+//! exponential distribution (`mL = 1/ln(m)`), descends greedily from the entry point, runs an
+//! `ef_construction`-wide best-first search on each of its layers, keeps `m` neighbours chosen
+//! by the diversity heuristic, and links back to them, shrinking a full neighbour list with the
+//! same heuristic (layer 0 holds `2m`, upper layers `m`). Inserts run in parallel on the
+//! current rayon pool: neighbour lists are arrays of atomics (a walk reads them without a lock;
+//! a torn read only sees other valid ids), writes to a node's lists take that node's lock, and
+//! the global entry point is locked only while a node that raises the top layer is inserted.
+//!
+//! It can also *extend* an existing segment's graph (for merges): the kept nodes of the base
+//! segment come first with their links remapped, links to dropped (deleted) nodes are repaired
+//! from the dropped nodes' own neighbours, and only the other nodes are inserted. A merge then
+//! costs the inserts of the smaller inputs, not a rebuild of everything.
+//!
+//! hnsw_rs builds the reference graph this builder is tested against
+//! (`write_segment_hnsw_rs`); both produce the same flat layout.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+
+use multiversion::multiversion;
+use multiversion::target::target_cfg_f;
+use parking_lot::Mutex;
+use rayon::prelude::*;
+
+use super::distance::{dot, dot_body};
+use super::format::{MAX_LEVEL, NO_NEIGHBOUR};
+use super::heap::Walk;
+use super::reader::View;
+use super::synth::SplitMix64;
+
+/// An HNSW graph in flat arrays (the segment file's layout).
+pub(super) struct FlatGraph {
+    pub levels: Vec<u8>,
+    pub layer0: Vec<u32>,
+    pub upper: Vec<u32>,
+    pub entry_point: u32,
+}
+
+/// An existing segment's graph to extend: its nodes `keep[i]` become nodes `i` of the new
+/// graph, whose vectors must start with theirs in that order.
+pub(super) struct BaseGraph<'a> {
+    pub view: View<'a>,
+    /// Old node ids kept, strictly ascending.
+    pub keep: &'a [u32],
+}
+
+/// Seed of the level draws: a fixed seed makes the layer structure reproducible (the links
+/// still depend on the order parallel inserts happen to run in).
+const LEVEL_SEED: u64 = 0x5EED_1E7E_1520_2024;
+
+#[derive(Clone, Copy)]
+struct Entry {
+    node: u32,
+    level: usize,
+}
+
+/// The graph while it is built.
+struct Graph<'a> {
+    dim: usize,
+    m: usize,
+    ef: usize,
+    vectors: &'a [f32],
+    levels: Vec<u8>,
+    /// `n + 1` offsets into `upper` rows (node i owns rows `upper_off[i]..upper_off[i+1]`).
+    upper_off: Vec<u32>,
+    layer0: Vec<AtomicU32>,
+    upper: Vec<AtomicU32>,
+    /// Each link's similarity to its node (f32 bits), beside `layer0` and `upper`.
+    layer0_scores: Vec<AtomicU32>,
+    upper_scores: Vec<AtomicU32>,
+    locks: Vec<Mutex<()>>,
+    /// `None` until the first node is in.
+    entry: Mutex<Option<Entry>>,
+}
+
+impl<'a> Graph<'a> {
+    fn new(dim: usize, m: usize, ef: usize, vectors: &'a [f32], levels: Vec<u8>) -> Self {
+        let n = levels.len();
+        let mut upper_off = Vec::with_capacity(n + 1);
+        let mut rows = 0u32;
+        upper_off.push(0);
+        for &l in &levels {
+            rows += u32::from(l);
+            upper_off.push(rows);
+        }
+        let empty = |len: usize| (0..len).map(|_| AtomicU32::new(NO_NEIGHBOUR)).collect::<Vec<_>>();
+        Graph {
+            dim,
+            m,
+            ef,
+            vectors,
+            layer0: empty(n * 2 * m),
+            upper: empty(rows as usize * m),
+            layer0_scores: empty(n * 2 * m),
+            upper_scores: empty(rows as usize * m),
+            upper_off,
+            levels,
+            locks: (0..n).map(|_| Mutex::new(())).collect(),
+            entry: Mutex::new(None),
+        }
+    }
+
+    #[inline(always)]
+    fn vec(&self, i: u32) -> &'a [f32] {
+        let at = i as usize * self.dim;
+        &self.vectors[at..at + self.dim]
+    }
+
+    /// Node `node`'s link slots on `layer` and their scores.
+    #[inline(always)]
+    fn slots(&self, node: u32, layer: usize) -> (&[AtomicU32], &[AtomicU32]) {
+        if layer == 0 {
+            let d = 2 * self.m;
+            let r = node as usize * d..(node as usize + 1) * d;
+            (&self.layer0[r.clone()], &self.layer0_scores[r])
+        } else {
+            let at = (self.upper_off[node as usize] as usize + layer - 1) * self.m;
+            (&self.upper[at..at + self.m], &self.upper_scores[at..at + self.m])
+        }
+    }
+
+    #[inline(always)]
+    fn row(&self, node: u32, layer: usize) -> &[AtomicU32] {
+        self.slots(node, layer).0
+    }
+
+    /// Replaces `node`'s links on `layer` with `links` (score, id), best first.
+    fn write_row(&self, node: u32, layer: usize, links: &[(f32, u32)]) {
+        let (ids, scores) = self.slots(node, layer);
+        for (i, (slot, score)) in ids.iter().zip(scores).enumerate() {
+            let (s, id) = links.get(i).copied().unwrap_or((f32::NEG_INFINITY, NO_NEIGHBOUR));
+            slot.store(id, Relaxed);
+            score.store(s.to_bits(), Relaxed);
+        }
+    }
+
+    #[inline(always)]
+    fn read_row(&self, node: u32, layer: usize, out: &mut Vec<u32>) {
+        out.clear();
+        for slot in self.row(node, layer) {
+            let v = slot.load(Relaxed);
+            if v == NO_NEIGHBOUR {
+                break;
+            }
+            out.push(v);
+        }
+    }
+
+    fn into_flat(self) -> FlatGraph {
+        let load = |v: Vec<AtomicU32>| v.into_iter().map(AtomicU32::into_inner).collect();
+        let entry_point = self.entry.into_inner().map_or(0, |e| e.node);
+        FlatGraph { levels: self.levels, layer0: load(self.layer0), upper: load(self.upper), entry_point }
+    }
+}
+
+/// Per-thread reusable build state.
+#[derive(Default)]
+struct Scratch {
+    walk: Walk,
+    row: Vec<u32>,
+    ids: Vec<u32>,
+    scores: Vec<f32>,
+    found: Vec<(f32, u32)>,
+    selected: Vec<(f32, u32)>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Draws each node's top layer: `floor(-ln(u) / ln(m))`, capped at [`MAX_LEVEL`].
+fn draw_levels(count: usize, first: u64, m: usize) -> impl Iterator<Item = u8> {
+    let ml = 1.0 / (m as f64).ln();
+    (0..count as u64).map(move |i| {
+        let u =
+            1.0 - SplitMix64::new(LEVEL_SEED ^ (first + i).wrapping_mul(0x9E37_79B9_7F4A_7C15)).next_f64();
+        (-u.ln() * ml).floor().min(f64::from(MAX_LEVEL)) as u8
+    })
+}
+
+/// Builds the graph over `vectors` (`n * dim`, rows L2-normalised) on the current rayon pool,
+/// extending `base` when given.
+pub(super) fn build(
+    dim: usize,
+    m: usize,
+    ef_construction: usize,
+    vectors: &[f32],
+    base: Option<BaseGraph<'_>>,
+) -> FlatGraph {
+    let n = vectors.len() / dim;
+    let kept = base.as_ref().map_or(0, |b| b.keep.len());
+    let mut levels: Vec<u8> = Vec::with_capacity(n);
+    if let Some(b) = &base {
+        levels.extend(b.keep.iter().map(|&old| b.view.levels[old as usize]));
+    }
+    levels.extend(draw_levels(n - kept, kept as u64, m));
+    let graph = Graph::new(dim, m, ef_construction.max(m), vectors, levels);
+    if let Some(b) = base.filter(|b| !b.keep.is_empty()) {
+        seed_from_base(&graph, &b);
+    }
+    (kept..n).into_par_iter().for_each(|q| {
+        SCRATCH.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut s) => insert_node(&graph, q as u32, &mut s),
+            Err(_) => insert_node(&graph, q as u32, &mut Scratch::default()),
+        })
+    });
+    graph.into_flat()
+}
+
+#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn insert_node(g: &Graph<'_>, q: u32, s: &mut Scratch) {
+    if target_cfg_f!(target_feature = "fma") {
+        insert_body::<true>(g, q, s)
+    } else {
+        insert_body::<false>(g, q, s)
+    }
+}
+
+#[inline(always)]
+fn insert_body<const FMA: bool>(g: &Graph<'_>, q: u32, s: &mut Scratch) {
+    let level = usize::from(g.levels[q as usize]);
+    let mut guard = g.entry.lock();
+    let Some(entry) = *guard else {
+        *guard = Some(Entry { node: q, level });
+        return;
+    };
+    // A node that raises the top layer keeps the entry locked until it is fully linked
+    // (hnswlib does the same); every other insert releases it at once.
+    let raise = if level > entry.level { Some(guard) } else { None };
+    let qv = g.vec(q);
+    let (mut cur, mut cur_s) = (entry.node, dot_body::<FMA>(qv, g.vec(entry.node)));
+    for layer in (level + 1..=entry.level).rev() {
+        (cur, cur_s) = greedy::<FMA>(g, qv, (cur, cur_s), layer, &mut s.row);
+    }
+    for layer in (0..=level.min(entry.level)).rev() {
+        search_layer::<FMA>(g, qv, q, (cur, cur_s), layer, s);
+        if let Some(&(best_s, best)) = s.found.first() {
+            (cur, cur_s) = (best, best_s);
+        }
+        let cap = if layer == 0 { 2 * g.m } else { g.m };
+        select::<FMA>(g, &s.found, cap, &mut s.selected);
+        {
+            let _lock = g.locks[q as usize].lock();
+            g.write_row(q, layer, &s.selected);
+        }
+        for &(score, nb) in &s.selected {
+            link(g, nb, q, score, layer);
+        }
+    }
+    if let Some(mut guard) = raise {
+        *guard = Some(Entry { node: q, level });
+    }
+}
+
+/// Greedy descent on one upper layer: moves to any better neighbour until none is.
+#[inline(always)]
+fn greedy<const FMA: bool>(
+    g: &Graph<'_>,
+    qv: &[f32],
+    start: (u32, f32),
+    layer: usize,
+    row: &mut Vec<u32>,
+) -> (u32, f32) {
+    let (mut cur, mut cur_s) = start;
+    loop {
+        let mut improved = false;
+        g.read_row(cur, layer, row);
+        for &nb in row.iter() {
+            let d = dot_body::<FMA>(qv, g.vec(nb));
+            if d > cur_s {
+                (cur, cur_s) = (nb, d);
+                improved = true;
+            }
+        }
+        if !improved {
+            return (cur, cur_s);
+        }
+    }
+}
+
+/// `ef`-wide best-first search on `layer` from `entry`; leaves the best nodes (never `q`
+/// itself) in `s.found`, best first.
+#[inline(always)]
+fn search_layer<const FMA: bool>(
+    g: &Graph<'_>,
+    qv: &[f32],
+    q: u32,
+    entry: (u32, f32),
+    layer: usize,
+    s: &mut Scratch,
+) {
+    s.walk.begin(g.levels.len());
+    let Scratch { walk: Walk { visited, epoch, candidates, results }, row, ids, scores, found, .. } = s;
+    let (ep, ep_s) = entry;
+    visited[ep as usize] = *epoch;
+    candidates.push(ep_s, ep);
+    if ep != q {
+        results.offer(ep_s, ep, g.ef);
+    }
+    while let Some((c_s, c)) = candidates.pop() {
+        if results.len() >= g.ef && c_s < results.worst() {
+            break;
+        }
+        // Collect the unvisited neighbours, score them in a loop with no data-dependent
+        // branches (so the CPU overlaps the vectors' cache misses), then update the heaps.
+        g.read_row(c, layer, row);
+        ids.clear();
+        for &nb in row.iter() {
+            let slot = &mut visited[nb as usize];
+            if *slot != *epoch {
+                *slot = *epoch;
+                ids.push(nb);
+            }
+        }
+        touch(g, ids);
+        scores.clear();
+        for &nb in ids.iter() {
+            scores.push(dot_body::<FMA>(qv, g.vec(nb)));
+        }
+        for (&nb, &d) in ids.iter().zip(scores.iter()) {
+            if results.len() < g.ef || d > results.worst() {
+                candidates.push(d, nb);
+                if nb != q {
+                    results.offer(d, nb, g.ef);
+                }
+            }
+        }
+    }
+    results.drain_sorted_into(found);
+}
+
+/// Loads one value per cache line of each vector in `ids`, all independent, so their cache
+/// misses are in flight together before the dot products need them (a prefetch without
+/// `unsafe`: a walk's time is mostly these misses).
+#[inline(always)]
+fn touch(g: &Graph<'_>, ids: &[u32]) {
+    let mut sink = 0.0f32;
+    for &nb in ids {
+        let v = g.vec(nb);
+        let mut i = 0;
+        while i < v.len() {
+            sink += v[i];
+            i += 16;
+        }
+    }
+    std::hint::black_box(sink);
+}
+
+/// The diversity heuristic: walks `cands` (best first) and keeps a candidate unless it is
+/// closer to an already kept one than to the query; at most `cap`.
+#[inline(always)]
+fn select<const FMA: bool>(g: &Graph<'_>, cands: &[(f32, u32)], cap: usize, out: &mut Vec<(f32, u32)>) {
+    out.clear();
+    for &(score, c) in cands {
+        if out.len() >= cap {
+            break;
+        }
+        let cv = g.vec(c);
+        // A plain loop: an iterator adaptor here may stay out of line, compiled without the
+        // target's features (see `dot_body`).
+        let mut diverse = true;
+        for &(_, r) in out.iter() {
+            if dot_body::<FMA>(cv, g.vec(r)) > score {
+                diverse = false;
+                break;
+            }
+        }
+        if diverse {
+            out.push((score, c));
+        }
+    }
+}
+
+/// Adds `q` (similarity `score`) to `nb`'s list on `layer`; a full list drops its least
+/// similar link if `q` is more similar (the backlink rule of hnsw_rs: no distance computed).
+fn link(g: &Graph<'_>, nb: u32, q: u32, score: f32, layer: usize) {
+    let _lock = g.locks[nb as usize].lock();
+    let (ids, scores) = g.slots(nb, layer);
+    let mut worst = (f32::INFINITY, 0);
+    for (i, (slot, s)) in ids.iter().zip(scores).enumerate() {
+        let id = slot.load(Relaxed);
+        if id == q {
+            return;
+        }
+        if id == NO_NEIGHBOUR {
+            slot.store(q, Relaxed);
+            s.store(score.to_bits(), Relaxed);
+            return;
+        }
+        let s = f32::from_bits(s.load(Relaxed));
+        if s < worst.0 {
+            worst = (s, i);
+        }
+    }
+    if score > worst.0 {
+        ids[worst.1].store(q, Relaxed);
+        scores[worst.1].store(score.to_bits(), Relaxed);
+    }
+}
+
+/// Copies the base graph's links for the kept nodes (renumbered) and sets the entry point.
+/// A list that lost a dropped neighbour is rebuilt from the node's surviving neighbours plus
+/// the dropped neighbours' own (one hop through each), with the heuristic.
+fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
+    let mut old_to_new = vec![NO_NEIGHBOUR; b.view.n];
+    for (new, &old) in b.keep.iter().enumerate() {
+        old_to_new[old as usize] = new as u32;
+    }
+    let degree0 = 2 * b.view.m;
+    let old_row = |old: u32, layer: usize| -> &[u32] {
+        if layer == 0 {
+            &b.view.layer0[old as usize * degree0..(old as usize + 1) * degree0]
+        } else {
+            b.view.upper_row(old as usize, layer).unwrap_or(&[])
+        }
+    };
+    b.keep.par_iter().enumerate().for_each_init(
+        || (Vec::<u32>::new(), Vec::<(f32, u32)>::new(), Vec::<(f32, u32)>::new()),
+        |(live, pool, kept), (new, &old)| {
+            let new = new as u32;
+            for layer in 0..=usize::from(g.levels[new as usize]) {
+                live.clear();
+                let mut lost = false;
+                for &x in old_row(old, layer).iter().take_while(|&&x| x != NO_NEIGHBOUR) {
+                    match old_to_new.get(x as usize) {
+                        Some(&y) if y != NO_NEIGHBOUR => live.push(y),
+                        _ => {
+                            lost = true;
+                            let second = old_row(x, layer).iter().take_while(|&&z| z != NO_NEIGHBOUR);
+                            live.extend(second.filter_map(|&z| old_to_new.get(z as usize).copied()));
+                        }
+                    }
+                }
+                let nv = g.vec(new);
+                pool.clear();
+                if !lost {
+                    pool.extend(live.iter().map(|&y| (dot(nv, g.vec(y)), y)));
+                    g.write_row(new, layer, pool);
+                    continue;
+                }
+                live.retain(|&y| y != NO_NEIGHBOUR && y != new);
+                live.sort_unstable();
+                live.dedup();
+                pool.extend(live.iter().map(|&y| (dot(nv, g.vec(y)), y)));
+                pool.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+                select_dispatched(g, pool, g.row(new, layer).len(), kept);
+                g.write_row(new, layer, kept);
+            }
+        },
+    );
+    let old_entry = old_to_new[b.view.entry_point as usize];
+    let node = if old_entry != NO_NEIGHBOUR {
+        old_entry
+    } else {
+        // The first kept node on the highest layer any kept node reaches.
+        let kept_levels = &g.levels[..b.keep.len()];
+        let top = kept_levels.iter().copied().max().unwrap_or(0);
+        kept_levels.iter().position(|&l| l == top).unwrap_or(0) as u32
+    };
+    *g.entry.lock() = Some(Entry { node, level: usize::from(g.levels[node as usize]) });
+}
+
+#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn select_dispatched(g: &Graph<'_>, cands: &[(f32, u32)], cap: usize, out: &mut Vec<(f32, u32)>) {
+    if target_cfg_f!(target_feature = "fma") {
+        select::<true>(g, cands, cap, out)
+    } else {
+        select::<false>(g, cands, cap, out)
+    }
+}
