@@ -794,3 +794,57 @@ async fn live_writes_through_grpc_and_the_cli() {
     assert!(info.models[0].segments.len() <= 3, "merging bounds the segments: {:?}", info.models[0].segments);
     server.stop().await;
 }
+
+/// Admission control on a real server: with one image-embedding slot, a one-place queue and a
+/// short wait, a burst of image queries is partly shed with RESOURCE_EXHAUSTED (at once, with
+/// the reason), every admitted query is answered correctly, SKU queries (their own limit) are
+/// untouched, and the server serves normally after the burst.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_limits_is_shed_not_queued() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = registry();
+    let catalog = repo().join("data/catalog.csv");
+    ingest_into(dir.path(), &catalog, &models);
+    let mut config = ServeConfig::new(dir.path());
+    config.admission.embed = vitrine::server::admission::Limit { running: 1, queued: 1 };
+    config.admission.max_wait = std::time::Duration::from_millis(20);
+    let server = Server::start_with(config, Arc::clone(&models)).await;
+    let c = server.client().await;
+    let (sku, path) = catalog_items().into_iter().next().unwrap();
+    let image = near_duplicate(&path);
+    let mut burst = Vec::new();
+    for _ in 0..24 {
+        let (mut c, image) = (c.clone(), image.clone());
+        burst.push(tokio::spawn(async move {
+            c.search_by_image(proto::SearchByImageRequest { image, options: opts(1), ..Default::default() })
+                .await
+        }));
+    }
+    let (mut ok, mut shed) = (0, 0);
+    for h in burst {
+        match h.await.unwrap() {
+            Ok(r) => {
+                assert_eq!(r.into_inner().hits[0].sku, sku);
+                ok += 1;
+            }
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+                assert!(s.message().contains("overloaded"), "{}", s.message());
+                shed += 1;
+            }
+        }
+    }
+    assert!(
+        ok >= 1 && shed >= 1,
+        "ok {ok}, shed {shed}: a 24-query burst into 1 slot + 1 queue place must shed"
+    );
+    let mut c2 = c.clone();
+    let r = c2
+        .search_by_sku(proto::SearchBySkuRequest { sku: sku.clone(), options: opts(3), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().hits.len(), 3);
+    let r = search_image(&mut c2, image, 1).await;
+    assert_eq!(r.hits[0].sku, sku);
+    server.stop().await;
+}

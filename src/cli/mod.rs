@@ -19,6 +19,7 @@ use vitrine::index::store::StoreError;
 use vitrine::ingest::{self, IngestOptions, catalog::CatalogFormat};
 use vitrine::models::{self, ModelRegistry};
 use vitrine::segment::HnswParams;
+use vitrine::server::admission::AdmissionConfig;
 use vitrine::server::{self, ServeConfig};
 
 #[derive(Parser)]
@@ -120,8 +121,18 @@ pub struct ServeArgs {
     #[arg(long, default_value = models::DEFAULT_MODEL)]
     pub model: String,
     /// Image queries (and upsert batches) embedded at the same time.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = AdmissionConfig::default().embed.running)]
     pub max_concurrent_embeds: usize,
+    /// Vector and SKU searches run at the same time (default: one per core).
+    #[arg(long, default_value_t = AdmissionConfig::default().search.running)]
+    pub max_concurrent_searches: usize,
+    /// Write requests (upserts, upsert streams, deletes) handled at the same time.
+    #[arg(long, default_value_t = AdmissionConfig::default().write.running)]
+    pub max_concurrent_writes: usize,
+    /// Longest a request waits for a slot of its kind before it is shed with
+    /// RESOURCE_EXHAUSTED (queues are bounded too: 8 embeds, 64 searches, 1024 writes).
+    #[arg(long, default_value_t = AdmissionConfig::default().max_wait.as_millis() as u64)]
+    pub admission_wait_ms: u64,
     /// Seal the in-memory segment into an HNSW segment once it holds this many items.
     #[arg(long, default_value_t = vitrine::index::writer::DEFAULT_SEAL_ITEMS)]
     pub seal_items: usize,
@@ -221,7 +232,10 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let registry = a.models.registry()?;
     let mut config = ServeConfig::new(&a.data_dir);
     config.default_model = ModelVersion::new(a.model.clone()).context("--model")?;
-    config.max_concurrent_embeds = a.max_concurrent_embeds;
+    config.admission.embed.running = a.max_concurrent_embeds;
+    config.admission.search.running = a.max_concurrent_searches;
+    config.admission.write.running = a.max_concurrent_writes;
+    config.admission.max_wait = std::time::Duration::from_millis(a.admission_wait_ms);
     if a.seal_items == 0 || a.max_segments == 0 {
         anyhow::bail!("--seal-items and --max-segments must be at least 1");
     }

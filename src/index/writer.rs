@@ -104,8 +104,9 @@ pub struct WriterConfig {
     /// Frozen segments waiting for the sealer before writes wait (backpressure).
     pub max_pending_seals: usize,
     /// Threads each graph build (seal or merge) may use. Seals and merges run on separate
-    /// threads, so a long merge never holds up a seal; by default each uses half the cores,
-    /// leaving the rest to acknowledgements and searches.
+    /// threads, so a long merge never holds up a seal. By default each may use every core:
+    /// build threads run niced ([`crate::background`]), so they take only the CPU that
+    /// acknowledgements and searches leave.
     pub build_threads: usize,
 }
 
@@ -126,7 +127,7 @@ impl Default for WriterConfig {
             hnsw: HnswParams::default(),
             merge: MergePolicy::default(),
             max_pending_seals: 8,
-            build_threads: std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            build_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }

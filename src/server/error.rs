@@ -28,6 +28,9 @@ pub enum ServiceError {
     Writer(#[from] WriterError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// Shed by admission control: the client should back off and retry.
+    #[error("{0}")]
+    Overloaded(String),
 }
 
 impl From<ServiceError> for Status {
@@ -37,6 +40,7 @@ impl From<ServiceError> for Status {
                 Code::InvalidArgument
             }
             ServiceError::NotFound(_) => Code::NotFound,
+            ServiceError::Overloaded(_) => Code::ResourceExhausted,
             ServiceError::NoIndex | ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
             ServiceError::Encoder(_) | ServiceError::Internal(_) => Code::Internal,
             ServiceError::Index(ie) => match ie {

@@ -5,6 +5,7 @@
 //! starts after a write's acknowledgement sees it. Handlers are thin: validate the request,
 //! call the index (and the encoder, on the blocking pool), convert back.
 
+pub mod admission;
 pub mod attrs;
 pub mod error;
 pub mod filter;
@@ -16,7 +17,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_stream::StreamExt;
 use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
@@ -32,6 +32,7 @@ use crate::proto::rollouts_server::{Rollouts, RolloutsServer};
 use crate::proto::visual_search_server::{VisualSearch, VisualSearchServer};
 use crate::rollout::guardrail::GuardrailConfig;
 use crate::rollout::router::Arm;
+use admission::{Admission, AdmissionConfig, Work};
 pub use error::ServiceError;
 use rollout::{Kind, RolloutController};
 pub use writes::MAX_IMAGE_BYTES;
@@ -55,8 +56,8 @@ const STREAM_CHUNK: usize = 64;
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub data_dir: PathBuf,
-    /// Image queries (and upsert batches) embedded at once.
-    pub max_concurrent_embeds: usize,
+    /// Concurrency, queue and wait limits per kind of work (image embedding, search, writes).
+    pub admission: AdmissionConfig,
     /// The model version indexed when the data directory has none yet.
     pub default_model: ModelVersion,
     /// Seal size, merge policy, HNSW parameters (its `holder` and `default_model` are set by
@@ -72,7 +73,7 @@ impl ServeConfig {
     pub fn new(data_dir: impl Into<PathBuf>) -> Self {
         Self {
             data_dir: data_dir.into(),
-            max_concurrent_embeds: 2,
+            admission: AdmissionConfig::default(),
             default_model: ModelVersion::new(crate::models::DEFAULT_MODEL).expect("valid default model"),
             writer: WriterConfig::default(),
             guardrail: GuardrailConfig::default(),
@@ -85,7 +86,7 @@ impl ServeConfig {
 pub struct ServerState {
     writer: Arc<IndexWriter>,
     models: Arc<ModelRegistry>,
-    embed_slots: Semaphore,
+    admission: Admission,
     rollout: Arc<RolloutController>,
 }
 
@@ -130,18 +131,14 @@ impl ServerState {
         }
         writer.live().versions.values().for_each(|v| v.sealed.iter().for_each(|s| s.segment.warm()));
         config.guardrail.validate()?;
+        config.admission.validate().map_err(|e| anyhow::anyhow!("admission limits: {e}"))?;
         let rollout = Arc::new(RolloutController::new(
             &writer.live(),
             config.data_dir.clone(),
             config.guardrail,
             config.canary_fault_rate,
         ));
-        Ok(Self {
-            writer: Arc::new(writer),
-            models,
-            embed_slots: Semaphore::new(config.max_concurrent_embeds.max(1)),
-            rollout,
-        })
+        Ok(Self { writer: Arc::new(writer), models, admission: Admission::new(&config.admission), rollout })
     }
 
     pub fn writer(&self) -> &Arc<IndexWriter> {
@@ -254,11 +251,7 @@ impl ServerState {
         arm: Arm,
     ) -> Result<proto::SearchResponse, ServiceError> {
         let encoder = self.models.get(&view.version).map_err(ServiceError::from)?;
-        let _permit = self
-            .embed_slots
-            .acquire()
-            .await
-            .map_err(|_| ServiceError::Internal("server is shutting down".into()))?;
+        let _permit = self.admission.admit(Work::Embed).await?;
         let (state, view) = (Arc::clone(self), Arc::clone(view));
         tokio::task::spawn_blocking(move || -> Result<_, ServiceError> {
             if state.rollout.inject_fault(arm) {
@@ -274,6 +267,16 @@ impl ServerState {
 }
 
 type Resp<T> = Result<Response<T>, Status>;
+
+/// Runs CPU-bound request work (a search) on the blocking pool, so it never holds up the
+/// runtime threads that move every other request's bytes.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+) -> Result<T, ServiceError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ServiceError::Internal(format!("search task failed: {e}")))?
+}
 
 #[tonic::async_trait]
 impl VisualSearch for VisualSearchService {
@@ -319,8 +322,11 @@ impl VisualSearch for VisualSearchService {
         let version =
             ModelVersion::new(req.model_version).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         let live = self.state.live();
-        let view = live.version(&version).map_err(ServiceError::from)?;
-        Ok(Response::new(self.state.search(view, &req.vector, &o, None)?))
+        let view = Arc::clone(live.version(&version).map_err(ServiceError::from)?);
+        let _permit = self.state.admission.admit(Work::Search).await?;
+        let state = Arc::clone(&self.state);
+        let resp = blocking(move || state.search(&view, &req.vector, &o, None)).await?;
+        Ok(Response::new(resp))
     }
 
     async fn search_by_sku(
@@ -334,16 +340,26 @@ impl VisualSearch for VisualSearchService {
             return Err(ServiceError::InvalidArgument("sku is required".into()).into());
         }
         let route = self.state.rollout.route(&self.state.live(), &req.routing_key)?;
-        let result = (|| {
-            if self.state.rollout.inject_fault(route.arm) {
-                return Err(ServiceError::Internal("injected canary fault".into()));
-            }
-            let q = route
-                .primary
-                .vector_of(&req.sku)
-                .ok_or_else(|| ServiceError::NotFound(format!("sku {:?} is not in the index", req.sku)))?;
-            self.state.search(&route.primary, &q, &o, Some(&req.sku))
-        })();
+        let _permit = self.state.admission.admit(Work::Search).await?;
+        let result = {
+            let (state, primary, arm, o, sku) = (
+                Arc::clone(&self.state),
+                Arc::clone(&route.primary),
+                route.arm,
+                Arc::clone(&o),
+                req.sku.clone(),
+            );
+            blocking(move || {
+                if state.rollout.inject_fault(arm) {
+                    return Err(ServiceError::Internal("injected canary fault".into()));
+                }
+                let q = primary
+                    .vector_of(&sku)
+                    .ok_or_else(|| ServiceError::NotFound(format!("sku {sku:?} is not in the index")))?;
+                state.search(&primary, &q, &o, Some(&sku))
+            })
+            .await
+        };
         let failed = matches!(&result, Err(e) if !matches!(e, ServiceError::NotFound(_)));
         self.state.rollout.observe(&self.state, Kind::Sku, route.arm, started.elapsed(), !failed);
         let resp = result?;
@@ -399,6 +415,7 @@ impl VisualSearch for VisualSearchService {
     async fn upsert(&self, request: Request<proto::UpsertRequest>) -> Resp<proto::UpsertResponse> {
         let req = request.into_inner();
         let sku = req.sku.clone();
+        let _permit = self.state.admission.admit(Work::Write).await?;
         let mut results = self.state.upsert_items(vec![req]).await?;
         match results.pop() {
             Some(Ok(outcome)) => Ok(Response::new(proto::UpsertResponse { sku, outcome: outcome as i32 })),
@@ -412,6 +429,8 @@ impl VisualSearch for VisualSearchService {
         request: Request<Streaming<proto::UpsertRequest>>,
     ) -> Resp<proto::UpsertStreamResponse> {
         let mut stream = request.into_inner();
+        // One write slot for the whole stream: once admitted, a stream is never shed halfway.
+        let _permit = self.state.admission.admit(Work::Write).await?;
         let mut resp = proto::UpsertStreamResponse::default();
         let mut chunk = Vec::with_capacity(STREAM_CHUNK);
         let mut done = false;
@@ -461,6 +480,7 @@ impl VisualSearch for VisualSearchService {
 
     async fn delete(&self, request: Request<proto::DeleteRequest>) -> Resp<proto::DeleteResponse> {
         let skus = sku_list(&request.into_inner().skus)?;
+        let _permit = self.state.admission.admit(Work::Write).await?;
         let outcomes = self
             .state
             .writer

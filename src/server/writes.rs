@@ -9,6 +9,7 @@ use crate::index::store::sha256_hex;
 use crate::index::{Outcome, Upsert, WriteOp};
 use crate::proto;
 
+use super::admission::Work;
 use super::{ServerState, ServiceError, attrs};
 
 /// Largest image an upsert may carry.
@@ -86,11 +87,11 @@ impl ServerState {
         for v in &versions {
             encoders.push(self.models.get(v).map_err(ServiceError::from)?);
         }
-        let _permit = self
-            .embed_slots
-            .acquire()
-            .await
-            .map_err(|_| ServiceError::Internal("server is shutting down".into()))?;
+        let _permit = if background {
+            self.admission.admit_background(Work::Embed).await?
+        } else {
+            self.admission.admit(Work::Embed).await?
+        };
         let pool = if background { crate::background::embed_pool() } else { None };
         tokio::task::spawn_blocking(move || {
             let run = || embed_all(&encoders, &images);
