@@ -1,23 +1,34 @@
-//! Background work at a lower CPU priority: the thread pools that build segments (seal,
-//! merge) and embed a canary's backfill run niced, so that queries and acknowledgements,
-//! which a user waits on, win the CPU whenever both want it.
+//! Background work at the lowest CPU priority: the thread pools that build segments (seal,
+//! merge) and embed a canary's backfill run under `SCHED_IDLE`, so that queries and
+//! acknowledgements, which a user waits on, take the CPU the moment they want it.
 
 use std::sync::OnceLock;
 
-/// The nice value of background threads: at 10 a busy thread gets about a tenth of a core
-/// that a nice-0 thread also wants (kernel weights 110 vs 1024), and all of an idle one.
-pub const BACKGROUND_NICE: i32 = 10;
-
-/// Lowers the calling thread's priority to [`BACKGROUND_NICE`] (Linux: nice is per thread).
-/// Failure only costs priority, so it is logged, not returned.
+/// Puts the calling thread in the idle scheduling class (Linux `SCHED_IDLE`: it runs on any
+/// core nothing else wants, and a normal thread that wakes up preempts it at once; plain
+/// nice only shrinks its share, and a woken query could still wait out its time slice).
+/// Elsewhere, or if that fails, the lowest normal priority. Failure only costs priority, so
+/// it is logged, not returned.
 pub fn lower_current_thread() {
+    use thread_priority::{NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy};
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
     #[cfg(target_os = "linux")]
-    if let Err(e) = rustix::process::setpriority_process(None, BACKGROUND_NICE) {
-        tracing::debug!("cannot lower a background thread's priority: {e}");
+    let done = thread_priority::set_thread_priority_and_policy(
+        thread_priority::thread_native_id(),
+        ThreadPriority::Min,
+        idle,
+    );
+    #[cfg(not(target_os = "linux"))]
+    let done = {
+        let _ = idle;
+        ThreadPriority::Min.set_for_current()
+    };
+    if let Err(e) = done.or_else(|_| ThreadPriority::Min.set_for_current()) {
+        tracing::debug!("cannot lower a background thread's priority: {e:?}");
     }
 }
 
-/// A rayon pool of `threads` niced threads named `name-N`.
+/// A rayon pool of `threads` background-priority threads named `name-N`.
 pub fn pool(name: &str, threads: usize) -> Result<rayon::ThreadPool, rayon::ThreadPoolBuildError> {
     let name = name.to_string();
     rayon::ThreadPoolBuilder::new()
@@ -27,15 +38,42 @@ pub fn pool(name: &str, threads: usize) -> Result<rayon::ThreadPool, rayon::Thre
         .build()
 }
 
-/// The process-wide pool for background embedding (canary backfill), one thread per core;
-/// `None` if it cannot be started (the work then runs at normal priority).
+/// Threads of the backfill pool: half the cores (at least one). Even in the idle class, an
+/// encoder on every core slows queries through shared caches, memory bandwidth and allocator
+/// locks; half the machine keeps serving latency near idle while a backfill runs.
+pub fn backfill_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
+}
+
+/// The process-wide pool for background embedding (canary backfill), of
+/// [`backfill_threads`] threads; `None` if it cannot be started (the work then runs at
+/// normal priority).
 pub fn embed_pool() -> Option<&'static rayon::ThreadPool> {
     static POOL: OnceLock<Option<rayon::ThreadPool>> = OnceLock::new();
     POOL.get_or_init(|| {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        pool("vitrine-backfill", threads)
+        pool("vitrine-backfill", backfill_threads())
             .map_err(|e| tracing::warn!("cannot start the backfill pool: {e}"))
             .ok()
     })
     .as_ref()
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    /// The scheduling policy of the calling thread, from /proc (5 is `SCHED_IDLE`).
+    fn policy() -> Option<u32> {
+        let text = std::fs::read_to_string("/proc/thread-self/sched").ok()?;
+        let line = text.lines().find(|l| l.trim_start().starts_with("policy"))?;
+        line.split(':').nth(1)?.trim().parse().ok()
+    }
+
+    #[test]
+    fn pool_threads_run_in_the_idle_class() {
+        let Some(normal) = policy() else { return };
+        assert_eq!(normal, 0, "the test thread itself is a normal thread");
+        let pool = super::pool("bg-test", 2).unwrap();
+        let inside = pool.install(policy);
+        assert_eq!(inside, Some(5), "background threads must be SCHED_IDLE");
+        assert_eq!(policy(), Some(0), "the caller's own priority is untouched");
+    }
 }
