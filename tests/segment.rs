@@ -234,11 +234,11 @@ fn wrong_magic_and_version_are_named() {
     assert!(matches!(Segment::open(&path), Err(SegmentError::BadMagic { which: "header", .. })));
 
     let mut damaged = bytes.clone();
-    damaged[8..12].copy_from_slice(&2u32.to_le_bytes());
+    damaged[8..12].copy_from_slice(&3u32.to_le_bytes());
     rewrite(&path, &damaged);
     assert!(matches!(
         Segment::open(&path),
-        Err(SegmentError::UnsupportedVersion { found: 2, supported: 1, .. })
+        Err(SegmentError::UnsupportedVersion { found: 3, supported: 2, .. })
     ));
 
     rewrite(&path, b"this is a text file, long enough to have a header of sorts................................................................................................................................................................................................................................................................................................");
@@ -598,4 +598,43 @@ fn extending_a_graph_keeps_recall_and_repairs_dropped_links() {
         .is_err()
     );
     assert!(!bad.exists());
+}
+
+/// A version-1 segment (f32 only, written by the previous release and committed as a frozen
+/// file) still opens, verifies and answers as it did: the same top-5 for the same queries.
+#[test]
+fn frozen_version_1_segment_still_opens_and_answers_the_same() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let seg = Segment::open(&dir.join("segment-v1.vseg")).unwrap();
+    assert_eq!(seg.format_version(), 1);
+    assert!(!seg.is_quantised());
+    seg.verify().unwrap();
+    assert_eq!((seg.len(), seg.dim()), (600, 16));
+    let expected: Vec<Vec<String>> =
+        serde_json::from_str(&fs::read_to_string(dir.join("segment-v1.expected.json")).unwrap()).unwrap();
+    let shape = Structured { dim: 16, latent: 6, noise: 0.2, seed: 99 };
+    for (j, want) in expected.iter().enumerate() {
+        let q = shape.rows(10_000 + j as u64, 1);
+        let got: Vec<&str> = seg.search(&q, 5, 64, None).unwrap().iter().map(|h| seg.sku(h.idx)).collect();
+        assert_eq!(&got, want, "query {j}");
+    }
+    assert_eq!(seg.find_sku("v1-0333").map(|i| seg.sku(i)), Some("v1-0333"));
+}
+
+/// New segments are quantised: the walk reads int8 codes, the answer is rescored with the
+/// exact vectors (so scores are exact), and recall stays at the floor.
+#[test]
+fn new_segments_walk_int8_codes_and_return_exact_scores() {
+    let big = big();
+    let seg = Segment::open(&big.path).unwrap();
+    assert_eq!(seg.format_version(), 2);
+    assert!(seg.is_quantised());
+    seg.verify().unwrap();
+    for q in big.queries.chunks_exact(big.dim).take(50) {
+        let exact = seg.brute_force(q, 20_000, None).unwrap();
+        for h in seg.search(q, 10, DEFAULT_EF_SEARCH, None).unwrap() {
+            let truth = exact.iter().find(|e| e.idx == h.idx).unwrap();
+            assert!((truth.score - h.score).abs() < 1e-6, "{h:?} vs {truth:?}");
+        }
+    }
 }

@@ -14,8 +14,8 @@
 //!           |   dim u32 | m u32 | count u64                           |
 //!           |   entry_point u32 | max_level u32                       |
 //!           |   ef_construction u32 | reserved u32 | file_len u64     |
-//!           |   sections[8]: { offset u64, len u64 }                  |
-//!           |   reserved [u64; 9] (zero)                              |
+//!           |   sections[10]: { offset u64, len u64 }                 |
+//!           |   reserved [u64; 5] (zero)                              |
 //!  256      +--------------------------------------------------------+
 //!           | 0: VECTORS       f32 [count][dim], each row L2-norm 1   |  count*dim*4
 //!           +-- pad to 64 -------------------------------------------+
@@ -40,12 +40,22 @@
 //!           | 7: SKU_SORTED    u32 [count] node ids ordered by SKU    |  count*4
 //!           |                  bytes (binary search for find_sku)     |
 //!           +-- pad to 64 -------------------------------------------+
+//!           | 8: CODES (v2)    i8 [count][dim]: round(v / scale[d]),  |  count*dim
+//!           |                  the int8 copy the graph walk reads     |
+//!           +-- pad to 64 -------------------------------------------+
+//!           | 9: SCALES (v2)   f32 [dim] per-dimension scale          |  dim*4
+//!           |                  (max |v[d]| over the segment / 127)    |
+//!           +-- pad to 64 -------------------------------------------+
 //!  len-64   | Footer (#[repr(C)], see [`Footer`])                     |  64
 //!           |   magic "VTRNEND\0" | version u32 | header_crc u32      |
-//!           |   section_crc [u32; 8] | reserved [u32; 3] (zero)       |
+//!           |   section_crc [u32; 10] | reserved u32 (zero)           |
 //!           |   footer_crc u32 (crc32 of the 60 bytes before it)      |
 //!  len      +--------------------------------------------------------+
 //! ```
+//!
+//! Version 2 added CODES and SCALES (scalar quantisation, see [`quantise`]); a version-1 file
+//! is the same layout with those two sections absent (zero offset, length and crc, where v1
+//! had reserved zeros), and still opens: it is searched with its f32 vectors.
 //!
 //! Layer 0 has degree `2*m`, upper layers degree `m`; the graph is the HNSW graph built by
 //! `build.rs` (or hnsw_rs, the reference), copied verbatim. `entry_point` is a node whose level is `max_level`.
@@ -64,8 +74,10 @@ compile_error!(
 pub const HEADER_MAGIC: [u8; 8] = *b"VTRNSEG\0";
 /// First 8 bytes of the footer (the last 64 bytes of the file).
 pub const FOOTER_MAGIC: [u8; 8] = *b"VTRNEND\0";
-/// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes.
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format version this build reads.
+pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Every section starts at a multiple of this many bytes.
 pub const ALIGN: u64 = 64;
 /// `size_of::<Header>()`.
@@ -90,10 +102,12 @@ pub enum SectionId {
     SkuOffsets = 5,
     SkuBytes = 6,
     SkuSorted = 7,
+    Codes = 8,
+    Scales = 9,
 }
 
-/// Number of sections.
-pub const SECTION_COUNT: usize = 8;
+/// Number of sections (version 2).
+pub const SECTION_COUNT: usize = 10;
 
 impl SectionId {
     pub const ALL: [SectionId; SECTION_COUNT] = [
@@ -105,7 +119,14 @@ impl SectionId {
         SectionId::SkuOffsets,
         SectionId::SkuBytes,
         SectionId::SkuSorted,
+        SectionId::Codes,
+        SectionId::Scales,
     ];
+
+    /// Whether a file of format `version` has this section.
+    pub fn in_version(self, version: u32) -> bool {
+        version >= 2 || !matches!(self, SectionId::Codes | SectionId::Scales)
+    }
 
     pub fn name(self) -> &'static str {
         match self {
@@ -117,6 +138,8 @@ impl SectionId {
             SectionId::SkuOffsets => "sku_offsets",
             SectionId::SkuBytes => "sku_bytes",
             SectionId::SkuSorted => "sku_sorted",
+            SectionId::Codes => "codes",
+            SectionId::Scales => "scales",
         }
     }
 
@@ -124,8 +147,8 @@ impl SectionId {
     pub fn elem_size(self) -> u64 {
         match self {
             SectionId::Vectors | SectionId::Layer0 | SectionId::UpperOffsets => 4,
-            SectionId::Upper | SectionId::SkuSorted => 4,
-            SectionId::Levels | SectionId::SkuBytes => 1,
+            SectionId::Upper | SectionId::SkuSorted | SectionId::Scales => 4,
+            SectionId::Levels | SectionId::SkuBytes | SectionId::Codes => 1,
             SectionId::SkuOffsets => 8,
         }
     }
@@ -155,7 +178,7 @@ pub struct Header {
     pub reserved0: u32,
     pub file_len: u64,
     pub sections: [Section; SECTION_COUNT],
-    pub reserved1: [u64; 9],
+    pub reserved1: [u64; 5],
 }
 
 /// The last [`FOOTER_LEN`] bytes of a segment file.
@@ -166,7 +189,7 @@ pub struct Footer {
     pub version: u32,
     pub header_crc: u32,
     pub section_crc: [u32; SECTION_COUNT],
-    pub reserved: [u32; 3],
+    pub reserved: [u32; 1],
     pub footer_crc: u32,
 }
 
@@ -210,13 +233,37 @@ pub fn plan_layout(lens: &[u64; SECTION_COUNT]) -> Option<([Section; SECTION_COU
     Some((sections, footer_at.checked_add(FOOTER_LEN)?))
 }
 
+/// Scalar quantisation of L2-normalised rows: one scale per dimension, `max |v[d]|` over
+/// the rows divided by 127, and codes `round(v[d] / scale[d])` in -127..=127 (a dimension
+/// that is zero everywhere gets scale 0 and codes 0). Per dimension rather than one scale
+/// for the segment because embedding dimensions differ widely in spread (ReLU6 features:
+/// many near-zero dimensions, a few large ones); one scale would spend most of the 8 bits
+/// of the quiet dimensions on range they never use. The rounding error of `v[d]` is at most
+/// `scale[d] / 2`, so a query's approximate score is within `sum |q[d]| * scale[d] / 2` of
+/// the exact one.
+pub fn quantise(dim: usize, vectors: &[f32]) -> (Vec<i8>, Vec<f32>) {
+    let mut max = vec![0.0f32; dim];
+    for row in vectors.chunks_exact(dim) {
+        for (m, &x) in max.iter_mut().zip(row) {
+            *m = m.max(x.abs());
+        }
+    }
+    let scales: Vec<f32> = max.iter().map(|&m| m / 127.0).collect();
+    let inv: Vec<f32> = scales.iter().map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 }).collect();
+    let mut codes = Vec::with_capacity(vectors.len());
+    for row in vectors.chunks_exact(dim) {
+        codes.extend(row.iter().zip(&inv).map(|(&x, &i)| (x * i).round().clamp(-127.0, 127.0) as i8));
+    }
+    (codes, scales)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn layout_is_aligned_and_ordered() {
-        let (sections, len) = plan_layout(&[12, 0, 5, 64, 1, 3, 7, 9]).unwrap();
+        let (sections, len) = plan_layout(&[12, 0, 5, 64, 1, 3, 7, 9, 33, 8]).unwrap();
         let mut end = HEADER_LEN;
         for s in sections {
             assert_eq!(s.offset % ALIGN, 0);
@@ -228,8 +275,37 @@ mod tests {
     }
 
     #[test]
+    fn quantisation_error_is_within_half_a_step() {
+        let shape = crate::segment::synth::Structured { dim: 96, latent: 12, noise: 0.3, seed: 4 };
+        let rows = shape.rows(0, 500);
+        let (codes, scales) = quantise(96, &rows);
+        assert_eq!((codes.len(), scales.len()), (rows.len(), 96));
+        for (x, (&c, d)) in rows.iter().zip(codes.iter().zip((0..96).cycle())) {
+            let err = (f32::from(c) * scales[d] - x).abs();
+            assert!(err <= scales[d] * 0.5 + 1e-7, "dim {d}: {x} coded {c} x {}", scales[d]);
+        }
+        // The score bound: |approx - exact| <= sum |q[d]| * scale[d] / 2, for every pair.
+        let queries = shape.rows(10_000, 20);
+        for q in queries.chunks_exact(96) {
+            let bound: f32 = q.iter().zip(&scales).map(|(a, s)| a.abs() * s * 0.5).sum();
+            for (row, code) in rows.chunks_exact(96).zip(codes.chunks_exact(96)) {
+                let exact: f32 = q.iter().zip(row).map(|(a, b)| a * b).sum();
+                let approx: f32 =
+                    q.iter().zip(code).zip(&scales).map(|((a, &c), s)| a * s * f32::from(c)).sum();
+                assert!(
+                    (approx - exact).abs() <= bound * 1.001 + 1e-6,
+                    "{approx} vs {exact} (bound {bound})"
+                );
+            }
+        }
+        // A dimension that is zero everywhere is coded 0 with scale 0, not NaN.
+        let (codes, scales) = quantise(2, &[1.0, 0.0, -1.0, 0.0]);
+        assert_eq!((codes, scales[1]), (vec![127, 0, -127, 0], 0.0));
+    }
+
+    #[test]
     fn overflow_is_reported() {
-        assert!(plan_layout(&[u64::MAX, 0, 0, 0, 0, 0, 0, 0]).is_none());
+        assert!(plan_layout(&[u64::MAX, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_none());
         assert!(align_up(u64::MAX).is_none());
     }
 }

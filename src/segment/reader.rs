@@ -11,7 +11,7 @@ use memmap2::Mmap;
 use super::error::SegmentError;
 use super::format::{
     ALIGN, FOOTER_LEN, FOOTER_MAGIC, FORMAT_VERSION, Footer, HEADER_LEN, HEADER_MAGIC, Header, MAX_LEVEL,
-    MAX_M, NO_NEIGHBOUR, SECTION_COUNT, SectionId,
+    MAX_M, MIN_FORMAT_VERSION, NO_NEIGHBOUR, SECTION_COUNT, SectionId,
 };
 use super::mmap::map_segment;
 
@@ -38,6 +38,10 @@ pub(super) struct View<'a> {
     pub upper_offsets: &'a [u32],
     pub upper: &'a [u32],
     pub levels: &'a [u8],
+    /// int8 codes of the vectors (`n * dim`), empty in a version-1 file.
+    pub codes: &'a [i8],
+    /// Per-dimension scales of the codes (`dim`), empty in a version-1 file.
+    pub scales: &'a [f32],
     pub sku_offsets: &'a [u64],
     pub sku_bytes: &'a [u8],
     pub sku_sorted: &'a [u32],
@@ -100,7 +104,7 @@ impl Segment {
         if header.magic != HEADER_MAGIC {
             return Err(SegmentError::BadMagic { path: p(), which: "header" });
         }
-        if header.version != FORMAT_VERSION {
+        if !(MIN_FORMAT_VERSION..=FORMAT_VERSION).contains(&header.version) {
             return Err(SegmentError::UnsupportedVersion {
                 path: p(),
                 found: header.version,
@@ -115,11 +119,11 @@ impl Segment {
         if footer.magic != FOOTER_MAGIC {
             return Err(SegmentError::BadMagic { path: p(), which: "footer" });
         }
-        if footer.version != FORMAT_VERSION {
+        if footer.version != header.version {
             return Err(SegmentError::UnsupportedVersion {
                 path: p(),
                 found: footer.version,
-                supported: FORMAT_VERSION,
+                supported: header.version,
             });
         }
         let computed = footer.compute_crc();
@@ -193,6 +197,8 @@ impl Segment {
             upper_offsets: cast(sec(SectionId::UpperOffsets)),
             upper: cast(sec(SectionId::Upper)),
             levels: sec(SectionId::Levels),
+            codes: cast(sec(SectionId::Codes)),
+            scales: cast(sec(SectionId::Scales)),
             sku_offsets: cast(sec(SectionId::SkuOffsets)),
             sku_bytes: sec(SectionId::SkuBytes),
             sku_sorted: cast(sec(SectionId::SkuSorted)),
@@ -221,6 +227,16 @@ impl Segment {
     /// Top HNSW layer.
     pub fn max_level(&self) -> usize {
         self.header.max_level as usize
+    }
+
+    /// The file's format version (1: f32 only; 2: with int8 codes for the graph walk).
+    pub fn format_version(&self) -> u32 {
+        self.header.version
+    }
+
+    /// Whether searches walk the graph on int8 codes (and rescore with the f32 vectors).
+    pub fn is_quantised(&self) -> bool {
+        !self.view().codes.is_empty()
     }
 
     /// The node every graph walk starts from (on the top layer).
@@ -312,6 +328,19 @@ pub(super) fn check_structure(v: &View<'_>) -> Result<(), (SectionId, usize, &'s
         }
         if (norm2 - 1.0).abs() > 1e-3 {
             return Err((SectionId::Vectors, i, "not L2-normalised"));
+        }
+    }
+    if !v.scales.is_empty() {
+        if let Some(d) = v.scales.iter().position(|s| !(s.is_finite() && *s >= 0.0)) {
+            return Err((SectionId::Scales, d, "not a finite non-negative scale"));
+        }
+        // Each code must be its vector component rounded (half a step, plus float slack).
+        for (i, (row, codes)) in v.vectors.chunks_exact(v.dim).zip(v.codes.chunks_exact(v.dim)).enumerate() {
+            for ((&x, &c), &s) in row.iter().zip(codes).zip(v.scales) {
+                if (f32::from(c) * s - x).abs() > s * 0.5 + 1e-6 {
+                    return Err((SectionId::Codes, i, "code does not match its vector"));
+                }
+            }
         }
     }
     let n32 = v.n as u32;
@@ -437,6 +466,13 @@ fn check_layout(
     for id in SectionId::ALL {
         let s = h.section(id);
         let name = id.name();
+        if !id.in_version(h.version) {
+            // Reserved (zero) bytes in files of this version.
+            if s.offset != 0 || s.len != 0 {
+                return Err(bad(name, "set in a file of a version without this section"));
+            }
+            continue;
+        }
         let expected = match id {
             SectionId::Vectors => n.checked_mul(dim).and_then(|x| x.checked_mul(4)),
             SectionId::Layer0 => n.checked_mul(2 * m).and_then(|x| x.checked_mul(4)),
@@ -444,6 +480,8 @@ fn check_layout(
             SectionId::Levels => Some(n),
             SectionId::SkuOffsets => Some((n + 1) * 8),
             SectionId::SkuSorted => Some(n * 4),
+            SectionId::Codes => n.checked_mul(dim),
+            SectionId::Scales => Some(dim * 4),
             SectionId::Upper | SectionId::SkuBytes => None,
         };
         match expected {

@@ -12,9 +12,9 @@ use std::cell::RefCell;
 use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 
-use super::distance::{dot_body, normalise_into};
+use super::distance::{dot, dot_body, dot_i8_body, normalise_into};
 use super::error::SegmentError;
-use super::heap::{Heap, TopK, Walk};
+use super::heap::{TopK, Walk};
 use super::reader::{Segment, View};
 
 /// [`Segment::search`] scans a segment exactly when it holds at most this many times `ef` items.
@@ -32,6 +32,8 @@ pub struct Hit {
 struct Scratch {
     walk: Walk,
     query: Vec<f32>,
+    /// The query times the per-dimension scales (the int8 walk's query).
+    scaled: Vec<f32>,
     ids: Vec<u32>,
     scores: Vec<f32>,
 }
@@ -80,11 +82,23 @@ impl Segment {
                 return Ok(s.walk.results.sorted_hits(k));
             }
             s.walk.begin(view.n);
-            let Scratch { walk: Walk { visited, epoch, candidates, results }, query, ids, scores } = s;
-            let entry = greedy_upper(&view, query);
-            let visited = &mut visited[..view.n];
-            search_layer0(&view, query, entry, ef, filter, visited, *epoch, candidates, results, ids, scores);
-            Ok(results.sorted_hits(k))
+            let Scratch { walk: w, query, scaled, ids, scores } = s;
+            scaled.clear();
+            scaled.extend(query.iter().zip(view.scales).map(|(q, s)| q * s));
+            walk(&view, query, scaled, ef, filter, w, ids, scores);
+            let results = &mut w.results;
+            if view.codes.is_empty() {
+                return Ok(results.sorted_hits(k));
+            }
+            // The walk ranked by int8 scores: rescore its `ef` best with the exact vectors.
+            let mut hits = results.sorted_hits(ef);
+            for h in &mut hits {
+                let at = h.idx as usize * view.dim;
+                h.score = view.vectors.get(at..at + view.dim).map_or(f32::NEG_INFINITY, |v| dot(query, v));
+            }
+            hits.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.idx.cmp(&b.idx)));
+            hits.truncate(k);
+            Ok(hits)
         })
     }
 
@@ -120,22 +134,54 @@ fn dot_sel<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     dot_body::<FMA>(a, b)
 }
 
-/// Greedy descent from the entry point through layers max_level..1; returns the layer-0 entry.
+/// The HNSW walk: greedy descent through the upper layers, then the `ef`-wide search of
+/// layer 0, leaving the best `ef` filter-passing nodes in `results`. Scores are exact (f32
+/// vectors) in a version-1 segment and int8 approximations (`scaled` query against the
+/// codes) in a quantised one.
+#[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn greedy_upper(view: &View<'_>, q: &[f32]) -> (u32, f32) {
-    if target_cfg_f!(target_feature = "fma") {
-        greedy_upper_body::<true>(view, q)
+fn walk(
+    view: &View<'_>,
+    q: &[f32],
+    scaled: &[f32],
+    ef: usize,
+    filter: Filter<'_>,
+    w: &mut Walk,
+    ids: &mut Vec<u32>,
+    scores: &mut Vec<f32>,
+) {
+    let dim = view.dim;
+    let exact = |i: u32| {
+        let at = i as usize * dim;
+        view.vectors.get(at..at + dim).map_or(f32::NEG_INFINITY, |v| {
+            if target_cfg_f!(target_feature = "fma") { dot_sel::<true>(q, v) } else { dot_sel::<false>(q, v) }
+        })
+    };
+    let coded = |i: u32| {
+        let at = i as usize * dim;
+        view.codes.get(at..at + dim).map_or(f32::NEG_INFINITY, |c| {
+            if target_cfg_f!(target_feature = "fma") {
+                dot_i8_body::<true>(scaled, c)
+            } else {
+                dot_i8_body::<false>(scaled, c)
+            }
+        })
+    };
+    if view.codes.is_empty() {
+        let entry = greedy_upper_body(view, &exact);
+        search_layer0_body(view, &exact, entry, ef, filter, w, ids, scores);
     } else {
-        greedy_upper_body::<false>(view, q)
+        let entry = greedy_upper_body(view, &coded);
+        search_layer0_body(view, &coded, entry, ef, filter, w, ids, scores);
     }
 }
 
+/// Greedy descent from the entry point through layers max_level..1; returns the layer-0 entry.
 #[inline(always)]
-fn greedy_upper_body<const FMA: bool>(view: &View<'_>, q: &[f32]) -> (u32, f32) {
-    let (n, dim) = (view.n as u32, view.dim);
-    let vec_of = |i: u32| &view.vectors[i as usize * dim..(i as usize + 1) * dim];
+fn greedy_upper_body<F: Fn(u32) -> f32>(view: &View<'_>, score: &F) -> (u32, f32) {
+    let n = view.n as u32;
     let mut cur = view.entry_point;
-    let mut cur_score = dot_sel::<FMA>(q, vec_of(cur));
+    let mut cur_score = score(cur);
     for layer in (1..=view.max_level).rev() {
         loop {
             let mut improved = false;
@@ -144,7 +190,7 @@ fn greedy_upper_body<const FMA: bool>(view: &View<'_>, q: &[f32]) -> (u32, f32) 
                 if nb >= n {
                     break;
                 }
-                let s = dot_sel::<FMA>(q, vec_of(nb));
+                let s = score(nb);
                 if s > cur_score {
                     cur_score = s;
                     cur = nb;
@@ -162,48 +208,20 @@ fn greedy_upper_body<const FMA: bool>(view: &View<'_>, q: &[f32]) -> (u32, f32) 
 /// Best-first search on layer 0 from `entry`, keeping the best `ef` filter-passing nodes in
 /// `results`.
 #[allow(clippy::too_many_arguments)]
-#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn search_layer0(
-    view: &View<'_>,
-    q: &[f32],
-    entry: (u32, f32),
-    ef: usize,
-    filter: Filter<'_>,
-    visited: &mut [u16],
-    epoch: u16,
-    candidates: &mut Heap,
-    results: &mut TopK,
-    ids: &mut Vec<u32>,
-    scores: &mut Vec<f32>,
-) {
-    if target_cfg_f!(target_feature = "fma") {
-        search_layer0_body::<true>(
-            view, q, entry, ef, filter, visited, epoch, candidates, results, ids, scores,
-        )
-    } else {
-        search_layer0_body::<false>(
-            view, q, entry, ef, filter, visited, epoch, candidates, results, ids, scores,
-        )
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn search_layer0_body<const FMA: bool>(
+fn search_layer0_body<F: Fn(u32) -> f32>(
     view: &View<'_>,
-    q: &[f32],
+    score: &F,
     entry: (u32, f32),
     ef: usize,
     filter: Filter<'_>,
-    visited: &mut [u16],
-    epoch: u16,
-    candidates: &mut Heap,
-    results: &mut TopK,
+    w: &mut Walk,
     ids: &mut Vec<u32>,
     scores: &mut Vec<f32>,
 ) {
-    let n = visited.len() as u32;
-    let dim = view.dim;
+    let Walk { visited, epoch, candidates, results } = w;
+    let (visited, epoch) = (&mut visited[..view.n], *epoch);
+    let n = view.n as u32;
     let degree = 2 * view.m;
     let (ep, ep_score) = entry;
     if ep >= n {
@@ -236,12 +254,7 @@ fn search_layer0_body<const FMA: bool>(
         }
         scores.clear();
         for &nb in ids.iter() {
-            let at = nb as usize * dim;
-            let s = match view.vectors.get(at..at + dim) {
-                Some(v) => dot_sel::<FMA>(q, v),
-                None => f32::NEG_INFINITY,
-            };
-            scores.push(s);
+            scores.push(score(nb));
         }
         for (&nb, &s) in ids.iter().zip(scores.iter()) {
             if results.len() < ef || s > results.worst() {

@@ -14,7 +14,7 @@ use super::distance::normalise_into;
 use super::error::SegmentError;
 use super::format::{
     FOOTER_MAGIC, FORMAT_VERSION, Footer, HEADER_LEN, HEADER_MAGIC, Header, MAX_LEVEL, MAX_M, NO_NEIGHBOUR,
-    SECTION_COUNT, SectionId, plan_layout,
+    SECTION_COUNT, SectionId, plan_layout, quantise,
 };
 use super::reader::{Segment, View, check_structure};
 use super::{DEFAULT_EF_SEARCH, HnswParams, SegmentStats};
@@ -378,6 +378,7 @@ fn write_checked(
     if max_level > MAX_LEVEL as usize {
         return Err(invalid_param(path, "max_level", max_level, "must be <= 15"));
     }
+    let (codes, scales) = quantise(graph.dim, graph.vectors);
     let view = View {
         n,
         dim: graph.dim,
@@ -389,6 +390,8 @@ fn write_checked(
         upper_offsets: &upper_offsets,
         upper: graph.upper,
         levels: graph.levels,
+        codes: &codes,
+        scales: &scales,
         sku_offsets: &skus.offsets,
         sku_bytes: &skus.bytes,
         sku_sorted: &skus.sorted,
@@ -454,6 +457,8 @@ fn section_bytes<'a>(view: &View<'a>, id: SectionId) -> &'a [u8] {
         SectionId::SkuOffsets => bytemuck::cast_slice(view.sku_offsets),
         SectionId::SkuBytes => view.sku_bytes,
         SectionId::SkuSorted => bytemuck::cast_slice(view.sku_sorted),
+        SectionId::Codes => bytemuck::cast_slice(view.codes),
+        SectionId::Scales => bytemuck::cast_slice(view.scales),
     }
 }
 
@@ -477,14 +482,14 @@ fn write_file(path: &Path, view: &View<'_>, ef_construction: u32) -> Result<(), 
         reserved0: 0,
         file_len,
         sections,
-        reserved1: [0; 9],
+        reserved1: [0; 5],
     };
     let mut footer = Footer {
         magic: FOOTER_MAGIC,
         version: FORMAT_VERSION,
         header_crc: header.compute_crc(),
         section_crc: bodies.map(crc32fast::hash),
-        reserved: [0; 3],
+        reserved: [0; 1],
         footer_crc: 0,
     };
     footer.footer_crc = footer.compute_crc();
