@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Side-by-side ANN comparison: vitrine's segment search vs hnswlib, one run, same data.
+"""Side-by-side ANN comparison: vitrine's segment search vs hnswlib and faiss HNSW, one run,
+same data.
 
 Generates structured data (a low-dimensional Gaussian latent through a fixed random linear
 map, plus noise, L2-normalised; seeded), computes exact top-k with numpy, builds both indexes
@@ -34,7 +35,7 @@ def ensure_deps():
     sys.path.insert(0, str(ROOT / "tools"))
     import venv_deps
 
-    venv_deps.ensure(["numpy", "hnswlib"], ["numpy", "hnswlib"], " (hnswlib builds from source)")
+    venv_deps.ensure(["numpy", "hnswlib", "faiss"], ["numpy", "hnswlib", "faiss-cpu"], " (hnswlib builds from source)")
 
 
 def parse_args():
@@ -149,6 +150,34 @@ def run_hnswlib(args, index, queries, gt, efs):
     return points
 
 
+def build_faiss(args, base):
+    import faiss
+
+    index = faiss.IndexHNSWFlat(args.dim, args.m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = args.ef_construction
+    faiss.omp_set_num_threads(args.build_threads)
+    t = time.perf_counter()
+    index.add(base)
+    build_secs = time.perf_counter() - t
+    faiss.omp_set_num_threads(1)
+    return index, build_secs
+
+
+def run_faiss(args, index, queries, gt, efs):
+    points = []
+    for ef in efs:
+        index.hnsw.efSearch = max(ef, args.k)
+        best = best_cpu = float("inf")
+        for _ in range(max(1, args.passes)):
+            t, c = time.perf_counter(), time.thread_time()
+            _, labels = index.search(queries, args.k)
+            best = min(best, time.perf_counter() - t)
+            best_cpu = min(best_cpu, time.thread_time() - c)
+        points.append({"ef": ef, "qps": len(queries) / best, "cpu_qps": len(queries) / best_cpu,
+                       "recall": recall(labels, gt)})
+    return points
+
+
 def merge_best(rounds):
     """Per ef, the best QPS (wall and CPU) over the rounds; recall is deterministic."""
     best = [dict(p) for p in rounds[0]]
@@ -210,59 +239,67 @@ def main():
     t = time.perf_counter()
     index, hn_build = build_hnswlib(args, base)
     print(f"hnswlib built in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-    vt_rounds, hn_rounds = [], []
+    findex, fa_build = build_faiss(args, base)
+    print(f"faiss built in {fa_build:.1f}s", file=sys.stderr)
+    rounds = {"vitrine": [], "hnswlib": [], "faiss": []}
     vt_build = None
     try:
-        # Rounds alternate the engines (v h, h v, ...) so that a burst of load from other
-        # processes does not land on one engine only; each ef keeps its best round.
+        # Rounds rotate the engines so that a burst of load from other processes does not
+        # land on one engine only; each ef keeps its best round.
+        names = ["vitrine", "hnswlib", "faiss"]
         for r in range(max(1, args.rounds)):
-            order = ("v", "h") if r % 2 == 0 else ("h", "v")
-            for engine in order:
+            for engine in names[r % 3:] + names[: r % 3]:
                 t = time.perf_counter()
-                if engine == "v":
+                if engine == "vitrine":
                     res = run_vitrine(args, paths, efs, seg)
                     vt_build = vt_build or res["build"]
-                    vt_rounds.append(res["points"])
+                    rounds[engine].append(res["points"])
+                elif engine == "hnswlib":
+                    rounds[engine].append(run_hnswlib(args, index, queries, gt, efs))
                 else:
-                    hn_rounds.append(run_hnswlib(args, index, queries, gt, efs))
-                name = "vitrine" if engine == "v" else "hnswlib"
-                print(f"round {r + 1}: {name} done in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+                    rounds[engine].append(run_faiss(args, findex, queries, gt, efs))
+                print(f"round {r + 1}: {engine} done in {time.perf_counter() - t:.1f}s", file=sys.stderr)
     finally:
         if seg.exists():
             seg.unlink()
-    vt = {"build": vt_build, "points": merge_best(vt_rounds), "rounds": vt_rounds}
-    hn = {"build": {"secs": hn_build}, "points": merge_best(hn_rounds), "rounds": hn_rounds}
+    res = {
+        "vitrine": {"build": vt_build, "points": merge_best(rounds["vitrine"]), "rounds": rounds["vitrine"]},
+        "hnswlib": {"build": {"secs": hn_build}, "points": merge_best(rounds["hnswlib"]), "rounds": rounds["hnswlib"]},
+        "faiss": {"build": {"secs": fa_build}, "points": merge_best(rounds["faiss"]), "rounds": rounds["faiss"]},
+    }
+    vt = res["vitrine"]
 
     print(f"\n{args.n} x {args.dim}, latent {args.latent}, noise {args.noise}, M={args.m}, "
           f"ef_construction={args.ef_construction}, k={args.k}, {args.nq} queries, single-thread search")
     print(f"build ({args.build_threads} threads): vitrine {vt['build']['secs']:.1f}s "
-          f"(incl. write+verify, self-recall {vt['build']['self_recall']:.3f}), hnswlib {hn['build']['secs']:.1f}s")
+          f"(incl. write+verify, self-recall {vt['build']['self_recall']:.3f}), hnswlib {hn_build:.1f}s, "
+          f"faiss HNSW {fa_build:.1f}s")
     print("\nQPS = queries per wall-clock second; cpu = per second of the search thread's CPU time")
     print("(less sensitive to other processes competing for the cores).")
-    print(f"\n{'ef':>5} | {'vitrine QPS':>11} {'cpu':>7} {'recall':>7} | {'hnswlib QPS':>11} {'cpu':>7} {'recall':>7}")
-    print("-" * 68)
+    head = " | ".join(f"{n + ' QPS':>13} {'cpu':>7} {'recall':>7}" for n in ("vitrine", "hnswlib", "faiss"))
+    print(f"\n{'ef':>5} | {head}")
+    print("-" * (8 + 3 * 32))
     num = lambda x, w: f"{x:>{w}.0f}" if x else f"{'n/a':>{w}}"  # noqa: E731
-    for v, h in zip(vt["points"], hn["points"]):
-        print(f"{v['ef']:>5} | {num(v['qps'], 11)} {num(v['cpu_qps'], 7)} {v['recall']:>7.4f} | "
-              f"{num(h['qps'], 11)} {num(h['cpu_qps'], 7)} {h['recall']:>7.4f}")
+    for pts in zip(*(res[n]["points"] for n in ("vitrine", "hnswlib", "faiss"))):
+        cells = " | ".join(f"{num(p['qps'], 13)} {num(p['cpu_qps'], 7)} {p['recall']:>7.4f}" for p in pts)
+        print(f"{pts[0]['ef']:>5} | {cells}")
     ratios = {}
     for key, title in (("qps", "wall-clock"), ("cpu_qps", "CPU time")):
         print(f"\nmatched recall ({title}): QPS interpolated on each curve")
-        print(f"{'recall':>7} | {'vitrine':>9} | {'hnswlib':>9} | {'ratio':>6}")
-        print("-" * 42)
+        print(f"{'recall':>7} | {'vitrine':>9} | {'hnswlib':>9} | {'faiss':>9} | {'vs hnswlib':>10} | {'vs faiss':>8}")
+        print("-" * 70)
         for r in targets:
-            pv = [{"recall": p["recall"], "qps": p[key]} for p in vt["points"]]
-            ph = [{"recall": p["recall"], "qps": p[key]} for p in hn["points"]]
-            qv, qh = qps_at(pv, r), qps_at(ph, r)
-            ratio = qv / qh if qv and qh else None
-            ratios[f"{key}@{r}"] = ratio
-            cell = lambda x, w: f"{x:>{w}.0f}" if x else f"{'n/a':>{w}}"
-            rcell = f"{ratio:>6.2f}" if ratio else f"{'n/a':>6}"
-            print(f"{r:>7.2f} | {cell(qv, 9)} | {cell(qh, 9)} | {rcell}")
+            q = {n: qps_at([{"recall": p["recall"], "qps": p[key]} for p in res[n]["points"]], r) for n in res}
+            rh = q["vitrine"] / q["hnswlib"] if q["vitrine"] and q["hnswlib"] else None
+            rf = q["vitrine"] / q["faiss"] if q["vitrine"] and q["faiss"] else None
+            ratios[f"{key}@{r}"] = {"hnswlib": rh, "faiss": rf}
+            cell = lambda x, w: f"{x:>{w}.0f}" if x else f"{'n/a':>{w}}"  # noqa: E731
+            rc = lambda x, w: f"{x:>{w}.2f}" if x else f"{'n/a':>{w}}"  # noqa: E731
+            print(f"{r:>7.2f} | {cell(q['vitrine'], 9)} | {cell(q['hnswlib'], 9)} | {cell(q['faiss'], 9)} | "
+                  f"{rc(rh, 10)} | {rc(rf, 8)}")
     if args.json_out:
         args.json_out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                             "vitrine": vt, "hnswlib": hn,
-                                             "ratio_at_recall": ratios}, indent=2))
+                                             **res, "ratio_at_recall": ratios}, indent=2))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ use multiversion::target::target_cfg_f;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::distance::{dot, dot_body};
-use super::format::{MAX_LEVEL, NO_NEIGHBOUR};
+use super::distance::{dot, dot_i8_body};
+use super::format::{MAX_LEVEL, NO_NEIGHBOUR, quantise};
 use super::heap::Walk;
 use super::reader::View;
 use super::synth::SplitMix64;
@@ -63,6 +63,9 @@ struct Graph<'a> {
     m: usize,
     ef: usize,
     vectors: &'a [f32],
+    /// The int8 codes and per-dimension scales the walks score with (the segment's own).
+    codes: Vec<i8>,
+    scales: Vec<f32>,
     levels: Vec<u8>,
     /// `n + 1` offsets into `upper` rows (node i owns rows `upper_off[i]..upper_off[i+1]`).
     upper_off: Vec<u32>,
@@ -87,11 +90,14 @@ impl<'a> Graph<'a> {
             upper_off.push(rows);
         }
         let empty = |len: usize| (0..len).map(|_| AtomicU32::new(NO_NEIGHBOUR)).collect::<Vec<_>>();
+        let (codes, scales) = quantise(dim, vectors);
         Graph {
             dim,
             m,
             ef,
             vectors,
+            codes,
+            scales,
             layer0: empty(n * 2 * m),
             upper: empty(rows as usize * m),
             layer0_scores: empty(n * 2 * m),
@@ -107,6 +113,19 @@ impl<'a> Graph<'a> {
     fn vec(&self, i: u32) -> &'a [f32] {
         let at = i as usize * self.dim;
         &self.vectors[at..at + self.dim]
+    }
+
+    #[inline(always)]
+    fn code(&self, i: u32) -> &[i8] {
+        let at = i as usize * self.dim;
+        &self.codes[at..at + self.dim]
+    }
+
+    /// `out` = vector `i` times the scales: the query form of an item for int8 scoring.
+    #[inline(always)]
+    fn scaled_into(&self, i: u32, out: &mut Vec<f32>) {
+        out.clear();
+        out.extend(self.vec(i).iter().zip(&self.scales).map(|(x, s)| x * s));
     }
 
     /// Node `node`'s link slots on `layer` and their scores.
@@ -165,6 +184,9 @@ struct Scratch {
     scores: Vec<f32>,
     found: Vec<(f32, u32)>,
     selected: Vec<(f32, u32)>,
+    /// The inserted node's scaled vector, and a candidate's (inside `select`).
+    qs: Vec<f32>,
+    cs: Vec<f32>,
 }
 
 thread_local! {
@@ -230,18 +252,21 @@ fn insert_body<const FMA: bool>(g: &Graph<'_>, q: u32, s: &mut Scratch) {
     // A node that raises the top layer keeps the entry locked until it is fully linked
     // (hnswlib does the same); every other insert releases it at once.
     let raise = if level > entry.level { Some(guard) } else { None };
-    let qv = g.vec(q);
-    let (mut cur, mut cur_s) = (entry.node, dot_body::<FMA>(qv, g.vec(entry.node)));
+    // Walks score with int8 codes against the node's scaled vector (a quarter of the memory
+    // traffic of f32 rows, which is where a build spends its time).
+    let mut qs = std::mem::take(&mut s.qs);
+    g.scaled_into(q, &mut qs);
+    let (mut cur, mut cur_s) = (entry.node, dot_i8_body::<FMA>(&qs, g.code(entry.node)));
     for layer in (level + 1..=entry.level).rev() {
-        (cur, cur_s) = greedy::<FMA>(g, qv, (cur, cur_s), layer, &mut s.row);
+        (cur, cur_s) = greedy::<FMA>(g, &qs, (cur, cur_s), layer, &mut s.row);
     }
     for layer in (0..=level.min(entry.level)).rev() {
-        search_layer::<FMA>(g, qv, q, (cur, cur_s), layer, s);
+        search_layer::<FMA>(g, &qs, q, (cur, cur_s), layer, s);
         if let Some(&(best_s, best)) = s.found.first() {
             (cur, cur_s) = (best, best_s);
         }
         let cap = if layer == 0 { 2 * g.m } else { g.m };
-        select::<FMA>(g, &s.found, cap, &mut s.selected);
+        select::<FMA>(g, &s.found, cap, &mut s.selected, &mut s.cs);
         {
             let _lock = g.locks[q as usize].lock();
             g.write_row(q, layer, &s.selected);
@@ -250,6 +275,7 @@ fn insert_body<const FMA: bool>(g: &Graph<'_>, q: u32, s: &mut Scratch) {
             link(g, nb, q, score, layer);
         }
     }
+    s.qs = qs;
     if let Some(mut guard) = raise {
         *guard = Some(Entry { node: q, level });
     }
@@ -269,7 +295,7 @@ fn greedy<const FMA: bool>(
         let mut improved = false;
         g.read_row(cur, layer, row);
         for &nb in row.iter() {
-            let d = dot_body::<FMA>(qv, g.vec(nb));
+            let d = dot_i8_body::<FMA>(qv, g.code(nb));
             if d > cur_s {
                 (cur, cur_s) = (nb, d);
                 improved = true;
@@ -315,10 +341,9 @@ fn search_layer<const FMA: bool>(
                 ids.push(nb);
             }
         }
-        touch(g, ids);
         scores.clear();
         for &nb in ids.iter() {
-            scores.push(dot_body::<FMA>(qv, g.vec(nb)));
+            scores.push(dot_i8_body::<FMA>(qv, g.code(nb)));
         }
         for (&nb, &d) in ids.iter().zip(scores.iter()) {
             if results.len() < g.ef || d > results.worst() {
@@ -332,38 +357,27 @@ fn search_layer<const FMA: bool>(
     results.drain_sorted_into(found);
 }
 
-/// Loads one value per cache line of each vector in `ids`, all independent, so their cache
-/// misses are in flight together before the dot products need them (a prefetch without
-/// `unsafe`: a walk's time is mostly these misses).
-#[inline(always)]
-fn touch(g: &Graph<'_>, ids: &[u32]) {
-    let mut sink = 0.0f32;
-    for &nb in ids {
-        let v = g.vec(nb);
-        let mut i = 0;
-        while i < v.len() {
-            sink += v[i];
-            i += 16;
-        }
-    }
-    std::hint::black_box(sink);
-}
-
 /// The diversity heuristic: walks `cands` (best first) and keeps a candidate unless it is
 /// closer to an already kept one than to the query; at most `cap`.
 #[inline(always)]
-fn select<const FMA: bool>(g: &Graph<'_>, cands: &[(f32, u32)], cap: usize, out: &mut Vec<(f32, u32)>) {
+fn select<const FMA: bool>(
+    g: &Graph<'_>,
+    cands: &[(f32, u32)],
+    cap: usize,
+    out: &mut Vec<(f32, u32)>,
+    cs: &mut Vec<f32>,
+) {
     out.clear();
     for &(score, c) in cands {
         if out.len() >= cap {
             break;
         }
-        let cv = g.vec(c);
+        g.scaled_into(c, cs);
         // A plain loop: an iterator adaptor here may stay out of line, compiled without the
         // target's features (see `dot_body`).
         let mut diverse = true;
         for &(_, r) in out.iter() {
-            if dot_body::<FMA>(cv, g.vec(r)) > score {
+            if dot_i8_body::<FMA>(cs, g.code(r)) > score {
                 diverse = false;
                 break;
             }
@@ -418,8 +432,8 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
         }
     };
     b.keep.par_iter().enumerate().for_each_init(
-        || (Vec::<u32>::new(), Vec::<(f32, u32)>::new(), Vec::<(f32, u32)>::new()),
-        |(live, pool, kept), (new, &old)| {
+        || (Vec::<u32>::new(), Vec::<(f32, u32)>::new(), Vec::<(f32, u32)>::new(), Vec::<f32>::new()),
+        |(live, pool, kept, scaled), (new, &old)| {
             let new = new as u32;
             for layer in 0..=usize::from(g.levels[new as usize]) {
                 live.clear();
@@ -446,7 +460,7 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
                 live.dedup();
                 pool.extend(live.iter().map(|&y| (dot(nv, g.vec(y)), y)));
                 pool.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                select_dispatched(g, pool, g.row(new, layer).len(), kept);
+                select_dispatched(g, pool, g.row(new, layer).len(), kept, scaled);
                 g.write_row(new, layer, kept);
             }
         },
@@ -464,10 +478,16 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
 }
 
 #[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
-fn select_dispatched(g: &Graph<'_>, cands: &[(f32, u32)], cap: usize, out: &mut Vec<(f32, u32)>) {
+fn select_dispatched(
+    g: &Graph<'_>,
+    cands: &[(f32, u32)],
+    cap: usize,
+    out: &mut Vec<(f32, u32)>,
+    scaled: &mut Vec<f32>,
+) {
     if target_cfg_f!(target_feature = "fma") {
-        select::<true>(g, cands, cap, out)
+        select::<true>(g, cands, cap, out, scaled)
     } else {
-        select::<false>(g, cands, cap, out)
+        select::<false>(g, cands, cap, out, scaled)
     }
 }
