@@ -130,7 +130,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = AdmissionConfig::default().write.running)]
     pub max_concurrent_writes: usize,
     /// Longest a request waits for a slot of its kind before it is shed with
-    /// RESOURCE_EXHAUSTED (queues are bounded too: 8 embeds, 64 searches, 1024 writes).
+    /// RESOURCE_EXHAUSTED (queues are bounded too: as many embeds as run at once, 64
+    /// searches, 1024 writes).
     #[arg(long, default_value_t = AdmissionConfig::default().max_wait.as_millis() as u64)]
     pub admission_wait_ms: u64,
     /// Seal the in-memory segment into an HNSW segment once it holds this many items.
@@ -232,7 +233,11 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let registry = a.models.registry()?;
     let mut config = ServeConfig::new(&a.data_dir);
     config.default_model = ModelVersion::new(a.model.clone()).context("--model")?;
-    config.admission.embed.running = a.max_concurrent_embeds;
+    // The embed queue is as deep as the slots (see AdmissionConfig::default).
+    config.admission.embed = vitrine::server::admission::Limit {
+        running: a.max_concurrent_embeds,
+        queued: a.max_concurrent_embeds,
+    };
     config.admission.search.running = a.max_concurrent_searches;
     config.admission.write.running = a.max_concurrent_writes;
     config.admission.max_wait = std::time::Duration::from_millis(a.admission_wait_ms);
