@@ -48,7 +48,7 @@ def parse_args():
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--m", type=int, default=16)
     p.add_argument("--ef-construction", type=int, default=200)
-    p.add_argument("--ef", default="10,16,24,32,48,64,96,128,192,256")
+    p.add_argument("--ef", default="10,16,24,32,48,64,96,128,192,256,384,512")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--passes", type=int, default=3, help="timed passes per ef; the fastest counts")
     p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds per engine")
