@@ -105,8 +105,8 @@ pub struct WriterConfig {
     pub max_pending_seals: usize,
     /// Threads each graph build (seal or merge) may use. Seals and merges run on separate
     /// threads, so a long merge never holds up a seal. By default each may use every core:
-    /// build threads run niced ([`crate::background`]), so they take only the CPU that
-    /// acknowledgements and searches leave.
+    /// build threads run in the idle scheduling class ([`crate::background`]), so they take
+    /// only the CPU that acknowledgements and searches leave.
     pub build_threads: usize,
 }
 

@@ -74,7 +74,7 @@ fn outcome_to_proto(o: &Outcome) -> ItemResult {
 
 impl ServerState {
     /// Embeds `images` with each of `versions` (on the blocking pool, under the embed limit;
-    /// `background` work such as a canary's backfill runs on the niced pool of
+    /// `background` work such as a canary's backfill runs on the idle-class pool of
     /// [`crate::background`], so queries keep their latency). Per image: one vector per
     /// version, or why it failed.
     pub(super) async fn embed(
