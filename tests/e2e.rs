@@ -41,6 +41,8 @@ fn ingest_with(dir: &Path, catalog: &Path, models: &ModelRegistry, max_segment_i
         progress: false,
         default_model: ModelVersion::new(DEFAULT_MODEL).unwrap(),
         max_segment_items,
+        image_roots: Vec::new(),
+        max_image_bytes: vitrine::ingest::image_file::DEFAULT_MAX_IMAGE_BYTES,
     };
     ingest(dir, models, catalog, &opts).unwrap()
 }
@@ -847,4 +849,80 @@ async fn a_burst_past_the_limits_is_shed_not_queued() {
     let r = search_image(&mut c2, image, 1).await;
     assert_eq!(r.hits[0].sku, sku);
     server.stop().await;
+}
+
+/// A hostile catalogue through the real CLI: image paths outside the catalogue's folder
+/// (`..`, absolute, a symlink out), a device, a FIFO and an oversized file are each rejected
+/// on their own line with the reason, nothing hangs or floods memory, the good rows are
+/// ingested, and `--strict` turns any rejection into a failing exit status.
+#[test]
+fn hostile_catalogue_paths_are_rejected_per_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let cat_dir = dir.path().join("supplier");
+    std::fs::create_dir_all(cat_dir.join("img")).unwrap();
+    let (good_sku, good_path) = catalog_items().into_iter().next().unwrap();
+    std::fs::copy(&good_path, cat_dir.join("img/good.jpg")).unwrap();
+    std::fs::copy(&good_path, dir.path().join("outside.jpg")).unwrap();
+    let limit = std::fs::metadata(&good_path).unwrap().len() + 1000;
+    std::fs::write(cat_dir.join("img/huge.jpg"), vec![0xFFu8; limit as usize + 4096]).unwrap();
+    std::os::unix::fs::symlink("/etc/shadow", cat_dir.join("img/shadow.jpg")).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("outside.jpg"), cat_dir.join("img/link.jpg")).unwrap();
+    let fifo = cat_dir.join("img/pipe.jpg");
+    let have_fifo = Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+    let rows = [
+        (good_sku.as_str(), "img/good.jpg"),
+        ("OUT-DOTDOT", "../outside.jpg"),
+        ("OUT-ABS", "/etc/passwd"),
+        ("OUT-LINK", "img/link.jpg"),
+        ("OUT-SHADOW", "img/shadow.jpg"),
+        ("DEV-ZERO", "/dev/zero"),
+        ("PROC", "/proc/self/environ"),
+        ("HUGE", "img/huge.jpg"),
+        ("FIFO", if have_fifo { "img/pipe.jpg" } else { "img/missing.jpg" }),
+    ];
+    let catalog = cat_dir.join("catalog.jsonl");
+    let text: String =
+        rows.iter().map(|(s, p)| format!("{{\"sku\": \"{s}\", \"image\": \"{p}\"}}\n")).collect();
+    std::fs::write(&catalog, text).unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_vitrine"))
+            .args(["ingest", "--quiet", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .arg("--catalog")
+            .arg(&catalog)
+            .arg("--models")
+            .arg(repo().join("models"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    // huge.jpg is over the limit, the good image under it.
+    let out = run(&["--max-image-bytes", &limit.to_string()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("1 added") && stdout.contains("8 rejected"), "{stdout}");
+    for (line, why) in [
+        (2, "outside the catalogue's folder"),
+        (3, "outside the catalogue's folder"),
+        (4, "outside the catalogue's folder"),
+        (5, "outside the catalogue's folder"),
+        (6, "outside the catalogue's folder"),
+        (7, "outside the catalogue's folder"),
+        (8, "byte limit"),
+    ] {
+        let tag = format!("catalog.jsonl:{line}:");
+        let l =
+            stderr.lines().find(|l| l.contains(&tag)).unwrap_or_else(|| panic!("no line {line}: {stderr}"));
+        assert!(l.contains(why), "line {line}: {l}");
+    }
+    if have_fifo {
+        assert!(stderr.contains("a FIFO"), "{stderr}");
+    }
+    // --strict fails the run; an allowed root admits the symlinked file outside the folder.
+    let out = run(&["--strict", "--allow-image-root", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("2 added"), "OUT-DOTDOT and OUT-LINK are inside the allowed root: {stdout}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--strict"));
 }

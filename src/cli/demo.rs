@@ -49,6 +49,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         ef_construction: vitrine::segment::HnswParams::default().ef_construction,
         max_segment_items: vitrine::ingest::DEFAULT_MAX_SEGMENT_ITEMS,
         quiet: false,
+        allow_image_root: Vec::new(),
+        max_image_bytes: vitrine::ingest::image_file::DEFAULT_MAX_IMAGE_BYTES,
+        strict: false,
     };
     let code = super::run_ingest(&ingest)?;
     if code != ExitCode::SUCCESS {

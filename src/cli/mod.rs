@@ -107,6 +107,31 @@ pub struct IngestArgs {
     /// No progress output.
     #[arg(long)]
     pub quiet: bool,
+    /// Let image paths resolve into this directory too (repeatable). By default an image
+    /// must be a regular file inside the catalogue's own folder, after following symlinks.
+    #[arg(long, value_name = "DIR")]
+    pub allow_image_root: Vec<PathBuf>,
+    /// Reject image files larger than this many bytes (enforced while reading).
+    #[arg(long, default_value_t = vitrine::ingest::image_file::DEFAULT_MAX_IMAGE_BYTES)]
+    pub max_image_bytes: u64,
+    /// Exit with status 1 if any row was rejected (for pipelines); by default ingest fails
+    /// only when no row could be ingested.
+    #[arg(long)]
+    pub strict: bool,
+}
+
+/// Ingest's exit status: failure when nothing was ingested, or with `--strict` when any row
+/// was rejected.
+pub(crate) fn ingest_exit(accepted: u64, rejected: usize, a: &IngestArgs) -> ExitCode {
+    if accepted == 0 {
+        eprintln!("error: nothing could be ingested from {}", a.catalog.display());
+        return ExitCode::FAILURE;
+    }
+    if a.strict && rejected > 0 {
+        eprintln!("error: {rejected} rows of {} were rejected (--strict)", a.catalog.display());
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 #[derive(Args)]
@@ -180,6 +205,8 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
         progress: !a.quiet,
         default_model,
         max_segment_items: a.max_segment_items,
+        image_roots: a.allow_image_root.clone(),
+        max_image_bytes: a.max_image_bytes,
     };
     let report = match ingest::ingest(&data_dir, &registry, &a.catalog, &opts) {
         Err(ingest::IngestError::Writer(vitrine::index::WriterError::Store(StoreError::Locked {
@@ -222,11 +249,7 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
     if report.replayed > 0 {
         println!("recovered {} logged writes of an interrupted run", report.replayed);
     }
-    if report.accepted() == 0 {
-        eprintln!("error: nothing could be ingested from {}", a.catalog.display());
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(ingest_exit(report.accepted() as u64, report.rejected.len(), a))
 }
 
 fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {

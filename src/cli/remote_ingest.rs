@@ -10,6 +10,7 @@ use anyhow::Context;
 use rayon::prelude::*;
 use vitrine::ingest::catalog::{CatalogReader, CatalogRow, RejectReason, Rejected};
 use vitrine::ingest::for_each_chunk;
+use vitrine::ingest::image_file::{ImageFileError, ImagePolicy};
 use vitrine::ingest::progress::Progress;
 use vitrine::proto;
 use vitrine::server::attrs;
@@ -32,6 +33,8 @@ struct Counts {
 pub fn run(addr: &str, a: &IngestArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut reader = CatalogReader::open(&a.catalog, a.format)?;
+    let images = ImagePolicy::for_catalog(&a.catalog, &a.allow_image_root, a.max_image_bytes)
+        .with_context(|| format!("image roots of {}", a.catalog.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     let mut client = rt.block_on(connect(addr))?;
     let mut progress = Progress::new(reader.total_bytes(), !a.quiet);
@@ -40,7 +43,7 @@ pub fn run(addr: &str, a: &IngestArgs) -> anyhow::Result<ExitCode> {
     let mut done = 0u64;
     counts.rows = for_each_chunk(&mut reader, ROWS_PER_CALL, &mut rejected, |rows, bytes_read| {
         done += rows.len() as u64;
-        send_chunk(&rt, &mut client, rows, a, &mut counts)?;
+        send_chunk(&rt, &mut client, rows, a, &images, &mut counts)?;
         progress.update(done, bytes_read);
         anyhow::Ok(())
     })?;
@@ -60,11 +63,7 @@ pub fn run(addr: &str, a: &IngestArgs) -> anyhow::Result<ExitCode> {
         counts.unchanged,
         counts.rejected.len()
     );
-    if accepted == 0 {
-        eprintln!("error: nothing could be ingested from {}", a.catalog.display());
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
+    Ok(super::ingest_exit(accepted, counts.rejected.len(), a))
 }
 
 fn send_chunk(
@@ -72,6 +71,7 @@ fn send_chunk(
     client: &mut vitrine::proto::visual_search_client::VisualSearchClient<tonic::transport::Channel>,
     rows: Vec<CatalogRow>,
     a: &IngestArgs,
+    images: &ImagePolicy,
     counts: &mut Counts,
 ) -> anyhow::Result<()> {
     let reject = |row: &CatalogRow, reason| Rejected {
@@ -80,10 +80,10 @@ fn send_chunk(
         sku: Some(row.sku.to_string()),
         reason,
     };
-    let read: Vec<(CatalogRow, std::io::Result<Vec<u8>>)> = rows
+    let read: Vec<(CatalogRow, Result<Vec<u8>, ImageFileError>)> = rows
         .into_par_iter()
         .map(|row| {
-            let bytes = std::fs::read(&row.image);
+            let bytes = images.read(&row.image);
             (row, bytes)
         })
         .collect();

@@ -63,10 +63,10 @@ impl fmt::Display for RejectReason {
                 write!(f, "duplicate sku (first seen on line {first_line}; that row is kept)")
             }
             Self::UnreadableImage { path, error } => {
-                write!(f, "cannot read image {}: {error}", path.display())
+                write!(f, "cannot read image {}: {error}", super::image_file::shorten(path))
             }
             Self::UndecodableImage { path, error } => {
-                write!(f, "cannot decode image {}: {error}", path.display())
+                write!(f, "cannot decode image {}: {error}", super::image_file::shorten(path))
             }
         }
     }

@@ -10,10 +10,11 @@
 //! once more at the end, so a finished run leaves no log behind.
 
 pub mod catalog;
+pub mod image_file;
 pub mod progress;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,6 +27,7 @@ use crate::index::{IndexWriter, ModelSpec, Outcome, Upsert, WriteOp, WriterConfi
 use crate::models::ModelRegistry;
 use crate::segment::HnswParams;
 use catalog::{CatalogError, CatalogFormat, CatalogReader, CatalogRow, RejectReason, Rejected, RowError};
+use image_file::ImagePolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
@@ -45,6 +47,8 @@ pub enum IngestError {
     ModelWeights { version: ModelVersion, expected: String, found: String },
     #[error("the index writer answered {outcome:?} for sku {sku}")]
     Unexpected { sku: String, outcome: Outcome },
+    #[error("image roots of {}: {source}", catalog.display())]
+    ImageRoots { catalog: PathBuf, source: std::io::Error },
 }
 
 /// Settings of one ingest run.
@@ -60,6 +64,10 @@ pub struct IngestOptions {
     pub default_model: ModelVersion,
     /// Items per sealed segment (bounds memory and graph-build size).
     pub max_segment_items: usize,
+    /// Directories besides the catalogue's own folder that image paths may resolve into.
+    pub image_roots: Vec<PathBuf>,
+    /// Largest image file read (see [`image_file::DEFAULT_MAX_IMAGE_BYTES`]).
+    pub max_image_bytes: u64,
 }
 
 /// Default for [`IngestOptions::max_segment_items`].
@@ -133,6 +141,8 @@ pub fn ingest(
         ..WriterConfig::default()
     };
     let reader = CatalogReader::open(catalog_path, opts.format)?;
+    let images = ImagePolicy::for_catalog(catalog_path, &opts.image_roots, opts.max_image_bytes)
+        .map_err(|source| IngestError::ImageRoots { catalog: catalog_path.to_path_buf(), source })?;
     let writer = IndexWriter::open(data_dir, config)?;
     let mut report = IngestReport { replayed: writer.open_report().replayed, ..Default::default() };
     let mut encoders = Vec::new();
@@ -149,7 +159,7 @@ pub fn ingest(
     let mut rejected = Vec::new();
     report.rows = for_each_chunk(&mut reader, chunk_len, &mut rejected, |rows, bytes_read| {
         let n = rows.len() as u64;
-        ingest_chunk(&writer, &encoders, rows, catalog_path, opts, &mut report)?;
+        ingest_chunk(&writer, &encoders, rows, catalog_path, &images, opts, &mut report)?;
         done += n;
         progress.update(done, bytes_read);
         Ok::<(), IngestError>(())
@@ -208,6 +218,7 @@ fn ingest_chunk(
     encoders: &[Arc<Encoder>],
     rows: Vec<CatalogRow>,
     catalog_path: &Path,
+    images: &ImagePolicy,
     opts: &IngestOptions,
     report: &mut IngestReport,
 ) -> Result<(), IngestError> {
@@ -219,7 +230,7 @@ fn ingest_chunk(
     };
     let read: Vec<Result<Read, Rejected>> = rows
         .into_par_iter()
-        .map(|row| match std::fs::read(&row.image) {
+        .map(|row| match images.read(&row.image) {
             Ok(bytes) => Ok(Read { sha256: sha256_hex(&bytes), bytes, row }),
             Err(e) => Err(reject(
                 &row,
