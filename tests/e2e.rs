@@ -41,7 +41,8 @@ fn ingest_with(dir: &Path, catalog: &Path, models: &ModelRegistry, max_segment_i
         progress: false,
         default_model: ModelVersion::new(DEFAULT_MODEL).unwrap(),
         max_segment_items,
-        image_roots: Vec::new(),
+        // Test catalogues in temp dirs name the repository's images.
+        image_roots: vec![repo().join("data")],
         max_image_bytes: vitrine::ingest::image_file::DEFAULT_MAX_IMAGE_BYTES,
     };
     ingest(dir, models, catalog, &opts).unwrap()

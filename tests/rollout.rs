@@ -178,7 +178,8 @@ async fn canary_rollout_end_to_end() {
         progress: false,
         default_model: vitrine::ids::ModelVersion::new(DEFAULT_MODEL).unwrap(),
         max_segment_items: 32,
-        image_roots: Vec::new(),
+        // The subset catalogue in a temp dir names the repository's images.
+        image_roots: vec![repo().join("data")],
         max_image_bytes: vitrine::ingest::image_file::DEFAULT_MAX_IMAGE_BYTES,
     };
     assert_eq!(ingest(&data, &models, &catalog, &opts).unwrap().added, ROWS);

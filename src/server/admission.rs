@@ -150,8 +150,9 @@ impl Admission {
         }
     }
 
-    /// A slot for background work (canary backfill): waits as long as it takes, never shed,
-    /// and takes no queue place from requests.
+    /// A slot for work that must not be shed here: a canary backfill, or the embedding of a
+    /// write that the write gate already admitted (and bounds). Waits as long as it takes and
+    /// takes no queue place from requests.
     pub async fn admit_background(&self, work: Work) -> Result<OwnedSemaphorePermit, ServiceError> {
         Arc::clone(&self.gate(work).slots)
             .acquire_owned()

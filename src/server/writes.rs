@@ -73,10 +73,10 @@ fn outcome_to_proto(o: &Outcome) -> ItemResult {
 }
 
 impl ServerState {
-    /// Embeds `images` with each of `versions` (on the blocking pool, under the embed limit;
-    /// `background` work such as a canary's backfill runs on the idle-class pool of
-    /// [`crate::background`], so queries keep their latency). Per image: one vector per
-    /// version, or why it failed.
+    /// Embeds `images` with each of `versions` for a write or a backfill (on the blocking
+    /// pool, waiting for the embed slot rather than being shed; `background` work such as a
+    /// canary's backfill runs on the idle-class pool of [`crate::background`], so queries keep
+    /// their latency). Per image: one vector per version, or why it failed.
     pub(super) async fn embed(
         self: &Arc<Self>,
         images: Vec<Vec<u8>>,
@@ -87,11 +87,9 @@ impl ServerState {
         for v in &versions {
             encoders.push(self.models.get(v).map_err(ServiceError::from)?);
         }
-        let _permit = if background {
-            self.admission.admit_background(Work::Embed).await?
-        } else {
-            self.admission.admit(Work::Embed).await?
-        };
+        // Writes were admitted (and bounded) by the write gate, and a backfill is never shed:
+        // both wait their turn for the embedding slot instead of failing.
+        let _permit = self.admission.admit_background(Work::Embed).await?;
         let pool = if background { crate::background::embed_pool() } else { None };
         tokio::task::spawn_blocking(move || {
             let run = || embed_all(&encoders, &images);
