@@ -153,7 +153,7 @@ impl Admission {
     /// A slot for work that must not be shed here: a canary backfill, or the embedding of a
     /// write that the write gate already admitted (and bounds). Waits as long as it takes and
     /// takes no queue place from requests.
-    pub async fn admit_background(&self, work: Work) -> Result<OwnedSemaphorePermit, ServiceError> {
+    pub async fn admit_waiting(&self, work: Work) -> Result<OwnedSemaphorePermit, ServiceError> {
         Arc::clone(&self.gate(work).slots)
             .acquire_owned()
             .await
@@ -206,7 +206,7 @@ mod tests {
         let e = a.admit(Work::Embed).await.unwrap_err();
         assert!(matches!(e, ServiceError::Overloaded(ref m) if m.contains("30 ms")), "{e}");
         // Background work waits instead of being shed.
-        let bg = tokio::time::timeout(Duration::from_millis(50), a.admit_background(Work::Embed)).await;
+        let bg = tokio::time::timeout(Duration::from_millis(50), a.admit_waiting(Work::Embed)).await;
         assert!(bg.is_err(), "background work must wait for the slot, not fail");
         assert_eq!(a.shed_counts(), (1, 0, 0));
     }

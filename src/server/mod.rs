@@ -253,7 +253,7 @@ impl ServerState {
         let encoder = self.models.get(&view.version).map_err(ServiceError::from)?;
         let _permit = self.admission.admit(Work::Embed).await?;
         let (state, view) = (Arc::clone(self), Arc::clone(view));
-        tokio::task::spawn_blocking(move || -> Result<_, ServiceError> {
+        blocking("embedding", move || -> Result<_, ServiceError> {
             if state.rollout.inject_fault(arm) {
                 return Err(ServiceError::Internal("injected canary fault".into()));
             }
@@ -261,21 +261,22 @@ impl ServerState {
             let q = encoder.embed_one(&prepared)?;
             state.search(&view, &q, &o, None)
         })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("embedding task failed: {e}")))?
+        .await?
     }
 }
 
 type Resp<T> = Result<Response<T>, Status>;
 
-/// Runs CPU-bound request work (a search) on the blocking pool, so it never holds up the
-/// runtime threads that move every other request's bytes.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, ServiceError> + Send + 'static,
+/// Runs CPU-bound or blocking work (a search, an embedding, file I/O) on the blocking pool,
+/// so it never holds up the runtime threads that move every other request's bytes. A task
+/// that panics becomes `Internal("{what} task failed: ...")`.
+pub(super) async fn blocking<T: Send + 'static>(
+    what: &'static str,
+    work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ServiceError> {
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| ServiceError::Internal(format!("search task failed: {e}")))?
+        .map_err(|e| ServiceError::Internal(format!("{what} task failed: {e}")))
 }
 
 #[tonic::async_trait]
@@ -325,7 +326,7 @@ impl VisualSearch for VisualSearchService {
         let view = Arc::clone(live.version(&version).map_err(ServiceError::from)?);
         let _permit = self.state.admission.admit(Work::Search).await?;
         let state = Arc::clone(&self.state);
-        let resp = blocking(move || state.search(&view, &req.vector, &o, None)).await?;
+        let resp = blocking("search", move || state.search(&view, &req.vector, &o, None)).await??;
         Ok(Response::new(resp))
     }
 
@@ -349,7 +350,7 @@ impl VisualSearch for VisualSearchService {
                 Arc::clone(&o),
                 req.sku.clone(),
             );
-            blocking(move || {
+            blocking("search", move || {
                 if state.rollout.inject_fault(arm) {
                     return Err(ServiceError::Internal("injected canary fault".into()));
                 }
@@ -359,6 +360,7 @@ impl VisualSearch for VisualSearchService {
                 state.search(&primary, &q, &o, Some(&sku))
             })
             .await
+            .and_then(|r| r)
         };
         let failed = matches!(&result, Err(e) if !matches!(e, ServiceError::NotFound(_)));
         self.state.rollout.observe(&self.state, Kind::Sku, route.arm, started.elapsed(), !failed);

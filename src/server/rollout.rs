@@ -24,7 +24,7 @@ use crate::rollout::metrics::{DEFAULT_RBO_P, GoldenResult, gate_figures, jaccard
 use crate::rollout::router::{Arm, Fraction, Router, sample};
 use crate::rollout::state::{ArmFigures, Effect, Phase, Rollout, Settings, TransitionError};
 
-use super::{ServerState, ServiceError};
+use super::{ServerState, ServiceError, blocking};
 
 /// Images per backfill batch.
 const BACKFILL_BATCH: usize = 16;
@@ -389,7 +389,7 @@ impl RolloutController {
         let todo = {
             let writer = Arc::clone(&writer);
             let version = version.clone();
-            tokio::task::spawn_blocking(move || -> Result<(u64, Vec<(SkuId, String)>), ServiceError> {
+            blocking("backfill", move || -> Result<(u64, Vec<(SkuId, String)>), ServiceError> {
                 let live = writer.live();
                 let view = live.version(&version).map_err(ServiceError::from)?;
                 let mut total = 0u64;
@@ -404,8 +404,7 @@ impl RolloutController {
                 })?;
                 Ok((total, todo))
             })
-            .await
-            .map_err(|e| ServiceError::Internal(format!("backfill task failed: {e}")))??
+            .await??
         };
         let (total, todo) = todo;
         *self.progress.lock() = Progress {
@@ -423,11 +422,10 @@ impl RolloutController {
             let read: Vec<Result<Vec<u8>, String>> = {
                 let writer = Arc::clone(&writer);
                 let shas: Vec<String> = batch.iter().map(|(_, s)| s.clone()).collect();
-                tokio::task::spawn_blocking(move || {
+                blocking("backfill", move || {
                     shas.iter().map(|s| writer.data().read_blob(s).map_err(|e| e.to_string())).collect()
                 })
-                .await
-                .map_err(|e| ServiceError::Internal(format!("backfill task failed: {e}")))?
+                .await?
             };
             let mut items = Vec::with_capacity(batch.len());
             let mut images = Vec::with_capacity(batch.len());
@@ -484,7 +482,7 @@ impl RolloutController {
             let view = state.live().version(version).map_err(ServiceError::from)?.clone();
             let golden = golden.clone();
             let attrs_state = Arc::clone(state);
-            let results = tokio::task::spawn_blocking(move || -> Vec<(Vec<String>, Vec<String>)> {
+            let results = blocking("gate", move || -> Vec<(Vec<String>, Vec<String>)> {
                 golden
                     .into_iter()
                     .map(|(image, expected)| {
@@ -503,8 +501,7 @@ impl RolloutController {
                     })
                     .collect()
             })
-            .await
-            .map_err(|e| ServiceError::Internal(format!("gate task failed: {e}")))?;
+            .await?;
             let golden_results: Vec<GoldenResult<'_>> =
                 results.iter().map(|(hits, expected)| GoldenResult { hits, expected }).collect();
             let f = gate_figures(&golden_results);

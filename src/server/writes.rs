@@ -10,7 +10,7 @@ use crate::index::{Outcome, Upsert, WriteOp};
 use crate::proto;
 
 use super::admission::Work;
-use super::{ServerState, ServiceError, attrs};
+use super::{ServerState, ServiceError, attrs, blocking};
 
 /// Largest image an upsert may carry.
 pub const MAX_IMAGE_BYTES: usize = 32 << 20;
@@ -89,9 +89,9 @@ impl ServerState {
         }
         // Writes were admitted (and bounded) by the write gate, and a backfill is never shed:
         // both wait their turn for the embedding slot instead of failing.
-        let _permit = self.admission.admit_background(Work::Embed).await?;
+        let _permit = self.admission.admit_waiting(Work::Embed).await?;
         let pool = if background { crate::background::embed_pool() } else { None };
-        tokio::task::spawn_blocking(move || {
+        blocking("embedding", move || {
             let run = || embed_all(&encoders, &images);
             match pool {
                 Some(pool) => pool.install(run),
@@ -99,7 +99,6 @@ impl ServerState {
             }
         })
         .await
-        .map_err(|e| ServiceError::Internal(format!("embedding task failed: {e}")))
     }
 
     /// Runs a group of upsert requests: each item's result in order. An error is for the whole
@@ -152,9 +151,8 @@ impl ServerState {
                         Ok(vectors) => {
                             let writer = Arc::clone(&self.writer);
                             let b = bytes.clone();
-                            tokio::task::spawn_blocking(move || writer.data().put_blob(&b))
-                                .await
-                                .map_err(|e| ServiceError::Internal(format!("blob task failed: {e}")))?
+                            blocking("blob", move || writer.data().put_blob(&b))
+                                .await?
                                 .map_err(|e| ServiceError::Writer(e.into()))?;
                             op.vectors = vectors;
                             ops.push((i, op, Some(bytes)));
