@@ -26,7 +26,7 @@ use parking_lot::Mutex;
 use rayon::prelude::*;
 
 use super::distance::{dot, dot_i8_body};
-use super::format::{MAX_LEVEL, NO_NEIGHBOUR, quantise};
+use super::format::{MAX_LEVEL, NO_NEIGHBOUR};
 use super::heap::Walk;
 use super::reader::View;
 use super::synth::SplitMix64;
@@ -38,6 +38,10 @@ pub(super) struct FlatGraph {
     pub upper: Vec<u32>,
     pub entry_point: u32,
 }
+
+/// The segment's int8 codes and per-dimension scales ([`super::format::quantise`] of the
+/// vectors), which the builder's walks score with and the file stores.
+pub(super) type Quantised<'a> = (&'a [i8], &'a [f32]);
 
 /// An existing segment's graph to extend: its nodes `keep[i]` become nodes `i` of the new
 /// graph, whose vectors must start with theirs in that order.
@@ -64,8 +68,8 @@ struct Graph<'a> {
     ef: usize,
     vectors: &'a [f32],
     /// The int8 codes and per-dimension scales the walks score with (the segment's own).
-    codes: Vec<i8>,
-    scales: Vec<f32>,
+    codes: &'a [i8],
+    scales: &'a [f32],
     levels: Vec<u8>,
     /// `n + 1` offsets into `upper` rows (node i owns rows `upper_off[i]..upper_off[i+1]`).
     upper_off: Vec<u32>,
@@ -80,7 +84,14 @@ struct Graph<'a> {
 }
 
 impl<'a> Graph<'a> {
-    fn new(dim: usize, m: usize, ef: usize, vectors: &'a [f32], levels: Vec<u8>) -> Self {
+    fn new(
+        dim: usize,
+        m: usize,
+        ef: usize,
+        vectors: &'a [f32],
+        quantised: Quantised<'a>,
+        levels: Vec<u8>,
+    ) -> Self {
         let n = levels.len();
         let mut upper_off = Vec::with_capacity(n + 1);
         let mut rows = 0u32;
@@ -90,7 +101,7 @@ impl<'a> Graph<'a> {
             upper_off.push(rows);
         }
         let empty = |len: usize| (0..len).map(|_| AtomicU32::new(NO_NEIGHBOUR)).collect::<Vec<_>>();
-        let (codes, scales) = quantise(dim, vectors);
+        let (codes, scales) = quantised;
         Graph {
             dim,
             m,
@@ -125,7 +136,7 @@ impl<'a> Graph<'a> {
     #[inline(always)]
     fn scaled_into(&self, i: u32, out: &mut Vec<f32>) {
         out.clear();
-        out.extend(self.vec(i).iter().zip(&self.scales).map(|(x, s)| x * s));
+        out.extend(self.vec(i).iter().zip(self.scales).map(|(x, s)| x * s));
     }
 
     /// Node `node`'s link slots on `layer` and their scores.
@@ -203,13 +214,14 @@ fn draw_levels(count: usize, first: u64, m: usize) -> impl Iterator<Item = u8> {
     })
 }
 
-/// Builds the graph over `vectors` (`n * dim`, rows L2-normalised) on the current rayon pool,
-/// extending `base` when given.
+/// Builds the graph over `vectors` (`n * dim`, rows L2-normalised, `quantised` their codes)
+/// on the current rayon pool, extending `base` when given.
 pub(super) fn build(
     dim: usize,
     m: usize,
     ef_construction: usize,
     vectors: &[f32],
+    quantised: Quantised<'_>,
     base: Option<BaseGraph<'_>>,
 ) -> FlatGraph {
     let n = vectors.len() / dim;
@@ -219,7 +231,7 @@ pub(super) fn build(
         levels.extend(b.keep.iter().map(|&old| b.view.levels[old as usize]));
     }
     levels.extend(draw_levels(n - kept, kept as u64, m));
-    let graph = Graph::new(dim, m, ef_construction.max(m), vectors, levels);
+    let graph = Graph::new(dim, m, ef_construction.max(m), vectors, quantised, levels);
     if let Some(b) = base.filter(|b| !b.keep.is_empty()) {
         seed_from_base(&graph, &b);
     }

@@ -9,7 +9,7 @@ use std::time::Instant;
 use hnsw_rs::prelude::{DistDot, Hnsw};
 use rayon::prelude::*;
 
-use super::build::{BaseGraph, FlatGraph, build};
+use super::build::{BaseGraph, FlatGraph, Quantised, build};
 use super::distance::normalise_into;
 use super::error::SegmentError;
 use super::format::{
@@ -148,10 +148,12 @@ fn write_built(
     }
     let normalised = normalise_rows(path, dim, vectors)?;
     let sku_sections = SkuSections::build(path, skus)?;
+    // Quantised once: the native builder walks these codes and the file stores them.
+    let (codes, scales) = quantise(dim, &normalised);
     let graph = match builder {
         Builder::Native(base) => {
             let base = base.map(|(segment, keep)| BaseGraph { view: segment.view(), keep });
-            build(dim, params.m, params.ef_construction, &normalised, base)
+            build(dim, params.m, params.ef_construction, &normalised, (&codes, &scales), base)
         }
         Builder::HnswRs => build_graph_hnsw_rs(path, dim, &normalised, params)?,
     };
@@ -165,7 +167,7 @@ fn write_built(
         upper: &graph.upper,
         entry_point: graph.entry_point,
     };
-    write_checked(path, &layout, &sku_sections, started)
+    write_checked(path, &layout, (&codes, &scales), &sku_sections, started)
 }
 
 /// Writes a segment from an explicit graph (no HNSW build): for tools and benchmarks that
@@ -204,7 +206,8 @@ pub fn write_segment_with_graph(
         return Err(invalid_param(path, "ef_construction", graph.ef_construction, "must fit in u32"));
     }
     let sku_sections = SkuSections::build(path, skus)?;
-    write_checked(path, graph, &sku_sections, started)
+    let (codes, scales) = quantise(graph.dim, graph.vectors);
+    write_checked(path, graph, (&codes, &scales), &sku_sections, started)
 }
 
 fn check_common(path: &Path, dim: usize, n: usize, m: usize) -> Result<(), SegmentError> {
@@ -355,11 +358,12 @@ fn extract_graph(hnsw: &Hnsw<'_, f32, DistDot>, n: usize, m: usize) -> Result<Fl
     Ok(FlatGraph { levels, layer0, upper, entry_point })
 }
 
-/// Validates the complete in-memory layout, writes it, re-opens and verifies the file, and
-/// measures self-recall.
+/// Validates the complete in-memory layout (`quantised`: the codes of `graph.vectors`),
+/// writes it, re-opens and verifies the file, and measures self-recall.
 fn write_checked(
     path: &Path,
     graph: &GraphLayout<'_>,
+    quantised: Quantised<'_>,
     skus: &SkuSections,
     started: Instant,
 ) -> Result<SegmentStats, SegmentError> {
@@ -378,7 +382,7 @@ fn write_checked(
     if max_level > MAX_LEVEL as usize {
         return Err(invalid_param(path, "max_level", max_level, "must be <= 15"));
     }
-    let (codes, scales) = quantise(graph.dim, graph.vectors);
+    let (codes, scales) = quantised;
     let view = View {
         n,
         dim: graph.dim,
@@ -390,8 +394,8 @@ fn write_checked(
         upper_offsets: &upper_offsets,
         upper: graph.upper,
         levels: graph.levels,
-        codes: &codes,
-        scales: &scales,
+        codes,
+        scales,
         sku_offsets: &skus.offsets,
         sku_bytes: &skus.bytes,
         sku_sorted: &skus.sorted,
