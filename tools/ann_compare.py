@@ -134,20 +134,27 @@ def build_hnswlib(args, base):
     return index, build_secs
 
 
-def run_hnswlib(args, index, queries, gt, efs):
+def measure(args, set_ef, search, queries, gt, efs):
+    """Per ef: the best of `args.passes` timed runs of `search(queries)` (a single-thread
+    batched query loop returning the labels), as QPS by wall clock and by this thread's CPU
+    time, and recall@k."""
     points = []
     for ef in efs:
-        index.set_ef(max(ef, args.k))
+        set_ef(max(ef, args.k))
         best = best_cpu = float("inf")
         for _ in range(max(1, args.passes)):
             t, c = time.perf_counter(), time.thread_time()
-            # With num_threads=1 hnswlib runs the query loop in this thread.
-            labels, _ = index.knn_query(queries, k=args.k, num_threads=1)
+            labels = search(queries)
             best = min(best, time.perf_counter() - t)
             best_cpu = min(best_cpu, time.thread_time() - c)
         points.append({"ef": ef, "qps": len(queries) / best, "cpu_qps": len(queries) / best_cpu,
                        "recall": recall(labels, gt)})
     return points
+
+
+def run_hnswlib(args, index, queries, gt, efs):
+    # With num_threads=1 hnswlib runs the query loop in this thread.
+    return measure(args, index.set_ef, lambda q: index.knn_query(q, k=args.k, num_threads=1)[0], queries, gt, efs)
 
 
 def build_faiss(args, base):
@@ -164,18 +171,10 @@ def build_faiss(args, base):
 
 
 def run_faiss(args, index, queries, gt, efs):
-    points = []
-    for ef in efs:
-        index.hnsw.efSearch = max(ef, args.k)
-        best = best_cpu = float("inf")
-        for _ in range(max(1, args.passes)):
-            t, c = time.perf_counter(), time.thread_time()
-            _, labels = index.search(queries, args.k)
-            best = min(best, time.perf_counter() - t)
-            best_cpu = min(best_cpu, time.thread_time() - c)
-        points.append({"ef": ef, "qps": len(queries) / best, "cpu_qps": len(queries) / best_cpu,
-                       "recall": recall(labels, gt)})
-    return points
+    def set_ef(ef):
+        index.hnsw.efSearch = ef
+
+    return measure(args, set_ef, lambda q: index.search(q, args.k)[1], queries, gt, efs)
 
 
 def merge_best(rounds):
