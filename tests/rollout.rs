@@ -271,8 +271,16 @@ async fn canary_rollout_end_to_end() {
         .await
         .unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let s = r.status(proto::RolloutActionRequest {}).await.unwrap().into_inner();
+    // Shadow queries run off the response path: wait for the first to be recorded (polling,
+    // not a fixed sleep, so a slow machine does not fail the test).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let s = loop {
+        let s = r.status(proto::RolloutActionRequest {}).await.unwrap().into_inner();
+        if s.shadow.as_ref().is_some_and(|sh| sh.compared > 0) || std::time::Instant::now() > deadline {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let shadow = s.shadow.unwrap();
     assert!(shadow.compared > 0, "shadow comparisons ran: {s:?}");
     assert!(shadow.mean_jaccard > 0.0 && shadow.mean_rbo > 0.0);
