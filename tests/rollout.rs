@@ -104,9 +104,13 @@ impl Server {
         Self { addr, stop, task }
     }
 
-    async fn channel(&self) -> Channel {
+    async fn channel(&mut self) -> Channel {
         let url = format!("http://{}", self.addr);
-        for _ in 0..200 {
+        for _ in 0..600 {
+            if self.task.is_finished() {
+                let ended = (&mut self.task).await;
+                panic!("server at {url} stopped before answering: {ended:?}");
+            }
             if let Ok(c) = Channel::from_shared(url.clone()).unwrap().connect().await {
                 let mut probe = VisualSearchClient::new(c.clone());
                 if probe.get_index_info(proto::GetIndexInfoRequest {}).await.is_ok() {
@@ -184,7 +188,7 @@ async fn canary_rollout_end_to_end() {
     };
     assert_eq!(ingest(&data, &models, &catalog, &opts).unwrap().added, ROWS);
 
-    let server = Server::start(ServeConfig::new(&data), Arc::clone(&models)).await;
+    let mut server = Server::start(ServeConfig::new(&data), Arc::clone(&models)).await;
     let channel = server.channel().await;
     let mut c = VisualSearchClient::new(channel.clone());
     let mut r = RolloutsClient::new(channel.clone()).max_encoding_message_size(64 << 20);
@@ -273,7 +277,7 @@ async fn canary_rollout_end_to_end() {
     }
     // Shadow queries run off the response path: wait for the first to be recorded (polling,
     // not a fixed sleep, so a slow machine does not fail the test).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let s = loop {
         let s = r.status(proto::RolloutActionRequest {}).await.unwrap().into_inner();
         if s.shadow.as_ref().is_some_and(|sh| sh.compared > 0) || std::time::Instant::now() > deadline {
@@ -309,7 +313,7 @@ async fn canary_rollout_end_to_end() {
     assert_eq!((s.state.as_str(), s.serving.as_str()), ("rolled_back", DEFAULT_MODEL));
     drop((c, r));
     server.stop().await;
-    let server = Server::start(ServeConfig::new(&data), Arc::clone(&models)).await;
+    let mut server = Server::start(ServeConfig::new(&data), Arc::clone(&models)).await;
     let channel = server.channel().await;
     let mut c = VisualSearchClient::new(channel.clone());
     let mut r = RolloutsClient::new(channel);
@@ -326,7 +330,7 @@ async fn canary_rollout_end_to_end() {
     let mut config = ServeConfig::new(&data);
     config.canary_fault_rate = 1.0;
     config.guardrail = GuardrailConfig { min_requests: 5, ..GuardrailConfig::default() };
-    let server = Server::start(config, Arc::clone(&models)).await;
+    let mut server = Server::start(config, Arc::clone(&models)).await;
     let channel = server.channel().await;
     let mut c = VisualSearchClient::new(channel.clone());
     let mut r = RolloutsClient::new(channel).max_encoding_message_size(64 << 20);

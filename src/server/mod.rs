@@ -15,6 +15,7 @@ mod writes;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
@@ -88,6 +89,9 @@ pub struct ServerState {
     models: Arc<ModelRegistry>,
     admission: Admission,
     rollout: Arc<RolloutController>,
+    /// Set when the server stops taking requests: background work (backfill, shadow queries)
+    /// ends at its next step so the writer can be closed and its lock released.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 impl ServerState {
@@ -138,7 +142,18 @@ impl ServerState {
             config.guardrail,
             config.canary_fault_rate,
         ));
-        Ok(Self { writer: Arc::new(writer), models, admission: Admission::new(&config.admission), rollout })
+        Ok(Self {
+            writer: Arc::new(writer),
+            models,
+            admission: Admission::new(&config.admission),
+            rollout,
+            closing: Default::default(),
+        })
+    }
+
+    /// Whether the server is shutting down (background work should stop at its next step).
+    pub fn closing(&self) -> bool {
+        self.closing.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn writer(&self) -> &Arc<IndexWriter> {
@@ -571,6 +586,9 @@ impl Rollouts for RolloutsService {
     }
 }
 
+/// How long a stopping server waits for background work before it gives up closing the writer.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(60);
+
 /// Runs the server on `listener` until `shutdown` resolves.
 pub async fn serve(
     config: ServeConfig,
@@ -617,14 +635,35 @@ pub async fn serve(
         .add_service(rollouts)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
-    // Stop the writer (it finishes a seal in progress) and release the lock.
-    match Arc::try_unwrap(state) {
-        Ok(state) => {
-            if let Ok(writer) = Arc::try_unwrap(state.writer) {
-                tokio::task::spawn_blocking(move || writer.close()).await?;
+    // Stop background work, wait for what still holds the state (a shadow query, a backfill
+    // step, a blocking search), then stop the writer (it finishes a seal in progress) and
+    // release the lock, so that the next writer can open the directory at once.
+    state.closing.store(true, std::sync::atomic::Ordering::Release);
+    let deadline = std::time::Instant::now() + SHUTDOWN_DRAIN;
+    let mut state = state;
+    loop {
+        match Arc::try_unwrap(state) {
+            Ok(state) => {
+                match Arc::try_unwrap(state.writer) {
+                    Ok(writer) => tokio::task::spawn_blocking(move || writer.close()).await?,
+                    Err(_) => {
+                        tracing::warn!("the index writer is still shared at shutdown; it stops when dropped")
+                    }
+                }
+                break;
+            }
+            Err(shared) if std::time::Instant::now() < deadline => {
+                state = shared;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "work still running {}s after shutdown; the writer stops when it ends",
+                    SHUTDOWN_DRAIN.as_secs()
+                );
+                break;
             }
         }
-        Err(_) => tracing::warn!("requests still running at shutdown; the writer stops when they end"),
     }
     result?;
     tracing::info!("vitrine stopped");

@@ -203,6 +203,9 @@ impl RolloutController {
     ) where
         F: FnOnce() -> Result<Vec<String>, ServiceError> + Send + 'static,
     {
+        if state.closing() {
+            return;
+        }
         let Ok(permit) = Arc::clone(&self.shadow_slots).try_acquire_owned() else { return };
         let (this, state) = (Arc::clone(self), Arc::clone(state));
         tokio::spawn(async move {
@@ -416,7 +419,9 @@ impl RolloutController {
         };
         tracing::info!(%version, total, todo = todo.len(), "backfilling");
         for batch in todo.chunks(BACKFILL_BATCH) {
-            if self.current().is_none_or(|c| c.phase != Phase::Backfilling || c.challenger != version) {
+            if state.closing()
+                || self.current().is_none_or(|c| c.phase != Phase::Backfilling || c.challenger != version)
+            {
                 return Ok(false);
             }
             let read: Vec<Result<Vec<u8>, String>> = {
