@@ -19,6 +19,18 @@ pub enum IdError {
     BadModelVersion(String),
 }
 
+/// `s` for a message: at most `max` characters, the start and the end kept and the length
+/// said, so untrusted input is never echoed unbounded.
+pub fn shorten(s: &str, max: usize) -> String {
+    let count = s.chars().count();
+    if count <= max {
+        return s.to_string();
+    }
+    let head: String = s.chars().take(max * 2 / 3).collect();
+    let tail: String = s.chars().skip(count - max / 3).collect();
+    format!("{head}...({count} characters)...{tail}")
+}
+
 /// A catalogue item's identifier, as the merchant spells it.
 ///
 /// ```

@@ -72,7 +72,7 @@ impl Server {
 
     async fn client(&self) -> VisualSearchClient<Channel> {
         let url = format!("http://{}", self.addr);
-        for _ in 0..100 {
+        for _ in 0..600 {
             if let Ok(c) = VisualSearchClient::connect(url.clone()).await {
                 return c;
             }

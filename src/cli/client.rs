@@ -150,10 +150,17 @@ pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
         println!(
             "{}",
             serde_json::json!({"serving_model_version": info.serving_model_version,
-                "manifest_generation": info.manifest_generation, "models": models})
+                "manifest_generation": info.manifest_generation, "models": models,
+                "degraded": info.degraded, "problems": info.problems})
         );
     } else {
         println!("manifest generation {}, serving {}", info.manifest_generation, info.serving_model_version);
+        if info.degraded {
+            println!("DEGRADED: damage found at start; writes are refused and what is damaged is left out:");
+            for p in &info.problems {
+                println!("  {p}");
+            }
+        }
         for m in &info.models {
             println!(
                 "  {}{}: {} ({}-d, {} px), {} live items in {} segments, weights sha256 {}",

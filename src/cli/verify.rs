@@ -9,7 +9,7 @@ use clap::Args;
 use vitrine::index::deletes::DeleteSet;
 use vitrine::index::manifest::Manifest;
 use vitrine::index::records::RecordStore;
-use vitrine::index::store::{DataDir, sha256_hex};
+use vitrine::index::store::{DataDir, check_layout, sha256_hex};
 use vitrine::segment::Segment;
 
 #[derive(Args)]
@@ -29,6 +29,14 @@ pub struct VerifyArgs {
 
 pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let data = DataDir::open_reader(&a.data_dir)?;
+    if !Manifest::path(&a.data_dir).exists() {
+        // Without a manifest nothing in the folder is live: say whether data was lost.
+        match check_layout(&a.data_dir) {
+            Err(e) => eprintln!("{e}"),
+            Ok(()) => eprintln!("{}: no MANIFEST.json: not a vitrine data directory", a.data_dir.display()),
+        }
+        return Ok(ExitCode::FAILURE);
+    }
     let manifest = Manifest::load(&a.data_dir)?;
     let mut problems = 0usize;
     let mut segments = 0usize;
@@ -36,6 +44,9 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{what}");
         problems += 1;
     };
+    if let Err(e) = weights_match(a, &manifest) {
+        report(format!("{e:#}"));
+    }
     for (version, ix) in &manifest.indexes {
         for e in &ix.segments {
             segments += 1;
@@ -50,8 +61,17 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
             if let Err(err) = seg.verify() {
                 report(format!("segment {} of {version}: {err}", e.id));
             }
-            if seg.len() as u64 != e.count || seg.dim() != ix.dim as usize {
-                report(format!("segment {} of {version}: shape differs from the manifest", e.id));
+            if seg.len() as u64 != e.count || seg.dim() != ix.dim as usize || seg.file_len() != e.bytes {
+                report(format!(
+                    "segment {} of {version}: the manifest says {} items of dimension {} in {} bytes, the file holds {} of dimension {} in {} bytes",
+                    e.id,
+                    e.count,
+                    ix.dim,
+                    e.bytes,
+                    seg.len(),
+                    seg.dim(),
+                    seg.file_len()
+                ));
             }
             if let Some(d) = e.deletes {
                 match DeleteSet::load(&data.deletes_path(version, e.id, d.generation), seg.len()) {
@@ -71,16 +91,23 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let records = RecordStore::open(&data.records_path())?;
     let mut count = 0u64;
     let mut blob_problems = Vec::new();
-    records.for_each(|sku, rec| {
-        count += 1;
-        if let Some(sha) = &rec.image_sha256 {
-            match data.read_blob(sha) {
-                Ok(bytes) if sha256_hex(&bytes) == *sha => {}
-                Ok(_) => blob_problems.push(format!("sku {sku}: image blob {sha} does not match its hash")),
-                Err(e) => blob_problems.push(format!("sku {sku}: {e}")),
+    let mut damaged = Vec::new();
+    records.for_each_checked(
+        |sku, rec| {
+            count += 1;
+            if let Some(sha) = &rec.image_sha256 {
+                match data.read_blob(sha) {
+                    Ok(bytes) if sha256_hex(&bytes) == *sha => {}
+                    Ok(_) => {
+                        blob_problems.push(format!("sku {sku}: image blob {sha} does not match its hash"))
+                    }
+                    Err(e) => blob_problems.push(format!("sku {sku}: {e}")),
+                }
             }
-        }
-    })?;
+        },
+        |e| damaged.push(e.to_string()),
+    )?;
+    blob_problems.extend(damaged);
     for p in blob_problems {
         report(p);
     }
@@ -101,6 +128,31 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
         if problems == 0 { "ok".to_string() } else { format!("{problems} problems") }
     );
     Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// Checks that every model version's recorded weights hash and dimension are those of the
+/// model a server would load for it (a mismatched version is not served).
+fn weights_match(a: &VerifyArgs, manifest: &Manifest) -> anyhow::Result<()> {
+    if manifest.indexes.is_empty() {
+        return Ok(());
+    }
+    let registry = a.models.registry()?;
+    let mut wrong = Vec::new();
+    for (version, ix) in &manifest.indexes {
+        match registry.get(version) {
+            Ok(enc) if enc.manifest().sha256 == ix.weights_sha256 && enc.dim() == ix.dim as usize => {}
+            Ok(enc) => wrong.push(format!(
+                "model version {version}: the index records weights {} (dim {}), {} holds weights {} (dim {}): it would not be served",
+                ix.weights_sha256,
+                ix.dim,
+                registry.root().display(),
+                enc.manifest().sha256,
+                enc.dim()
+            )),
+            Err(e) => wrong.push(format!("model version {version}: cannot load its model: {e}")),
+        }
+    }
+    if wrong.is_empty() { Ok(()) } else { anyhow::bail!(wrong.join("\n")) }
 }
 
 /// Re-embeds up to `n` stored images per model version and reports the largest cosine

@@ -128,6 +128,42 @@ impl Default for Manifest {
     }
 }
 
+/// The manifest's last member: a crc32 of every byte of the file before the comma that
+/// precedes it. Any damaged byte (one that still parses as JSON included) is caught at load.
+const CHECKSUM_KEY: &[u8] = b",\n  \"checksum\": \"crc32:";
+
+/// Appends the checksum member to a pretty-printed manifest object (`{...\n}`).
+fn with_checksum(mut json: Vec<u8>) -> Vec<u8> {
+    debug_assert!(json.ends_with(b"\n}"));
+    json.truncate(json.len() - 2);
+    let crc = crc32fast::hash(&json);
+    json.extend_from_slice(CHECKSUM_KEY);
+    json.extend_from_slice(format!("{crc:08x}\"\n}}\n").as_bytes());
+    json
+}
+
+/// Checks and removes the checksum member; a manifest written before checksums has none.
+fn strip_checksum(bytes: &[u8]) -> Result<std::borrow::Cow<'_, [u8]>, &'static str> {
+    let Some(at) = bytes.windows(CHECKSUM_KEY.len()).rposition(|w| w == CHECKSUM_KEY) else {
+        return Ok(bytes.into());
+    };
+    let rest = &bytes[at + CHECKSUM_KEY.len()..];
+    let stored = rest
+        .get(..8)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or("its checksum is not readable")?;
+    if !matches!(rest.get(8..), Some(b"\"\n}\n") | Some(b"\"\n}")) {
+        return Err("bytes follow its checksum");
+    }
+    if crc32fast::hash(&bytes[..at]) != stored {
+        return Err("its checksum does not match its contents (the file is damaged)");
+    }
+    let mut body = bytes[..at].to_vec();
+    body.extend_from_slice(b"\n}");
+    Ok(body.into())
+}
+
 /// What a data directory's manifest file holds.
 #[derive(Debug)]
 pub enum Loaded {
@@ -156,6 +192,10 @@ impl Manifest {
         struct Probe {
             format: u32,
         }
+        let bytes = strip_checksum(&bytes).map_err(|reason| ManifestError::Inconsistent {
+            path: path.clone(),
+            reason: reason.to_string(),
+        })?;
         let probe: Probe = serde_json::from_slice(&bytes)
             .map_err(|source| ManifestError::Parse { path: path.clone(), source })?;
         match probe.format {
@@ -189,8 +229,7 @@ impl Manifest {
         if let Err(reason) = self.validate() {
             return Err(ManifestError::Inconsistent { path, reason });
         }
-        let mut bytes = serde_json::to_vec_pretty(self).expect("manifest serialises");
-        bytes.push(b'\n');
+        let bytes = with_checksum(serde_json::to_vec_pretty(self).expect("manifest serialises"));
         fsutil::atomic_write(&path, &bytes).map_err(|source| ManifestError::Write { path, source })
     }
 
@@ -284,6 +323,37 @@ pub struct LegacySegmentEntry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_damaged_byte_of_a_stored_manifest_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = sample();
+        m.serving_model = Some(ModelVersion::new("m1").unwrap());
+        m.store(dir.path()).unwrap();
+        assert_eq!(Manifest::load(dir.path()).unwrap(), m);
+        let good = std::fs::read(Manifest::path(dir.path())).unwrap();
+        let text = String::from_utf8(good.clone()).unwrap();
+        assert!(text.trim_end().ends_with('}') && text.contains("\"checksum\": \"crc32:"), "{text}");
+        for i in 0..good.len() {
+            for bit in [0x01u8, 0x10] {
+                let mut bad = good.clone();
+                bad[i] ^= bit;
+                std::fs::write(Manifest::path(dir.path()), &bad).unwrap();
+                match Manifest::load(dir.path()) {
+                    Err(_) => {}
+                    Ok(loaded) => panic!("byte {i} ^ {bit:#x} ({:?}) loaded: {loaded:?}", good[i] as char),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_manifest_without_checksum_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = sample();
+        std::fs::write(Manifest::path(dir.path()), serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        assert_eq!(Manifest::load(dir.path()).unwrap(), m);
+    }
 
     fn sample() -> Manifest {
         let mut m = Manifest::default();

@@ -25,8 +25,46 @@ pub const RECORDS_FILE: &str = "records.redb";
 pub enum RecordError {
     #[error("record store {path}: {source}")]
     Db { path: PathBuf, source: Box<redb::Error> },
-    #[error("record store {path}: record of sku {sku:?} is damaged: {source}")]
-    Damaged { path: PathBuf, sku: String, source: serde_json::Error },
+    #[error("record store {path}: record of sku {sku:?} is damaged: {reason}")]
+    Damaged { path: PathBuf, sku: String, reason: String },
+}
+
+/// First byte of a record value written with a checksum (format 2 values start with `{`).
+const CHECKED: u8 = 0xC5;
+
+/// A record's stored bytes: [`CHECKED`], crc32 (LE) of the SKU, a zero byte and the JSON, then
+/// the JSON. The crc covers the key too, so a damaged key is caught as well as a damaged value.
+fn encode(sku: &str, rec: &Record) -> Vec<u8> {
+    let json = serde_json::to_vec(rec).expect("records serialise");
+    let mut out = Vec::with_capacity(json.len() + 5);
+    out.push(CHECKED);
+    out.extend_from_slice(&record_crc(sku, &json).to_le_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+fn record_crc(sku: &str, json: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(sku.as_bytes());
+    h.update(&[0]);
+    h.update(json);
+    h.finalize()
+}
+
+/// Reads a stored value; values of earlier builds (plain JSON, no checksum) still read.
+fn decode(sku: &str, bytes: &[u8]) -> Result<Record, String> {
+    let json = match bytes.split_first() {
+        Some((&CHECKED, rest)) if rest.len() >= 4 => {
+            let (crc, json) = rest.split_at(4);
+            if record_crc(sku, json) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+                return Err("checksum mismatch".into());
+            }
+            json
+        }
+        Some((b'{', _)) => bytes,
+        _ => return Err("unknown value layout".into()),
+    };
+    serde_json::from_slice(json).map_err(|e| e.to_string())
 }
 
 /// What the catalogue says about one SKU.
@@ -59,6 +97,10 @@ impl RecordStore {
         RecordError::Db { path: self.path.clone(), source: Box::new(e.into()) }
     }
 
+    fn damaged(&self, sku: &str, reason: String) -> RecordError {
+        RecordError::Damaged { path: self.path.clone(), sku: sku.to_string(), reason }
+    }
+
     /// Opens (creating) the store at `path`.
     pub fn open(path: &Path) -> Result<Self, RecordError> {
         let db = redb::Database::create(path)
@@ -85,11 +127,7 @@ impl RecordStore {
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(RECORDS).map_err(|e| self.db_err(e))?;
         let Some(value) = table.get(sku).map_err(|e| self.db_err(e))? else { return Ok(None) };
-        let rec = serde_json::from_slice(value.value()).map_err(|source| RecordError::Damaged {
-            path: self.path.clone(),
-            sku: sku.to_string(),
-            source,
-        })?;
+        let rec = decode(sku, value.value()).map_err(|reason| self.damaged(sku, reason))?;
         Ok(Some(rec))
     }
 
@@ -119,7 +157,7 @@ impl RecordStore {
             for (sku, (_, rec)) in &pending {
                 match rec {
                     Some(r) => {
-                        let bytes = serde_json::to_vec(r).expect("records serialise");
+                        let bytes = encode(sku.as_str(), r);
                         table.insert(sku.as_str(), bytes.as_slice()).map_err(|e| self.db_err(e))?;
                     }
                     None => {
@@ -139,23 +177,43 @@ impl RecordStore {
     }
 
     /// Calls `f` for every current record (redb's, with pending changes applied), in no
-    /// particular order. O(records): for building in-memory indexes at start.
+    /// particular order. O(records): for building in-memory indexes at start. Fails on the
+    /// first damaged record.
     pub fn for_each(&self, mut f: impl FnMut(&SkuId, &Record)) -> Result<(), RecordError> {
+        let mut first = None;
+        self.for_each_checked(&mut f, |e| {
+            first.get_or_insert(e);
+        })?;
+        first.map_or(Ok(()), Err)
+    }
+
+    /// Like [`for_each`](Self::for_each), but hands each damaged record (bad checksum, bad
+    /// JSON, bad key) to `damaged` and goes on with the rest.
+    pub fn for_each_checked(
+        &self,
+        mut f: impl FnMut(&SkuId, &Record),
+        mut damaged: impl FnMut(RecordError),
+    ) -> Result<(), RecordError> {
         let overlay = self.overlay.lock().clone();
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(RECORDS).map_err(|e| self.db_err(e))?;
         for item in table.iter().map_err(|e| self.db_err(e))? {
             let (k, v) = item.map_err(|e| self.db_err(e))?;
-            let Ok(sku) = SkuId::new(k.value()) else { continue };
+            let key = k.value();
+            let sku = match SkuId::new(key) {
+                Ok(sku) => sku,
+                Err(e) => {
+                    damaged(self.damaged(&crate::ids::shorten(key, 64), format!("bad key: {e}")));
+                    continue;
+                }
+            };
             if overlay.contains_key(&sku) {
                 continue;
             }
-            let rec: Record = serde_json::from_slice(v.value()).map_err(|source| RecordError::Damaged {
-                path: self.path.clone(),
-                sku: sku.to_string(),
-                source,
-            })?;
-            f(&sku, &rec);
+            match decode(key, v.value()) {
+                Ok(rec) => f(&sku, &rec),
+                Err(reason) => damaged(self.damaged(key, reason)),
+            }
         }
         for (sku, (_, rec)) in &overlay {
             if let Some(r) = rec {

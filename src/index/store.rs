@@ -42,6 +42,49 @@ pub enum StoreError {
     MissingBlob { sha256: String, path: PathBuf },
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    #[error(
+        "{path} is not a vitrine data directory: it has no MANIFEST.json and holds other files ({example}); pass a new or empty folder"
+    )]
+    NotADataDir { path: PathBuf, example: String },
+    #[error(
+        "data directory {path} has lost its MANIFEST.json but still holds data ({holds}); restore the manifest from a backup (`vitrine verify` checks it), nothing was changed"
+    )]
+    ManifestMissing { path: PathBuf, holds: String },
+}
+
+/// What a data directory holds besides its manifest (a writer creates these first).
+const LAYOUT: [&str; 6] = ["blobs", "indexes", "wal", "LOCK", super::records::RECORDS_FILE, "catalog"];
+
+/// Checks that `root`, if it exists, is a data directory or an empty folder: a folder of
+/// other files is refused (so a typo never turns someone's folder into an index), and so is
+/// a data directory whose manifest is gone (a writer would start an empty catalogue over it).
+pub fn check_layout(root: &Path) -> Result<(), StoreError> {
+    if !root.is_dir() || Manifest::path(root).exists() {
+        return Ok(());
+    }
+    let mut holds = Vec::new();
+    for entry in fs::read_dir(root).map_err(io_err("cannot read", root))? {
+        let entry = entry.map_err(io_err("cannot read", root))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !LAYOUT.contains(&name.as_str()) && !name.starts_with(".MANIFEST.json.tmp") {
+            return Err(StoreError::NotADataDir { path: root.to_path_buf(), example: name });
+        }
+        let path = entry.path();
+        let has_data = match name.as_str() {
+            "blobs" | "indexes" | "catalog" => fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()),
+            "wal" => fs::read_dir(&path)
+                .is_ok_and(|d| d.filter_map(Result::ok).any(|e| e.metadata().is_ok_and(|m| m.len() > 0))),
+            _ => false,
+        };
+        if has_data {
+            holds.push(format!("{name}/"));
+        }
+    }
+    if holds.is_empty() {
+        return Ok(());
+    }
+    holds.sort();
+    Err(StoreError::ManifestMissing { path: root.to_path_buf(), holds: holds.join(", ") })
 }
 
 fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
@@ -89,6 +132,7 @@ impl DataDir {
     /// it (e.g. "vitrine serve, pid 42, listening on 127.0.0.1:50051"); a second writer is
     /// refused with that text.
     pub fn open_writer(root: &Path, holder: &str) -> Result<Self, StoreError> {
+        check_layout(root)?;
         for sub in ["", "blobs", "indexes", "wal"] {
             let p = root.join(sub);
             fs::create_dir_all(&p).map_err(io_err("cannot create", &p))?;

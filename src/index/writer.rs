@@ -59,14 +59,12 @@ pub enum WriterError {
     #[error("segment {id} of {version}: {source}")]
     Segment { version: ModelVersion, id: SegmentId, source: SegmentError },
     #[error(
-        "segment {id} of {version}: manifest says {expected} items of dimension {dim}, file {path} differs"
+        "segment {id} of {version}: manifest says {expected} items of dimension {dim} in {bytes} bytes, file {path} differs"
     )]
-    SegmentShape { version: ModelVersion, id: SegmentId, path: PathBuf, expected: u64, dim: u32 },
+    SegmentShape { version: ModelVersion, id: SegmentId, path: PathBuf, expected: u64, dim: u32, bytes: u64 },
     #[error("write-ahead log record {seq} cannot be replayed: {source}")]
     Replay { seq: u64, source: EntryError },
-    #[error(
-        "the index writer stopped after an earlier failure and takes no more writes (restart to recover): {reason}"
-    )]
+    #[error("the index writer takes no writes: {reason}")]
     Poisoned { reason: String },
     #[error("the index writer has shut down")]
     Closed,
@@ -210,11 +208,21 @@ impl<T> Reply<T> {
 }
 
 enum Msg {
-    Write { ops: Vec<WriteOp>, reply: Reply<Vec<Outcome>> },
-    Checkpoint { reply: Reply<u64> },
-    Admin { op: AdminOp, reply: Reply<u64> },
+    Write {
+        ops: Vec<WriteOp>,
+        reply: Reply<Vec<Outcome>>,
+    },
+    Checkpoint {
+        reply: Reply<u64>,
+    },
+    Admin {
+        op: AdminOp,
+        reply: Reply<u64>,
+    },
     Sealed(SealResult),
     Merged(MergeResult),
+    /// Take no more writes, for this reason (damage found outside the writer).
+    RefuseWrites(String),
     Stop,
 }
 
@@ -275,6 +283,37 @@ pub struct OpenReport {
     pub orphans_removed: usize,
     pub migrated: bool,
     pub secs: f64,
+    /// Damage found before serving: segments left out, damaged records. While any is listed
+    /// the writer takes no writes (a write could resurrect or lose what the damaged file
+    /// holds); searches serve what is intact.
+    pub integrity: Vec<IntegrityProblem>,
+}
+
+impl OpenReport {
+    /// Why writes are refused, if damage was found.
+    fn read_only_reason(&self) -> Option<String> {
+        let first = self.integrity.first()?;
+        Some(format!(
+            "the data directory failed its integrity check ({} problem{}, first: {first}); writes are refused until the damaged files are restored from a backup (`vitrine verify` lists them)",
+            self.integrity.len(),
+            if self.integrity.len() == 1 { "" } else { "s" },
+        ))
+    }
+}
+
+/// One piece of damage found when the writer opened the directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IntegrityProblem {
+    /// The model version and segment left out, for a damaged segment.
+    pub version: Option<ModelVersion>,
+    pub segment: Option<SegmentId>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for IntegrityProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
 }
 
 /// See the module docs.
@@ -349,6 +388,22 @@ impl IndexWriter {
             manifest.generation += 1;
             manifest.store(root)?;
         }
+        // Every segment is checked (header, footer and section checksums, size, deletion file)
+        // before anything is served from it, all segments at once. One that fails is left out
+        // and the writer refuses writes (see `integrity`), so nothing is lost or resurrected.
+        let mut opened: BTreeMap<(ModelVersion, SegmentId), Result<SealedSegment, WriterError>> = {
+            use rayon::prelude::*;
+            let jobs: Vec<(&ModelVersion, u32, &SegmentEntry)> = manifest
+                .indexes
+                .iter()
+                .flat_map(|(v, ix)| ix.segments.iter().map(move |e| (v, ix.dim, e)))
+                .collect();
+            jobs.par_iter()
+                .map(|&(v, dim, e)| ((v.clone(), e.id), open_sealed(&data, v, dim, e)))
+                .collect::<Vec<_>>()
+                .into_iter()
+                .collect()
+        };
         let mut versions = BTreeMap::new();
         for (version, ix) in &manifest.indexes {
             std::fs::create_dir_all(data.index_dir(version)).map_err(|source| StoreError::Io {
@@ -358,7 +413,17 @@ impl IndexWriter {
             })?;
             let mut sealed = Vec::with_capacity(ix.segments.len());
             for e in &ix.segments {
-                sealed.push(Arc::new(open_sealed(&data, version, ix.dim, e)?));
+                match opened.remove(&(version.clone(), e.id)).expect("every segment was opened") {
+                    Ok(seg) => sealed.push(Arc::new(seg)),
+                    Err(err) => {
+                        tracing::error!("left out of serving: {err}");
+                        report.integrity.push(IntegrityProblem {
+                            version: Some(version.clone()),
+                            segment: Some(e.id),
+                            reason: err.to_string(),
+                        });
+                    }
+                }
             }
             let mutable = Arc::new(MutableSegment::new(ix.dim as usize));
             versions.insert(
@@ -373,9 +438,19 @@ impl IndexWriter {
             );
         }
         let mut attrs = AttrIndex::new();
-        records.for_each(|sku, rec| {
-            attrs.upsert(sku.as_str(), &rec.attrs);
-        })?;
+        records.for_each_checked(
+            |sku, rec| {
+                attrs.upsert(sku.as_str(), &rec.attrs);
+            },
+            |err| {
+                tracing::error!("{err}");
+                report.integrity.push(IntegrityProblem {
+                    version: None,
+                    segment: None,
+                    reason: err.to_string(),
+                });
+            },
+        )?;
         let (wal, replayed) = Wal::open(&data.wal_dir(), manifest.wal_checkpoint)?;
         report.dropped_tail_bytes = replayed.dropped_tail_bytes;
         if replayed.dropped_tail_bytes > 0 {
@@ -402,7 +477,7 @@ impl IndexWriter {
             pending_seals: 0,
             merging: HashSet::new(),
             checkpoint_waiters: vec![],
-            poisoned: None,
+            poisoned: report.read_only_reason(),
         };
         report.replayed = replayed.records.len();
         for (seq, bytes) in replayed.records {
@@ -457,6 +532,12 @@ impl IndexWriter {
 
     pub fn open_report(&self) -> &OpenReport {
         &self.report
+    }
+
+    /// Makes the writer refuse every later write with `reason` (searches go on); for damage
+    /// its owner finds, such as an index whose model weights are not the ones loaded.
+    pub fn refuse_writes(&self, reason: String) {
+        let _ = self.tx.send(Msg::RefuseWrites(reason));
     }
 
     pub fn data(&self) -> &DataDir {
@@ -559,15 +640,23 @@ fn open_sealed(
         id: e.id,
         source,
     })?;
-    if segment.len() as u64 != e.count || segment.dim() != dim as usize {
+    // The size first: a file of another length is not the one the manifest names.
+    let shape_ok = |s: &Segment| s.len() as u64 == e.count && s.dim() == dim as usize;
+    if segment.file_len() != e.bytes || !shape_ok(&segment) {
         return Err(WriterError::SegmentShape {
             version: version.clone(),
             id: e.id,
             path,
             expected: e.count,
             dim,
+            bytes: e.bytes,
         });
     }
+    segment.verify_checksums().map_err(|source| WriterError::Segment {
+        version: version.clone(),
+        id: e.id,
+        source,
+    })?;
     let deleted = match e.deletes {
         Some(d) => {
             let set = DeleteSet::load(&data.deletes_path(version, e.id, d.generation), segment.len())?;
@@ -694,6 +783,13 @@ impl State {
                     }
                     Msg::Sealed(r) => self.commit_seal(r),
                     Msg::Merged(r) => self.commit_merge(r),
+                    Msg::RefuseWrites(reason) => {
+                        if !writes.is_empty() {
+                            self.process_writes(std::mem::take(&mut writes));
+                        }
+                        tracing::error!("index writer takes no more writes: {reason}");
+                        self.poisoned.get_or_insert(reason);
+                    }
                     Msg::Stop => {
                         if !writes.is_empty() {
                             self.process_writes(std::mem::take(&mut writes));
@@ -710,7 +806,8 @@ impl State {
 
     fn poison(&mut self, why: &WriterError) {
         tracing::error!("index writer failed, refusing further writes: {why}");
-        self.poisoned.get_or_insert_with(|| why.to_string());
+        self.poisoned
+            .get_or_insert_with(|| format!("it stopped after a failure (restart to recover): {why}"));
     }
 
     /// Decides, logs (one frame, one fsync), applies and answers a group of write requests.

@@ -37,14 +37,7 @@ pub enum ImageFileError {
 
 /// A path for a message: at most 200 characters (the start and the end kept).
 pub fn shorten(p: &Path) -> String {
-    let s = p.display().to_string();
-    let chars: Vec<char> = s.chars().collect();
-    if chars.len() <= 200 {
-        return s;
-    }
-    let head: String = chars[..120].iter().collect();
-    let tail: String = chars[chars.len() - 60..].iter().collect();
-    format!("{head}...({} characters)...{tail}", chars.len())
+    crate::ids::shorten(&p.display().to_string(), 200)
 }
 
 impl ImagePolicy {

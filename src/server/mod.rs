@@ -12,6 +12,7 @@ pub mod filter;
 pub mod rollout;
 mod writes;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -92,6 +93,10 @@ pub struct ServerState {
     /// Set when the server stops taking requests: background work (backfill, shadow queries)
     /// ends at its next step so the writer can be closed and its lock released.
     closing: std::sync::atomic::AtomicBool,
+    /// See [`ServerState::problems`].
+    problems: Vec<String>,
+    /// Model versions not served, and why.
+    unservable: BTreeMap<ModelVersion, String>,
 }
 
 impl ServerState {
@@ -120,18 +125,33 @@ impl ServerState {
             secs = report.secs,
             "index writer open"
         );
+        let mut problems: Vec<String> = report.integrity.iter().map(ToString::to_string).collect();
+        let mut unservable = BTreeMap::new();
         for (v, view) in &writer.live().versions {
-            let enc = models.get(v).map_err(|e| anyhow::anyhow!("cannot load model {v}: {e}"))?;
-            if enc.dim() != view.dim || enc.manifest().sha256 != view.weights_sha256 {
-                anyhow::bail!(
+            let why = match models.get(v) {
+                Err(e) => format!("model {v} cannot be loaded: {e}"),
+                Ok(enc) if enc.dim() != view.dim || enc.manifest().sha256 != view.weights_sha256 => format!(
                     "model {v} in {} (dim {}, weights {}) is not the one its index was built with (dim {}, weights {})",
                     models.root().display(),
                     enc.dim(),
                     enc.manifest().sha256,
                     view.dim,
                     view.weights_sha256
-                );
-            }
+                ),
+                Ok(_) => continue,
+            };
+            // Its vectors would be compared with queries embedded by other weights: not served,
+            // and no writes (image upserts would be embedded with the wrong model).
+            tracing::error!("not served: {why}");
+            writer.refuse_writes(format!("{why}; restore the model or its index"));
+            problems.push(why.clone());
+            unservable.insert(v.clone(), why);
+        }
+        if !problems.is_empty() {
+            tracing::error!(
+                problems = problems.len(),
+                "serving DEGRADED: what is damaged is left out and writes are refused; run `vitrine verify`"
+            );
         }
         writer.live().versions.values().for_each(|v| v.sealed.iter().for_each(|s| s.segment.warm()));
         config.guardrail.validate()?;
@@ -148,7 +168,24 @@ impl ServerState {
             admission: Admission::new(&config.admission),
             rollout,
             closing: Default::default(),
+            problems,
+            unservable,
         })
+    }
+
+    /// Damage found at start (segments left out, damaged records, model versions not served);
+    /// empty when the directory is intact.
+    pub fn problems(&self) -> &[String] {
+        &self.problems
+    }
+
+    /// Refuses a search on a model version that is not served (its weights differ from the
+    /// loaded model's).
+    pub fn check_servable(&self, version: &ModelVersion) -> Result<(), ServiceError> {
+        match self.unservable.get(version) {
+            Some(why) => Err(ServiceError::FailedPrecondition(format!("not served: {why}"))),
+            None => Ok(()),
+        }
     }
 
     /// Whether the server is shutting down (background work should stop at its next step).
@@ -307,6 +344,7 @@ impl VisualSearch for VisualSearchService {
             return Err(ServiceError::InvalidArgument("image is empty".into()).into());
         }
         let route = self.state.rollout.route(&self.state.live(), &req.routing_key)?;
+        self.state.check_servable(&route.primary.version)?;
         let image = Arc::new(req.image);
         let result =
             self.state.embed_and_search(&route.primary, Arc::clone(&image), Arc::clone(&o), route.arm).await;
@@ -339,6 +377,7 @@ impl VisualSearch for VisualSearchService {
             ModelVersion::new(req.model_version).map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         let live = self.state.live();
         let view = Arc::clone(live.version(&version).map_err(ServiceError::from)?);
+        self.state.check_servable(&version)?;
         let _permit = self.state.admission.admit(Work::Search).await?;
         let state = Arc::clone(&self.state);
         let resp = blocking("search", move || state.search(&view, &req.vector, &o, None)).await??;
@@ -356,6 +395,7 @@ impl VisualSearch for VisualSearchService {
             return Err(ServiceError::InvalidArgument("sku is required".into()).into());
         }
         let route = self.state.rollout.route(&self.state.live(), &req.routing_key)?;
+        self.state.check_servable(&route.primary.version)?;
         let _permit = self.state.admission.admit(Work::Search).await?;
         let result = {
             let (state, primary, arm, o, sku) = (
@@ -426,6 +466,8 @@ impl VisualSearch for VisualSearchService {
             serving_model_version: live.serving.as_ref().map(ToString::to_string).unwrap_or_default(),
             models,
             manifest_generation: live.generation,
+            degraded: !self.state.problems().is_empty(),
+            problems: self.state.problems().to_vec(),
         }))
     }
 
@@ -586,6 +628,10 @@ impl Rollouts for RolloutsService {
     }
 }
 
+/// The health service name that reports damage found at start: NOT_SERVING while degraded
+/// (see `IndexInfo.degraded`); the search service itself stays SERVING for what is intact.
+pub const INTEGRITY_HEALTH: &str = "vitrine.integrity";
+
 /// How long a stopping server waits for background work before it gives up closing the writer.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(60);
 
@@ -614,6 +660,12 @@ pub async fn serve(
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VisualSearchServer<VisualSearchService>>().await;
+    let integrity = if state.problems().is_empty() {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    health_reporter.set_service_status(INTEGRITY_HEALTH, integrity).await;
     // Reflection in both versions: older clients (grpcurl 1.8) only speak v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
