@@ -12,10 +12,8 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use vitrine::ids::SkuId;
-use vitrine::segment::synth::{SplitMix64, Structured};
-use vitrine::segment::{
-    DEFAULT_EF_SEARCH, GraphLayout, HnswParams, Segment, write_segment, write_segment_with_graph,
-};
+use vitrine::segment::synth::{Structured, random_segment};
+use vitrine::segment::{DEFAULT_EF_SEARCH, HnswParams, Segment, write_segment};
 
 const DIM: usize = 128;
 const M: usize = 16;
@@ -39,52 +37,8 @@ fn cached(path: &Path, make: impl FnOnce(&Path)) {
     make(path);
 }
 
-/// Random unit vectors and a random graph with HNSW's shape (geometric levels, degree 2M on
-/// layer 0, M above).
 fn write_random_segment(path: &Path, n: usize) {
-    let mut rng = SplitMix64::new(n as u64);
-    let mut vectors = Vec::with_capacity(n * DIM);
-    for _ in 0..n {
-        let row: Vec<f64> = (0..DIM).map(|_| rng.gaussian()).collect();
-        let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
-        vectors.extend(row.iter().map(|x| (x / norm) as f32));
-    }
-    let inv_ln_m = 1.0 / (M as f64).ln();
-    let levels: Vec<u8> =
-        (0..n).map(|_| ((-(1.0 - rng.next_f64()).ln() * inv_ln_m).floor() as u8).min(15)).collect();
-    let max_level = *levels.iter().max().expect("n > 0");
-    let on_layer: Vec<Vec<u32>> =
-        (0..=max_level).map(|l| (0..n as u32).filter(|&i| levels[i as usize] >= l).collect()).collect();
-    let mut pick = |pool: &[u32], me: u32, slots: usize, out: &mut Vec<u32>| {
-        let start = out.len();
-        for _ in 0..slots {
-            let cand = pool[rng.below(pool.len() as u64) as usize];
-            if cand != me && !out[start..].contains(&cand) {
-                out.push(cand);
-            }
-        }
-        out.resize(start + slots, u32::MAX);
-    };
-    let mut layer0 = Vec::with_capacity(n * 2 * M);
-    let mut upper = Vec::new();
-    for i in 0..n as u32 {
-        pick(&on_layer[0], i, 2 * M, &mut layer0);
-        for l in 1..=levels[i as usize] {
-            pick(&on_layer[l as usize], i, M, &mut upper);
-        }
-    }
-    let entry_point = on_layer[max_level as usize][0];
-    let graph = GraphLayout {
-        dim: DIM,
-        m: M,
-        ef_construction: 0,
-        vectors: &vectors,
-        levels: &levels,
-        layer0: &layer0,
-        upper: &upper,
-        entry_point,
-    };
-    write_segment_with_graph(path, &graph, &skus(n)).expect("write random segment");
+    random_segment(path, n, DIM, M, n as u64).expect("write random segment");
 }
 
 fn open_time(c: &mut Criterion) {

@@ -96,7 +96,7 @@ impl ModelVersion {
             && raw.len() <= 64
             && raw.chars().next().is_some_and(|c| c.is_ascii_alphanumeric())
             && raw.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-        if ok { Ok(Self(raw)) } else { Err(IdError::BadModelVersion(raw)) }
+        if ok { Ok(Self(raw)) } else { Err(IdError::BadModelVersion(shorten(&raw, 80))) }
     }
 
     pub fn as_str(&self) -> &str {

@@ -23,8 +23,14 @@ pub const PIPELINE: &str =
 pub const MAX_PIXELS: u64 = 40_000_000;
 /// Longest side accepted, whatever the pixel count.
 pub const MAX_SIDE: u32 = 32_768;
-/// Most memory a decoder may allocate.
-const MAX_DECODER_ALLOC: u64 = 512 * 1024 * 1024;
+/// Most bytes an image's decoded pixels may take (width x height x bytes per pixel of its own
+/// colour type): a 40-megapixel 8-bit RGB photo fits, a 16-bit RGBA image of as many pixels
+/// (323 KB as a PNG, 320 MB decoded) does not. Preprocessing holds at most about twice this
+/// (the decoded image and its 8-bit conversion), so one decode's memory is bounded by
+/// `2 * MAX_DECODED_BYTES`, and a server's by that times its concurrent embeddings.
+pub const MAX_DECODED_BYTES: u64 = 128 << 20;
+/// Most memory a decoder may allocate (the pixels plus the decoder's own buffers).
+const MAX_DECODER_ALLOC: u64 = MAX_DECODED_BYTES + (32 << 20);
 /// Images whose shorter side is at least this many times the input size are first shrunk with
 /// a cheap area average to twice the input size, then resized properly.
 const PRESHRINK_FACTOR: u32 = 4;
@@ -66,6 +72,14 @@ pub enum PreprocessError {
     TooLarge { width: u32, height: u32 },
     #[error("image has no pixels ({width}x{height})")]
     ZeroSize { width: u32, height: u32 },
+    #[error(
+        "image is {width}x{height} pixels of {bytes_per_pixel} bytes: {decoded} bytes decoded, over the {max}-byte decoding budget",
+        decoded = u64::from(*width) * u64::from(*height) * u64::from(*bytes_per_pixel),
+        max = MAX_DECODED_BYTES
+    )]
+    OverBudget { width: u32, height: u32, bytes_per_pixel: u8 },
+    #[error("image is truncated: {0}")]
+    Truncated(&'static str),
     #[error("image exceeds the decoder's memory limit: {0}")]
     DecoderLimit(#[source] ImageError),
     #[error("image is corrupt or truncated: {0}")]
@@ -108,13 +122,48 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
     let mut limits = Limits::default();
     limits.max_alloc = Some(MAX_DECODER_ALLOC);
     reader.limits(limits);
+    check_complete(format, bytes)?;
     let mut decoder = reader.into_decoder().map_err(classify_error)?;
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height)?;
+    let bytes_per_pixel = decoder.color_type().bytes_per_pixel();
+    if u64::from(width) * u64::from(height) * u64::from(bytes_per_pixel) > MAX_DECODED_BYTES {
+        return Err(PreprocessError::OverBudget { width, height, bytes_per_pixel });
+    }
     let orientation = decoder.orientation().map_err(classify_error)?;
     let mut image = DynamicImage::from_decoder(decoder).map_err(classify_error)?;
     image.apply_orientation(orientation);
     Ok(image)
+}
+
+/// Refuses files that end before their format says they do. Decoders differ: the PNG one
+/// fails on a missing chunk, but the JPEG one fills a cut-off scan with grey and WebP may
+/// decode a partial file, so those two are checked from their framing here.
+fn check_complete(format: ImageFormat, bytes: &[u8]) -> Result<(), PreprocessError> {
+    match format {
+        ImageFormat::Jpeg => {
+            // The end-of-image marker must follow the last start-of-scan (scan data never holds
+            // FF D9 or FF DA: the encoder stuffs every FF byte with 00). Bytes after the EOI
+            // (some cameras append data) are allowed.
+            let last = |marker: u8| bytes.windows(2).rposition(|w| w == [0xFF, marker]);
+            match (last(0xDA), last(0xD9)) {
+                (Some(sos), Some(eoi)) if eoi > sos => Ok(()),
+                (None, _) => {
+                    Err(PreprocessError::Truncated("JPEG without image data (no start-of-scan marker)"))
+                }
+                _ => Err(PreprocessError::Truncated("JPEG ends before its end-of-image marker")),
+            }
+        }
+        ImageFormat::WebP => {
+            let declared =
+                bytes.get(4..8).map(|b| u64::from(u32::from_le_bytes(b.try_into().expect("4 bytes"))));
+            match declared {
+                Some(size) if bytes.len() as u64 >= size + 8 => Ok(()),
+                _ => Err(PreprocessError::Truncated("WebP file shorter than its RIFF header says")),
+            }
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Refuses empty images and images over the pixel budget, from their header dimensions.
@@ -205,6 +254,43 @@ mod tests {
         let mut out = Vec::new();
         image.write_to(&mut Cursor::new(&mut out), ImageFormat::Png).unwrap();
         out
+    }
+
+    #[test]
+    fn truncated_jpeg_and_webp_are_refused() {
+        let jpeg = std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/data/bad/ok-2.jpg")).unwrap();
+        assert!(preprocess(&jpeg, 224, &NORM).is_ok());
+        let mut trailing = jpeg.clone();
+        trailing.extend_from_slice(b"camera trailer");
+        assert!(preprocess(&trailing, 224, &NORM).is_ok(), "bytes after the end marker are allowed");
+        for cut in [jpeg.len() / 3, jpeg.len() / 2, jpeg.len() * 9 / 10, jpeg.len() - 2, jpeg.len() - 1] {
+            let err = preprocess(&jpeg[..cut], 224, &NORM).unwrap_err();
+            assert!(matches!(err, PreprocessError::Truncated(_)), "cut at {cut}: {err:?}");
+            assert!(err.to_string().contains("truncated"), "{err}");
+        }
+        let mut webp = Vec::new();
+        DynamicImage::ImageRgb8(RgbImage::new(32, 32))
+            .write_to(&mut Cursor::new(&mut webp), ImageFormat::WebP)
+            .unwrap();
+        assert!(preprocess(&webp, 224, &NORM).is_ok());
+        let err = preprocess(&webp[..webp.len() - 3], 224, &NORM).unwrap_err();
+        assert!(matches!(err, PreprocessError::Truncated(_)), "{err:?}");
+    }
+
+    #[test]
+    fn decoded_size_is_budgeted_before_decoding() {
+        // A 16-bit RGBA PNG claiming 6324 x 6324 pixels: under the pixel limit, but 320 MB
+        // decoded. Refused from its header, before any pixel is allocated.
+        let small = DynamicImage::ImageRgba16(image::ImageBuffer::new(8, 8));
+        let bomb = png_with_claimed_size(&png_bytes(&small), 6324, 6324);
+        let err = preprocess(&bomb, 224, &NORM).unwrap_err();
+        assert!(matches!(err, PreprocessError::OverBudget { bytes_per_pixel: 8, .. }), "{err:?}");
+        assert!(err.to_string().contains("decoding budget"), "{err}");
+        // The same pixel count at 8 bits per RGB channel fits the budget (refused here only
+        // because the claimed pixels are missing).
+        let rgb =
+            png_with_claimed_size(&png_bytes(&DynamicImage::ImageRgb8(RgbImage::new(8, 8))), 6324, 6324);
+        assert!(!matches!(preprocess(&rgb, 224, &NORM), Err(PreprocessError::OverBudget { .. })));
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! Uniform random vectors make any ANN index look broken (no neighbourhood structure); real
 //! embeddings live near a low-dimensional manifold, which this imitates.
 
+use std::path::Path;
+
+use super::{GraphLayout, SegmentError, SegmentStats, write_segment_with_graph};
+use crate::ids::SkuId;
+
 /// SplitMix64: a tiny, seedable, well-mixed PRNG (no external crate needed).
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);
@@ -79,6 +84,61 @@ impl Structured {
         }
         out
     }
+}
+
+/// Random unit vectors and a random graph with HNSW's shape (geometric levels, degree 2M on
+/// layer 0, M above).
+pub fn random_segment(
+    path: &Path,
+    n: usize,
+    dim: usize,
+    m: usize,
+    seed: u64,
+) -> Result<SegmentStats, SegmentError> {
+    let mut rng = SplitMix64::new(seed);
+    let mut vectors = Vec::with_capacity(n * dim);
+    for _ in 0..n {
+        let row: Vec<f64> = (0..dim).map(|_| rng.gaussian()).collect();
+        let norm = row.iter().map(|x| x * x).sum::<f64>().sqrt();
+        vectors.extend(row.iter().map(|x| (x / norm) as f32));
+    }
+    let inv_ln_m = 1.0 / (m as f64).ln();
+    let levels: Vec<u8> =
+        (0..n).map(|_| ((-(1.0 - rng.next_f64()).ln() * inv_ln_m).floor() as u8).min(15)).collect();
+    let max_level = *levels.iter().max().expect("n > 0");
+    let on_layer: Vec<Vec<u32>> =
+        (0..=max_level).map(|l| (0..n as u32).filter(|&i| levels[i as usize] >= l).collect()).collect();
+    let mut pick = |pool: &[u32], me: u32, slots: usize, out: &mut Vec<u32>| {
+        let start = out.len();
+        for _ in 0..slots {
+            let cand = pool[rng.below(pool.len() as u64) as usize];
+            if cand != me && !out[start..].contains(&cand) {
+                out.push(cand);
+            }
+        }
+        out.resize(start + slots, u32::MAX);
+    };
+    let mut layer0 = Vec::with_capacity(n * 2 * m);
+    let mut upper = Vec::new();
+    for i in 0..n as u32 {
+        pick(&on_layer[0], i, 2 * m, &mut layer0);
+        for l in 1..=levels[i as usize] {
+            pick(&on_layer[l as usize], i, m, &mut upper);
+        }
+    }
+    let entry_point = on_layer[max_level as usize][0];
+    let graph = GraphLayout {
+        dim,
+        m,
+        ef_construction: 0,
+        vectors: &vectors,
+        levels: &levels,
+        layer0: &layer0,
+        upper: &upper,
+        entry_point,
+    };
+    let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("sku-{i:08}")).expect("valid sku")).collect();
+    write_segment_with_graph(path, &graph, &skus)
 }
 
 #[cfg(test)]

@@ -8,6 +8,15 @@ use super::ServiceError;
 
 /// The filter a request's options carry (message conditions AND expressions); `None` if empty.
 pub fn from_options(o: &proto::SearchOptions) -> Result<Option<Filter>, ServiceError> {
+    // Counted before anything is parsed: a huge request costs no more than this check.
+    let count = o.filter.as_ref().map_or(0, |f| f.must.len()) + o.filter_exprs.len();
+    if count > crate::index::filter::MAX_CONDITIONS {
+        return Err(crate::index::filter::FilterError::TooManyConditions {
+            count,
+            max: crate::index::filter::MAX_CONDITIONS,
+        }
+        .into());
+    }
     let mut conditions = Vec::new();
     if let Some(f) = &o.filter {
         for (i, c) in f.must.iter().enumerate() {
@@ -38,7 +47,7 @@ fn condition(i: usize, c: &proto::Condition) -> Result<Condition, ServiceError> 
         None => {
             return Err(ServiceError::InvalidArgument(format!(
                 "filter condition {i} (key {:?}) has no test: set any_of or range",
-                c.key
+                crate::ids::shorten(&c.key, 64)
             )));
         }
     };

@@ -240,6 +240,36 @@ fn options(o: Option<proto::SearchOptions>) -> Result<Options, ServiceError> {
     Ok(Options { k: k as usize, ef: o.ef as usize, filter })
 }
 
+/// Longest routing key accepted (it is hashed to pick a rollout arm).
+pub const MAX_ROUTING_KEY_BYTES: usize = 256;
+
+/// A request's SKU, validated before any work; the message echoes at most 64 characters of it.
+fn request_sku(raw: &str) -> Result<SkuId, ServiceError> {
+    parse_sku(raw).map_err(ServiceError::InvalidArgument)
+}
+
+/// [`SkuId::new`] with a message fit for a client: it echoes at most 64 characters.
+pub(crate) fn parse_sku(raw: &str) -> Result<SkuId, String> {
+    SkuId::new(raw).map_err(|e| {
+        let e = match e {
+            crate::ids::IdError::SkuControlChar(_) => "it contains a control character".to_string(),
+            other => other.to_string(),
+        };
+        format!("invalid sku {:?}: {e}", crate::ids::shorten(raw, 64))
+    })
+}
+
+/// Checks a search's routing key and image size before any work.
+fn check_routing_key(key: &str) -> Result<(), ServiceError> {
+    if key.len() > MAX_ROUTING_KEY_BYTES {
+        return Err(ServiceError::InvalidArgument(format!(
+            "routing_key is {} bytes; the limit is {MAX_ROUTING_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
 /// A Delete or Get request's SKUs, validated; the first bad one is named.
 fn sku_list(raw: &[String]) -> Result<Vec<SkuId>, ServiceError> {
     if raw.len() > MAX_SKUS_PER_REQUEST {
@@ -248,12 +278,7 @@ fn sku_list(raw: &[String]) -> Result<Vec<SkuId>, ServiceError> {
             raw.len()
         )));
     }
-    raw.iter()
-        .map(|s| {
-            SkuId::new(s.as_str())
-                .map_err(|e| ServiceError::InvalidArgument(format!("invalid sku {s:?}: {e}")))
-        })
-        .collect()
+    raw.iter().map(|s| request_sku(s)).collect()
 }
 
 impl ServerState {
@@ -343,6 +368,14 @@ impl VisualSearch for VisualSearchService {
         if req.image.is_empty() {
             return Err(ServiceError::InvalidArgument("image is empty".into()).into());
         }
+        if req.image.len() > MAX_IMAGE_BYTES {
+            return Err(ServiceError::InvalidArgument(format!(
+                "image is {} bytes; the limit is {MAX_IMAGE_BYTES}",
+                req.image.len()
+            ))
+            .into());
+        }
+        check_routing_key(&req.routing_key)?;
         let route = self.state.rollout.route(&self.state.live(), &req.routing_key)?;
         self.state.check_servable(&route.primary.version)?;
         let image = Arc::new(req.image);
@@ -394,6 +427,8 @@ impl VisualSearch for VisualSearchService {
         if req.sku.is_empty() {
             return Err(ServiceError::InvalidArgument("sku is required".into()).into());
         }
+        request_sku(&req.sku)?;
+        check_routing_key(&req.routing_key)?;
         let route = self.state.rollout.route(&self.state.live(), &req.routing_key)?;
         self.state.check_servable(&route.primary.version)?;
         let _permit = self.state.admission.admit(Work::Search).await?;
@@ -478,7 +513,10 @@ impl VisualSearch for VisualSearchService {
         let mut results = self.state.upsert_items(vec![req]).await?;
         match results.pop() {
             Some(Ok(outcome)) => Ok(Response::new(proto::UpsertResponse { sku, outcome: outcome as i32 })),
-            Some(Err(why)) => Err(ServiceError::InvalidArgument(format!("sku {sku:?}: {why}")).into()),
+            Some(Err(why)) => {
+                Err(ServiceError::InvalidArgument(format!("sku {:?}: {why}", crate::ids::shorten(&sku, 64)))
+                    .into())
+            }
             None => Err(ServiceError::Internal("no result for the upsert".into()).into()),
         }
     }

@@ -35,7 +35,7 @@ enum Payload {
 }
 
 fn validate(req: proto::UpsertRequest) -> Result<Item, String> {
-    let sku = SkuId::new(req.sku.clone()).map_err(|e| format!("invalid sku {:?}: {e}", req.sku))?;
+    let sku = super::parse_sku(&req.sku)?;
     let attrs = req.attrs.as_ref().map(attrs::from_struct).transpose()?;
     let payload = match req.payload {
         None => Payload::None,

@@ -1,0 +1,100 @@
+//! Hostile requests against a real server: every field is bounded and checked before any
+//! expensive work, with INVALID_ARGUMENT and a message that never echoes unbounded input.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tonic::Code;
+use tonic::transport::Channel;
+use vitrine::models::ModelRegistry;
+use vitrine::proto::visual_search_client::VisualSearchClient;
+use vitrine::proto::{self, SearchOptions};
+use vitrine::server::{MAX_IMAGE_BYTES, ServeConfig, serve};
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+async fn start(dir: &Path) -> (VisualSearchClient<Channel>, tokio::sync::oneshot::Sender<()>) {
+    let models =
+        Arc::new(ModelRegistry::new(repo().join("models"), vitrine::encoder::default_device().unwrap()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve(ServeConfig::new(dir), models, listener, async move {
+        let _ = rx.await;
+    }));
+    for _ in 0..600 {
+        if let Ok(c) = Channel::from_shared(url.clone()).unwrap().connect().await {
+            let mut client = VisualSearchClient::new(c).max_encoding_message_size(64 << 20);
+            if client.get_index_info(proto::GetIndexInfoRequest {}).await.is_ok() {
+                return (client, stop);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("server never came up");
+}
+
+/// The status is INVALID_ARGUMENT, short, and says `what`.
+#[track_caller]
+fn invalid(r: Result<impl std::fmt::Debug, tonic::Status>, what: &str) {
+    let s = r.expect_err("must be refused");
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().len() < 400, "message of {} bytes echoes the input", s.message().len());
+    assert!(s.message().contains(what), "{:?} lacks {what:?}", s.message());
+}
+
+fn by_sku(sku: &str) -> proto::SearchBySkuRequest {
+    proto::SearchBySkuRequest { sku: sku.into(), ..Default::default() }
+}
+
+fn by_image(image: Vec<u8>) -> proto::SearchByImageRequest {
+    proto::SearchByImageRequest { image, ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_are_refused_with_short_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut c, _stop) = start(dir.path()).await;
+    let huge = "S".repeat(1 << 20);
+    invalid(c.search_by_sku(by_sku(&huge)).await, "limit is 256");
+    invalid(c.search_by_sku(by_sku("MUG\u{7}042")).await, "control character");
+    invalid(c.delete(proto::DeleteRequest { skus: vec![huge.clone()] }).await, "invalid sku");
+    invalid(c.get(proto::GetRequest { skus: vec!["ok".into(), "\n".into()] }).await, "control character");
+    let mut req = by_sku("MUG-042");
+    req.routing_key = huge.clone();
+    invalid(c.search_by_sku(req).await, "routing_key");
+    let mut req = by_sku("MUG-042");
+    req.options = Some(SearchOptions { k: 1_000_000, ..Default::default() });
+    invalid(c.search_by_sku(req).await, "k = 1000000");
+    let mut req = by_sku("MUG-042");
+    req.options = Some(SearchOptions { filter_exprs: vec!["a=b".into(); 100_000], ..Default::default() });
+    invalid(c.search_by_sku(req).await, "conditions");
+    let mut req = by_sku("MUG-042");
+    req.options = Some(SearchOptions { filter_exprs: vec![format!("{huge}=v")], ..Default::default() });
+    invalid(c.search_by_sku(req).await, "filter");
+
+    let upsert = |sku: &str, version: &str| proto::UpsertRequest {
+        sku: sku.into(),
+        attrs: None,
+        payload: Some(proto::upsert_request::Payload::Vector(proto::VectorPayload {
+            model_version: version.into(),
+            values: vec![1.0; 4],
+        })),
+    };
+    invalid(c.upsert(upsert(&huge, "efficientnet-lite0")).await, "invalid sku");
+    invalid(c.upsert(upsert("MUG-042", &huge)).await, "model version");
+
+    // Images: the size limit is the image's, checked before decoding; truncated and
+    // decode-memory bombs are refused.
+    invalid(c.search_by_image(by_image(vec![0xFF; MAX_IMAGE_BYTES + 1])).await, "limit is");
+    let jpeg = std::fs::read(repo().join("data/bad/ok-2.jpg")).unwrap();
+    invalid(c.search_by_image(by_image(jpeg[..jpeg.len() * 2 / 3].to_vec())).await, "truncated");
+    let mut png = Vec::new();
+    image::DynamicImage::ImageRgba16(image::ImageBuffer::new(6324, 6324))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    assert!(png.len() < 2 << 20, "{} bytes", png.len());
+    invalid(c.search_by_image(by_image(png)).await, "decoding budget");
+}
