@@ -136,7 +136,8 @@ impl ClientArgs {
         };
         let mut endpoint = Endpoint::from(target.uri.clone()).connect_timeout(self.timeout).tcp_nodelay(true);
         if target.tls {
-            let mut tls = ClientTlsConfig::new().timeout(self.timeout);
+            // No handshake timeout of its own: the connect timeout below covers the handshake.
+            let mut tls = ClientTlsConfig::new();
             tls = match &self.ca {
                 Some(ca) => {
                     let pem =
@@ -233,7 +234,6 @@ pub fn status_error(addr: &str, s: Status) -> anyhow::Error {
     use tonic::Code;
     let hint = match s.code() {
         Code::Unauthenticated => " (pass --token or set VITRINE_TOKEN)",
-        Code::PermissionDenied => " (this needs a token with the write role)",
         Code::Unavailable | Code::Unknown | Code::Internal if addr.starts_with("http://") => {
             " (if the server serves TLS, use https:// and --ca)"
         }

@@ -86,7 +86,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             println!("\n== vitrine search --addr {url} --image {} -k 5", q.display());
             match client::search(&args).await {
                 Ok(resp) => client::print_hits(&resp, false),
-                Err(e) => eprintln!("query failed: {e:#}"),
+                Err(e) => eprintln!("query failed: {}", super::error_report(&e)),
             }
         }
         if a.exit {

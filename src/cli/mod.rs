@@ -323,21 +323,9 @@ pub async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
     Err(last.unwrap_or_else(|| anyhow::anyhow!("--listen {shown:?} resolves to no address")))
 }
 
-/// An error and its causes on one line, each cause once: `{e:#}` repeats a cause whose
-/// message its parent already embeds (as some library errors do).
+/// An error and its causes on one line, each cause once (see [`vitrine::report::Chain`]).
 pub fn error_report(e: &anyhow::Error) -> String {
-    let mut out = String::new();
-    for cause in e.chain() {
-        let msg = cause.to_string();
-        if msg.is_empty() || out.contains(&msg) {
-            continue;
-        }
-        if !out.is_empty() {
-            out.push_str(": ");
-        }
-        out.push_str(&msg);
-    }
-    out
+    vitrine::report::chain(e.as_ref())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -366,17 +354,12 @@ pub async fn shutdown_signal() {
 mod tests {
     use super::*;
 
-    #[derive(Debug, thiserror::Error)]
-    #[error("tcp connect error: {source}")]
-    struct Embeds {
-        source: std::io::Error,
-    }
-
     #[test]
     fn error_report_prints_each_cause_once() {
         let io = std::io::Error::other("connection refused");
-        let e = anyhow::Error::new(Embeds { source: io }).context("cannot connect to http://h:1");
-        assert_eq!(error_report(&e), "cannot connect to http://h:1: tcp connect error: connection refused");
+        let e =
+            anyhow::Error::new(io).context("tcp connect error: connection refused").context("cannot connect");
+        assert_eq!(error_report(&e), "cannot connect: tcp connect error: connection refused");
         let e = anyhow::anyhow!("inner").context("middle").context("outer");
         assert_eq!(error_report(&e), "outer: middle: inner");
     }

@@ -104,7 +104,7 @@ fn send_chunk(
             }
             Err(e) => counts.rejected.push(reject(
                 &row,
-                RejectReason::UnreadableImage { path: row.image.clone(), error: e.to_string() },
+                RejectReason::UnreadableImage { path: row.image.clone(), error: vitrine::report::chain(&e) },
             )),
         }
     }

@@ -5,11 +5,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Args;
 use vitrine::index::deletes::DeleteSet;
 use vitrine::index::manifest::Manifest;
 use vitrine::index::records::RecordStore;
 use vitrine::index::store::{DataDir, sha256_hex};
+use vitrine::report::Chain;
 use vitrine::segment::Segment;
 
 #[derive(Args)]
@@ -43,12 +45,12 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
             let seg = match Segment::open(&path) {
                 Ok(s) => s,
                 Err(err) => {
-                    report(format!("segment {} of {version}: {err}", e.id));
+                    report(format!("segment {} of {version}: {}", e.id, Chain(&err)));
                     continue;
                 }
             };
             if let Err(err) = seg.verify() {
-                report(format!("segment {} of {version}: {err}", e.id));
+                report(format!("segment {} of {version}: {}", e.id, Chain(&err)));
             }
             if seg.len() as u64 != e.count || seg.dim() != ix.dim as usize {
                 report(format!("segment {} of {version}: shape differs from the manifest", e.id));
@@ -62,7 +64,7 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
                         set.count(),
                         d.count
                     )),
-                    Err(err) => report(format!("segment {} of {version}: {err}", e.id)),
+                    Err(err) => report(format!("segment {} of {version}: {}", e.id, Chain(&err))),
                 }
             }
         }
@@ -77,7 +79,7 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
             match data.read_blob(sha) {
                 Ok(bytes) if sha256_hex(&bytes) == *sha => {}
                 Ok(_) => blob_problems.push(format!("sku {sku}: image blob {sha} does not match its hash")),
-                Err(e) => blob_problems.push(format!("sku {sku}: {e}")),
+                Err(e) => blob_problems.push(format!("sku {sku}: {}", Chain(&e))),
             }
         }
     })?;
@@ -122,7 +124,7 @@ fn skew(
     })?;
     let mut bad = 0;
     for (version, ix) in &manifest.indexes {
-        let enc = registry.get(version).map_err(|e| anyhow::anyhow!("cannot load model {version}: {e}"))?;
+        let enc = registry.get(version).with_context(|| format!("cannot load model {version}"))?;
         let mut segments = Vec::new();
         for e in ix.segments.iter().rev() {
             let seg = Segment::open(&data.segment_path(version, e.id))?;

@@ -66,9 +66,9 @@ pub enum PreprocessError {
     TooLarge { width: u32, height: u32 },
     #[error("image has no pixels ({width}x{height})")]
     ZeroSize { width: u32, height: u32 },
-    #[error("image exceeds the decoder's memory limit: {0}")]
+    #[error("image exceeds the decoder's memory limit")]
     DecoderLimit(#[source] ImageError),
-    #[error("image is corrupt or truncated: {0}")]
+    #[error("image is corrupt or truncated")]
     Decode(#[source] ImageError),
     #[error("input size {0} is outside 1..={max}", max = MAX_SIDE)]
     BadInputSize(u32),

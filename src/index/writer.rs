@@ -56,13 +56,13 @@ pub enum WriterError {
     Records(#[from] RecordError),
     #[error(transparent)]
     Deletes(#[from] DeletesError),
-    #[error("segment {id} of {version}: {source}")]
+    #[error("segment {id} of {version}")]
     Segment { version: ModelVersion, id: SegmentId, source: SegmentError },
     #[error(
         "segment {id} of {version}: manifest says {expected} items of dimension {dim}, file {path} differs"
     )]
     SegmentShape { version: ModelVersion, id: SegmentId, path: PathBuf, expected: u64, dim: u32 },
-    #[error("write-ahead log record {seq} cannot be replayed: {source}")]
+    #[error("write-ahead log record {seq} cannot be replayed")]
     Replay { seq: u64, source: EntryError },
     #[error(
         "the index writer stopped after an earlier failure and takes no more writes (restart to recover): {reason}"
@@ -709,8 +709,9 @@ impl State {
     }
 
     fn poison(&mut self, why: &WriterError) {
+        let why = crate::report::chain(why);
         tracing::error!("index writer failed, refusing further writes: {why}");
-        self.poisoned.get_or_insert_with(|| why.to_string());
+        self.poisoned.get_or_insert(why);
     }
 
     /// Decides, logs (one frame, one fsync), applies and answers a group of write requests.
@@ -794,7 +795,8 @@ impl State {
                             self.publish();
                         }
                         for (_, reply) in requests {
-                            let _ = reply.send(Err(WriterError::Poisoned { reason: e.to_string() }));
+                            let _ =
+                                reply.send(Err(WriterError::Poisoned { reason: crate::report::chain(&e) }));
                         }
                         return;
                     }
@@ -1224,7 +1226,7 @@ impl State {
             Err(e) => {
                 self.poison(&e);
                 for (_, reply) in waiters {
-                    let _ = reply.send(Err(WriterError::Poisoned { reason: e.to_string() }));
+                    let _ = reply.send(Err(WriterError::Poisoned { reason: crate::report::chain(&e) }));
                 }
             }
         }
@@ -1323,7 +1325,7 @@ impl State {
         }
         if let Err(e) = self.try_commit_merge(&r) {
             // A merge that fails changes nothing: the inputs stay live.
-            tracing::error!(version = %r.version, "merge failed, keeping its input segments: {e}");
+            tracing::error!(version = %r.version, "merge failed, keeping its input segments: {}", crate::report::Chain(&e));
             if let Ok(Some(file)) = &r.built {
                 let _ = self.shared.data.remove_file(&self.shared.data.segment_path(&r.version, file.id));
             }
@@ -1338,7 +1340,7 @@ impl State {
         }
         let built = match &r.built {
             Ok(b) => b,
-            Err(e) => return Err(WriterError::Poisoned { reason: e.to_string() }),
+            Err(e) => return Err(WriterError::Poisoned { reason: crate::report::chain(e) }),
         };
         let data = &self.shared.data;
         let v = &r.version;

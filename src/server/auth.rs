@@ -216,7 +216,7 @@ impl AuthPolicy {
             if needs == Role::Read && self.allow_anonymous_read {
                 return Ok(());
             }
-            return Err(Status::unauthenticated("this call needs a bearer token (--token or VITRINE_TOKEN)"));
+            return Err(Status::unauthenticated("this call needs a bearer token"));
         };
         let secret = bearer(header)
             .ok_or_else(|| Status::unauthenticated("the authorization header is not `Bearer TOKEN`"))?;

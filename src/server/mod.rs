@@ -138,7 +138,7 @@ impl ServerState {
     ) -> Result<Self, anyhow::Error> {
         let default = models
             .get(&config.default_model)
-            .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", config.default_model))?;
+            .with_context(|| format!("cannot load model {}", config.default_model))?;
         let mut wc = config.writer.clone();
         wc.holder = format!("vitrine serve (pid {}, listening on {addr})", std::process::id());
         wc.default_model = Some(ModelSpec {
@@ -155,7 +155,7 @@ impl ServerState {
             "index writer open"
         );
         for (v, view) in &writer.live().versions {
-            let enc = models.get(v).map_err(|e| anyhow::anyhow!("cannot load model {v}: {e}"))?;
+            let enc = models.get(v).with_context(|| format!("cannot load model {v}"))?;
             if enc.dim() != view.dim || enc.manifest().sha256 != view.weights_sha256 {
                 anyhow::bail!(
                     "model {v} in {} (dim {}, weights {}) is not the one its index was built with (dim {}, weights {})",
