@@ -397,6 +397,16 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_parses() {
+        let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let start = readme.find("# role  name").expect("the tokens example in README.md");
+        let block = &readme[start..start + readme[start..].find("```").unwrap()];
+        let tokens = Tokens::parse(block).unwrap();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(tokens.find(b"Zq0vY7h1kR3m9sT2wP5x").map(|e| e.role), Some(Role::Write));
+    }
+
+    #[test]
     fn exposure_needs_tokens_or_loopback_or_insecure() {
         let open = AuthPolicy::default();
         let any: SocketAddr = "0.0.0.0:50051".parse().unwrap();
