@@ -93,6 +93,7 @@ fn pki(dir: &Path) -> Pki {
 struct Server {
     child: Child,
     addr: SocketAddr,
+    log: PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -124,7 +125,7 @@ impl Server {
             if let Some(line) = text.lines().find(|l| l.contains("vitrine serving")) {
                 let at = line.find("addr=").expect("addr= in the serving line") + 5;
                 let addr = line[at..].split_whitespace().next().unwrap().parse().unwrap();
-                return Server { child, addr, _dir: dir };
+                return Server { child, addr, log, _dir: dir };
             }
             if let Some(status) = child.try_wait().unwrap() {
                 panic!("the server exited at start ({status}):\n{text}");
@@ -137,6 +138,10 @@ impl Server {
     fn port(&self) -> u16 {
         self.addr.port()
     }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
 }
 
 impl Drop for Server {
@@ -144,6 +149,15 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A catalogue of one row, SKU T-2, in `dir/cat`.
+fn one_row_catalog(dir: &Path) -> PathBuf {
+    let cat = dir.join("cat");
+    std::fs::create_dir(&cat).unwrap();
+    std::fs::copy(repo().join("tests/fixtures/chelsea.png"), cat.join("chelsea.png")).unwrap();
+    std::fs::write(cat.join("catalog.jsonl"), "{\"sku\": \"T-2\", \"image\": \"chelsea.png\"}\n").unwrap();
+    cat.join("catalog.jsonl")
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -196,11 +210,7 @@ fn tls_and_tokens_through_the_cli() {
     assert!(run_ok(WRITE_TOKEN, &["info"]).contains("1 live items"), "write implies read");
 
     // A catalogue streamed with ingest --addr (its own flag set) with the write token.
-    let cat = dir.path().join("cat");
-    std::fs::create_dir(&cat).unwrap();
-    std::fs::copy(repo().join("tests/fixtures/chelsea.png"), cat.join("chelsea.png")).unwrap();
-    std::fs::write(cat.join("catalog.jsonl"), "{\"sku\": \"T-2\", \"image\": \"chelsea.png\"}\n").unwrap();
-    let catalog = cat.join("catalog.jsonl");
+    let catalog = one_row_catalog(dir.path());
     let out = run_ok(WRITE_TOKEN, &["ingest", "--quiet", "--catalog", catalog.to_str().unwrap()]);
     assert!(out.contains("1 added"), "{out}");
 
@@ -274,6 +284,61 @@ fn plaintext_server_address_forms_and_no_fallback() {
         fails(&["info", "--addr", &format!("https://localhost:{port}"), "--ca", pki.ca.to_str().unwrap()]);
     assert!(e.contains("cannot connect") || e.contains("answered"), "{e}");
     assert!(!e.contains("manifest generation"));
+    let log = server.log();
+    assert!(log.contains("no tokens configured") && log.contains("loopback only"), "{log}");
+}
+
+/// With tokens, --allow-anonymous-read lets calls without a token read, not write; a wrong
+/// token is still refused.
+#[test]
+fn anonymous_reads_only_when_turned_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("write deploy {WRITE_TOKEN}\n")).unwrap();
+    let server =
+        Server::start("127.0.0.1:0", &["--tokens", tokens.to_str().unwrap(), "--allow-anonymous-read"]);
+    let addr = server.addr.to_string();
+    assert!(ok(&["info", "--addr", &addr]).contains("manifest generation"));
+    let e = fails(&["delete", "--addr", &addr, "--sku", "X"]);
+    assert!(e.contains("Unauthenticated"), "{e}");
+    let e = fails(&["info", "--addr", &addr, "--token", "wrong-token-3f9a8b7c6d5e"]);
+    assert!(e.contains("Unauthenticated"), "{e}");
+    assert!(ok(&["delete", "--addr", &addr, "--sku", "X", "--token", WRITE_TOKEN]).contains("missing 1"));
+    assert!(server.log().contains("--allow-anonymous-read"));
+}
+
+/// Unusable TLS files stop the server at start with the file named.
+#[test]
+fn unusable_tls_files_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let garbage = dir.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let data = dir.path().join("data");
+    let models = repo().join("models");
+    let serve = |cert: &Path, key: &Path| {
+        let args = [
+            "serve",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--models",
+            models.to_str().unwrap(),
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ];
+        fails(&args)
+    };
+    let missing = dir.path().join("missing.pem");
+    let e = serve(&missing, &garbage);
+    assert!(e.contains("cannot read TLS certificate") && e.contains("missing.pem"), "{e}");
+    let e = serve(&garbage, &garbage);
+    assert!(e.contains("garbage.pem") && e.contains("not usable"), "{e}");
+    let o =
+        vitrine(&["serve", "--data-dir", data.to_str().unwrap(), "--tls-cert", garbage.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "--tls-cert needs --tls-key: {}", stderr(&o));
 }
 
 #[test]
@@ -317,6 +382,22 @@ fn client_times_out_against_a_silent_server() {
         assert!(e.contains("within 1 s (--timeout)"), "{addr}: {e}");
         assert!(started.elapsed() < Duration::from_secs(20), "{addr}: took {:?}", started.elapsed());
     }
+    // A streamed ingest has no total deadline, but gives up once the server takes nothing.
+    let catalog = one_row_catalog(dir.path());
+    let started = Instant::now();
+    let addr = format!("127.0.0.1:{port}");
+    let e = fails(&[
+        "ingest",
+        "--quiet",
+        "--addr",
+        &addr,
+        "--catalog",
+        catalog.to_str().unwrap(),
+        "--timeout",
+        "1",
+    ]);
+    assert!(e.contains("sent no answer for 1 s (--timeout)"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
 }
 
 /// Each cause of an error is printed once (messages used to embed their source as well).

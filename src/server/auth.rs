@@ -223,12 +223,19 @@ impl AuthPolicy {
         let entry = self.tokens.find(secret).ok_or_else(|| Status::unauthenticated("unknown token"))?;
         if entry.role < needs {
             return Err(Status::permission_denied(format!(
-                "token {:?} has the {} role; {path} needs {needs}",
-                entry.name, entry.role
+                "token {:?} has the {} role; {} needs {needs}",
+                entry.name,
+                entry.role,
+                shown_path(path)
             )));
         }
         Ok(())
     }
+}
+
+/// A request's path as messages show it: at most 100 characters of it.
+fn shown_path(path: &str) -> String {
+    path.chars().take(100).collect()
 }
 
 /// The secret of a `Bearer TOKEN` header value (scheme case-insensitive).
@@ -306,7 +313,7 @@ where
         match self.policy.check(req.uri().path(), header) {
             Ok(()) => Box::pin(self.inner.call(req)),
             Err(status) => {
-                tracing::debug!(path = req.uri().path(), code = ?status.code(), "call refused");
+                tracing::debug!(path = shown_path(req.uri().path()), code = ?status.code(), "call refused");
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
         }
@@ -355,6 +362,9 @@ mod tests {
         assert_eq!(code(&p, search, Some(W)), Unauthenticated, "no scheme");
         assert_eq!(code(&p, search, Some("Bearer ")), Unauthenticated);
         assert_eq!(code(&p, "/grpc.health.v1.Health/Check", None), Ok);
+        let long = format!("/vitrine.v1.VisualSearch/{}", "x".repeat(10_000));
+        let refused = p.check(&long, Some(r.as_bytes())).unwrap_err();
+        assert!(refused.message().len() < 300, "the path is cut short: {}", refused.message().len());
         assert_eq!(
             code(&p, "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", None),
             Unauthenticated
