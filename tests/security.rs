@@ -280,10 +280,12 @@ fn plaintext_server_address_forms_and_no_fallback() {
     for addr in [format!("{host}:{port}"), format!("http://localhost:{port}")] {
         assert!(ok(&["info", "--addr", &addr]).contains("manifest generation"), "{addr}");
     }
-    let e =
-        fails(&["info", "--addr", &format!("https://localhost:{port}"), "--ca", pki.ca.to_str().unwrap()]);
-    assert!(e.contains("cannot connect") || e.contains("answered"), "{e}");
-    assert!(!e.contains("manifest generation"));
+    let https = format!("https://localhost:{port}");
+    let e = fails(&["info", "--addr", &https, "--ca", pki.ca.to_str().unwrap()]);
+    assert!(e.contains("cannot connect") && e.contains("does not speak TLS"), "{e}");
+    // A --ca file without a certificate is named, not silently ignored.
+    let e = fails(&["info", "--addr", &https, "--ca", pki.key.to_str().unwrap()]);
+    assert!(e.contains("holds no PEM certificate"), "{e}");
     let log = server.log();
     assert!(log.contains("no tokens configured") && log.contains("loopback only"), "{log}");
 }

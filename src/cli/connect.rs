@@ -65,6 +65,9 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+/// How a PEM certificate starts.
+const PEM_CERT: &[u8] = b"-----BEGIN CERTIFICATE-----";
+
 /// A parsed `--addr`.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Target {
@@ -142,6 +145,11 @@ impl ClientArgs {
                 Some(ca) => {
                     let pem =
                         std::fs::read(ca).with_context(|| format!("cannot read --ca {}", ca.display()))?;
+                    // tonic skips what it cannot parse: a file without a certificate would
+                    // only fail later, as an unknown issuer.
+                    if !pem.windows(PEM_CERT.len()).any(|w| w == PEM_CERT) {
+                        anyhow::bail!("--ca {} holds no PEM certificate", ca.display());
+                    }
                     tls.ca_certificate(Certificate::from_pem(pem))
                 }
                 None => tls.with_native_roots(),
@@ -153,7 +161,17 @@ impl ClientArgs {
         let addr = target.uri.to_string().trim_end_matches('/').to_string();
         let channel = match tokio::time::timeout(self.timeout, endpoint.connect()).await {
             Err(_) => anyhow::bail!("cannot connect to {addr} within {} (--timeout)", secs(self.timeout)),
-            Ok(r) => r.with_context(|| format!("cannot connect to {addr}"))?,
+            Ok(Ok(channel)) => channel,
+            Ok(Err(e)) => {
+                // rustls's words for a server that answered the TLS hello in plaintext.
+                let plaintext = target.tls && vitrine::report::chain(&e).contains("corrupt message");
+                let why = if plaintext {
+                    " (it does not speak TLS; for a plaintext server use http:// or HOST:PORT)"
+                } else {
+                    ""
+                };
+                return Err(anyhow::Error::new(e).context(format!("cannot connect to {addr}{why}")));
+            }
         };
         Ok(Conn { channel, bearer, timeout: self.timeout, addr })
     }
