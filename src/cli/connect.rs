@@ -127,10 +127,10 @@ impl ClientArgs {
     /// `--timeout`.
     pub async fn connect(&self, addr: &str) -> anyhow::Result<Conn> {
         let target = parse_addr(addr)?;
-        let bearer = match &self.token {
-            None => Bearer(None),
+        let bearer = match self.token.as_deref().map(str::trim) {
+            None | Some("") => Bearer(None),
             Some(t) => {
-                let mut v: MetadataValue<Ascii> = format!("Bearer {}", t.trim())
+                let mut v: MetadataValue<Ascii> = format!("Bearer {t}")
                     .parse()
                     .map_err(|_| anyhow::anyhow!("--token (or VITRINE_TOKEN) is not visible ASCII"))?;
                 v.set_sensitive(true);
@@ -155,10 +155,11 @@ impl ClientArgs {
                 None => tls.with_native_roots(),
             };
             endpoint = endpoint.tls_config(tls).context("TLS settings")?;
-        } else if self.ca.is_some() {
-            anyhow::bail!("--ca verifies https:// servers; {addr} is plaintext (use https://)");
         }
         let addr = target.uri.to_string().trim_end_matches('/').to_string();
+        if !target.tls && self.ca.is_some() {
+            anyhow::bail!("--ca verifies https:// servers; {addr} is plaintext (use https://)");
+        }
         let channel = match tokio::time::timeout(self.timeout, endpoint.connect()).await {
             Err(_) => anyhow::bail!("cannot connect to {addr} within {} (--timeout)", secs(self.timeout)),
             Ok(Ok(channel)) => channel,

@@ -3,7 +3,8 @@
 //! The server is its data directory's one writer: it opens an [`IndexWriter`] (lock, log
 //! replay) and answers searches from the writer's published [`LiveSet`], so a search that
 //! starts after a write's acknowledgement sees it. Handlers are thin: validate the request,
-//! call the index (and the encoder, on the blocking pool), convert back.
+//! call the index (and the encoder, on the blocking pool), convert back. Every call passes
+//! the bearer-token check of [`auth`] first; TLS is rustls through tonic.
 
 pub mod admission;
 pub mod attrs;
