@@ -14,6 +14,7 @@ pub mod index;
 pub mod ingest;
 pub mod models;
 pub mod proto;
+pub mod report;
 pub mod rollout;
 pub mod segment;
 pub mod server;

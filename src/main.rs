@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     match cli::run() {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cli::error_report(&e));
             ExitCode::FAILURE
         }
     }

@@ -1,21 +1,20 @@
-//! The gRPC client subcommands: `vitrine search` and `vitrine info`, and the connection and
-//! error helpers the other client commands share.
+//! The gRPC client subcommands: `vitrine search` and `vitrine info`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Args;
-use vitrine::proto::visual_search_client::VisualSearchClient;
 use vitrine::proto::{self, SearchOptions};
 use vitrine::server::attrs;
+
+use super::connect::ConnectArgs;
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("query").required(true).args(["image", "sku"])))]
 pub struct SearchArgs {
-    /// Server address.
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub server: ConnectArgs,
     /// Search with this image file.
     #[arg(long, value_name = "PATH")]
     pub image: Option<PathBuf>,
@@ -45,48 +44,33 @@ pub struct SearchArgs {
 
 #[derive(Args)]
 pub struct InfoArgs {
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub server: ConnectArgs,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
 }
 
-/// A server's error as a CLI error: its code and message.
-pub fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("server answered {:?}: {}", s.code(), s.message())
-}
-
-pub async fn connect(addr: &str) -> anyhow::Result<VisualSearchClient<tonic::transport::Channel>> {
-    let client = VisualSearchClient::connect(addr.to_string())
-        .await
-        .with_context(|| format!("cannot connect to {addr}"))?;
-    Ok(client.max_decoding_message_size(vitrine::server::MAX_REQUEST_BYTES))
-}
-
-/// Runs one search against a server and returns its answer.
-pub async fn search(addr: &str, a: &SearchArgs) -> anyhow::Result<proto::SearchResponse> {
+/// Runs one search against the server `a.server` names and returns its answer.
+pub async fn search(a: &SearchArgs) -> anyhow::Result<proto::SearchResponse> {
     for f in &a.filter {
         f.parse::<vitrine::index::filter::Condition>().map_err(|e| anyhow::anyhow!("--filter: {e}"))?;
     }
-    let mut client = connect(addr).await?;
+    let image = match &a.image {
+        Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?),
+        None => None,
+    };
+    let conn = a.server.client.connect(&a.server.addr).await?;
+    let mut client = conn.search();
     let options = Some(SearchOptions { k: a.k, ef: a.ef, filter: None, filter_exprs: a.filter.clone() });
-    let resp = if let Some(path) = &a.image {
-        let image = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        client
-            .search_by_image(proto::SearchByImageRequest {
-                image,
-                options,
-                routing_key: a.routing_key.clone(),
-            })
-            .await
+    if let Some(image) = image {
+        let req = proto::SearchByImageRequest { image, options, routing_key: a.routing_key.clone() };
+        conn.call(client.search_by_image(req)).await
     } else {
         let sku = a.sku.clone().unwrap_or_default();
-        client
-            .search_by_sku(proto::SearchBySkuRequest { sku, options, routing_key: a.routing_key.clone() })
-            .await
-    };
-    Ok(resp.map_err(status_error)?.into_inner())
+        let req = proto::SearchBySkuRequest { sku, options, routing_key: a.routing_key.clone() };
+        conn.call(client.search_by_sku(req)).await
+    }
 }
 
 pub fn to_json(resp: &proto::SearchResponse, with_attrs: bool) -> serde_json::Value {
@@ -117,7 +101,7 @@ pub fn print_hits(resp: &proto::SearchResponse, with_attrs: bool) {
 
 pub fn run_search(a: SearchArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let resp = rt.block_on(search(&a.addr, &a))?;
+    let resp = rt.block_on(search(&a))?;
     if a.json {
         println!("{}", to_json(&resp, a.attrs));
     } else {
@@ -129,9 +113,8 @@ pub fn run_search(a: SearchArgs) -> anyhow::Result<ExitCode> {
 pub fn run_info(a: InfoArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let info = rt.block_on(async {
-        let mut client = connect(&a.addr).await?;
-        let r = client.get_index_info(proto::GetIndexInfoRequest {}).await.map_err(status_error)?;
-        anyhow::Ok(r.into_inner())
+        let conn = a.server.client.connect(&a.server.addr).await?;
+        conn.call(conn.search().get_index_info(proto::GetIndexInfoRequest {})).await
     })?;
     if a.json {
         let models: Vec<_> = info

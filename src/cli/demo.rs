@@ -40,6 +40,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     let ingest = IngestArgs {
         data_dir: Some(a.data_dir.clone()),
         addr: None,
+        client: super::connect::ClientArgs::default(),
         catalog: a.catalog.clone(),
         format: None,
         model: vitrine::models::DEFAULT_MODEL.to_string(),
@@ -72,7 +73,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         let url = format!("http://{addr}");
         for q in &a.query {
             let args = client::SearchArgs {
-                addr: url.clone(),
+                server: super::connect::ConnectArgs { addr: url.clone(), client: super::connect::ClientArgs::default() },
                 image: Some(q.clone()),
                 sku: None,
                 k: 5,
@@ -83,9 +84,9 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
                 routing_key: String::new(),
             };
             println!("\n== vitrine search --addr {url} --image {} -k 5", q.display());
-            match client::search(&url, &args).await {
+            match client::search(&args).await {
                 Ok(resp) => client::print_hits(&resp, false),
-                Err(e) => eprintln!("query failed: {e:#}"),
+                Err(e) => eprintln!("query failed: {}", super::error_report(&e)),
             }
         }
         if a.exit {

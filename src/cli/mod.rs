@@ -1,13 +1,13 @@
 //! Command-line parsing and the subcommands; each returns an exit code or an error with context.
 
 mod client;
+mod connect;
 mod demo;
 mod remote_ingest;
 mod rollout;
 mod verify;
 mod write_client;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -78,9 +78,12 @@ pub struct IngestArgs {
     /// Write this data directory directly (created if missing); refused while a server holds it.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Stream the catalogue to the server at this address (e.g. http://127.0.0.1:50051).
-    #[arg(long, value_name = "URL")]
+    /// Stream the catalogue to the server at this address: HOST:PORT, http://HOST:PORT or
+    /// https://HOST:PORT.
+    #[arg(long, value_name = "ADDR")]
     pub addr: Option<String>,
+    #[command(flatten)]
+    pub client: connect::ClientArgs,
     /// The catalogue file: JSONL (sku, image, attrs) or CSV (sku, image, other columns).
     #[arg(long, value_name = "FILE")]
     pub catalog: PathBuf,
@@ -138,8 +141,24 @@ pub(crate) fn ingest_exit(accepted: u64, rejected: usize, a: &IngestArgs) -> Exi
 pub struct ServeArgs {
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
-    #[arg(long, default_value = "127.0.0.1:50051")]
-    pub listen: SocketAddr,
+    /// Address to listen on: HOST:PORT, where HOST is an IP address or a name (localhost).
+    #[arg(long, default_value = "127.0.0.1:50051", value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Serve TLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Bearer tokens file: one `ROLE NAME TOKEN` a line, ROLE read or write (README, Security).
+    #[arg(long, value_name = "FILE", env = "VITRINE_TOKENS_FILE")]
+    pub tokens: Option<PathBuf>,
+    /// With --tokens, let calls without a token search and read (writes still need one).
+    #[arg(long, requires = "tokens")]
+    pub allow_anonymous_read: bool,
+    /// Serve a non-loopback address without tokens: anyone who reaches it may write.
+    #[arg(long)]
+    pub insecure: bool,
     #[command(flatten)]
     pub models: ModelArgs,
     /// Model version indexed when the data directory has none yet.
@@ -269,14 +288,44 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     config.writer.seal_items = a.seal_items;
     config.writer.merge.max_segments = a.max_segments;
+    config.tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(cert), Some(key)) => Some(server::TlsFiles { cert: cert.clone(), key: key.clone() }),
+        _ => None,
+    };
+    let tokens = match &a.tokens {
+        Some(path) => server::auth::Tokens::load(path)?,
+        None => server::auth::Tokens::default(),
+    };
+    config.auth = Arc::new(server::auth::AuthPolicy { tokens, allow_anonymous_read: a.allow_anonymous_read });
+    config.insecure = a.insecure;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(a.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", a.listen))?;
+        let listener = bind(&a.listen).await?;
         server::serve(config, registry, listener, shutdown_signal()).await
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Listens on `HOST:PORT`, resolving a host name (the first of its addresses that binds).
+pub async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let shown: String = listen.chars().take(200).collect();
+    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(listen)
+        .await
+        .with_context(|| format!("--listen {shown:?} is not HOST:PORT or does not resolve"))?
+        .collect();
+    let mut last = None;
+    for addr in &addrs {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(anyhow::Error::new(e).context(format!("cannot listen on {addr}"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("--listen {shown:?} resolves to no address")))
+}
+
+/// An error and its causes on one line, each cause once (see [`vitrine::report::Chain`]).
+pub fn error_report(e: &anyhow::Error) -> String {
+    vitrine::report::chain(e.as_ref())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -298,5 +347,27 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_report_prints_each_cause_once() {
+        let io = std::io::Error::other("connection refused");
+        let e =
+            anyhow::Error::new(io).context("tcp connect error: connection refused").context("cannot connect");
+        assert_eq!(error_report(&e), "cannot connect: tcp connect error: connection refused");
+        let e = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(error_report(&e), "outer: middle: inner");
+    }
+
+    #[tokio::test]
+    async fn listen_takes_host_names() {
+        let l = bind("localhost:0").await.unwrap();
+        assert!(l.local_addr().unwrap().ip().is_loopback());
+        assert!(bind("no-port").await.is_err());
     }
 }

@@ -16,7 +16,7 @@ use vitrine::proto;
 use vitrine::server::attrs;
 
 use super::IngestArgs;
-use super::client::{connect, status_error};
+use super::connect::Conn;
 
 /// Rows per `UpsertStream` call.
 const ROWS_PER_CALL: usize = 128;
@@ -36,14 +36,14 @@ pub fn run(addr: &str, a: &IngestArgs) -> anyhow::Result<ExitCode> {
     let images = ImagePolicy::for_catalog(&a.catalog, &a.allow_image_root, a.max_image_bytes)
         .with_context(|| format!("image roots of {}", a.catalog.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
-    let mut client = rt.block_on(connect(addr))?;
+    let conn = rt.block_on(a.client.connect(addr))?;
     let mut progress = Progress::new(reader.total_bytes(), !a.quiet);
     let mut counts = Counts::default();
     let mut rejected = Vec::new();
     let mut done = 0u64;
     counts.rows = for_each_chunk(&mut reader, ROWS_PER_CALL, &mut rejected, |rows, bytes_read| {
         done += rows.len() as u64;
-        send_chunk(&rt, &mut client, rows, a, &images, &mut counts)?;
+        send_chunk(&rt, &conn, rows, a, &images, &mut counts)?;
         progress.update(done, bytes_read);
         anyhow::Ok(())
     })?;
@@ -55,8 +55,9 @@ pub fn run(addr: &str, a: &IngestArgs) -> anyhow::Result<ExitCode> {
     }
     let accepted = counts.added + counts.updated + counts.unchanged;
     println!(
-        "ingested {accepted} of {} rows via {addr} in {:.1}s: {} added, {} updated, {} unchanged (already committed, not embedded again), {} rejected",
+        "ingested {accepted} of {} rows via {} in {:.1}s: {} added, {} updated, {} unchanged (already committed, not embedded again), {} rejected",
         counts.rows,
+        conn.addr(),
         started.elapsed().as_secs_f64(),
         counts.added,
         counts.updated,
@@ -68,7 +69,7 @@ pub fn run(addr: &str, a: &IngestArgs) -> anyhow::Result<ExitCode> {
 
 fn send_chunk(
     rt: &tokio::runtime::Runtime,
-    client: &mut vitrine::proto::visual_search_client::VisualSearchClient<tonic::transport::Channel>,
+    conn: &Conn,
     rows: Vec<CatalogRow>,
     a: &IngestArgs,
     images: &ImagePolicy,
@@ -103,18 +104,17 @@ fn send_chunk(
             }
             Err(e) => counts.rejected.push(reject(
                 &row,
-                RejectReason::UnreadableImage { path: row.image.clone(), error: e.to_string() },
+                RejectReason::UnreadableImage { path: row.image.clone(), error: vitrine::report::chain(&e) },
             )),
         }
     }
     if requests.is_empty() {
         return Ok(());
     }
+    let mut client = conn.search();
     let resp = rt
-        .block_on(client.upsert_stream(tokio_stream::iter(requests)))
-        .map_err(status_error)
-        .with_context(|| format!("streaming rows from line {} of {}", sent[0].line, a.catalog.display()))?
-        .into_inner();
+        .block_on(conn.call_streaming(requests, |stream| client.upsert_stream(stream)))
+        .with_context(|| format!("streaming rows from line {} of {}", sent[0].line, a.catalog.display()))?;
     counts.added += resp.added;
     counts.updated += resp.updated;
     counts.unchanged += resp.unchanged;

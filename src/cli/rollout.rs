@@ -6,9 +6,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use vitrine::proto;
-use vitrine::proto::rollouts_client::RolloutsClient;
 
-use super::client::status_error;
+use super::connect::ConnectArgs;
 
 #[derive(Args)]
 pub struct RolloutArgs {
@@ -16,11 +15,8 @@ pub struct RolloutArgs {
     pub command: RolloutCommand,
 }
 
-#[derive(Args)]
-pub struct Addr {
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
-}
+/// The server a rollout command talks to.
+pub type Addr = ConnectArgs;
 
 #[derive(Subcommand)]
 pub enum RolloutCommand {
@@ -203,29 +199,26 @@ fn print_status(s: &proto::RolloutStatus) {
 
 pub fn run(a: RolloutArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    let (addr, json) = match &a.command {
-        RolloutCommand::Start(s) => (s.addr.addr.clone(), false),
+    let (server, json) = match &a.command {
+        RolloutCommand::Start(s) => (s.addr.clone(), false),
         RolloutCommand::Set { addr, .. }
         | RolloutCommand::Promote(addr)
         | RolloutCommand::Rollback(addr)
         | RolloutCommand::Abort(addr)
-        | RolloutCommand::Gc(addr) => (addr.addr.clone(), false),
-        RolloutCommand::Status { addr, json } => (addr.addr.clone(), *json),
+        | RolloutCommand::Gc(addr) => (addr.clone(), false),
+        RolloutCommand::Status { addr, json } => (addr.clone(), *json),
     };
     let golden = match &a.command {
         RolloutCommand::Start(StartArgs { golden: Some(p), .. }) => read_golden(p)?,
         _ => vec![],
     };
     let status = rt.block_on(async {
-        let channel = tonic::transport::Endpoint::from_shared(addr.clone())?
-            .connect()
-            .await
-            .with_context(|| format!("cannot connect to {addr}"))?;
-        let mut c = RolloutsClient::new(channel).max_encoding_message_size(vitrine::server::MAX_GOLDEN_BYTES);
+        let conn = server.client.connect(&server.addr).await?;
+        let mut c = conn.rollouts().max_encoding_message_size(vitrine::server::MAX_GOLDEN_BYTES);
         let action = proto::RolloutActionRequest {};
-        let r = match a.command {
+        match a.command {
             RolloutCommand::Start(s) => {
-                c.start(proto::RolloutStartRequest {
+                conn.call(c.start(proto::RolloutStartRequest {
                     model_version: s.model,
                     fraction: Some(s.fraction),
                     shadow: Some(s.shadow),
@@ -233,17 +226,18 @@ pub fn run(a: RolloutArgs) -> anyhow::Result<ExitCode> {
                     force: s.force,
                     golden,
                     backfill_throttle_ms: s.backfill_throttle_ms,
-                })
+                }))
                 .await
             }
-            RolloutCommand::Set { fraction, .. } => c.set(proto::RolloutSetRequest { fraction }).await,
-            RolloutCommand::Promote(_) => c.promote(action).await,
-            RolloutCommand::Rollback(_) => c.rollback(action).await,
-            RolloutCommand::Abort(_) => c.abort(action).await,
-            RolloutCommand::Gc(_) => c.gc(action).await,
-            RolloutCommand::Status { .. } => c.status(action).await,
-        };
-        anyhow::Ok(r.map_err(status_error)?.into_inner())
+            RolloutCommand::Set { fraction, .. } => {
+                conn.call(c.set(proto::RolloutSetRequest { fraction })).await
+            }
+            RolloutCommand::Promote(_) => conn.call(c.promote(action)).await,
+            RolloutCommand::Rollback(_) => conn.call(c.rollback(action)).await,
+            RolloutCommand::Abort(_) => conn.call(c.abort(action)).await,
+            RolloutCommand::Gc(_) => conn.call(c.gc(action)).await,
+            RolloutCommand::Status { .. } => conn.call(c.status(action)).await,
+        }
     })?;
     if json {
         println!("{}", status_json(&status));

@@ -5,11 +5,13 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Args;
 use vitrine::index::deletes::DeleteSet;
 use vitrine::index::manifest::Manifest;
 use vitrine::index::records::RecordStore;
 use vitrine::index::store::{DataDir, check_layout, sha256_hex};
+use vitrine::report::Chain;
 use vitrine::segment::Segment;
 
 #[derive(Args)]
@@ -32,7 +34,7 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     if !Manifest::path(&a.data_dir).exists() {
         // Without a manifest nothing in the folder is live: say whether data was lost.
         match check_layout(&a.data_dir) {
-            Err(e) => eprintln!("{e}"),
+            Err(e) => eprintln!("{}", Chain(&e)),
             Ok(()) => eprintln!("{}: no MANIFEST.json: not a vitrine data directory", a.data_dir.display()),
         }
         return Ok(ExitCode::FAILURE);
@@ -54,12 +56,12 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
             let seg = match Segment::open(&path) {
                 Ok(s) => s,
                 Err(err) => {
-                    report(format!("segment {} of {version}: {err}", e.id));
+                    report(format!("segment {} of {version}: {}", e.id, Chain(&err)));
                     continue;
                 }
             };
             if let Err(err) = seg.verify() {
-                report(format!("segment {} of {version}: {err}", e.id));
+                report(format!("segment {} of {version}: {}", e.id, Chain(&err)));
             }
             if seg.len() as u64 != e.count || seg.dim() != ix.dim as usize || seg.file_len() != e.bytes {
                 report(format!(
@@ -82,7 +84,7 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
                         set.count(),
                         d.count
                     )),
-                    Err(err) => report(format!("segment {} of {version}: {err}", e.id)),
+                    Err(err) => report(format!("segment {} of {version}: {}", e.id, Chain(&err))),
                 }
             }
         }
@@ -101,11 +103,11 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
                     Ok(_) => {
                         blob_problems.push(format!("sku {sku}: image blob {sha} does not match its hash"))
                     }
-                    Err(e) => blob_problems.push(format!("sku {sku}: {e}")),
+                    Err(e) => blob_problems.push(format!("sku {sku}: {}", Chain(&e))),
                 }
             }
         },
-        |e| damaged.push(e.to_string()),
+        |e| damaged.push(Chain(&e).to_string()),
     )?;
     blob_problems.extend(damaged);
     for p in blob_problems {
@@ -149,7 +151,7 @@ fn weights_match(a: &VerifyArgs, manifest: &Manifest) -> anyhow::Result<()> {
                 enc.manifest().sha256,
                 enc.dim()
             )),
-            Err(e) => wrong.push(format!("model version {version}: cannot load its model: {e}")),
+            Err(e) => wrong.push(format!("model version {version}: cannot load its model: {}", Chain(&e))),
         }
     }
     if wrong.is_empty() { Ok(()) } else { anyhow::bail!(wrong.join("\n")) }
@@ -174,7 +176,7 @@ fn skew(
     })?;
     let mut bad = 0;
     for (version, ix) in &manifest.indexes {
-        let enc = registry.get(version).map_err(|e| anyhow::anyhow!("cannot load model {version}: {e}"))?;
+        let enc = registry.get(version).with_context(|| format!("cannot load model {version}"))?;
         let mut segments = Vec::new();
         for e in ix.segments.iter().rev() {
             let seg = Segment::open(&data.segment_path(version, e.id))?;

@@ -9,13 +9,13 @@ use clap::Args;
 use vitrine::proto;
 use vitrine::server::attrs;
 
-use super::client::{connect, status_error};
+use super::connect::ConnectArgs;
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("payload").args(["image", "vector_file"])))]
 pub struct UpsertArgs {
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub server: ConnectArgs,
     #[arg(long)]
     pub sku: String,
     /// The item's image; the server embeds it with every model version it indexes.
@@ -35,8 +35,8 @@ pub struct UpsertArgs {
 
 #[derive(Args)]
 pub struct DeleteArgs {
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub server: ConnectArgs,
     /// SKUs to delete.
     #[arg(long, num_args = 1.., required = true)]
     pub sku: Vec<String>,
@@ -44,8 +44,8 @@ pub struct DeleteArgs {
 
 #[derive(Args)]
 pub struct GetArgs {
-    #[arg(long, default_value = "http://127.0.0.1:50051")]
-    pub addr: String,
+    #[command(flatten)]
+    pub server: ConnectArgs,
     /// SKUs to show.
     #[arg(long, num_args = 1.., required = true)]
     pub sku: Vec<String>,
@@ -113,21 +113,19 @@ pub fn run_upsert(a: UpsertArgs) -> anyhow::Result<ExitCode> {
         None
     };
     let req = proto::UpsertRequest { sku: a.sku.clone(), attrs, payload };
-    let resp = runtime()?.block_on(async {
-        let mut c = connect(&a.addr).await?;
-        c.upsert(req).await.map_err(status_error)
+    let r = runtime()?.block_on(async {
+        let conn = a.server.client.connect(&a.server.addr).await?;
+        conn.call(conn.search().upsert(req)).await
     })?;
-    let r = resp.into_inner();
     println!("{}: {}", r.sku, outcome_name(r.outcome));
     Ok(ExitCode::SUCCESS)
 }
 
 pub fn run_delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
-    let resp = runtime()?.block_on(async {
-        let mut c = connect(&a.addr).await?;
-        c.delete(proto::DeleteRequest { skus: a.sku.clone() }).await.map_err(status_error)
+    let r = runtime()?.block_on(async {
+        let conn = a.server.client.connect(&a.server.addr).await?;
+        conn.call(conn.search().delete(proto::DeleteRequest { skus: a.sku.clone() })).await
     })?;
-    let r = resp.into_inner();
     println!("deleted {}: {}", r.deleted.len(), r.deleted.join(" "));
     if !r.missing.is_empty() {
         println!("missing {}: {}", r.missing.len(), r.missing.join(" "));
@@ -137,11 +135,10 @@ pub fn run_delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
 
 /// Exits 1 when any SKU is missing (the found ones are still printed).
 pub fn run_get(a: GetArgs) -> anyhow::Result<ExitCode> {
-    let resp = runtime()?.block_on(async {
-        let mut c = connect(&a.addr).await?;
-        c.get(proto::GetRequest { skus: a.sku.clone() }).await.map_err(status_error)
+    let r = runtime()?.block_on(async {
+        let conn = a.server.client.connect(&a.server.addr).await?;
+        conn.call(conn.search().get(proto::GetRequest { skus: a.sku.clone() })).await
     })?;
-    let r = resp.into_inner();
     if a.json {
         let records: Vec<_> = r
             .records

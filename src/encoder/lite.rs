@@ -45,7 +45,7 @@ pub enum WeightsError {
     Stages { found: usize },
     #[error("{count} tensors were not used, e.g. {example:?}")]
     Unused { count: usize, example: String },
-    #[error("while preparing tensor {name:?}: {source}")]
+    #[error("while preparing tensor {name:?}")]
     Candle {
         name: String,
         #[source]

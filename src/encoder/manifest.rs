@@ -223,13 +223,13 @@ pub enum ManifestError {
         #[source]
         source: std::io::Error,
     },
-    #[error("model manifest {path} is not valid: {source}")]
+    #[error("model manifest {path} is not valid")]
     Parse {
         path: PathBuf,
         #[source]
         source: serde_json::Error,
     },
-    #[error("model manifest {path} is not valid: {source}")]
+    #[error("model manifest {path} is not valid")]
     Invalid {
         path: PathBuf,
         #[source]

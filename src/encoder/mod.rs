@@ -58,7 +58,7 @@ pub enum EncoderError {
         #[source]
         source: candle_core::Error,
     },
-    #[error("model weights {path} are not an EfficientNet-Lite network: {source}")]
+    #[error("model weights {path} are not an EfficientNet-Lite network")]
     Weights {
         path: PathBuf,
         #[source]

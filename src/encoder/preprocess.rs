@@ -80,9 +80,9 @@ pub enum PreprocessError {
     OverBudget { width: u32, height: u32, bytes_per_pixel: u8 },
     #[error("image is truncated: {0}")]
     Truncated(&'static str),
-    #[error("image exceeds the decoder's memory limit: {0}")]
+    #[error("image exceeds the decoder's memory limit")]
     DecoderLimit(#[source] ImageError),
-    #[error("image is corrupt or truncated: {0}")]
+    #[error("image is corrupt or truncated")]
     Decode(#[source] ImageError),
     #[error("input size {0} is outside 1..={max}", max = MAX_SIDE)]
     BadInputSize(u32),

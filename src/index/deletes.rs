@@ -30,9 +30,9 @@ const HEADER: usize = 32;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeletesError {
-    #[error("cannot read deletion file {path}: {source}")]
+    #[error("cannot read deletion file {path}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot write deletion file {path}: {source}")]
+    #[error("cannot write deletion file {path}")]
     Write { path: PathBuf, source: std::io::Error },
     #[error("deletion file {path} is damaged: {reason}")]
     Damaged { path: PathBuf, reason: &'static str },

@@ -74,13 +74,13 @@ pub enum Change {
 /// Why a log record cannot be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum EntryError {
-    #[error("not a log record: {0}")]
+    #[error("not a log record")]
     Decode(#[from] prost::DecodeError),
     #[error("log record has no operation")]
     Empty,
-    #[error("log record names an invalid id: {0}")]
+    #[error("log record names an invalid id")]
     Id(#[from] IdError),
-    #[error("log record's attributes are not a JSON object: {0}")]
+    #[error("log record's attributes are not a JSON object")]
     Attrs(#[from] serde_json::Error),
 }
 

@@ -28,11 +28,11 @@ pub const MANIFEST_FILE: &str = "MANIFEST.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
-    #[error("cannot read manifest {path}: {source}")]
+    #[error("cannot read manifest {path}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("cannot write manifest {path}: {source}")]
+    #[error("cannot write manifest {path}")]
     Write { path: PathBuf, source: std::io::Error },
-    #[error("manifest {path} is not valid: {source}")]
+    #[error("manifest {path} is not valid")]
     Parse { path: PathBuf, source: serde_json::Error },
     #[error("manifest {path} has format {found}; this build reads formats 1 and {MANIFEST_FORMAT}")]
     Format { path: PathBuf, found: u32 },

@@ -23,7 +23,7 @@ pub const RECORDS_FILE: &str = "records.redb";
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
-    #[error("record store {path}: {source}")]
+    #[error("record store {path}")]
     Db { path: PathBuf, source: Box<redb::Error> },
     #[error("record store {path}: record of sku {sku:?} is damaged: {reason}")]
     Damaged { path: PathBuf, sku: String, reason: String },

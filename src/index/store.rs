@@ -30,13 +30,13 @@ use crate::ids::{ModelVersion, SegmentId, SkuId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("{action} {path}: {source}")]
+    #[error("{action} {path}")]
     Io { action: &'static str, path: PathBuf, source: std::io::Error },
     #[error("data directory {path} is held by another writer: {holder}")]
     Locked { path: PathBuf, holder: String },
     #[error("data directory {0} does not exist; run `vitrine ingest` first")]
     Missing(PathBuf),
-    #[error("catalogue batch {path} line {line}: {source}")]
+    #[error("catalogue batch {path} line {line}")]
     BadRecord { path: PathBuf, line: usize, source: serde_json::Error },
     #[error("image blob {sha256} is missing from {path}")]
     MissingBlob { sha256: String, path: PathBuf },

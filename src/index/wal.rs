@@ -60,11 +60,11 @@ pub const MAX_FRAME_BODY: usize = 128 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
-    #[error("WAL: cannot {op} {path}: {source}")]
+    #[error("WAL: cannot {op} {path}")]
     Io { op: &'static str, path: PathBuf, source: io::Error },
-    #[error("WAL: cannot truncate the torn tail of {path} at byte {offset}: {source}")]
+    #[error("WAL: cannot truncate the torn tail of {path} at byte {offset}")]
     Truncate { path: PathBuf, offset: u64, source: io::Error },
-    #[error("WAL: cannot write seqs {first_seq}..={last_seq} to {path} at byte {offset}: {source}")]
+    #[error("WAL: cannot write seqs {first_seq}..={last_seq} to {path} at byte {offset}")]
     Write { path: PathBuf, offset: u64, first_seq: u64, last_seq: u64, source: io::Error },
     #[error("WAL poisoned: writing seqs {first_seq}..={last_seq} to {path} at byte {offset} failed")]
     Poisoned { path: PathBuf, offset: u64, first_seq: u64, last_seq: u64 },

@@ -56,13 +56,13 @@ pub enum WriterError {
     Records(#[from] RecordError),
     #[error(transparent)]
     Deletes(#[from] DeletesError),
-    #[error("segment {id} of {version}: {source}")]
+    #[error("segment {id} of {version}")]
     Segment { version: ModelVersion, id: SegmentId, source: SegmentError },
     #[error(
         "segment {id} of {version}: manifest says {expected} items of dimension {dim} in {bytes} bytes, file {path} differs"
     )]
     SegmentShape { version: ModelVersion, id: SegmentId, path: PathBuf, expected: u64, dim: u32, bytes: u64 },
-    #[error("write-ahead log record {seq} cannot be replayed: {source}")]
+    #[error("write-ahead log record {seq} cannot be replayed")]
     Replay { seq: u64, source: EntryError },
     #[error("the index writer takes no writes: {reason}")]
     Poisoned { reason: String },
@@ -416,11 +416,12 @@ impl IndexWriter {
                 match opened.remove(&(version.clone(), e.id)).expect("every segment was opened") {
                     Ok(seg) => sealed.push(Arc::new(seg)),
                     Err(err) => {
+                        let err = crate::report::chain(&err);
                         tracing::error!("left out of serving: {err}");
                         report.integrity.push(IntegrityProblem {
                             version: Some(version.clone()),
                             segment: Some(e.id),
-                            reason: err.to_string(),
+                            reason: err,
                         });
                     }
                 }
@@ -443,12 +444,9 @@ impl IndexWriter {
                 attrs.upsert(sku.as_str(), &rec.attrs);
             },
             |err| {
+                let err = crate::report::chain(&err);
                 tracing::error!("{err}");
-                report.integrity.push(IntegrityProblem {
-                    version: None,
-                    segment: None,
-                    reason: err.to_string(),
-                });
+                report.integrity.push(IntegrityProblem { version: None, segment: None, reason: err });
             },
         )?;
         let (wal, replayed) = Wal::open(&data.wal_dir(), manifest.wal_checkpoint)?;
@@ -805,6 +803,7 @@ impl State {
     }
 
     fn poison(&mut self, why: &WriterError) {
+        let why = crate::report::chain(why);
         tracing::error!("index writer failed, refusing further writes: {why}");
         self.poisoned
             .get_or_insert_with(|| format!("it stopped after a failure (restart to recover): {why}"));
@@ -891,7 +890,8 @@ impl State {
                             self.publish();
                         }
                         for (_, reply) in requests {
-                            let _ = reply.send(Err(WriterError::Poisoned { reason: e.to_string() }));
+                            let _ =
+                                reply.send(Err(WriterError::Poisoned { reason: crate::report::chain(&e) }));
                         }
                         return;
                     }
@@ -1321,7 +1321,7 @@ impl State {
             Err(e) => {
                 self.poison(&e);
                 for (_, reply) in waiters {
-                    let _ = reply.send(Err(WriterError::Poisoned { reason: e.to_string() }));
+                    let _ = reply.send(Err(WriterError::Poisoned { reason: crate::report::chain(&e) }));
                 }
             }
         }
@@ -1420,7 +1420,7 @@ impl State {
         }
         if let Err(e) = self.try_commit_merge(&r) {
             // A merge that fails changes nothing: the inputs stay live.
-            tracing::error!(version = %r.version, "merge failed, keeping its input segments: {e}");
+            tracing::error!(version = %r.version, "merge failed, keeping its input segments: {}", crate::report::Chain(&e));
             if let Ok(Some(file)) = &r.built {
                 let _ = self.shared.data.remove_file(&self.shared.data.segment_path(&r.version, file.id));
             }
@@ -1435,7 +1435,7 @@ impl State {
         }
         let built = match &r.built {
             Ok(b) => b,
-            Err(e) => return Err(WriterError::Poisoned { reason: e.to_string() }),
+            Err(e) => return Err(WriterError::Poisoned { reason: crate::report::chain(e) }),
         };
         let data = &self.shared.data;
         let v = &r.version;

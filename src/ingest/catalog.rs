@@ -113,14 +113,14 @@ impl CatalogFormat {
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
     /// The file cannot be opened, or its first bytes cannot be read.
-    #[error("cannot read catalogue {path}: {source}")]
+    #[error("cannot read catalogue {path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("catalogue {0}: unknown format; name it .jsonl or .csv, or pass --format")]
     UnknownFormat(PathBuf),
     #[error("catalogue {path}: {why}")]
     BadHeader { path: PathBuf, why: String },
     /// Reading failed part-way through the file; the rows after `line` were not seen.
-    #[error("cannot read catalogue {path} at line {line}: {source}")]
+    #[error("cannot read catalogue {path} at line {line}")]
     Read { path: PathBuf, line: usize, source: std::io::Error },
     /// The CSV header is longer than `limit` bytes.
     #[error(
@@ -1032,7 +1032,9 @@ mod tests {
                         e.to_string().starts_with(&format!("cannot read catalogue cat at line {line}")),
                         "{e}"
                     );
-                    assert!(e.to_string().ends_with("disk on fire"), "{e}");
+                    let full = crate::report::chain(&e);
+                    assert!(full.ends_with("disk on fire"), "the cause follows once: {full}");
+                    assert_eq!(full.matches("disk on fire").count(), 1, "{full}");
                 }
                 other => panic!("{other:?}"),
             }

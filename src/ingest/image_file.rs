@@ -31,7 +31,7 @@ pub enum ImageFileError {
     NotRegular(&'static str),
     #[error("is larger than the {limit}-byte limit (see --max-image-bytes)")]
     TooLarge { limit: u64 },
-    #[error("{0}")]
+    #[error(transparent)]
     Io(#[from] std::io::Error),
 }
 

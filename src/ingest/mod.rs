@@ -35,9 +35,9 @@ pub enum IngestError {
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Writer(#[from] WriterError),
-    #[error("cannot load model {version}: {source}")]
+    #[error("cannot load model {version}")]
     Model { version: ModelVersion, source: Box<EncoderError> },
-    #[error("embedding a batch with model {version} failed: {source}")]
+    #[error("embedding a batch with model {version} failed")]
     Embed { version: ModelVersion, source: Box<EncoderError> },
     #[error("model {version} has dimension {found}, but its index in this data directory has {expected}")]
     ModelDim { version: ModelVersion, expected: usize, found: usize },
@@ -47,7 +47,7 @@ pub enum IngestError {
     ModelWeights { version: ModelVersion, expected: String, found: String },
     #[error("the index writer answered {outcome:?} for sku {sku}")]
     Unexpected { sku: String, outcome: Outcome },
-    #[error("image roots of {}: {source}", catalog.display())]
+    #[error("image roots of {}", catalog.display())]
     ImageRoots { catalog: PathBuf, source: std::io::Error },
 }
 
@@ -234,7 +234,7 @@ fn ingest_chunk(
             Ok(bytes) => Ok(Read { sha256: sha256_hex(&bytes), bytes, row }),
             Err(e) => Err(reject(
                 &row,
-                RejectReason::UnreadableImage { path: row.image.clone(), error: e.to_string() },
+                RejectReason::UnreadableImage { path: row.image.clone(), error: crate::report::chain(&e) },
             )),
         })
         .collect();
@@ -271,7 +271,10 @@ fn ingest_chunk(
             .map(|r| {
                 encoders
                     .iter()
-                    .map(|e| e.preprocess(&r.bytes).map_err(|err| err.to_string().trim_end().to_string()))
+                    .map(|e| {
+                        e.preprocess(&r.bytes)
+                            .map_err(|err| crate::report::chain(&err).trim_end().to_string())
+                    })
                     .collect()
             })
             .collect();

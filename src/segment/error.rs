@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Why a segment could not be written, opened, verified or searched.
 #[derive(Debug, thiserror::Error)]
 pub enum SegmentError {
-    #[error("{}: I/O error: {source}", path.display())]
+    #[error("{}: I/O error", path.display())]
     Io {
         path: PathBuf,
         #[source]

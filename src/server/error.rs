@@ -16,15 +16,15 @@ pub enum ServiceError {
     FailedPrecondition(String),
     #[error("the index is empty: ingest a catalogue first (vitrine ingest)")]
     NoIndex,
-    #[error("cannot decode the image: {0}")]
+    #[error("cannot decode the image")]
     BadImage(#[from] PreprocessError),
-    #[error("invalid filter: {0}")]
+    #[error("invalid filter")]
     Filter(#[from] FilterError),
-    #[error("encoder failed: {0}")]
+    #[error("encoder failed")]
     Encoder(#[from] EncoderError),
-    #[error("index error: {0}")]
+    #[error("index error")]
     Index(#[from] IndexError),
-    #[error("write failed: {0}")]
+    #[error("write failed")]
     Writer(#[from] WriterError),
     #[error("internal error: {0}")]
     Internal(String),
@@ -62,6 +62,6 @@ impl From<ServiceError> for Status {
                 | WriterError::Replay { .. } => Code::Internal,
             },
         };
-        Status::new(code, e.to_string())
+        Status::new(code, crate::report::chain(&e))
     }
 }

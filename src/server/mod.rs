@@ -3,10 +3,12 @@
 //! The server is its data directory's one writer: it opens an [`IndexWriter`] (lock, log
 //! replay) and answers searches from the writer's published [`LiveSet`], so a search that
 //! starts after a write's acknowledgement sees it. Handlers are thin: validate the request,
-//! call the index (and the encoder, on the blocking pool), convert back.
+//! call the index (and the encoder, on the blocking pool), convert back. Every call passes
+//! the bearer-token check of [`auth`] first; TLS is rustls through tonic.
 
 pub mod admission;
 pub mod attrs;
+pub mod auth;
 pub mod error;
 pub mod filter;
 pub mod rollout;
@@ -18,6 +20,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tonic::transport::server::TcpIncoming;
@@ -69,6 +72,35 @@ pub struct ServeConfig {
     pub guardrail: GuardrailConfig,
     /// For tests of the guardrails: the share of canary requests that fail on purpose.
     pub canary_fault_rate: f64,
+    /// Serve TLS with this certificate and key (default: plaintext).
+    pub tls: Option<TlsFiles>,
+    /// Bearer tokens and their roles (default: none, every call allowed).
+    pub auth: Arc<auth::AuthPolicy>,
+    /// Allow a server without tokens on a non-loopback address.
+    pub insecure: bool,
+}
+
+/// PEM files of the server's certificate chain and private key.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How long a client may take over its TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl TlsFiles {
+    /// Reads both files into tonic's server TLS settings.
+    fn load(&self) -> Result<tonic::transport::ServerTlsConfig, anyhow::Error> {
+        let cert = std::fs::read(&self.cert)
+            .with_context(|| format!("cannot read TLS certificate {}", self.cert.display()))?;
+        let key = std::fs::read(&self.key)
+            .with_context(|| format!("cannot read TLS key {}", self.key.display()))?;
+        Ok(tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(cert, key))
+            .timeout(TLS_HANDSHAKE_TIMEOUT))
+    }
 }
 
 impl ServeConfig {
@@ -80,6 +112,9 @@ impl ServeConfig {
             writer: WriterConfig::default(),
             guardrail: GuardrailConfig::default(),
             canary_fault_rate: 0.0,
+            tls: None,
+            auth: Arc::default(),
+            insecure: false,
         }
     }
 }
@@ -109,7 +144,7 @@ impl ServerState {
     ) -> Result<Self, anyhow::Error> {
         let default = models
             .get(&config.default_model)
-            .map_err(|e| anyhow::anyhow!("cannot load model {}: {e}", config.default_model))?;
+            .with_context(|| format!("cannot load model {}", config.default_model))?;
         let mut wc = config.writer.clone();
         wc.holder = format!("vitrine serve (pid {}, listening on {addr})", std::process::id());
         wc.default_model = Some(ModelSpec {
@@ -129,7 +164,7 @@ impl ServerState {
         let mut unservable = BTreeMap::new();
         for (v, view) in &writer.live().versions {
             let why = match models.get(v) {
-                Err(e) => format!("model {v} cannot be loaded: {e}"),
+                Err(e) => format!("model {v} cannot be loaded: {}", crate::report::Chain(&e)),
                 Ok(enc) if enc.dim() != view.dim || enc.manifest().sha256 != view.weights_sha256 => format!(
                     "model {v} in {} (dim {}, weights {}) is not the one its index was built with (dim {}, weights {})",
                     models.root().display(),
@@ -681,6 +716,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), anyhow::Error> {
     let addr: SocketAddr = listener.local_addr()?;
+    auth::check_exposure(addr, &config.auth, config.insecure)?;
+    // TLS files are checked before the (slow) index and model loading.
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(files) = &config.tls {
+        builder = builder.tls_config(files.load()?).with_context(|| {
+            format!("TLS certificate {} or key {} is not usable", files.cert.display(), files.key.display())
+        })?;
+    }
     let state = {
         let config = config.clone();
         tokio::task::spawn_blocking(move || ServerState::open(&config, models, addr)).await??
@@ -693,8 +736,11 @@ pub async fn serve(
         %addr,
         generation = live.generation,
         serving = live.serving.as_ref().map(ToString::to_string).unwrap_or_else(|| "(none)".into()),
+        tls = config.tls.is_some(),
+        tokens = config.auth.tokens.len(),
         "vitrine serving"
     );
+    log_exposure(addr, &config);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<VisualSearchServer<VisualSearchService>>().await;
@@ -717,7 +763,8 @@ pub async fn serve(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let rollouts = RolloutsServer::new(RolloutsService { state: Arc::clone(&state) })
         .max_decoding_message_size(MAX_GOLDEN_BYTES);
-    let result = tonic::transport::Server::builder()
+    let result = builder
+        .layer(auth::AuthLayer::new(Arc::clone(&config.auth)))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -758,6 +805,22 @@ pub async fn serve(
     result?;
     tracing::info!("vitrine stopped");
     Ok(())
+}
+
+/// Says in the log who can reach the server and what they may do.
+fn log_exposure(addr: SocketAddr, config: &ServeConfig) {
+    if config.auth.tokens.is_empty() {
+        if addr.ip().is_loopback() {
+            tracing::warn!(%addr, "no tokens configured: every client on this host may search and write (loopback only; see --tokens)");
+        } else {
+            tracing::warn!(%addr, "no tokens configured and --insecure: anyone who can reach this address may search and write");
+        }
+    } else if config.auth.allow_anonymous_read {
+        tracing::info!("calls without a token may read (--allow-anonymous-read); writes need a write token");
+    }
+    if config.tls.is_none() && !config.auth.tokens.is_empty() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "tokens travel in plaintext: serve TLS (--tls-cert, --tls-key)");
+    }
 }
 
 /// The architecture's name as model manifests spell it.

@@ -186,7 +186,7 @@ impl RolloutController {
                     Ok(_) => {
                         tracing::warn!(reason = %t.reason, "guardrail tripped: the canary is out of traffic")
                     }
-                    Err(e) => tracing::debug!("breaker not applied: {e}"),
+                    Err(e) => tracing::debug!("breaker not applied: {}", crate::report::Chain(&e)),
                 }
             });
         }
@@ -222,7 +222,7 @@ impl RolloutController {
                     });
                     this.maybe_trip(&state, trip);
                 }
-                Ok(Err(e)) => tracing::debug!("shadow query failed: {e}"),
+                Ok(Err(e)) => tracing::debug!("shadow query failed: {}", crate::report::Chain(&e)),
                 Err(e) => tracing::warn!("shadow task failed: {e}"),
             }
         });
@@ -288,10 +288,12 @@ impl RolloutController {
         settings.validate().map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         let live = state.live();
         let champion = live.serving.clone().ok_or(ServiceError::NoIndex)?;
-        let enc = state
-            .models
-            .get(&challenger)
-            .map_err(|e| ServiceError::InvalidArgument(format!("cannot load model {challenger}: {e}")))?;
+        let enc = state.models.get(&challenger).map_err(|e| {
+            ServiceError::InvalidArgument(format!(
+                "cannot load model {challenger}: {}",
+                crate::report::Chain(&e)
+            ))
+        })?;
         let _guard = self.transitions.lock().await;
         let current = self.current();
         let id = now_ms();
@@ -360,8 +362,9 @@ impl RolloutController {
         let (this, state) = (Arc::clone(self), Arc::clone(state));
         tokio::spawn(async move {
             if let Err(e) = this.drive(&state).await {
+                let e = crate::report::chain(&e);
                 tracing::error!("rollout stopped: {e}");
-                this.log("error", serde_json::json!({"error": e.to_string()}));
+                this.log("error", serde_json::json!({"error": e}));
             }
         });
     }
@@ -428,7 +431,9 @@ impl RolloutController {
                 let writer = Arc::clone(&writer);
                 let shas: Vec<String> = batch.iter().map(|(_, s)| s.clone()).collect();
                 blocking("backfill", move || {
-                    shas.iter().map(|s| writer.data().read_blob(s).map_err(|e| e.to_string())).collect()
+                    shas.iter()
+                        .map(|s| writer.data().read_blob(s).map_err(|e| crate::report::chain(&e)))
+                        .collect()
                 })
                 .await?
             };

@@ -196,7 +196,7 @@ fn embed_all(encoders: &[Arc<crate::encoder::Encoder>], images: &[Vec<u8>]) -> V
             match (slot.as_mut(), r) {
                 (Ok(vecs), Ok(v)) => vecs.push((enc.version().clone(), v)),
                 (Ok(_), Err(e)) => {
-                    *slot = Err(format!("cannot embed the image: {}", e.to_string().trim_end()))
+                    *slot = Err(format!("cannot embed the image: {}", crate::report::chain(&e).trim_end()))
                 }
                 (Err(_), _) => {}
             }
