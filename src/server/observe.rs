@@ -1,0 +1,163 @@
+//! A tower layer around every gRPC request: one log line (method, status code, latency, model
+//! version) and the per-RPC metrics. Handlers name the model version and rollout arm that
+//! answered in internal response headers, which this layer reads and removes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use http::HeaderMap;
+use prost::Message;
+use tonic::metadata::{MetadataMap, MetadataValue};
+
+use super::metrics::{Metrics, RpcLabels, code_name};
+
+/// Internal response header: the model version that answered.
+pub const MODEL_VERSION_HEADER: &str = "x-vitrine-model-version";
+/// Internal response header: the rollout arm that answered, while a canary takes traffic.
+pub const ARM_HEADER: &str = "x-vitrine-arm";
+/// Longest error message written to a request's log line.
+const MAX_LOGGED_MESSAGE: usize = 200;
+
+/// Names the model version (and rollout arm, while a canary runs) of a response or error.
+pub fn tag(md: &mut MetadataMap, model_version: &str, arm: Option<&'static str>) {
+    if let Ok(v) = model_version.parse() {
+        md.insert(MODEL_VERSION_HEADER, v);
+    }
+    if let Some(arm) = arm {
+        md.insert(ARM_HEADER, MetadataValue::from_static(arm));
+    }
+}
+
+/// The RPCs the server knows, path → method name: only these become label values (any other
+/// path is `unknown`, so a client cannot grow the number of series).
+fn known_rpcs() -> HashMap<String, Arc<str>> {
+    let sets = [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut out = HashMap::new();
+    for set in sets {
+        let Ok(set) = prost_types::FileDescriptorSet::decode(set) else { continue };
+        for file in set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                    out.insert(path, Arc::from(method.name()));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[derive(Clone)]
+pub struct ObserveLayer {
+    metrics: Arc<Metrics>,
+    rpcs: Arc<HashMap<String, Arc<str>>>,
+}
+
+impl ObserveLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics, rpcs: Arc::new(known_rpcs()) }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for ObserveLayer {
+    type Service = Observe<S>;
+
+    fn layer(&self, inner: S) -> Observe<S> {
+        Observe { inner, layer: self.clone() }
+    }
+}
+
+#[derive(Clone)]
+pub struct Observe<S> {
+    inner: S,
+    layer: ObserveLayer,
+}
+
+/// The gRPC code of a response: its `grpc-status` header (errors of unary calls come as a
+/// trailers-only response), else OK (the status follows in the trailers).
+fn response_code(headers: &HeaderMap) -> tonic::Code {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from_i32)
+}
+
+fn take_header(headers: &mut HeaderMap, name: &str) -> String {
+    headers.remove(name).and_then(|v| v.to_str().ok().map(str::to_string)).unwrap_or_default()
+}
+
+/// The log line of one request.
+fn log(method: &str, code: tonic::Code, latency_ms: f64, model_version: &str, headers: &HeaderMap) {
+    let code = code_name(code);
+    let latency_ms = (latency_ms * 1000.0).round() / 1000.0;
+    if code == "OK" {
+        tracing::info!(target: "vitrine::request", method, code, latency_ms, model_version, "request");
+    } else {
+        let message = headers.get("grpc-message").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let mut message = message.unwrap_or_default();
+        if message.len() > MAX_LOGGED_MESSAGE {
+            let cut = (0..=MAX_LOGGED_MESSAGE).rev().find(|i| message.is_char_boundary(*i)).unwrap_or(0);
+            message.truncate(cut);
+            message.push_str("...");
+        }
+        tracing::info!(target: "vitrine::request", method, code, latency_ms, model_version, message, "request");
+    }
+}
+
+impl<S, B, R> tower_service::Service<http::Request<B>> for Observe<S>
+where
+    S: tower_service::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: 'static,
+    R: 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let started = Instant::now();
+        let (method, rpc): (Arc<str>, Arc<str>) = match self.layer.rpcs.get_key_value(req.uri().path()) {
+            Some((path, name)) => (Arc::from(path.as_str()), Arc::clone(name)),
+            None => (Arc::from("unknown"), Arc::from("unknown")),
+        };
+        let metrics = Arc::clone(&self.layer.metrics);
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let mut result = fut.await;
+            let latency = started.elapsed();
+            let (code, model_version, arm) = match &mut result {
+                Ok(resp) => {
+                    let h = resp.headers_mut();
+                    let mv = take_header(h, MODEL_VERSION_HEADER);
+                    let arm = match take_header(h, ARM_HEADER).as_str() {
+                        "champion" => "champion",
+                        "challenger" => "challenger",
+                        _ => "",
+                    };
+                    (response_code(h), mv, arm)
+                }
+                Err(_) => (tonic::Code::Unknown, String::new(), ""),
+            };
+            let empty = HeaderMap::new();
+            let headers = result.as_ref().map_or(&empty, |r| r.headers());
+            log(&method, code, latency.as_secs_f64() * 1e3, &model_version, headers);
+            metrics.record_rpc(&RpcLabels { rpc, model_version, arm }, code, latency);
+            result
+        })
+    }
+}
