@@ -96,22 +96,41 @@ fn take_header(headers: &mut HeaderMap, name: &str) -> String {
     headers.remove(name).and_then(|v| v.to_str().ok().map(str::to_string)).unwrap_or_default()
 }
 
-/// The log line of one request.
-fn log(method: &str, code: tonic::Code, latency_ms: f64, model_version: &str, headers: &HeaderMap) {
-    let code = code_name(code);
-    let latency_ms = (latency_ms * 1000.0).round() / 1000.0;
-    if code == "OK" {
-        tracing::info!(target: "vitrine::request", method, code, latency_ms, model_version, "request");
-    } else {
-        let message = headers.get("grpc-message").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let mut message = message.unwrap_or_default();
-        if message.len() > MAX_LOGGED_MESSAGE {
-            let cut = (0..=MAX_LOGGED_MESSAGE).rev().find(|i| message.is_char_boundary(*i)).unwrap_or(0);
-            message.truncate(cut);
-            message.push_str("...");
+/// A `grpc-message` header's text (percent-decoded), cut to [`MAX_LOGGED_MESSAGE`] bytes.
+fn error_message(headers: &HeaderMap) -> String {
+    let raw = headers.get("grpc-message").map_or(&[][..], |v| v.as_bytes());
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = raw.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        match (raw[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
+            (b'%', Some(b)) => {
+                bytes.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                bytes.push(b);
+                i += 1;
+            }
         }
-        tracing::info!(target: "vitrine::request", method, code, latency_ms, model_version, message, "request");
     }
+    let mut message = String::from_utf8_lossy(&bytes).into_owned();
+    if message.len() > MAX_LOGGED_MESSAGE {
+        let cut = (0..=MAX_LOGGED_MESSAGE).rev().find(|i| message.is_char_boundary(*i)).unwrap_or(0);
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    message
+}
+
+/// The log line of one request (the model version only where known; the error's message for
+/// a failure).
+fn log(method: &str, code: tonic::Code, latency_ms: f64, model_version: &str, headers: &HeaderMap) {
+    let model_version = (!model_version.is_empty()).then_some(model_version);
+    let latency_ms = (latency_ms * 1000.0).round() / 1000.0;
+    let error = (code != tonic::Code::Ok).then(|| error_message(headers));
+    let code = code_name(code);
+    tracing::info!(target: "vitrine::request", method, code, latency_ms, model_version, error, "request");
 }
 
 impl<S, B, R> tower_service::Service<http::Request<B>> for Observe<S>
@@ -159,5 +178,22 @@ where
             metrics.record_rpc(&RpcLabels { rpc, model_version, arm }, code, latency);
             result
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_are_decoded_and_cut() {
+        let mut h = HeaderMap::new();
+        h.insert("grpc-message", "sku%20%22X%22%20is%20not%20here%ZZ%".parse().unwrap());
+        assert_eq!(error_message(&h), "sku \"X\" is not here%ZZ%");
+        // 300 bytes of two-byte characters: cut on a character boundary.
+        h.insert("grpc-message", "%C3%A9".repeat(150).parse().unwrap());
+        let m = error_message(&h);
+        assert_eq!(m, format!("{}...", "é".repeat(MAX_LOGGED_MESSAGE / 2)));
+        assert_eq!(error_message(&HeaderMap::new()), "");
     }
 }
