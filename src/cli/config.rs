@@ -409,6 +409,18 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_is_valid_and_names_every_setting() {
+        let cmd = serve_cmd();
+        let example = include_str!("../../vitrine.example.toml");
+        let r = run(&cmd, &["--config", "vitrine.example.toml"], &[], example).unwrap();
+        assert_eq!(r.sources["data_dir"], Source::File);
+        for (arg, _) in settings(&cmd) {
+            let id = arg.get_id().as_str();
+            assert!(example.contains(&format!("{id} = ")), "vitrine.example.toml does not show `{id}`");
+        }
+    }
+
+    #[test]
     fn print_config_lists_every_setting_and_reads_back() {
         let cmd = serve_cmd();
         let r = run(&cmd, &["--config", "f.toml", "--seal-items", "9"], &[], "data_dir = \"/d\"\n").unwrap();

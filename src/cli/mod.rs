@@ -152,8 +152,10 @@ pub struct ServeArgs {
     /// Print the effective settings (as TOML, with where each comes from) and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// The data directory served (created if missing); required.
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
+    /// The gRPC address.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
     #[command(flatten)]
