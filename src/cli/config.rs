@@ -74,9 +74,12 @@ pub fn env_var(long: &str) -> String {
     format!("{ENV_PREFIX}{}", long.to_uppercase().replace('-', "_"))
 }
 
-/// `cmd` with nothing required: the first pass only reads what the command line gives.
+/// `cmd` with no argument or group required: the first pass only reads what the command line
+/// gives.
 pub fn lenient(cmd: Command) -> Command {
-    cmd.mut_args(|a| a.required(false))
+    let groups: Vec<String> = cmd.get_groups().map(|g| g.get_id().to_string()).collect();
+    let cmd = cmd.mut_args(|a| a.required(false));
+    groups.iter().fold(cmd, |c, g| c.mut_group(g.as_str(), |g| g.required(false)))
 }
 
 /// The arguments that are settings: long options other than help, version and [`CONTROL`].
@@ -300,8 +303,10 @@ mod tests {
         super::super::serve_command()
     }
 
-    /// A stand-in for flags other engineers add: a boolean, a list, a required value.
+    /// A stand-in for flags other engineers add: a boolean, a path, a list, and a group of
+    /// which one is required.
     #[derive(Args, Debug)]
+    #[command(group(clap::ArgGroup::new("auth").required(true).multiple(true).args(["insecure", "tls_cert"])))]
     struct Extra {
         #[arg(long)]
         insecure: bool,

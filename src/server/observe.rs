@@ -32,9 +32,12 @@ pub fn tag(md: &mut MetadataMap, model_version: &str, arm: Option<&'static str>)
     }
 }
 
-/// The RPCs the server knows, path → method name: only these become label values (any other
-/// path is `unknown`, so a client cannot grow the number of series).
-fn known_rpcs() -> HashMap<String, Arc<str>> {
+/// What the log line and the metrics call a request: its method path and its method name.
+type Names = (Arc<str>, Arc<str>);
+
+/// The RPCs the server knows, path → names: only these become label values (any other path is
+/// `unknown`, so a client cannot grow the number of series).
+fn known_rpcs() -> HashMap<String, Names> {
     let sets = [
         crate::proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
@@ -48,7 +51,8 @@ fn known_rpcs() -> HashMap<String, Arc<str>> {
             for service in &file.service {
                 for method in &service.method {
                     let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
-                    out.insert(path, Arc::from(method.name()));
+                    let names = (Arc::from(path.as_str()), Arc::from(method.name()));
+                    out.insert(path, names);
                 }
             }
         }
@@ -59,12 +63,14 @@ fn known_rpcs() -> HashMap<String, Arc<str>> {
 #[derive(Clone)]
 pub struct ObserveLayer {
     metrics: Arc<Metrics>,
-    rpcs: Arc<HashMap<String, Arc<str>>>,
+    rpcs: Arc<HashMap<String, Names>>,
+    unknown: Names,
 }
 
 impl ObserveLayer {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics, rpcs: Arc::new(known_rpcs()) }
+        let unknown: Arc<str> = Arc::from("unknown");
+        Self { metrics, rpcs: Arc::new(known_rpcs()), unknown: (Arc::clone(&unknown), unknown) }
     }
 }
 
@@ -150,10 +156,7 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let started = Instant::now();
-        let (method, rpc): (Arc<str>, Arc<str>) = match self.layer.rpcs.get_key_value(req.uri().path()) {
-            Some((path, name)) => (Arc::from(path.as_str()), Arc::clone(name)),
-            None => (Arc::from("unknown"), Arc::from("unknown")),
-        };
+        let (method, rpc) = self.layer.rpcs.get(req.uri().path()).unwrap_or(&self.layer.unknown).clone();
         let metrics = Arc::clone(&self.layer.metrics);
         let fut = self.inner.call(req);
         Box::pin(async move {
