@@ -46,14 +46,13 @@ struct Served {
 
 impl Served {
     fn start(config: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_vitrine"))
-            .args(["serve", "--config"])
-            .arg(config)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_vitrine"));
+        cmd.args(["serve", "--config"]).arg(config).env_remove("RUST_LOG");
+        // The file's settings, not the caller's VITRINE_* variables.
+        for (k, _) in std::env::vars().filter(|(k, _)| k.starts_with("VITRINE_")) {
+            cmd.env_remove(k);
+        }
+        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = channel();
         std::thread::spawn(move || {
