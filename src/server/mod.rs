@@ -92,8 +92,8 @@ pub struct ServerState {
     models: Arc<ModelRegistry>,
     admission: Admission,
     rollout: Arc<RolloutController>,
-    /// Request, encoder and state metrics (see [`metrics`]).
-    pub metrics: Arc<metrics::Metrics>,
+    /// Request and encoder metrics (see [`metrics`]).
+    metrics: Arc<metrics::Metrics>,
     /// Set when the server stops taking requests: background work (backfill, shadow queries)
     /// ends at its next step so the writer can be closed and its lock released.
     closing: std::sync::atomic::AtomicBool,
@@ -687,7 +687,9 @@ pub async fn serve_with_metrics(
         .add_service(rollouts)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
-    metrics_task.inspect(tokio::task::JoinHandle::abort);
+    if let Some(task) = &metrics_task {
+        task.abort();
+    }
     // Stop background work, wait for what still holds the state (a shadow query, a backfill
     // step, a blocking search), then stop the writer (it finishes a seal in progress) and
     // release the lock, so that the next writer can open the directory at once.
