@@ -16,7 +16,7 @@ use vitrine::proto::rollouts_client::RolloutsClient;
 use vitrine::proto::visual_search_client::VisualSearchClient;
 use vitrine::proto::{self, SearchOptions};
 use vitrine::rollout::guardrail::GuardrailConfig;
-use vitrine::server::{ServeConfig, serve};
+use vitrine::server::{ServeConfig, serve_with_metrics};
 
 const GEM: &str = "efficientnet-lite0-gem";
 const LITE2: &str = "efficientnet-lite2";
@@ -89,6 +89,7 @@ fn subset(root: &Path) -> (PathBuf, Vec<proto::GoldenQuery>) {
 
 struct Server {
     addr: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -97,11 +98,30 @@ impl Server {
     async fn start(config: ServeConfig, models: Arc<ModelRegistry>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let metrics = metrics_listener.local_addr().unwrap();
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(config, models, listener, async move {
-            let _ = rx.await;
-        }));
-        Self { addr, stop, task }
+        let task =
+            tokio::spawn(serve_with_metrics(config, models, listener, Some(metrics_listener), async move {
+                let _ = rx.await;
+            }));
+        Self { addr, metrics, stop, task }
+    }
+
+    /// The value of each sample of `GET /metrics` whose line starts with `prefix`.
+    async fn metric(&self, prefix: &str) -> Vec<(String, f64)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut conn = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut raw = String::new();
+        conn.read_to_string(&mut raw).await.unwrap();
+        raw.lines()
+            .filter(|l| l.starts_with(prefix))
+            .map(|l| {
+                let (series, value) = l.rsplit_once(' ').unwrap();
+                (series.to_string(), value.parse().unwrap())
+            })
+            .collect()
     }
 
     async fn channel(&mut self) -> Channel {
@@ -265,6 +285,21 @@ async fn canary_rollout_end_to_end() {
     }
     println!("arms at fraction 0.5: {arms:?}");
     assert!(arms.get(LITE2).copied().unwrap_or(0) >= 8 && arms.get(DEFAULT_MODEL).copied().unwrap_or(0) >= 8);
+    // The metrics split the canary's requests by arm and model version; the backfill is done.
+    let by_arm = server.metric("vitrine_requests_total{rpc=\"SearchBySku\",code=\"OK\"").await;
+    println!("requests by arm: {by_arm:?}");
+    let count = |v: &str, arm: &str| {
+        let series = format!(
+            "vitrine_requests_total{{rpc=\"SearchBySku\",code=\"OK\",model_version=\"{v}\",arm=\"{arm}\"}}"
+        );
+        by_arm.iter().find(|(s, _)| *s == series).map_or(0.0, |(_, n)| *n)
+    };
+    assert_eq!(count(LITE2, "challenger"), 2.0 * arms[LITE2] as f64, "{by_arm:?}");
+    assert_eq!(count(DEFAULT_MODEL, "champion"), 2.0 * arms[DEFAULT_MODEL] as f64, "{by_arm:?}");
+    let done = server.metric("vitrine_rollout_backfill_done").await;
+    let total = server.metric("vitrine_rollout_backfill_total").await;
+    assert_eq!(done, [(format!("vitrine_rollout_backfill_done{{challenger=\"{LITE2}\"}}"), ROWS as f64)]);
+    assert_eq!(done[0].1, total[0].1);
     let image = std::fs::read(repo().join("data/queries/coffee-crop-rotated.jpg")).unwrap();
     for k in 0..6 {
         c.search_by_image(proto::SearchByImageRequest {

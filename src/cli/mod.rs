@@ -1,8 +1,10 @@
 //! Command-line parsing and the subcommands; each returns an exit code or an error with context.
 
 mod client;
+pub mod config;
 mod connect;
 mod demo;
+mod logging;
 mod remote_ingest;
 mod rollout;
 mod verify;
@@ -13,7 +15,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use vitrine::ids::ModelVersion;
 use vitrine::index::store::StoreError;
 use vitrine::ingest::{self, IngestOptions, catalog::CatalogFormat};
@@ -35,6 +37,7 @@ enum Command {
     /// data directory that no server holds (--data-dir).
     Ingest(IngestArgs),
     /// Serve a data directory over gRPC.
+    #[command(after_help = SERVE_SETTINGS_HELP)]
     Serve(ServeArgs),
     /// Query a running server.
     Search(client::SearchArgs),
@@ -137,24 +140,38 @@ pub(crate) fn ingest_exit(accepted: u64, rejected: usize, a: &IngestArgs) -> Exi
     ExitCode::SUCCESS
 }
 
+/// How `serve` takes its settings (see src/cli/config.rs).
+const SERVE_SETTINGS_HELP: &str = "Every option can also be set in a TOML config file (--config FILE; keys are the \
+option names, e.g. data_dir = \"/srv/vitrine\") or with an environment variable VITRINE_<OPTION> (e.g. \
+VITRINE_DATA_DIR). Flags beat environment variables, which beat the file, which beats the defaults. \
+--print-config shows the effective settings.";
+
 #[derive(Args)]
 pub struct ServeArgs {
+    /// Read settings from this TOML file (keys are the option names; flags and VITRINE_*
+    /// environment variables override it). Also VITRINE_CONFIG.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Print the effective settings (as TOML, with where each comes from) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// The data directory served (created if missing); required.
     #[arg(long, value_name = "DIR")]
     pub data_dir: PathBuf,
     /// Address to listen on: HOST:PORT, where HOST is an IP address or a name (localhost).
     #[arg(long, default_value = "127.0.0.1:50051", value_name = "HOST:PORT")]
     pub listen: String,
     /// Serve TLS with this PEM certificate chain (needs --tls-key).
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key of --tls-cert.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// Bearer tokens file: one `ROLE NAME TOKEN` a line, ROLE read or write (README, Security).
     #[arg(long, value_name = "FILE", env = "VITRINE_TOKENS_FILE")]
     pub tokens: Option<PathBuf>,
     /// With --tokens, let calls without a token search and read (writes still need one).
-    #[arg(long, requires = "tokens")]
+    #[arg(long)]
     pub allow_anonymous_read: bool,
     /// Serve a non-loopback address without tokens: anyone who reaches it may write.
     #[arg(long)]
@@ -184,20 +201,57 @@ pub struct ServeArgs {
     /// Merge a model version's segments when it has more than this many.
     #[arg(long, default_value_t = vitrine::index::merge_policy::MergePolicy::default().max_segments)]
     pub max_segments: usize,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off when not given).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Log line format on stderr (one JSON object per line with `json`).
+    #[arg(long, value_enum, default_value_t = logging::LogFormat::Text)]
+    pub log_format: logging::LogFormat,
+}
+
+/// The `serve` subcommand's own command (its arguments without the binary and subcommand).
+pub fn serve_command() -> clap::Command {
+    ServeArgs::augment_args(clap::Command::new("vitrine serve").no_binary_name(true))
+}
+
+/// `vitrine serve`: settings from `argv` (the arguments after `serve`), the environment and
+/// the config file; then --print-config or the server.
+fn serve_main(argv: Vec<std::ffi::OsString>) -> anyhow::Result<ExitCode> {
+    let cmd = serve_command();
+    // --print-config shows what is missing instead of failing on it.
+    let print =
+        config::lenient(cmd.clone()).try_get_matches_from(&argv).is_ok_and(|m| m.get_flag("print_config"));
+    let checked = if print { config::lenient(cmd.clone()) } else { cmd.clone() };
+    let read = |p: &std::path::Path| std::fs::read_to_string(p);
+    let resolved = match config::resolve(&checked, &argv, &|k| std::env::var_os(k), &read) {
+        Err(config::ConfigError::Cli(e)) => e.exit(),
+        r => r?,
+    };
+    if print {
+        print!("{}", config::render(&cmd, &resolved));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let args = ServeArgs::from_arg_matches(&resolved.matches).unwrap_or_else(|e| e.exit());
+    logging::init(args.log_format);
+    if let Some(p) = &resolved.config_file {
+        tracing::info!(config = %p.display(), "settings read");
+    }
+    run_serve(args)
 }
 
 pub fn run() -> anyhow::Result<ExitCode> {
-    let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,hnsw_rs=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // `serve` may take its required settings from a file or the environment: its arguments
+    // are only checked here, and resolved by `serve_main`.
+    let matches = Cli::command().mut_subcommand("serve", config::lenient).get_matches();
+    if let Some(("serve", _)) = matches.subcommand() {
+        // `vitrine serve ARGS...`: the top-level command has no options of its own.
+        return serve_main(std::env::args_os().skip(2).collect());
+    }
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    logging::init(logging::LogFormat::Text);
     match cli.command {
         Command::Ingest(a) => run_ingest(&a),
-        Command::Serve(a) => run_serve(a),
+        Command::Serve(_) => unreachable!("serve is dispatched before the other commands"),
         Command::Search(a) => client::run_search(a),
         Command::Info(a) => client::run_info(a),
         Command::Demo(a) => demo::run(a),
@@ -288,10 +342,15 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     config.writer.seal_items = a.seal_items;
     config.writer.merge.max_segments = a.max_segments;
+    // Checked here, not by clap, so that either may come from the config file or environment.
     config.tls = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => Some(server::TlsFiles { cert: cert.clone(), key: key.clone() }),
-        _ => None,
+        (None, None) => None,
+        _ => anyhow::bail!("--tls-cert and --tls-key (tls_cert, tls_key) must be given together"),
     };
+    if a.allow_anonymous_read && a.tokens.is_none() {
+        anyhow::bail!("--allow-anonymous-read needs --tokens (without tokens every call is allowed already)");
+    }
     let tokens = match &a.tokens {
         Some(path) => server::auth::Tokens::load(path)?,
         None => server::auth::Tokens::default(),
@@ -301,7 +360,15 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = bind(&a.listen).await?;
-        server::serve(config, registry, listener, shutdown_signal()).await
+        let metrics = match a.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {addr} (--metrics-listen)"))?,
+            ),
+            None => None,
+        };
+        server::serve_with_metrics(config, registry, listener, metrics, shutdown_signal()).await
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -542,6 +542,11 @@ impl IndexWriter {
         &self.shared.data
     }
 
+    /// Bytes of write-ahead log on disk (what a restart would replay, at most).
+    pub fn wal_bytes(&self) -> u64 {
+        self.shared.wal.disk_bytes()
+    }
+
     /// What searches read now.
     pub fn live(&self) -> Arc<LiveSet> {
         self.shared.live.load_full()

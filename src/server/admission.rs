@@ -160,6 +160,17 @@ impl Admission {
             .map_err(|_| ServiceError::Internal("server is shutting down".into()))
     }
 
+    /// Requests waiting for a slot of `work` now.
+    pub fn queue_depth(&self, work: Work) -> usize {
+        self.gate(work).waiting.load(Ordering::Relaxed)
+    }
+
+    /// Slots of `work` held now (by requests, writes' embeddings and background work).
+    pub fn running(&self, work: Work) -> usize {
+        let g = self.gate(work);
+        g.limit.running.max(1).saturating_sub(g.slots.available_permits())
+    }
+
     /// Requests shed so far, per kind: (embed, search, write).
     pub fn shed_counts(&self) -> (u64, u64, u64) {
         let n = |w: Work| self.gate(w).shed.load(Ordering::Relaxed);

@@ -11,6 +11,9 @@ pub mod attrs;
 pub mod auth;
 pub mod error;
 pub mod filter;
+pub mod metrics;
+mod metrics_http;
+pub mod observe;
 pub mod rollout;
 mod writes;
 
@@ -125,6 +128,8 @@ pub struct ServerState {
     models: Arc<ModelRegistry>,
     admission: Admission,
     rollout: Arc<RolloutController>,
+    /// Request and encoder metrics (see [`metrics`]).
+    metrics: Arc<metrics::Metrics>,
     /// Set when the server stops taking requests: background work (backfill, shadow queries)
     /// ends at its next step so the writer can be closed and its lock released.
     closing: std::sync::atomic::AtomicBool,
@@ -202,6 +207,7 @@ impl ServerState {
             models,
             admission: Admission::new(&config.admission),
             rollout,
+            metrics: Default::default(),
             closing: Default::default(),
             problems,
             unservable,
@@ -353,6 +359,15 @@ impl ServerState {
         self.response(&view.version, hits)
     }
 
+    /// Embeds one query image (on the calling thread), timed for the metrics.
+    fn embed_query(&self, encoder: &crate::encoder::Encoder, image: &[u8]) -> Result<Vec<f32>, ServiceError> {
+        let started = std::time::Instant::now();
+        let prepared = encoder.preprocess(image)?;
+        let q = encoder.embed_one(&prepared)?;
+        self.metrics.record_encode(encoder.version().as_str(), 1, started.elapsed());
+        Ok(q)
+    }
+
     /// Embeds `image` with `view`'s model (on the blocking pool, under the embed limit) and
     /// searches `view`.
     async fn embed_and_search(
@@ -369,8 +384,7 @@ impl ServerState {
             if state.rollout.inject_fault(arm) {
                 return Err(ServiceError::Internal("injected canary fault".into()));
             }
-            let prepared = encoder.preprocess(&image)?;
-            let q = encoder.embed_one(&prepared)?;
+            let q = state.embed_query(&encoder, &image)?;
             state.search(&view, &q, &o, None)
         })
         .await?
@@ -378,6 +392,29 @@ impl ServerState {
 }
 
 type Resp<T> = Result<Response<T>, Status>;
+
+/// The rollout arm of a routed query, while a canary takes traffic (`champion`/`challenger`).
+fn route_arm(route: &rollout::Route) -> Option<&'static str> {
+    route.canary.then_some(match route.arm {
+        Arm::Champion => "champion",
+        Arm::Canary => "challenger",
+    })
+}
+
+/// A response named with the model version (and arm) that answered, for the request log and
+/// metrics (see [`observe`]).
+fn tag_response<T>(resp: T, version: &impl std::fmt::Display, arm: Option<&'static str>) -> Response<T> {
+    let mut r = Response::new(resp);
+    observe::tag(r.metadata_mut(), &version.to_string(), arm);
+    r
+}
+
+/// An error of a routed query, named with its model version and arm.
+fn tag_error(e: ServiceError, route: &rollout::Route) -> Status {
+    let mut status = Status::from(e);
+    observe::tag(status.metadata_mut(), route.primary.version.as_str(), route_arm(route));
+    status
+}
 
 /// Runs CPU-bound or blocking work (a search, an embedding, file I/O) on the blocking pool,
 /// so it never holds up the runtime threads that move every other request's bytes. A task
@@ -417,19 +454,18 @@ impl VisualSearch for VisualSearchService {
         let result =
             self.state.embed_and_search(&route.primary, Arc::clone(&image), Arc::clone(&o), route.arm).await;
         self.state.rollout.observe(&self.state, Kind::Image, route.arm, started.elapsed(), result.is_ok());
-        let resp = result?;
-        if let Some(other) = route.shadow {
+        let resp = result.map_err(|e| tag_error(e, &route))?;
+        if let Some(other) = route.shadow.clone() {
             let state = Arc::clone(&self.state);
             let hits = resp.hits.iter().map(|h| h.sku.clone()).collect();
             self.state.rollout.shadow(&self.state, Kind::Image, hits, move || {
                 let enc = state.models.get(&other.version).map_err(ServiceError::from)?;
-                let prepared = enc.preprocess(&image)?;
-                let q = enc.embed_one(&prepared)?;
+                let q = state.embed_query(&enc, &image)?;
                 let hits = state.search_hits(&other, &q, &o, None)?;
                 Ok(hits.into_iter().map(|h| h.sku.to_string()).collect())
             });
         }
-        Ok(Response::new(resp))
+        Ok(tag_response(resp, &route.primary.version, route_arm(&route)))
     }
 
     async fn search_by_vector(
@@ -449,7 +485,8 @@ impl VisualSearch for VisualSearchService {
         let _permit = self.state.admission.admit(Work::Search).await?;
         let state = Arc::clone(&self.state);
         let resp = blocking("search", move || state.search(&view, &req.vector, &o, None)).await??;
-        Ok(Response::new(resp))
+        let version = resp.model_version.clone();
+        Ok(tag_response(resp, &version, None))
     }
 
     async fn search_by_sku(
@@ -489,8 +526,8 @@ impl VisualSearch for VisualSearchService {
         };
         let failed = matches!(&result, Err(e) if !matches!(e, ServiceError::NotFound(_)));
         self.state.rollout.observe(&self.state, Kind::Sku, route.arm, started.elapsed(), !failed);
-        let resp = result?;
-        if let Some(other) = route.shadow {
+        let resp = result.map_err(|e| tag_error(e, &route))?;
+        if let Some(other) = route.shadow.clone() {
             let state = Arc::clone(&self.state);
             let hits = resp.hits.iter().map(|h| h.sku.clone()).collect();
             let sku = req.sku.clone();
@@ -501,7 +538,7 @@ impl VisualSearch for VisualSearchService {
                 Ok(hits.into_iter().map(|h| h.sku.to_string()).collect())
             });
         }
-        Ok(Response::new(resp))
+        Ok(tag_response(resp, &route.primary.version, route_arm(&route)))
     }
 
     async fn get_index_info(&self, _request: Request<proto::GetIndexInfoRequest>) -> Resp<proto::IndexInfo> {
@@ -715,6 +752,18 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), anyhow::Error> {
+    serve_with_metrics(config, models, listener, None, shutdown).await
+}
+
+/// [`serve`], with Prometheus metrics at `GET /metrics` on `metrics` when given. When
+/// `shutdown` resolves, health turns NOT_SERVING first, then the server drains.
+pub async fn serve_with_metrics(
+    config: ServeConfig,
+    models: Arc<ModelRegistry>,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), anyhow::Error> {
     let addr: SocketAddr = listener.local_addr()?;
     auth::check_exposure(addr, &config.auth, config.insecure)?;
     // TLS files are checked before the (slow) index and model loading.
@@ -750,6 +799,8 @@ pub async fn serve(
         tonic_health::ServingStatus::NotServing
     };
     health_reporter.set_service_status(INTEGRITY_HEALTH, integrity).await;
+    let shutdown = not_serving_then(health_reporter, shutdown);
+    let metrics_task = metrics.map(|l| metrics_http::spawn(l, Arc::downgrade(&state)));
     // Reflection in both versions: older clients (grpcurl 1.8) only speak v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -764,6 +815,7 @@ pub async fn serve(
     let rollouts = RolloutsServer::new(RolloutsService { state: Arc::clone(&state) })
         .max_decoding_message_size(MAX_GOLDEN_BYTES);
     let result = builder
+        .layer(observe::ObserveLayer::new(Arc::clone(&state.metrics)))
         .layer(auth::AuthLayer::new(Arc::clone(&config.auth)))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -772,6 +824,9 @@ pub async fn serve(
         .add_service(rollouts)
         .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await;
+    if let Some(task) = &metrics_task {
+        task.abort();
+    }
     // Stop background work, wait for what still holds the state (a shadow query, a backfill
     // step, a blocking search), then stop the writer (it finishes a seal in progress) and
     // release the lock, so that the next writer can open the directory at once.
@@ -821,6 +876,18 @@ fn log_exposure(addr: SocketAddr, config: &ServeConfig) {
     if config.tls.is_none() && !config.auth.tokens.is_empty() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "tokens travel in plaintext: serve TLS (--tls-cert, --tls-key)");
     }
+}
+
+/// Resolves after `shutdown`, once health reports NOT_SERVING (for the whole server and the
+/// search service), so that health checks see the stop before the server drains.
+async fn not_serving_then(
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    shutdown.await;
+    reporter.set_not_serving::<VisualSearchServer<VisualSearchService>>().await;
+    reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    tracing::info!("shutting down: health is NOT_SERVING; draining requests");
 }
 
 /// The architecture's name as model manifests spell it.

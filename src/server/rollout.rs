@@ -62,6 +62,8 @@ pub struct Route {
     pub primary: Arc<VersionLive>,
     pub arm: Arm,
     pub shadow: Option<Arc<VersionLive>>,
+    /// Whether a canary takes traffic (the arm is then a label of the request metrics).
+    pub canary: bool,
 }
 
 pub struct RolloutController {
@@ -130,10 +132,10 @@ impl RolloutController {
     pub fn route(&self, live: &LiveSet, key: &str) -> Result<Route, ServiceError> {
         let serving = live.serving_version().cloned().ok_or(ServiceError::NoIndex)?;
         let Some(r) = self.current().filter(|r| r.phase == Phase::Canary) else {
-            return Ok(Route { primary: serving, arm: Arm::Champion, shadow: None });
+            return Ok(Route { primary: serving, arm: Arm::Champion, shadow: None, canary: false });
         };
         let (Ok(champion), Ok(canary)) = (live.version(&r.champion), live.version(&r.challenger)) else {
-            return Ok(Route { primary: serving, arm: Arm::Champion, shadow: None });
+            return Ok(Route { primary: serving, arm: Arm::Champion, shadow: None, canary: false });
         };
         let router = Router::new(r.id);
         let fraction = Fraction::new(r.live_fraction()).unwrap_or(Fraction::ZERO);
@@ -145,7 +147,7 @@ impl RolloutController {
         };
         let shadow_share = Fraction::new(r.settings.shadow).unwrap_or(Fraction::ZERO);
         let shadow = sample(shadow_share, rand_unit()).then(|| Arc::clone(other));
-        Ok(Route { primary: Arc::clone(primary), arm, shadow })
+        Ok(Route { primary: Arc::clone(primary), arm, shadow, canary: true })
     }
 
     /// Whether a canary request should fail (fault injection for tests).

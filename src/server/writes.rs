@@ -91,8 +91,9 @@ impl ServerState {
         // both wait their turn for the embedding slot instead of failing.
         let _permit = self.admission.admit_waiting(Work::Embed).await?;
         let pool = if background { crate::background::embed_pool() } else { None };
+        let metrics = Arc::clone(&self.metrics);
         blocking("embedding", move || {
-            let run = || embed_all(&encoders, &images);
+            let run = || embed_all(&encoders, &images, &metrics);
             match pool {
                 Some(pool) => pool.install(run),
                 None => run(),
@@ -188,11 +189,18 @@ impl ServerState {
 
 /// Embeds every image with every encoder: per image, one vector per encoder's version, or
 /// the first error.
-fn embed_all(encoders: &[Arc<crate::encoder::Encoder>], images: &[Vec<u8>]) -> Vec<Embedded> {
+fn embed_all(
+    encoders: &[Arc<crate::encoder::Encoder>],
+    images: &[Vec<u8>],
+    metrics: &super::metrics::Metrics,
+) -> Vec<Embedded> {
     let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
     let mut out: Vec<Embedded> = refs.iter().map(|_| Ok(Vec::new())).collect();
     for enc in encoders {
-        for (slot, r) in out.iter_mut().zip(enc.embed_bytes(&refs)) {
+        let started = std::time::Instant::now();
+        let embedded = enc.embed_bytes(&refs);
+        metrics.record_encode(enc.version().as_str(), refs.len(), started.elapsed());
+        for (slot, r) in out.iter_mut().zip(embedded) {
             match (slot.as_mut(), r) {
                 (Ok(vecs), Ok(v)) => vecs.push((enc.version().clone(), v)),
                 (Ok(_), Err(e)) => {
