@@ -97,4 +97,11 @@ async fn hostile_requests_are_refused_with_short_reasons() {
         .unwrap();
     assert!(png.len() < 2 << 20, "{} bytes", png.len());
     invalid(c.search_by_image(by_image(png)).await, "decoding budget");
+
+    // A client's deadline is honoured: an image query given 1 ms ends with the deadline.
+    let jpeg = std::fs::read(repo().join("data/bad/ok-2.jpg")).unwrap();
+    let mut req = tonic::Request::new(by_image(jpeg));
+    req.set_timeout(std::time::Duration::from_millis(1));
+    let err = c.search_by_image(req).await.expect_err("past its deadline");
+    assert!(matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded), "{err:?}");
 }

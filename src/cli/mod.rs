@@ -201,6 +201,12 @@ pub struct ServeArgs {
     /// Merge a model version's segments when it has more than this many.
     #[arg(long, default_value_t = vitrine::index::merge_policy::MergePolicy::default().max_segments)]
     pub max_segments: usize,
+    /// Most connections open at once; more are closed as soon as they are accepted.
+    #[arg(long, default_value_t = server::conn::ConnLimits::default().max_connections)]
+    pub max_connections: usize,
+    /// Close a connection that sends nothing for this many seconds (clients reconnect).
+    #[arg(long, default_value_t = server::conn::ConnLimits::default().idle_timeout.as_secs())]
+    pub idle_timeout_secs: u64,
     /// Serve Prometheus metrics at http://ADDR/metrics (off when not given).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -357,6 +363,12 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     };
     config.auth = Arc::new(server::auth::AuthPolicy { tokens, allow_anonymous_read: a.allow_anonymous_read });
     config.insecure = a.insecure;
+    config.connections.max_connections = a.max_connections;
+    config.connections.idle_timeout = std::time::Duration::from_secs(a.idle_timeout_secs);
+    config
+        .connections
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--max-connections / --idle-timeout-secs: {e}"))?;
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = bind(&a.listen).await?;

@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod attrs;
 pub mod auth;
+pub mod conn;
 pub mod error;
 pub mod filter;
 pub mod metrics;
@@ -26,7 +27,6 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::ids::{ModelVersion, SkuId};
@@ -81,6 +81,8 @@ pub struct ServeConfig {
     pub auth: Arc<auth::AuthPolicy>,
     /// Allow a server without tokens on a non-loopback address.
     pub insecure: bool,
+    /// Connection cap, idle timeout and TCP keepalive.
+    pub connections: conn::ConnLimits,
 }
 
 /// PEM files of the server's certificate chain and private key.
@@ -118,6 +120,7 @@ impl ServeConfig {
             tls: None,
             auth: Arc::default(),
             insecure: false,
+            connections: conn::ConnLimits::default(),
         }
     }
 }
@@ -241,13 +244,6 @@ impl ServerState {
     pub fn live(&self) -> Arc<LiveSet> {
         self.writer.live()
     }
-}
-
-/// The listener as tonic's incoming stream, with `TCP_NODELAY` on every accepted connection:
-/// without it Nagle's algorithm and delayed ACKs hold each response of more than one packet
-/// for about 40 ms.
-pub fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// The `vitrine.v1.VisualSearch` implementation.
@@ -822,7 +818,7 @@ pub async fn serve_with_metrics(
         .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(rollouts)
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(conn::incoming(listener, config.connections), shutdown)
         .await;
     if let Some(task) = &metrics_task {
         task.abort();
@@ -893,21 +889,4 @@ async fn not_serving_then(
 /// The architecture's name as model manifests spell it.
 fn architecture_name(a: crate::encoder::Architecture) -> String {
     serde_json::to_value(a).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Regression: the listener was wrapped without TCP_NODELAY, so every answer of more than
-    /// one packet waited ~44 ms for a delayed ACK.
-    #[tokio::test]
-    async fn accepted_connections_have_nodelay() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut inc = incoming(listener);
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let accepted = inc.next().await.unwrap().unwrap();
-        assert!(accepted.nodelay().unwrap(), "accepted socket must have TCP_NODELAY");
-    }
 }
