@@ -282,6 +282,13 @@ fn render_state(out: &mut String, state: &ServerState) {
     let _ = writeln!(out, "vitrine_wal_bytes {}", state.writer.wal_bytes());
     header(out, "vitrine_manifest_generation", "gauge", "The data directory's manifest generation.");
     let _ = writeln!(out, "vitrine_manifest_generation {}", live.generation);
+    header(
+        out,
+        "vitrine_integrity_problems",
+        "gauge",
+        "Damage found at start (segments left out, damaged records, versions not served); writes are refused while above 0.",
+    );
+    let _ = writeln!(out, "vitrine_integrity_problems {}", state.problems().len());
 
     let status = state.rollout.status(&live);
     if status.state != "none" {
