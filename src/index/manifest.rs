@@ -6,6 +6,10 @@
 //! live, whatever is on disk. `wal_checkpoint` says which write-ahead-log records the named
 //! files already contain: recovery replays only the records after it.
 //!
+//! The file's last member is `"checksum": "crc32:XXXXXXXX"`, a crc32 of every byte before the
+//! comma that precedes it: a damaged manifest is refused at load, never half-trusted (files
+//! written before checksums have none and still load).
+//!
 //! Format 2 (this build) keeps deletions out of the manifest (one bitmap file per segment
 //! generation, see `deletes.rs`) and SKU records in the record store (`records.rs`). Format 1
 //! manifests (deleted positions inline, catalogue batch files) are read by [`LegacyManifest`]
