@@ -11,6 +11,8 @@ pub mod attrs;
 pub mod auth;
 pub mod error;
 pub mod filter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 mod metrics_http;
 pub mod observe;
