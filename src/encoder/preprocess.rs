@@ -34,6 +34,13 @@ const MAX_DECODER_ALLOC: u64 = MAX_DECODED_BYTES + (32 << 20);
 /// Images whose shorter side is at least this many times the input size are first shrunk with
 /// a cheap area average to twice the input size, then resized properly.
 const PRESHRINK_FACTOR: u32 = 4;
+/// Longest side kept, in multiples of the shorter side, before resizing. The centre crop only
+/// ever shows the middle square, but resizing a 1x32768 strip to fill 224x224 would first make
+/// a 224x7340032 image (4.9 GB, minutes of CPU; a 664-byte 10508x8 JPEG took 7 s and 260 MB).
+/// A longer image is cut to its middle part first: the intermediate then stays under
+/// `MAX_ASPECT * size * size` pixels, and the pixels that reach the crop move by at most a
+/// fraction of a source pixel (images this elongated are no product photos).
+const MAX_ASPECT: u32 = 64;
 
 /// A network input: normalised pixels, channel-major (`[3][size][size]`), RGB order.
 #[derive(Debug, Clone, PartialEq)]
@@ -211,8 +218,16 @@ pub fn resize_and_crop(image: RgbImage, size: u32) -> RgbImage {
     if width == size && height == size {
         return image;
     }
-    let mut image = DynamicImage::ImageRgb8(image);
     let shorter = width.min(height);
+    let longest = shorter.saturating_mul(MAX_ASPECT);
+    let image = if width.max(height) > longest {
+        let (w, h) = (width.min(longest), height.min(longest));
+        image::imageops::crop_imm(&image, (width - w) / 2, (height - h) / 2, w, h).to_image()
+    } else {
+        image
+    };
+    let (width, height) = image.dimensions();
+    let mut image = DynamicImage::ImageRgb8(image);
     if shorter >= size.saturating_mul(PRESHRINK_FACTOR) {
         // Area-average down to about twice the target first: the filtered resize below costs
         // time in proportion to the source size.
@@ -291,6 +306,27 @@ mod tests {
         let rgb =
             png_with_claimed_size(&png_bytes(&DynamicImage::ImageRgb8(RgbImage::new(8, 8))), 6324, 6324);
         assert!(!matches!(preprocess(&rgb, 224, &NORM), Err(PreprocessError::OverBudget { .. })));
+    }
+
+    /// Found by the `image_preprocess` fuzz target (fuzz/regressions/image_preprocess/): a
+    /// 10508x8 JPEG of 664 bytes took 7 s and 260 MB to resize; a 1x32768 strip would need
+    /// 4.9 GB. Such strips are cut to their middle part before resizing.
+    #[test]
+    fn extreme_aspect_ratios_are_cut_before_resizing() {
+        let jpeg = include_bytes!("../../fuzz/regressions/image_preprocess/wide-10508x8.jpg");
+        let decoded = decode(jpeg).unwrap();
+        assert_eq!((decoded.width(), decoded.height()), (10508, 8));
+        assert_eq!(preprocess(jpeg, 224, &NORM).unwrap().size(), 224);
+        let stripes = |_x: u32, y: u32| Rgb([(y % 7 * 40) as u8, (y % 3 * 100) as u8, 50]);
+        let strip = RgbImage::from_fn(1, 32_768, stripes);
+        let middle = image::imageops::crop_imm(&strip, 0, (32_768 - 64) / 2, 1, 64).to_image();
+        let out = resize_and_crop(strip, 224);
+        assert_eq!(out.dimensions(), (224, 224));
+        assert_eq!(out, resize_and_crop(middle, 224));
+        // Up to MAX_ASPECT nothing is cut: the result differs from the middle square's.
+        let long = RgbImage::from_fn(2, 128, stripes);
+        let square = image::imageops::crop_imm(&long, 0, 63, 2, 2).to_image();
+        assert_ne!(resize_and_crop(long, 224), resize_and_crop(square, 224));
     }
 
     #[test]

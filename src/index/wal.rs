@@ -19,11 +19,12 @@
 //! crc32  = CRC-32/IEEE of header[4..20] followed by body
 //! ```
 //!
-//! Seqs are u64 from 1, one per record, contiguous across frames and files; a file's first frame
-//! starts at the seq in its name. A payload is at most [`MAX_RECORD_BYTES`], a frame body at most
-//! [`MAX_FRAME_BODY`] (one caller's batch always goes into a single frame). Each frame is written
-//! with one `write_all` and `sync_data`'d before any of its records is reported durable, and the
-//! next frame is only written after that. A new file is fsynced into the directory first.
+//! Seqs are u64 from 1 to [`MAX_SEQ`], one per record, contiguous across frames and files; a
+//! file's first frame starts at the seq in its name. A payload is at most [`MAX_RECORD_BYTES`], a
+//! frame body at most [`MAX_FRAME_BODY`] (one caller's batch always goes into a single frame).
+//! Each frame is written with one `write_all` and `sync_data`'d before any of its records is
+//! reported durable, and the next frame is only written after that. A new file is fsynced into
+//! the directory first.
 //!
 //! # Recovery rules ([`Wal::open`])
 //!
@@ -36,6 +37,9 @@
 //! * Files must continue each other's seqs; a gap (or a first file starting late) is allowed only
 //!   where every missing seq is <= `after_seq`, the caller's checkpoint. Non-last files holding
 //!   only seqs <= `after_seq` are not read.
+//! * A checkpoint `after_seq` above [`MAX_SEQ`] is refused (a damaged manifest). File names and
+//!   frames beyond [`MAX_SEQ`] are not the log's, and an append that would pass it fails and
+//!   poisons the log (it is full).
 //! * A last file left with no records is deleted. New files are created lazily by the next
 //!   append, so [`Wal::rotate`] only closes the current one.
 //!
@@ -57,6 +61,9 @@ pub const HEADER_LEN: usize = 24;
 pub const MAX_RECORD_BYTES: usize = 64 << 20;
 /// Largest body of one frame (records with their 4-byte length prefixes).
 pub const MAX_FRAME_BODY: usize = 128 << 20;
+/// Highest seq a record may have (2^63 - 1). Keeping seqs this far below `u64::MAX` means
+/// `next_seq` arithmetic cannot overflow: appending 2^63 records would take centuries.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
@@ -88,6 +95,10 @@ pub enum WalError {
     BatchTooLarge { records: usize, bytes: usize },
     #[error("WAL: append_batch called with no records")]
     EmptyBatch,
+    #[error("WAL in {dir}: the checkpoint seq {after_seq} is above the highest seq, {MAX_SEQ}")]
+    CheckpointOutOfRange { dir: PathBuf, after_seq: u64 },
+    #[error("WAL {path} is full: seqs {first_seq}..={last_seq} would pass the highest seq, {MAX_SEQ}")]
+    Full { path: PathBuf, first_seq: u64, last_seq: u64 },
 }
 
 /// What [`Wal::open`] found.
@@ -167,7 +178,7 @@ pub fn file_name(first_seq: u64) -> String {
 fn parse_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_prefix("wal-")?.strip_suffix(".log")?;
     let well_formed = digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit());
-    well_formed.then(|| digits.parse().ok()).flatten().filter(|&s| s > 0)
+    well_formed.then(|| digits.parse().ok()).flatten().filter(|&s| (1..=MAX_SEQ).contains(&s))
 }
 
 fn io(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WalError + use<> {
@@ -200,7 +211,8 @@ fn parse_frame(data: &[u8], off: usize) -> Option<Frame> {
     if h[..4] != MAGIC || body_len > MAX_FRAME_BODY || count == 0 || first_seq == 0 {
         return None;
     }
-    first_seq.checked_add(u64::from(count))?;
+    // The last seq, first_seq + count - 1, must not pass MAX_SEQ.
+    first_seq.checked_add(u64::from(count)).filter(|&end| end <= MAX_SEQ + 1)?;
     let body_at = off + HEADER_LEN;
     let body = data.get(body_at..body_at + body_len)?;
     let mut crc = crc32fast::Hasher::new();
@@ -278,6 +290,9 @@ impl Wal {
     /// repairs a torn tail. Appends continue after the highest seq found, or after `after_seq`
     /// if that is higher.
     pub fn open(dir: &Path, after_seq: u64) -> Result<(Wal, Replayed), WalError> {
+        if after_seq > MAX_SEQ {
+            return Err(WalError::CheckpointOutOfRange { dir: dir.to_path_buf(), after_seq });
+        }
         if !dir.is_dir() {
             fs::create_dir_all(dir).map_err(io("create directory", dir))?;
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -491,6 +506,12 @@ impl Wal {
         batch: &[Pending],
     ) -> Result<(File, LogFile), (WalError, Poison)> {
         let last_seq = first_seq + count - 1;
+        if last_seq > MAX_SEQ {
+            let (path, offset) =
+                current.map_or((self.dir.join(file_name(first_seq)), 0), |c| (c.1.path, c.1.bytes));
+            let poison = Poison { path: path.clone(), offset, first_seq, last_seq };
+            return Err((WalError::Full { path, first_seq, last_seq }, poison));
+        }
         let (mut file, mut log) = match current {
             Some(c) => c,
             None => {
@@ -717,6 +738,33 @@ mod tests {
         assert_eq!((rep.records.len(), rep.dropped_tail_bytes), (0, one_end as u64 - 1));
         assert_eq!((names(tmp.path()).len(), wal.disk_bytes()), (0, 0));
         assert_eq!(wal.append(b"x").unwrap(), 1);
+    }
+
+    /// Found by the `wal_open` fuzz target (fuzz/regressions/wal_open/): a checkpoint near
+    /// `u64::MAX` overflowed the next seq (a panic in debug builds; in release, appends at seq 0
+    /// that the next open ignored). Now the seq range ends at MAX_SEQ, and the log fills up.
+    #[test]
+    fn seqs_end_at_max_seq_and_a_full_log_refuses_appends() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        fs::write(dir.join(file_name(u64::MAX)), [0xef, 0xef]).unwrap();
+        for after_seq in [MAX_SEQ + 1, u64::MAX] {
+            let err = Wal::open(dir, after_seq).unwrap_err();
+            assert!(matches!(err, WalError::CheckpointOutOfRange { .. }), "{err}");
+        }
+        // A file named beyond MAX_SEQ is not a log file; the last seqs work, then the log is full.
+        let (wal, rep) = open(dir, MAX_SEQ - 2);
+        assert_eq!((rep.files, wal.last_seq()), (0, MAX_SEQ - 2));
+        assert_eq!(wal.append_batch(&[b"a", b"b"]).unwrap(), MAX_SEQ - 1);
+        let err = wal.append(b"c").unwrap_err();
+        assert!(matches!(err, WalError::Full { first_seq, .. } if first_seq == MAX_SEQ + 1), "{err}");
+        assert!(matches!(wal.append(b"d").unwrap_err(), WalError::Poisoned { .. }));
+        drop(wal);
+        let (wal, rep) = open(dir, MAX_SEQ - 2);
+        assert_eq!(rep.records, recs(&[(MAX_SEQ - 1, "a"), (MAX_SEQ, "b")]));
+        assert!(matches!(wal.append(b"c").unwrap_err(), WalError::Full { .. }));
+        drop(wal);
+        assert!(open(dir, MAX_SEQ).1.records.is_empty());
     }
 
     #[test]

@@ -12,6 +12,8 @@ pub mod auth;
 pub mod conn;
 pub mod error;
 pub mod filter;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 mod metrics_http;
 pub mod observe;

@@ -22,7 +22,7 @@ type Embedded = Result<Vec<(ModelVersion, Vec<f32>)>, String>;
 pub type ItemResult = Result<proto::UpsertOutcome, String>;
 
 /// A validated upsert item, before embedding.
-struct Item {
+pub(super) struct Item {
     sku: SkuId,
     attrs: Option<crate::index::store::Attrs>,
     payload: Payload,
@@ -34,7 +34,7 @@ enum Payload {
     Vector(ModelVersion, Vec<f32>),
 }
 
-fn validate(req: proto::UpsertRequest) -> Result<Item, String> {
+pub(super) fn validate(req: proto::UpsertRequest) -> Result<Item, String> {
     let sku = super::parse_sku(&req.sku)?;
     let attrs = req.attrs.as_ref().map(attrs::from_struct).transpose()?;
     let payload = match req.payload {
