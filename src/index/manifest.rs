@@ -29,6 +29,8 @@ pub const MANIFEST_FORMAT: u32 = 2;
 /// The previous layout, still readable (and migrated by the writer).
 pub const LEGACY_MANIFEST_FORMAT: u32 = 1;
 pub const MANIFEST_FILE: &str = "MANIFEST.json";
+/// The largest `next_id` a manifest may hold (a damaged or crafted one beyond it is refused).
+pub const MAX_SEGMENT_ID: u64 = 1 << 62;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
@@ -243,6 +245,9 @@ impl Manifest {
         if self.format != MANIFEST_FORMAT {
             return Err(format!("format {} is not {MANIFEST_FORMAT}", self.format));
         }
+        if self.next_id > MAX_SEGMENT_ID {
+            return Err(format!("next_id {} is above the limit {MAX_SEGMENT_ID}", self.next_id));
+        }
         let mut seen = std::collections::HashSet::new();
         for (version, ix) in &self.indexes {
             if ix.dim == 0 {
@@ -274,7 +279,9 @@ impl Manifest {
     /// Hands out a fresh segment id.
     pub fn allocate_id(&mut self) -> u64 {
         let id = self.next_id;
-        self.next_id += 1;
+        // `validate` keeps next_id at most MAX_SEGMENT_ID (2^62), which no writer reaches by
+        // allocating one id per segment.
+        self.next_id = self.next_id.saturating_add(1);
         id
     }
 
@@ -398,6 +405,9 @@ mod tests {
         let mut m = sample();
         m.serving_model = Some(ModelVersion::new("other").unwrap());
         assert!(m.validate().is_err());
+        let mut m = sample();
+        m.next_id = u64::MAX;
+        assert!(m.validate().unwrap_err().contains("next_id"));
     }
 
     #[test]
