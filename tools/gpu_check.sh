@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # tools/gpu_check.sh — DRAFT, UNTESTED on a GPU (dry-run here on the CPU fallback only): the
-# one script a GPU session runs (issue 9) against binaries built elsewhere with `--features cuda` (README "GPU"). Checks, in order:
+# one script a GPU session runs (issue 9) against binaries built elsewhere with
+# `--features cuda` (README "GPU"). Checks, in order:
 #   1. the binaries find the driver and the CUDA 13 libraries (adds the machine's own
 #      CUDA 13 library folder to LD_LIBRARY_PATH when ldd finds one missing);
 #   2. encoder correctness on the GPU: average-pooled features (encoder_bench --features-out)
