@@ -3,14 +3,14 @@
 //!
 //! Every image is preprocessed with the encoder's own function (a 224x224 input is taken as it
 //! is, so a caller that sends 224x224 PNGs gives both engines identical tensors). Embedding is
-//! timed per batch size over whole passes through the images, after one warm-up pass.
+//! timed per batch size over whole passes through the images, after one warm-up pass. It runs
+//! on `vitrine::encoder::default_device()`: the CPU, or GPU 0 in a `--features cuda` build.
 
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use candle_core::Device;
 use clap::Parser;
 use vitrine::encoder::{Encoder, PreparedImage};
 
@@ -37,7 +37,8 @@ fn main() -> anyhow::Result<()> {
     if args.images.is_empty() {
         bail!("give at least one image");
     }
-    let encoder = Encoder::load(&args.model, &Device::Cpu)?;
+    let device = vitrine::encoder::default_device()?;
+    let encoder = Encoder::load(&args.model, &device)?;
     let started = Instant::now();
     let prepared = args
         .images
@@ -80,7 +81,8 @@ fn main() -> anyhow::Result<()> {
         rates.push(format!(r#""{batch}": {:.2}"#, images as f64 / secs));
     }
     println!(
-        r#"{{"engine": "vitrine-candle", "images": {}, "preprocess_ms_per_image": {preprocess_ms:.3}, "images_per_sec": {{{}}}}}"#,
+        r#"{{"engine": "vitrine-candle", "device": "{}", "images": {}, "preprocess_ms_per_image": {preprocess_ms:.3}, "images_per_sec": {{{}}}}}"#,
+        if device.is_cuda() { "cuda" } else { "cpu" },
         prepared.len(),
         rates.join(", ")
     );

@@ -83,9 +83,24 @@ pub enum EncoderError {
 }
 
 /// The best device available: CUDA when built with the `cuda` feature and a GPU is present,
-/// otherwise the CPU.
+/// otherwise the CPU. A `cuda` build on a machine without a usable GPU (no driver, no device,
+/// or the stub libcuda of tools/fetch_cuda.sh) logs why and falls back to the CPU.
 pub fn default_device() -> candle_core::Result<Device> {
-    Device::cuda_if_available(0)
+    if !candle_core::utils::cuda_is_available() {
+        return Ok(Device::Cpu);
+    }
+    match Device::new_cuda(0) {
+        Ok(device) => Ok(device),
+        Err(e) => {
+            // The cause is enough here: drop the backtrace candle adds under RUST_BACKTRACE.
+            let cause = match e {
+                candle_core::Error::WithBacktrace { inner, .. } => *inner,
+                e => e,
+            };
+            tracing::warn!("built with CUDA but GPU 0 is not usable ({cause}); encoding on the CPU");
+            Ok(Device::Cpu)
+        }
+    }
 }
 
 /// The head's final feature map of one image, before pooling.
