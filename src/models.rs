@@ -51,4 +51,20 @@ impl ModelRegistry {
         self.loaded.lock().insert(version.clone(), Arc::clone(&enc));
         Ok(enc)
     }
+
+    /// Why an index of `version` built with vectors of `dim` dimensions and weights
+    /// `weights_sha256` cannot be served with the model this registry loads for it (the model
+    /// cannot be loaded, or its dimension or weights differ); `None` when it can.
+    pub fn index_mismatch(&self, version: &ModelVersion, dim: usize, weights_sha256: &str) -> Option<String> {
+        match self.get(version) {
+            Err(e) => Some(format!("model {version} cannot be loaded: {}", crate::report::Chain(&e))),
+            Ok(enc) if enc.dim() != dim || enc.manifest().sha256 != weights_sha256 => Some(format!(
+                "model {version} in {} (dim {}, weights {}) is not the one its index was built with (dim {dim}, weights {weights_sha256})",
+                self.root.display(),
+                enc.dim(),
+                enc.manifest().sha256,
+            )),
+            Ok(_) => None,
+        }
+    }
 }

@@ -139,21 +139,12 @@ fn weights_match(a: &VerifyArgs, manifest: &Manifest) -> anyhow::Result<()> {
         return Ok(());
     }
     let registry = a.models.registry()?;
-    let mut wrong = Vec::new();
-    for (version, ix) in &manifest.indexes {
-        match registry.get(version) {
-            Ok(enc) if enc.manifest().sha256 == ix.weights_sha256 && enc.dim() == ix.dim as usize => {}
-            Ok(enc) => wrong.push(format!(
-                "model version {version}: the index records weights {} (dim {}), {} holds weights {} (dim {}): it would not be served",
-                ix.weights_sha256,
-                ix.dim,
-                registry.root().display(),
-                enc.manifest().sha256,
-                enc.dim()
-            )),
-            Err(e) => wrong.push(format!("model version {version}: cannot load its model: {}", Chain(&e))),
-        }
-    }
+    let wrong: Vec<String> = manifest
+        .indexes
+        .iter()
+        .filter_map(|(version, ix)| registry.index_mismatch(version, ix.dim as usize, &ix.weights_sha256))
+        .map(|why| format!("{why}: it would not be served"))
+        .collect();
     if wrong.is_empty() { Ok(()) } else { anyhow::bail!(wrong.join("\n")) }
 }
 

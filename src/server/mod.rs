@@ -173,18 +173,7 @@ impl ServerState {
         let mut problems: Vec<String> = report.integrity.iter().map(ToString::to_string).collect();
         let mut unservable = BTreeMap::new();
         for (v, view) in &writer.live().versions {
-            let why = match models.get(v) {
-                Err(e) => format!("model {v} cannot be loaded: {}", crate::report::Chain(&e)),
-                Ok(enc) if enc.dim() != view.dim || enc.manifest().sha256 != view.weights_sha256 => format!(
-                    "model {v} in {} (dim {}, weights {}) is not the one its index was built with (dim {}, weights {})",
-                    models.root().display(),
-                    enc.dim(),
-                    enc.manifest().sha256,
-                    view.dim,
-                    view.weights_sha256
-                ),
-                Ok(_) => continue,
-            };
+            let Some(why) = models.index_mismatch(v, view.dim, &view.weights_sha256) else { continue };
             // Its vectors would be compared with queries embedded by other weights: not served,
             // and no writes (image upserts would be embedded with the wrong model).
             tracing::error!("not served: {why}");
@@ -435,16 +424,7 @@ impl VisualSearch for VisualSearchService {
         let started = std::time::Instant::now();
         let req = request.into_inner();
         let o = Arc::new(options(req.options)?);
-        if req.image.is_empty() {
-            return Err(ServiceError::InvalidArgument("image is empty".into()).into());
-        }
-        if req.image.len() > MAX_IMAGE_BYTES {
-            return Err(ServiceError::InvalidArgument(format!(
-                "image is {} bytes; the limit is {MAX_IMAGE_BYTES}",
-                req.image.len()
-            ))
-            .into());
-        }
+        writes::check_image_size(&req.image).map_err(ServiceError::InvalidArgument)?;
         check_routing_key(&req.routing_key)?;
         let route = self.state.rollout.route(&self.state.live(), &req.routing_key)?;
         self.state.check_servable(&route.primary.version)?;

@@ -34,18 +34,25 @@ enum Payload {
     Vector(ModelVersion, Vec<f32>),
 }
 
+/// An image's size, checked before any work: not empty, at most [`MAX_IMAGE_BYTES`] (the
+/// message limit only bounds the whole request).
+pub(super) fn check_image_size(bytes: &[u8]) -> Result<(), String> {
+    if bytes.is_empty() {
+        return Err("image is empty".into());
+    }
+    if bytes.len() > MAX_IMAGE_BYTES {
+        return Err(format!("image is {} bytes; the limit is {MAX_IMAGE_BYTES}", bytes.len()));
+    }
+    Ok(())
+}
+
 pub(super) fn validate(req: proto::UpsertRequest) -> Result<Item, String> {
     let sku = super::parse_sku(&req.sku)?;
     let attrs = req.attrs.as_ref().map(attrs::from_struct).transpose()?;
     let payload = match req.payload {
         None => Payload::None,
         Some(proto::upsert_request::Payload::Image(bytes)) => {
-            if bytes.is_empty() {
-                return Err("image is empty".into());
-            }
-            if bytes.len() > MAX_IMAGE_BYTES {
-                return Err(format!("image is {} bytes; the limit is {MAX_IMAGE_BYTES}", bytes.len()));
-            }
+            check_image_size(&bytes)?;
             let sha256 = sha256_hex(&bytes);
             Payload::Image { bytes, sha256 }
         }
