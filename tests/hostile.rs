@@ -1,39 +1,19 @@
 //! Hostile requests against a real server: every field is bounded and checked before any
 //! expensive work, with INVALID_ARGUMENT and a message that never echoes unbounded input.
 
+mod common;
+
+use common::Server;
+
 use std::path::Path;
-use std::sync::Arc;
 
 use tonic::Code;
-use tonic::transport::Channel;
-use vitrine::models::ModelRegistry;
 use vitrine::proto::visual_search_client::VisualSearchClient;
 use vitrine::proto::{self, SearchOptions};
-use vitrine::server::{MAX_IMAGE_BYTES, ServeConfig, serve};
+use vitrine::server::{MAX_IMAGE_BYTES, ServeConfig};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-async fn start(dir: &Path) -> (VisualSearchClient<Channel>, tokio::sync::oneshot::Sender<()>) {
-    let models =
-        Arc::new(ModelRegistry::new(repo().join("models"), vitrine::encoder::default_device().unwrap()));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve(ServeConfig::new(dir), models, listener, async move {
-        let _ = rx.await;
-    }));
-    for _ in 0..600 {
-        if let Ok(c) = Channel::from_shared(url.clone()).unwrap().connect().await {
-            let mut client = VisualSearchClient::new(c).max_encoding_message_size(64 << 20);
-            if client.get_index_info(proto::GetIndexInfoRequest {}).await.is_ok() {
-                return (client, stop);
-            }
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    panic!("server never came up");
 }
 
 /// The status is INVALID_ARGUMENT, short, and says `what`.
@@ -56,7 +36,8 @@ fn by_image(image: Vec<u8>) -> proto::SearchByImageRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_requests_are_refused_with_short_reasons() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut c, _stop) = start(dir.path()).await;
+    let mut server = Server::start(ServeConfig::new(dir.path()), common::models()).await;
+    let mut c = VisualSearchClient::new(server.channel().await).max_encoding_message_size(64 << 20);
     let huge = "S".repeat(1 << 20);
     invalid(c.search_by_sku(by_sku(&huge)).await, "limit is 256");
     invalid(c.search_by_sku(by_sku("MUG\u{7}042")).await, "control character");

@@ -3,9 +3,12 @@
 //! weights differ from the index's make the server degraded (writes refused, reported by
 //! `GetIndexInfo` and the `vitrine.integrity` health service); `verify` finds a lost manifest.
 
+mod common;
+
+use common::Server;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 
 use tonic::Code;
 use tonic::transport::Channel;
@@ -15,13 +18,13 @@ use vitrine::index::manifest::Manifest;
 use vitrine::index::merge_policy::MergePolicy;
 use vitrine::index::store::DataDir;
 use vitrine::index::{IndexWriter, ModelSpec, Upsert, WriteOp, WriterConfig, WriterError};
-use vitrine::models::{DEFAULT_MODEL, ModelRegistry};
+use vitrine::models::DEFAULT_MODEL;
 use vitrine::proto::visual_search_client::VisualSearchClient;
 use vitrine::proto::{self, SearchOptions};
 use vitrine::segment::format::{FOOTER_LEN, HEADER_LEN};
 use vitrine::segment::synth::Structured;
 use vitrine::segment::{HnswParams, Segment};
-use vitrine::server::{INTEGRITY_HEALTH, ServeConfig, serve};
+use vitrine::server::{INTEGRITY_HEALTH, ServeConfig};
 
 const PER_SEGMENT: usize = 60;
 
@@ -214,49 +217,6 @@ fn verify(dir: &Path) -> (bool, String) {
     (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-struct Server {
-    addr: std::net::SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Server {
-    async fn start(dir: &Path) -> Self {
-        let models =
-            Arc::new(ModelRegistry::new(repo().join("models"), vitrine::encoder::default_device().unwrap()));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(ServeConfig::new(dir), models, listener, async move {
-            let _ = rx.await;
-        }));
-        Self { addr, stop, task }
-    }
-
-    async fn channel(&mut self) -> Channel {
-        for _ in 0..600 {
-            if self.task.is_finished() {
-                panic!("server stopped: {:?}", (&mut self.task).await);
-            }
-            if let Ok(c) = Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await
-                && VisualSearchClient::new(c.clone())
-                    .get_index_info(proto::GetIndexInfoRequest {})
-                    .await
-                    .is_ok()
-            {
-                return c;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        panic!("server never came up");
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-    }
-}
-
 async fn health(c: &Channel, service: &str) -> i32 {
     tonic_health::pb::health_client::HealthClient::new(c.clone())
         .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
@@ -289,7 +249,7 @@ async fn the_server_serves_what_is_intact_and_says_it_is_degraded() {
     bad[HEADER_LEN as usize + 1000] ^= 0x40; // a float of the vectors section
     std::fs::write(&seg, &bad).unwrap();
 
-    let mut server = Server::start(dir.path()).await;
+    let mut server = Server::start(ServeConfig::new(dir.path()), common::models()).await;
     let channel = server.channel().await;
     let mut c = VisualSearchClient::new(channel.clone());
     let info = c.get_index_info(proto::GetIndexInfoRequest {}).await.unwrap().into_inner();
@@ -311,7 +271,7 @@ async fn the_server_serves_what_is_intact_and_says_it_is_degraded() {
 
     // Restored: not degraded.
     std::fs::write(&seg, &good).unwrap();
-    let mut server = Server::start(dir.path()).await;
+    let mut server = Server::start(ServeConfig::new(dir.path()), common::models()).await;
     let channel = server.channel().await;
     let info = VisualSearchClient::new(channel.clone())
         .get_index_info(proto::GetIndexInfoRequest {})
@@ -329,7 +289,7 @@ async fn an_index_of_other_weights_is_not_served() {
     let spec = spec(Some(&"0".repeat(64)));
     let dim = spec.dim;
     build(dir.path(), spec);
-    let mut server = Server::start(dir.path()).await;
+    let mut server = Server::start(ServeConfig::new(dir.path()), common::models()).await;
     let channel = server.channel().await;
     let mut c = VisualSearchClient::new(channel.clone());
     let info = c.get_index_info(proto::GetIndexInfoRequest {}).await.unwrap().into_inner();

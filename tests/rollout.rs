@@ -4,6 +4,9 @@
 //! reaching both versions throughout; a failing canary is taken out of traffic by the
 //! guardrail, with the reason in the status.
 
+mod common;
+
+use common::Server;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +19,7 @@ use vitrine::proto::rollouts_client::RolloutsClient;
 use vitrine::proto::visual_search_client::VisualSearchClient;
 use vitrine::proto::{self, SearchOptions};
 use vitrine::rollout::guardrail::GuardrailConfig;
-use vitrine::server::{ServeConfig, serve_with_metrics};
+use vitrine::server::ServeConfig;
 
 const GEM: &str = "efficientnet-lite0-gem";
 const LITE2: &str = "efficientnet-lite2";
@@ -85,67 +88,6 @@ fn subset(root: &Path) -> (PathBuf, Vec<proto::GoldenQuery>) {
         })
         .collect();
     (catalog, golden)
-}
-
-struct Server {
-    addr: std::net::SocketAddr,
-    metrics: std::net::SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Server {
-    async fn start(config: ServeConfig, models: Arc<ModelRegistry>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let metrics = metrics_listener.local_addr().unwrap();
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let task =
-            tokio::spawn(serve_with_metrics(config, models, listener, Some(metrics_listener), async move {
-                let _ = rx.await;
-            }));
-        Self { addr, metrics, stop, task }
-    }
-
-    /// The value of each sample of `GET /metrics` whose line starts with `prefix`.
-    async fn metric(&self, prefix: &str) -> Vec<(String, f64)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut conn = tokio::net::TcpStream::connect(self.metrics).await.unwrap();
-        conn.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
-        let mut raw = String::new();
-        conn.read_to_string(&mut raw).await.unwrap();
-        raw.lines()
-            .filter(|l| l.starts_with(prefix))
-            .map(|l| {
-                let (series, value) = l.rsplit_once(' ').unwrap();
-                (series.to_string(), value.parse().unwrap())
-            })
-            .collect()
-    }
-
-    async fn channel(&mut self) -> Channel {
-        let url = format!("http://{}", self.addr);
-        for _ in 0..600 {
-            if self.task.is_finished() {
-                let ended = (&mut self.task).await;
-                panic!("server at {url} stopped before answering: {ended:?}");
-            }
-            if let Ok(c) = Channel::from_shared(url.clone()).unwrap().connect().await {
-                let mut probe = VisualSearchClient::new(c.clone());
-                if probe.get_index_info(proto::GetIndexInfoRequest {}).await.is_ok() {
-                    return c;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("server at {url} never came up");
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap().unwrap();
-    }
 }
 
 /// Polls the status until the rollout leaves `backfilling`/`gating`.
