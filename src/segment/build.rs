@@ -21,11 +21,10 @@ use std::cell::RefCell;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
 
 use multiversion::multiversion;
-use multiversion::target::target_cfg_f;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::distance::{dot, dot_i8_body};
+use super::distance::{dot, dot_wide_body, quantise_wide, touch_lines};
 use super::format::{MAX_LEVEL, NO_NEIGHBOUR};
 use super::heap::Walk;
 use super::reader::View;
@@ -132,11 +131,19 @@ impl<'a> Graph<'a> {
         &self.codes[at..at + self.dim]
     }
 
-    /// `out` = vector `i` times the scales: the query form of an item for int8 scoring.
+    /// Vector `i` as a query of the int8 walk: times the scales, quantised to `i16` in `out`
+    /// (`scaled` is scratch space).
     #[inline(always)]
-    fn scaled_into(&self, i: u32, out: &mut Vec<f32>) {
-        out.clear();
-        out.extend(self.vec(i).iter().zip(self.scales).map(|(x, s)| x * s));
+    fn wide_query<'s>(&self, i: u32, scaled: &mut Vec<f32>, out: &'s mut Vec<i16>) -> Wide<'s> {
+        let (v, scales) = (self.vec(i), &self.scales[..self.dim]);
+        scaled.clear();
+        scaled.resize(self.dim, 0.0);
+        let dst = &mut scaled[..self.dim];
+        for d in 0..self.dim {
+            dst[d] = v[d] * scales[d];
+        }
+        let factor = quantise_wide(scaled, out);
+        Wide { q: out, factor }
     }
 
     /// Node `node`'s link slots on `layer` and their scores.
@@ -195,9 +202,27 @@ struct Scratch {
     scores: Vec<f32>,
     found: Vec<(f32, u32)>,
     selected: Vec<(f32, u32)>,
-    /// The inserted node's scaled vector, and a candidate's (inside `select`).
+    /// The inserted node's scaled vector and its `i16` form, and a candidate's (inside
+    /// `select`).
     qs: Vec<f32>,
+    qw: Vec<i16>,
     cs: Vec<f32>,
+    cw: Vec<i16>,
+}
+
+/// A query of the int8 walk: `i16` values and the factor that turns their integer dot
+/// product with a code into a similarity.
+#[derive(Clone, Copy)]
+struct Wide<'a> {
+    q: &'a [i16],
+    factor: f32,
+}
+
+impl Wide<'_> {
+    #[inline(always)]
+    fn score(self, code: &[i8]) -> f32 {
+        dot_wide_body(self.q, code) as f32 * self.factor
+    }
 }
 
 thread_local! {
@@ -244,17 +269,13 @@ pub(super) fn build(
     graph.into_flat()
 }
 
-#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn insert_node(g: &Graph<'_>, q: u32, s: &mut Scratch) {
-    if target_cfg_f!(target_feature = "fma") {
-        insert_body::<true>(g, q, s)
-    } else {
-        insert_body::<false>(g, q, s)
-    }
+    insert_body(g, q, s)
 }
 
 #[inline(always)]
-fn insert_body<const FMA: bool>(g: &Graph<'_>, q: u32, s: &mut Scratch) {
+fn insert_body(g: &Graph<'_>, q: u32, s: &mut Scratch) {
     let level = usize::from(g.levels[q as usize]);
     let mut guard = g.entry.lock();
     let Some(entry) = *guard else {
@@ -263,22 +284,29 @@ fn insert_body<const FMA: bool>(g: &Graph<'_>, q: u32, s: &mut Scratch) {
     };
     // A node that raises the top layer keeps the entry locked until it is fully linked
     // (hnswlib does the same); every other insert releases it at once.
-    let raise = if level > entry.level { Some(guard) } else { None };
+    let raise = if level > entry.level {
+        Some(guard)
+    } else {
+        // Dropped here explicitly: a guard not moved would live to the end of the function
+        // and serialise every insert.
+        drop(guard);
+        None
+    };
     // Walks score with int8 codes against the node's scaled vector (a quarter of the memory
-    // traffic of f32 rows, which is where a build spends its time).
-    let mut qs = std::mem::take(&mut s.qs);
-    g.scaled_into(q, &mut qs);
-    let (mut cur, mut cur_s) = (entry.node, dot_i8_body::<FMA>(&qs, g.code(entry.node)));
+    // traffic of f32 rows, which is where a build spends its time), in integers.
+    let (mut qs, mut qw) = (std::mem::take(&mut s.qs), std::mem::take(&mut s.qw));
+    let wq = g.wide_query(q, &mut qs, &mut qw);
+    let (mut cur, mut cur_s) = (entry.node, wq.score(g.code(entry.node)));
     for layer in (level + 1..=entry.level).rev() {
-        (cur, cur_s) = greedy::<FMA>(g, &qs, (cur, cur_s), layer, &mut s.row);
+        (cur, cur_s) = greedy(g, wq, (cur, cur_s), layer, &mut s.row);
     }
     for layer in (0..=level.min(entry.level)).rev() {
-        search_layer::<FMA>(g, &qs, q, (cur, cur_s), layer, s);
+        search_layer(g, wq, q, (cur, cur_s), layer, s);
         if let Some(&(best_s, best)) = s.found.first() {
             (cur, cur_s) = (best, best_s);
         }
         let cap = if layer == 0 { 2 * g.m } else { g.m };
-        select::<FMA>(g, &s.found, cap, &mut s.selected, &mut s.cs);
+        select(g, &s.found, cap, &mut s.selected, &mut s.cs, &mut s.cw);
         {
             let _lock = g.locks[q as usize].lock();
             g.write_row(q, layer, &s.selected);
@@ -287,7 +315,7 @@ fn insert_body<const FMA: bool>(g: &Graph<'_>, q: u32, s: &mut Scratch) {
             link(g, nb, q, score, layer);
         }
     }
-    s.qs = qs;
+    (s.qs, s.qw) = (qs, qw);
     if let Some(mut guard) = raise {
         *guard = Some(Entry { node: q, level });
     }
@@ -295,19 +323,13 @@ fn insert_body<const FMA: bool>(g: &Graph<'_>, q: u32, s: &mut Scratch) {
 
 /// Greedy descent on one upper layer: moves to any better neighbour until none is.
 #[inline(always)]
-fn greedy<const FMA: bool>(
-    g: &Graph<'_>,
-    qv: &[f32],
-    start: (u32, f32),
-    layer: usize,
-    row: &mut Vec<u32>,
-) -> (u32, f32) {
+fn greedy(g: &Graph<'_>, qv: Wide<'_>, start: (u32, f32), layer: usize, row: &mut Vec<u32>) -> (u32, f32) {
     let (mut cur, mut cur_s) = start;
     loop {
         let mut improved = false;
         g.read_row(cur, layer, row);
         for &nb in row.iter() {
-            let d = dot_i8_body::<FMA>(qv, g.code(nb));
+            let d = qv.score(g.code(nb));
             if d > cur_s {
                 (cur, cur_s) = (nb, d);
                 improved = true;
@@ -322,14 +344,7 @@ fn greedy<const FMA: bool>(
 /// `ef`-wide best-first search on `layer` from `entry`; leaves the best nodes (never `q`
 /// itself) in `s.found`, best first.
 #[inline(always)]
-fn search_layer<const FMA: bool>(
-    g: &Graph<'_>,
-    qv: &[f32],
-    q: u32,
-    entry: (u32, f32),
-    layer: usize,
-    s: &mut Scratch,
-) {
+fn search_layer(g: &Graph<'_>, qv: Wide<'_>, q: u32, entry: (u32, f32), layer: usize, s: &mut Scratch) {
     s.walk.begin(g.levels.len());
     let Scratch { walk: Walk { visited, epoch, candidates, results }, row, ids, scores, found, .. } = s;
     let (ep, ep_s) = entry;
@@ -353,9 +368,14 @@ fn search_layer<const FMA: bool>(
                 ids.push(nb);
             }
         }
+        let mut touched = 0u8;
+        for &nb in ids.iter() {
+            touched ^= touch_lines(bytemuck::cast_slice(g.code(nb)));
+        }
+        std::hint::black_box(touched);
         scores.clear();
         for &nb in ids.iter() {
-            scores.push(dot_i8_body::<FMA>(qv, g.code(nb)));
+            scores.push(qv.score(g.code(nb)));
         }
         for (&nb, &d) in ids.iter().zip(scores.iter()) {
             if results.len() < g.ef || d > results.worst() {
@@ -372,24 +392,29 @@ fn search_layer<const FMA: bool>(
 /// The diversity heuristic: walks `cands` (best first) and keeps a candidate unless it is
 /// closer to an already kept one than to the query; at most `cap`.
 #[inline(always)]
-fn select<const FMA: bool>(
+fn select(
     g: &Graph<'_>,
     cands: &[(f32, u32)],
     cap: usize,
     out: &mut Vec<(f32, u32)>,
     cs: &mut Vec<f32>,
+    cw: &mut Vec<i16>,
 ) {
     out.clear();
     for &(score, c) in cands {
         if out.len() >= cap {
             break;
         }
-        g.scaled_into(c, cs);
+        if out.is_empty() {
+            out.push((score, c));
+            continue;
+        }
+        let cq = g.wide_query(c, cs, cw);
         // A plain loop: an iterator adaptor here may stay out of line, compiled without the
         // target's features (see `dot_body`).
         let mut diverse = true;
         for &(_, r) in out.iter() {
-            if dot_i8_body::<FMA>(cs, g.code(r)) > score {
+            if cq.score(g.code(r)) > score {
                 diverse = false;
                 break;
             }
@@ -444,8 +469,11 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
         }
     };
     b.keep.par_iter().enumerate().for_each_init(
-        || (Vec::<u32>::new(), Vec::<(f32, u32)>::new(), Vec::<(f32, u32)>::new(), Vec::<f32>::new()),
-        |(live, pool, kept, scaled), (new, &old)| {
+        || {
+            let pairs = || Vec::<(f32, u32)>::new();
+            (Vec::<u32>::new(), pairs(), pairs(), Vec::<f32>::new(), Vec::<i16>::new())
+        },
+        |(live, pool, kept, scaled, wide), (new, &old)| {
             let new = new as u32;
             for layer in 0..=usize::from(g.levels[new as usize]) {
                 live.clear();
@@ -472,7 +500,7 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
                 live.dedup();
                 pool.extend(live.iter().map(|&y| (dot(nv, g.vec(y)), y)));
                 pool.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                select_dispatched(g, pool, g.row(new, layer).len(), kept, scaled);
+                select_dispatched(g, pool, g.row(new, layer).len(), kept, scaled, wide);
                 g.write_row(new, layer, kept);
             }
         },
@@ -489,17 +517,14 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
     *g.entry.lock() = Some(Entry { node, level: usize::from(g.levels[node as usize]) });
 }
 
-#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn select_dispatched(
     g: &Graph<'_>,
     cands: &[(f32, u32)],
     cap: usize,
     out: &mut Vec<(f32, u32)>,
     scaled: &mut Vec<f32>,
+    wide: &mut Vec<i16>,
 ) {
-    if target_cfg_f!(target_feature = "fma") {
-        select::<true>(g, cands, cap, out, scaled)
-    } else {
-        select::<false>(g, cands, cap, out, scaled)
-    }
+    select(g, cands, cap, out, scaled, wide)
 }

@@ -65,34 +65,83 @@ pub(crate) fn dot_body<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     reduce(&acc)
 }
 
-/// `sum(q[i] * c[i])` of an f32 query (already multiplied by the per-dimension scales) and
-/// int8 codes: the approximate score of the quantised graph walk. Same structure as
-/// [`dot_body`]; the codes are widened to f32 lane by lane.
+/// Reads one byte of each 64-byte cache line of `bytes`: independent loads that the CPU
+/// issues together, so the cache misses of a whole neighbour list overlap before any of them
+/// is scored (a safe stand-in for a software prefetch). The caller passes the result to
+/// `std::hint::black_box` so that the loads are not optimised away.
 #[inline(always)]
-pub(crate) fn dot_i8_body<const FMA: bool>(q: &[f32], c: &[i8]) -> f32 {
-    let n = q.len().min(c.len());
-    let (q, c) = (&q[..n], &c[..n]);
-    let (q_blocks, q_rest) = q.as_chunks::<BLOCK>();
-    let (c_blocks, c_rest) = c.as_chunks::<BLOCK>();
-    let mut acc = [0.0f32; BLOCK];
-    for (x, y) in q_blocks.iter().zip(c_blocks) {
-        block_i8::<FMA>(&mut acc, x, y);
+pub(crate) fn touch_lines(bytes: &[u8]) -> u8 {
+    let mut x = 0u8;
+    for line in bytes.chunks(64) {
+        x ^= line[0];
     }
-    if !q_rest.is_empty() {
-        let (mut x, mut y) = ([0.0f32; BLOCK], [0i8; BLOCK]);
-        x[..q_rest.len()].copy_from_slice(q_rest);
-        y[..c_rest.len()].copy_from_slice(c_rest);
-        block_i8::<FMA>(&mut acc, &x, &y);
-    }
-    reduce(&acc)
+    x
 }
 
+/// Dimensions per `i32` partial sum in [`dot_wide_body`]: `512 * 32767 * 127 < i32::MAX`, so
+/// no partial sum can overflow whatever the dimension.
+const WIDE_CHUNK: usize = 512;
+
+/// Largest magnitude of a [`quantise_wide`] value.
+const WIDE_MAX: f32 = 32767.0;
+
+/// Quantises a scaled query (the query times the per-dimension scales of the codes) to
+/// `i16` with one factor, written to `out`; returns the factor. The walk's approximate score
+/// is then `dot_wide_body(out, code) * factor`: integer multiply-adds (`pmaddwd`), about
+/// 2.5 times the speed of widening the codes to f32. Fifteen bits keep the query's own
+/// rounding error (at most `factor / 2` per component) far below the codes' eight.
+///
+/// `#[inline(always)]` with plain loops, like [`dot_body`], so that it is vectorised with the
+/// caller's target features (rounding is then one instruction, not a libm call).
 #[inline(always)]
-fn block_i8<const FMA: bool>(acc: &mut [f32; BLOCK], x: &[f32; BLOCK], y: &[i8; BLOCK]) {
-    for i in 0..BLOCK {
-        let c = f32::from(y[i]);
-        acc[i] = if FMA { x[i].mul_add(c, acc[i]) } else { acc[i] + x[i] * c };
+pub(crate) fn quantise_wide(scaled: &[f32], out: &mut Vec<i16>) -> f32 {
+    // Sixteen running maxima, one per lane, so the loop vectorises without reassociation.
+    let mut lanes = [0.0f32; 16];
+    let (blocks, rest) = scaled.as_chunks::<16>();
+    for b in blocks {
+        for i in 0..16 {
+            let a = b[i].abs();
+            lanes[i] = if a > lanes[i] { a } else { lanes[i] };
+        }
     }
+    let mut max = 0.0f32;
+    for &x in rest.iter().chain(&lanes) {
+        let a = x.abs();
+        max = if a > max { a } else { max };
+    }
+    out.clear();
+    out.resize(scaled.len(), 0);
+    if !(max > 0.0 && max.is_finite()) {
+        return 0.0;
+    }
+    let inv = WIDE_MAX / max;
+    let dst = &mut out[..scaled.len()];
+    for i in 0..dst.len() {
+        dst[i] = (scaled[i] * inv).round_ties_even().clamp(-WIDE_MAX, WIDE_MAX) as i16;
+    }
+    max / WIDE_MAX
+}
+
+/// `sum(q[i] * c[i])` of a [`quantise_wide`] query and int8 codes, exact in integers (the
+/// caller multiplies by the query's factor). Plain indexed loops over equal-length slices,
+/// which the compiler turns into `pmaddwd` (see [`dot_body`] on why no iterator adaptors).
+#[inline(always)]
+pub(crate) fn dot_wide_body(q: &[i16], c: &[i8]) -> i64 {
+    let n = q.len().min(c.len());
+    let (q, c) = (&q[..n], &c[..n]);
+    let mut total = 0i64;
+    let mut at = 0;
+    while at < n {
+        let end = (at + WIDE_CHUNK).min(n);
+        let (qc, cc) = (&q[at..end], &c[at..end]);
+        let mut s = 0i32;
+        for i in 0..qc.len() {
+            s += i32::from(qc[i]) * i32::from(cc[i]);
+        }
+        total += i64::from(s);
+        at = end;
+    }
+    total
 }
 
 /// Fixed pairwise reduction 64 -> 16 -> 8 -> 4 -> 1.
@@ -141,15 +190,25 @@ mod tests {
     }
 
     #[test]
-    fn int8_dot_matches_naive_for_all_tail_lengths() {
-        for n in 0..300 {
-            let q: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.01).collect();
-            let c: Vec<i8> = (0..n).map(|i| ((i * 37 % 255) - 127) as i8).collect();
-            let want: f64 = q.iter().zip(&c).map(|(a, &b)| f64::from(*a) * f64::from(b)).sum();
-            for got in [dot_i8_body::<false>(&q, &c), dot_i8_body::<true>(&q, &c)] {
-                assert!((f64::from(got) - want).abs() < 1e-3 * (1.0 + want.abs()), "n={n}: {got} vs {want}");
-            }
+    fn wide_dot_matches_the_exact_f32_int8_dot() {
+        for n in [0usize, 1, 7, 64, 100, 511, 512, 513, 1280, 3000] {
+            let scaled: Vec<f32> = (0..n).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.003).collect();
+            let c: Vec<i8> = (0..n).map(|i| ((i * 37 % 255) as i32 - 127) as i8).collect();
+            let want: f64 = scaled.iter().zip(&c).map(|(a, &b)| f64::from(*a) * f64::from(b)).sum();
+            let mut w = Vec::new();
+            let factor = quantise_wide(&scaled, &mut w);
+            assert_eq!(w.len(), n);
+            let got = dot_wide_body(&w, &c) as f64 * f64::from(factor);
+            let bound: f64 = c.iter().map(|&x| f64::from(x).abs()).sum::<f64>() * f64::from(factor) * 0.5;
+            assert!((got - want).abs() <= bound + 1e-4 * (1.0 + want.abs()), "n={n}: {got} vs {want}");
         }
+        // The extremes never overflow: every product at its largest, over many chunks.
+        let q = vec![i16::MAX; 4096];
+        let c = vec![-127i8; 4096];
+        assert_eq!(dot_wide_body(&q, &c), -127 * 32767 * 4096);
+        let mut w = Vec::new();
+        assert_eq!(quantise_wide(&[0.0, 0.0], &mut w), 0.0);
+        assert_eq!(w, vec![0, 0]);
     }
 
     #[test]

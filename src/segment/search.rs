@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 
-use super::distance::{dot, dot_body, dot_i8_body, normalise_into};
+use super::distance::{dot, dot_body, dot_wide_body, normalise_into, quantise_wide, touch_lines};
 use super::error::SegmentError;
 use super::heap::{TopK, Walk};
 use super::reader::{Segment, View};
@@ -32,8 +32,10 @@ pub struct Hit {
 struct Scratch {
     walk: Walk,
     query: Vec<f32>,
-    /// The query times the per-dimension scales (the int8 walk's query).
+    /// The query times the per-dimension scales, and that quantised to `i16` (the int8
+    /// walk's query).
     scaled: Vec<f32>,
+    wide: Vec<i16>,
     ids: Vec<u32>,
     scores: Vec<f32>,
 }
@@ -82,10 +84,11 @@ impl Segment {
                 return Ok(s.walk.results.sorted_hits(k));
             }
             s.walk.begin(view.n);
-            let Scratch { walk: w, query, scaled, ids, scores } = s;
+            let Scratch { walk: w, query, scaled, wide, ids, scores } = s;
             scaled.clear();
             scaled.extend(query.iter().zip(view.scales).map(|(q, s)| q * s));
-            walk(&view, query, scaled, ef, filter, w, ids, scores);
+            let factor = quantise_wide(scaled, wide);
+            walk(&view, query, (wide, factor), ef, filter, w, ids, scores);
             let results = &mut w.results;
             if view.codes.is_empty() {
                 return Ok(results.sorted_hits(k));
@@ -136,14 +139,14 @@ fn dot_sel<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 
 /// The HNSW walk: greedy descent through the upper layers, then the `ef`-wide search of
 /// layer 0, leaving the best `ef` filter-passing nodes in `results`. Scores are exact (f32
-/// vectors) in a version-1 segment and int8 approximations (`scaled` query against the
-/// codes) in a quantised one.
+/// vectors) in a version-1 segment and int8 approximations (the `wide` query, see
+/// [`quantise_wide`], against the codes) in a quantised one.
 #[allow(clippy::too_many_arguments)]
-#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn walk(
     view: &View<'_>,
     q: &[f32],
-    scaled: &[f32],
+    wide: (&[i16], f32),
     ef: usize,
     filter: Filter<'_>,
     w: &mut Walk,
@@ -157,22 +160,25 @@ fn walk(
             if target_cfg_f!(target_feature = "fma") { dot_sel::<true>(q, v) } else { dot_sel::<false>(q, v) }
         })
     };
+    let (wq, factor) = wide;
     let coded = |i: u32| {
         let at = i as usize * dim;
-        view.codes.get(at..at + dim).map_or(f32::NEG_INFINITY, |c| {
-            if target_cfg_f!(target_feature = "fma") {
-                dot_i8_body::<true>(scaled, c)
-            } else {
-                dot_i8_body::<false>(scaled, c)
-            }
-        })
+        view.codes.get(at..at + dim).map_or(f32::NEG_INFINITY, |c| dot_wide_body(wq, c) as f32 * factor)
+    };
+    let touch_vector = |i: u32| {
+        let at = i as usize * dim;
+        view.vectors.get(at..at + dim).map_or(0, |v| touch_lines(bytemuck::cast_slice(v)))
+    };
+    let touch_code = |i: u32| {
+        let at = i as usize * dim;
+        view.codes.get(at..at + dim).map_or(0, |c| touch_lines(bytemuck::cast_slice(c)))
     };
     if view.codes.is_empty() {
         let entry = greedy_upper_body(view, &exact);
-        search_layer0_body(view, &exact, entry, ef, filter, w, ids, scores);
+        search_layer0_body(view, &exact, &touch_vector, entry, ef, filter, w, ids, scores);
     } else {
         let entry = greedy_upper_body(view, &coded);
-        search_layer0_body(view, &coded, entry, ef, filter, w, ids, scores);
+        search_layer0_body(view, &coded, &touch_code, entry, ef, filter, w, ids, scores);
     }
 }
 
@@ -209,9 +215,10 @@ fn greedy_upper_body<F: Fn(u32) -> f32>(view: &View<'_>, score: &F) -> (u32, f32
 /// `results`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn search_layer0_body<F: Fn(u32) -> f32>(
+fn search_layer0_body<F: Fn(u32) -> f32, T: Fn(u32) -> u8>(
     view: &View<'_>,
     score: &F,
+    touch: &T,
     entry: (u32, f32),
     ef: usize,
     filter: Filter<'_>,
@@ -252,6 +259,11 @@ fn search_layer0_body<F: Fn(u32) -> f32>(
                 ids.push(nb);
             }
         }
+        let mut touched = 0u8;
+        for &nb in ids.iter() {
+            touched ^= touch(nb);
+        }
+        std::hint::black_box(touched);
         scores.clear();
         for &nb in ids.iter() {
             scores.push(score(nb));
