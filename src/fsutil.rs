@@ -10,13 +10,48 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Bytes a large file write may leave dirty before it syncs them ([`Paced`]).
+pub const PACED_SYNC_BYTES: u64 = 4 << 20;
+
+/// A file writer that syncs its data every [`PACED_SYNC_BYTES`]: a segment file of tens of
+/// megabytes never sits in the page cache as one dirty block for a final fsync to push out at
+/// once. Otherwise the log's fdatasync, which every acknowledgement waits for, queues behind
+/// that flush (and on ext4 in ordered mode a journal commit may have to write it first).
+pub struct Paced<'f> {
+    file: &'f File,
+    unsynced: u64,
+}
+
+impl<'f> Paced<'f> {
+    pub fn new(file: &'f File) -> Self {
+        Self { file, unsynced: 0 }
+    }
+}
+
+impl Write for Paced<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.file.write(buf)?;
+        self.unsynced += n as u64;
+        if self.unsynced >= PACED_SYNC_BYTES {
+            self.file.sync_data()?;
+            self.unsynced = 0;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Atomically replaces `path` with a file produced by `write`.
 ///
-/// The bytes go to `.name.tmp-<pid>-<n>` (unique per call) in the same directory, are fsynced, renamed over `path`,
-/// and the directory is fsynced. On error the temp file is removed and `path` is untouched.
+/// The bytes go to `.name.tmp-<pid>-<n>` (unique per call) in the same directory, are fsynced
+/// (in steps, see [`Paced`]), renamed over `path`, and the directory is fsynced. On error the
+/// temp file is removed and `path` is untouched.
 pub fn atomic_write_with<F>(path: &Path, write: F) -> io::Result<()>
 where
-    F: FnOnce(&mut io::BufWriter<&File>) -> io::Result<()>,
+    F: FnOnce(&mut io::BufWriter<Paced<'_>>) -> io::Result<()>,
 {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path
@@ -30,7 +65,7 @@ where
     let result = (|| {
         let file = File::create(&tmp)?;
         {
-            let mut w = io::BufWriter::with_capacity(1 << 20, &file);
+            let mut w = io::BufWriter::with_capacity(1 << 20, Paced::new(&file));
             write(&mut w)?;
             w.flush()?;
         }

@@ -12,9 +12,11 @@
 //!   crash. When a mutable segment is full (or the log is large) it freezes every version's
 //!   mutable segment and hands them to the sealer; it also commits what the sealer returns.
 //! * the **sealer thread** builds HNSW segment files from frozen mutable segments and merges
-//!   sealed segments (see `merge_policy.rs`). It never touches shared state: it returns the
-//!   built file and the writer thread commits it (deletion files, record store flush, manifest
-//!   rename, then log truncation) and publishes a new [`LiveSet`].
+//!   sealed segments (see `merge_policy.rs`). It touches no shared state but the record
+//!   store, which it flushes into redb after a seal's build (off the writer thread, where every
+//!   acknowledgement would wait for the redb commit); it returns the built file and the writer
+//!   thread commits it (deletion files, manifest rename, then log truncation) and publishes a
+//!   new [`LiveSet`].
 //!
 //! A failed commit poisons the writer: later writes are refused with the reason, searches keep
 //! working, and a restart recovers from the last manifest plus the log.
@@ -1364,7 +1366,9 @@ impl State {
             added.push((v.clone(), seg));
         }
         let replaced = self.persist_deletes(&mut next, &added)?;
-        self.shared.records.flush()?;
+        // No record store flush here: the sealer flushed it after the freeze, so every record
+        // change up to `seal_seq` is already durable in redb (a redb commit takes 1 to 30 ms,
+        // which this thread would make every acknowledgement wait).
         next.wal_checkpoint = seal_seq;
         next.store(data.root())?;
         self.manifest = next;
@@ -1525,7 +1529,16 @@ fn sealer_loop(
                 tracing::info!(%version, %id, count = stats.count, secs = stats.build_secs, "sealed a segment");
                 Ok(SealedPart { version, frozen, file: Some(BuiltFile { id, sources: items.positions, stats }) })
             })
-            .collect();
+            .collect::<Result<Vec<_>, WriterError>>()
+            // The log is truncated through `seal_seq` once this seal commits, so the record
+            // changes up to it must be durable in redb first. They are all in the store's
+            // overlay since the freeze (the writer applies a write before it freezes), so one
+            // flush here, off the writer thread, covers them; changes made since are flushed
+            // too, harmlessly (the log still holds them).
+            .and_then(|parts| {
+                shared.records.flush()?;
+                Ok(parts)
+            });
         if tx.send(Msg::Sealed(SealResult { id: job.id, seal_seq: job.seal_seq, built })).is_err() {
             return;
         }
