@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::lite::{Geometry, depthwise_row, same_padding};
+use super::lite::kernels::{Geometry, depthwise_row, same_padding};
 use super::pointwise::{Epilogue, PointwiseLayer, matmul_into};
 
 /// Target size of one band's expanded input rows.

@@ -354,4 +354,34 @@ mod tests {
     fn hex_is_lower_case() {
         assert_eq!(hex(&[0x00, 0xab, 0x0f]), "00ab0f");
     }
+
+    /// The SIMD targets of every `#[multiversion]` kernel of the encoder. The attribute takes only
+    /// literal strings, so each kernel spells the list out; this test keeps them all equal.
+    const SIMD_TARGETS: &str = r#""x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon""#;
+
+    #[test]
+    fn every_encoder_kernel_has_the_one_simd_target_list() {
+        // Built from two pieces so that this test's own source does not count as an attribute.
+        let marker = concat!("#[multi", "version(targets(");
+        let mut paths = vec![PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src/encoder"))];
+        let mut kernels = 0;
+        while let Some(path) = paths.pop() {
+            if path.is_dir() {
+                paths.extend(std::fs::read_dir(&path).unwrap().map(|entry| entry.unwrap().path()));
+                continue;
+            }
+            if path.extension().is_none_or(|ext| ext != "rs") {
+                continue;
+            }
+            let source = std::fs::read_to_string(&path).unwrap();
+            for (at, _) in source.match_indices(marker) {
+                let rest = &source[at + marker.len()..];
+                let list = &rest[..rest.find("))]").expect("the attribute closes")];
+                let list = list.split_whitespace().collect::<Vec<_>>().join(" ");
+                assert_eq!(list, SIMD_TARGETS, "SIMD targets in {}", path.display());
+                kernels += 1;
+            }
+        }
+        assert!(kernels >= 4, "found only {kernels} multiversion kernels under src/encoder");
+    }
 }

@@ -137,7 +137,7 @@ struct Out<'a> {
     col0: usize,
 }
 
-#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn rows_kernel(src: &[f32], w: &PackedWeights, panels: Range<usize>, epilogue: Epilogue<'_>, out: Out<'_>) {
     if target_cfg_f!(target_feature = "fma") {
         rows_body::<true>(src, w, panels, epilogue, out)

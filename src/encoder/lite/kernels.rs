@@ -1,0 +1,272 @@
+//! The CPU kernels on raw f32 slices: the stem's dense convolution and the depthwise
+//! convolution (TF "same" padding, one output row per call), and the per-channel bias + ReLU6.
+//! (The 1x1 convolutions are in [`crate::encoder::pointwise`].)
+
+use multiversion::multiversion;
+use multiversion::target::target_cfg_f;
+
+/// TF "same" padding along one axis: output length and the zeros added before and after
+/// (the odd one goes after).
+pub(in crate::encoder) fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize, usize) {
+    let out = input.div_ceil(stride);
+    let needed = (out.saturating_sub(1) * stride + kernel).saturating_sub(input);
+    let before = needed / 2;
+    (out, before, needed - before)
+}
+
+/// The taps `0..k` of output position `out` along one axis whose source position
+/// `out * stride + tap - before` lies inside `0..len` (TF "same" padding puts `before` zeros
+/// first).
+fn tap_range(out: usize, stride: usize, before: usize, len: usize, k: usize) -> std::ops::Range<usize> {
+    let first = out * stride;
+    before.saturating_sub(first)..k.min((before + len).saturating_sub(first))
+}
+
+/// Sizes of one stem convolution.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DenseGeometry {
+    pub(super) cin: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) k: usize,
+    pub(super) cout: usize,
+    pub(super) stride: usize,
+    pub(super) top: usize,
+    pub(super) left: usize,
+}
+
+/// Output pixels computed together by the stem kernel where none of them touches the padding.
+const STEM_PIXELS: usize = 4;
+
+/// Output row `oy` of one image of the stem: `dst[ox][o] = relu6(bias[o] + sum_{ky,kx,i}
+/// wt[ky][kx][i][o] * src[i][oy*s+ky-top][ox*s+kx-left])`. Vectorised over output channels,
+/// [`STEM_PIXELS`] pixels at a time away from the left and right edges, accumulated in
+/// registers over all taps.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub(super) fn dense_row(src: &[f32], wt: &[f32], bias: &[f32], dst: &mut [f32], oy: usize, g: DenseGeometry) {
+    if target_cfg_f!(target_feature = "fma") {
+        dense_row_body::<true>(src, wt, bias, dst, oy, g)
+    } else {
+        dense_row_body::<false>(src, wt, bias, dst, oy, g)
+    }
+}
+
+#[inline(always)]
+fn dense_row_body<const FMA: bool>(
+    src: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    dst: &mut [f32],
+    oy: usize,
+    g: DenseGeometry,
+) {
+    let ky = tap_range(oy, g.stride, g.top, g.h, g.k);
+    let ow = dst.len() / g.cout;
+    let kx_of = |ox: usize| tap_range(ox, g.stride, g.left, g.w, g.k);
+    let mut ox = 0;
+    while ox < ow {
+        let group = ox + STEM_PIXELS <= ow && (ox..ox + STEM_PIXELS).all(|p| kx_of(p) == (0..g.k));
+        let pixels = if group { STEM_PIXELS } else { 1 };
+        let out = &mut dst[ox * g.cout..(ox + pixels) * g.cout];
+        let taps = StemTaps { ky: ky.clone(), kx: kx_of(ox), oy, ox, g };
+        let mut c0 = 0;
+        while c0 < g.cout {
+            let width = if c0 + 32 <= g.cout {
+                32
+            } else if c0 + 16 <= g.cout {
+                16
+            } else {
+                1
+            };
+            match (group, width) {
+                (true, 32) => stem_pixels::<STEM_PIXELS, 32, FMA>(src, wt, bias, out, c0, &taps),
+                (true, 16) => stem_pixels::<STEM_PIXELS, 16, FMA>(src, wt, bias, out, c0, &taps),
+                (true, _) => stem_pixels::<STEM_PIXELS, 1, FMA>(src, wt, bias, out, c0, &taps),
+                (false, 32) => stem_pixels::<1, 32, FMA>(src, wt, bias, out, c0, &taps),
+                (false, 16) => stem_pixels::<1, 16, FMA>(src, wt, bias, out, c0, &taps),
+                (false, _) => stem_pixels::<1, 1, FMA>(src, wt, bias, out, c0, &taps),
+            }
+            c0 += width;
+        }
+        ox += pixels;
+    }
+}
+
+/// The taps inside the source for output pixels `ox..` of row `oy` (`kx` is that of `ox`; with
+/// several pixels, every one of them has the full range).
+struct StemTaps {
+    ky: std::ops::Range<usize>,
+    kx: std::ops::Range<usize>,
+    oy: usize,
+    ox: usize,
+    g: DenseGeometry,
+}
+
+/// Channels `c0..c0 + W` of `P` neighbouring output pixels.
+#[inline(always)]
+fn stem_pixels<const P: usize, const W: usize, const FMA: bool>(
+    src: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    c0: usize,
+    t: &StemTaps,
+) {
+    let g = t.g;
+    let mut acc = [[0f32; W]; P];
+    for a in &mut acc {
+        a.copy_from_slice(&bias[c0..c0 + W]);
+    }
+    for ky in t.ky.clone() {
+        let iy = t.oy * g.stride + ky - g.top;
+        for kx in t.kx.clone() {
+            for i in 0..g.cin {
+                let taps = &wt[((ky * g.k + kx) * g.cin + i) * g.cout + c0..][..W];
+                let row = &src[(i * g.h + iy) * g.w..][..g.w];
+                for (p, a) in acc.iter_mut().enumerate() {
+                    let v = row[(t.ox + p) * g.stride + kx - g.left];
+                    for (s, &w) in a.iter_mut().zip(taps) {
+                        *s = if FMA { v.mul_add(w, *s) } else { *s + v * w };
+                    }
+                }
+            }
+        }
+    }
+    for (p, a) in acc.iter().enumerate() {
+        let dst = &mut out[p * g.cout + c0..p * g.cout + c0 + W];
+        for (d, &v) in dst.iter_mut().zip(a) {
+            *d = v.clamp(0.0, 6.0);
+        }
+    }
+}
+
+/// Sizes of one depthwise convolution.
+#[derive(Debug, Clone, Copy)]
+pub(in crate::encoder) struct Geometry {
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub top: usize,
+    pub left: usize,
+    pub relu6: bool,
+}
+
+/// Checks shapes; returns `(n, h, w, c, k)`.
+pub(super) fn depthwise_dims(
+    x: &[usize],
+    w: &[usize],
+    stride: usize,
+) -> candle_core::Result<(usize, usize, usize, usize, usize)> {
+    match (x, w) {
+        ([n, h, wd, c], [k, k2, wc]) if k == k2 && c == wc && *k > 0 && stride > 0 => {
+            Ok((*n, *h, *wd, *c, *k))
+        }
+        _ => candle_core::bail!("depthwise: input {x:?} and weight {w:?} (stride {stride}) do not match"),
+    }
+}
+
+/// Channels accumulated together in registers by the depthwise kernel.
+const DEPTHWISE_LANES: usize = 64;
+
+/// Output row `oy` of one image: `dst[ox][ch] = act(bias[ch] + sum_{ky,kx} wt[ky][kx][ch] *
+/// src[oy*s+ky-top][ox*s+kx-left][ch])`, zero outside the source. Each output pixel is
+/// accumulated in registers over all taps, [`DEPTHWISE_LANES`] channels at a time.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub(in crate::encoder) fn depthwise_row(
+    src: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    dst: &mut [f32],
+    oy: usize,
+    g: Geometry,
+) {
+    if target_cfg_f!(target_feature = "fma") {
+        depthwise_row_body::<true>(src, wt, bias, dst, oy, g)
+    } else {
+        depthwise_row_body::<false>(src, wt, bias, dst, oy, g)
+    }
+}
+
+#[inline(always)]
+fn depthwise_row_body<const FMA: bool>(
+    src: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    dst: &mut [f32],
+    oy: usize,
+    g: Geometry,
+) {
+    let c = g.c;
+    let ky_range = tap_range(oy, g.stride, g.top, g.h, g.k);
+    for (ox, out) in dst.chunks_exact_mut(c).enumerate() {
+        let kx_range = tap_range(ox, g.stride, g.left, g.w, g.k);
+        let taps = Taps { ky: ky_range.clone(), kx: kx_range, oy, ox, g };
+        let mut c0 = 0;
+        while c0 + DEPTHWISE_LANES <= c {
+            depthwise_pixel::<DEPTHWISE_LANES, FMA>(src, wt, bias, out, c0, &taps);
+            c0 += DEPTHWISE_LANES;
+        }
+        while c0 + 16 <= c {
+            depthwise_pixel::<16, FMA>(src, wt, bias, out, c0, &taps);
+            c0 += 16;
+        }
+        while c0 < c {
+            depthwise_pixel::<1, FMA>(src, wt, bias, out, c0, &taps);
+            c0 += 1;
+        }
+    }
+}
+
+/// The taps of one output pixel that fall inside the source.
+struct Taps {
+    ky: std::ops::Range<usize>,
+    kx: std::ops::Range<usize>,
+    oy: usize,
+    ox: usize,
+    g: Geometry,
+}
+
+/// Channels `c0..c0 + W` of one output pixel.
+#[inline(always)]
+fn depthwise_pixel<const W: usize, const FMA: bool>(
+    src: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    c0: usize,
+    t: &Taps,
+) {
+    let g = t.g;
+    let c = g.c;
+    let mut acc = [0f32; W];
+    acc.copy_from_slice(&bias[c0..c0 + W]);
+    for ky in t.ky.clone() {
+        let iy = t.oy * g.stride + ky - g.top;
+        for kx in t.kx.clone() {
+            let ix = t.ox * g.stride + kx - g.left;
+            let pixel = &src[(iy * g.w + ix) * c + c0..][..W];
+            let taps = &wt[(ky * g.k + kx) * c + c0..][..W];
+            for ((a, &v), &w) in acc.iter_mut().zip(pixel).zip(taps) {
+                *a = if FMA { v.mul_add(w, *a) } else { *a + v * w };
+            }
+        }
+    }
+    if g.relu6 {
+        for a in &mut acc {
+            *a = a.clamp(0.0, 6.0);
+        }
+    }
+    out[c0..c0 + W].copy_from_slice(&acc);
+}
+
+/// One row of channels: `row += bias`, then ReLU6 when `relu6`.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub(super) fn add_bias_row(row: &mut [f32], bias: &[f32], relu6: bool) {
+    if relu6 {
+        row.iter_mut().zip(bias).for_each(|(v, &b)| *v = (*v + b).clamp(0.0, 6.0));
+    } else {
+        row.iter_mut().zip(bias).for_each(|(v, &b)| *v += b);
+    }
+}

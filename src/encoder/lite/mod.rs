@@ -1,0 +1,136 @@
+//! The EfficientNet-Lite network in Candle: the [`LiteNet`] type and its forward pass to feature
+//! maps, pooled features and classifier logits, and the choice of [`Kernels`].
+//!
+//! Lite differs from EfficientNet B0-B7: ReLU6 instead of swish, no squeeze-excite, and a fixed
+//! stem (32) and head (1280). Blocks come in seven stages; the first block of a stage changes
+//! the channel count and carries the stage's stride, the others are residual.
+//!
+//! Activations are channels-last (NHWC) after the stem. The parts:
+//! - [`weights`]: safetensors tensors -> a checked network, batch norm folded into the convolutions;
+//! - [`layers`]: the stem, 1x1, depthwise and block layers, and which path each forward takes;
+//! - [`ops`] and [`kernels`]: on the CPU, kernels of this crate do the work (candle's grouped
+//!   conv2d loops over every channel): `ops` hands tensors to the stem, depthwise and bias
+//!   kernels of `kernels`, to the 1x1 convolutions of [`super::pointwise`] (packed weights,
+//!   bias, residual and ReLU6 fused into the store) and to whole blocks fused band by band in
+//!   [`super::fused`] where that pays;
+//! - [`candle_path`]: off the CPU ([`Kernels::Generic`]) the same maths as plain candle ops;
+//!   tests check both paths agree.
+
+mod candle_path;
+pub(super) mod kernels;
+mod layers;
+mod ops;
+mod weights;
+
+use candle_core::Tensor;
+
+use super::manifest::Pooling;
+use layers::{Block, DenseConv, Pointwise};
+pub use weights::WeightsError;
+
+/// One EfficientNet-Lite network with folded weights on one device. Activations between layers
+/// are NHWC (channels last): 1x1 convolutions become plain matrix products and the depthwise
+/// kernel vectorises over channels.
+#[derive(Debug, Clone)]
+pub struct LiteNet {
+    stem: DenseConv,
+    blocks: Vec<Block>,
+    head: Pointwise,
+    fc_weight_t: Tensor,
+    fc_bias: Tensor,
+    features: usize,
+    classes: usize,
+    kernels: Kernels,
+}
+
+impl LiteNet {
+    /// Runs the forward pass with `kernels` instead of those chosen for the weights' device
+    /// (tests run the generic GPU path on the CPU this way).
+    pub fn with_kernels(mut self, kernels: Kernels) -> Self {
+        self.kernels = kernels;
+        self
+    }
+
+    /// Length of the pooled feature vector.
+    pub fn feature_dim(&self) -> usize {
+        self.features
+    }
+
+    /// Number of classifier outputs.
+    pub fn num_classes(&self) -> usize {
+        self.classes
+    }
+
+    /// Number of inverted-residual blocks.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Channels out of the last block (into the head).
+    pub fn last_block_channels(&self) -> usize {
+        self.head.weight_t.dims()[0]
+    }
+
+    /// Side of the final feature map for a `size` x `size` input: every stride-2 layer (the
+    /// stem and the first block of four stages) takes `ceil(side / 2)`.
+    pub fn feature_map_side(&self, size: usize) -> usize {
+        let side = size.div_ceil(self.stem.stride);
+        self.blocks.iter().fold(side, |side, b| side.div_ceil(b.depthwise.stride))
+    }
+
+    /// `(n, 3, s, s)` normalised images (NCHW) -> the head's feature map `(n, h, w, features)`
+    /// (NHWC, after ReLU6), before any pooling.
+    pub fn feature_map(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let kernels = self.kernels;
+        let mut x = self.stem.forward(x, kernels)?;
+        for block in &self.blocks {
+            x = block.forward(&x, kernels)?;
+        }
+        self.head.forward(&x, Activation::Relu6, kernels)
+    }
+
+    /// `(n, 3, s, s)` normalised images (NCHW) -> `(n, features)` globally average-pooled
+    /// features (what the classifier takes).
+    pub fn pooled_features(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.pool(&self.feature_map(x)?, Pooling::Average)
+    }
+
+    /// A feature map from [`feature_map`](Self::feature_map) -> `(n, features)` with `pooling`.
+    pub fn pool(&self, map: &Tensor, pooling: Pooling) -> candle_core::Result<Tensor> {
+        super::pool::pool(map, pooling, self.kernels)
+    }
+
+    /// `(n, features)` pooled features -> `(n, classes)` logits.
+    pub fn logits(&self, pooled: &Tensor) -> candle_core::Result<Tensor> {
+        pooled.matmul(&self.fc_weight_t)?.broadcast_add(&self.fc_bias)
+    }
+}
+
+/// What follows a convolution's bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    None,
+    Relu6,
+}
+
+/// Which implementation of the hot operations runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernels {
+    /// This module's CPU kernels (tensors must be on the CPU).
+    Cpu,
+    /// Plain candle operations, for any device.
+    Generic,
+}
+
+impl Kernels {
+    /// The fastest kernels for `device`.
+    pub fn for_device(device: &candle_core::Device) -> Self {
+        if device.is_cpu() { Self::Cpu } else { Self::Generic }
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod profile;

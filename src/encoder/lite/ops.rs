@@ -1,0 +1,248 @@
+//! Candle custom ops that hand CPU tensors to this crate's kernels: each checks the shapes and
+//! layouts, takes the f32 slices and runs the kernel (the convolutions one parallel task per
+//! output row).
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2, Layout, Shape};
+use rayon::prelude::*;
+
+use super::Activation;
+use super::kernels::{
+    DenseGeometry, Geometry, add_bias_row, dense_row, depthwise_dims, depthwise_row, same_padding,
+};
+use crate::encoder::fused::CpuBlock;
+use crate::encoder::pointwise::{self, Epilogue, PointwiseLayer};
+
+/// The CPU stem kernel: NCHW input `(n, in, h, w)`, weight `(k, k, in, out)`, bias `(out,)`,
+/// TF-"same" padding, NHWC output `(n, oh, ow, out)` with bias and ReLU6 applied.
+pub(super) struct DenseConvOp {
+    pub(super) stride: usize,
+}
+
+impl CustomOp3 for DenseConvOp {
+    fn name(&self) -> &'static str {
+        "dense-conv2d-nchw-to-nhwc-same-relu6"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, cin, h, w, k, cout) = match (l1.dims(), l2.dims()) {
+            ([n, cin, h, w], [k, k2, wcin, cout]) if k == k2 && cin == wcin && *k > 0 && self.stride > 0 => {
+                (*n, *cin, *h, *w, *k, *cout)
+            }
+            (x, wt) => candle_core::bail!("dense conv: input {x:?} and weight {wt:?} do not match"),
+        };
+        let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) =
+            (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
+        else {
+            candle_core::bail!("dense conv: inputs must be contiguous");
+        };
+        let x = &s1.as_slice::<f32>()?[x0..x1];
+        let wt = &s2.as_slice::<f32>()?[w0..w1];
+        let bias = &s3.as_slice::<f32>()?[b0..b1];
+        if bias.len() != cout {
+            candle_core::bail!("dense conv: bias of {} for {cout} channels", bias.len());
+        }
+        let (oh, top, _) = same_padding(h, k, self.stride);
+        let (ow, left, _) = same_padding(w, k, self.stride);
+        let g = DenseGeometry { cin, h, w, k, cout, stride: self.stride, top, left };
+        let mut out = vec![0f32; n * oh * ow * cout];
+        if !out.is_empty() {
+            out.par_chunks_mut(ow * cout).enumerate().for_each(|(row, dst)| {
+                let (image, oy) = (row / oh, row % oh);
+                let plane = cin * h * w;
+                dense_row(&x[image * plane..(image + 1) * plane], wt, bias, dst, oy, g);
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, cout))))
+    }
+}
+
+/// The CPU 1x1 convolution (see [`crate::encoder::pointwise`]): input `(..., in)` contiguous, output
+/// `(rows, out)`; as a two-input op the second input is the residual.
+pub(super) struct PointwiseOp {
+    pub(super) cpu: Arc<PointwiseLayer>,
+    pub(super) relu6: bool,
+}
+
+impl PointwiseOp {
+    fn run(
+        &self,
+        s: &CpuStorage,
+        l: &Layout,
+        residual: Option<&[f32]>,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (k, n) = (self.cpu.weights.k(), self.cpu.weights.n());
+        let Some((x0, x1)) = l.contiguous_offsets() else {
+            candle_core::bail!("pointwise: input must be contiguous");
+        };
+        if l.dims().last() != Some(&k) {
+            candle_core::bail!("pointwise: input {:?} does not end in {k} channels", l.dims());
+        }
+        let x = &s.as_slice::<f32>()?[x0..x1];
+        let rows = x.len() / k;
+        if residual.is_some_and(|r| r.len() != rows * n) {
+            candle_core::bail!("pointwise: residual does not have {rows}x{n} values");
+        }
+        let epilogue = Epilogue { bias: &self.cpu.bias, residual, relu6: self.relu6 };
+        let y = pointwise::matmul(x, &self.cpu.weights, epilogue);
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+    }
+}
+
+impl CustomOp1 for PointwiseOp {
+    fn name(&self) -> &'static str {
+        "pointwise-conv-nhwc"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.run(s, l, None)
+    }
+}
+
+impl CustomOp2 for PointwiseOp {
+    fn name(&self) -> &'static str {
+        "pointwise-conv-nhwc-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((r0, r1)) = l2.contiguous_offsets() else {
+            candle_core::bail!("pointwise: residual must be contiguous");
+        };
+        self.run(s1, l1, Some(&s2.as_slice::<f32>()?[r0..r1]))
+    }
+}
+
+/// The fused CPU block (see [`crate::encoder::fused`]) on NHWC `(n, h, w, in)`.
+pub(super) struct FusedBlockOp {
+    pub(super) block: Arc<CpuBlock>,
+    /// Output rows per band, from [`CpuBlock::band_rows`].
+    pub(super) band: usize,
+}
+
+impl CustomOp1 for FusedBlockOp {
+    fn name(&self) -> &'static str {
+        "mbconv-fused-nhwc"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((x0, x1)) = l.contiguous_offsets() else {
+            candle_core::bail!("fused block: input must be contiguous");
+        };
+        let [n, h, w, c] = *l.dims() else {
+            candle_core::bail!("fused block: input {:?} is not NHWC", l.dims());
+        };
+        let (y, oh, ow, cout) = self.block.forward(&s.as_slice::<f32>()?[x0..x1], n, h, w, c, self.band)?;
+        Ok((CpuStorage::F32(y), Shape::from((n, oh, ow, cout))))
+    }
+}
+
+/// The CPU half of [`bias_act`](super::layers::bias_act).
+pub(super) struct BiasAct {
+    pub(super) act: Activation,
+}
+
+impl InplaceOp2 for BiasAct {
+    fn name(&self) -> &'static str {
+        "bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        let dims = l1.dims();
+        let (Some((y0, y1)), Some((b0, b1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("bias-act: operands must be contiguous");
+        };
+        let bias = &s2.as_slice::<f32>()?[b0..b1];
+        let CpuStorage::F32(y) = s1 else {
+            candle_core::bail!("bias-act: expected f32 data");
+        };
+        let y = &mut y[y0..y1];
+        let Some(&c) = dims.last() else {
+            candle_core::bail!("bias-act: scalar input");
+        };
+        if y.is_empty() {
+            return Ok(());
+        }
+        if bias.len() != c || c == 0 {
+            candle_core::bail!("bias-act: bias of {} for shape {dims:?}", bias.len());
+        }
+        let relu6 = self.act == Activation::Relu6;
+        // Rows of `c` channels, a few thousand values per task.
+        let rows = (4096 / c).max(1);
+        y.par_chunks_mut(rows * c).for_each(|chunk| {
+            for row in chunk.chunks_exact_mut(c) {
+                add_bias_row(row, bias, relu6);
+            }
+        });
+        Ok(())
+    }
+}
+
+/// The CPU depthwise convolution (see [`depthwise_row`]); inputs `x`, weight, bias `(c,)`,
+/// with ReLU6 applied when `relu6`.
+pub(super) struct DepthwiseOp {
+    pub(super) stride: usize,
+    pub(super) relu6: bool,
+}
+
+impl CustomOp3 for DepthwiseOp {
+    fn name(&self) -> &'static str {
+        "depthwise-conv2d-nhwc-same"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, h, w, c, k) = depthwise_dims(l1.dims(), l2.dims(), self.stride)?;
+        let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) =
+            (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
+        else {
+            candle_core::bail!("depthwise: inputs must be contiguous");
+        };
+        let x = &s1.as_slice::<f32>()?[x0..x1];
+        let wt = &s2.as_slice::<f32>()?[w0..w1];
+        let bias = &s3.as_slice::<f32>()?[b0..b1];
+        if bias.len() != c {
+            candle_core::bail!("depthwise: bias of {} for {c} channels", bias.len());
+        }
+        let (oh, top, _) = same_padding(h, k, self.stride);
+        let (ow, left, _) = same_padding(w, k, self.stride);
+        let g = Geometry { h, w, c, k, stride: self.stride, top, left, relu6: self.relu6 };
+        let mut out = vec![0f32; n * oh * ow * c];
+        if !out.is_empty() {
+            // One task per output row.
+            out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
+                let (image, oy) = (row / oh, row % oh);
+                let src = &x[image * h * w * c..(image + 1) * h * w * c];
+                depthwise_row(src, wt, bias, dst, oy, g);
+            });
+        }
+        Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))))
+    }
+}

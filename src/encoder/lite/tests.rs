@@ -1,0 +1,225 @@
+//! The CPU kernels against candle's own operations and the generic path, batch-norm folding,
+//! and refusing weights of another shape.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::candle_path::depthwise_conv2d_nhwc_shifted;
+use super::kernels::same_padding;
+use super::layers::{DenseConv, bias_act};
+use super::ops::DepthwiseOp;
+use super::weights::{BN_EPS, Folded, WeightsError, fold_bn};
+use super::{Activation, Kernels, LiteNet};
+
+/// Depthwise 2-D convolution with TF "same" padding on channels-last data, `x` `(n, h, w, c)`
+/// and `weight` `(k, k, c)`, by either path (the tests' entry point to both): on the CPU the
+/// dedicated kernel, otherwise a sum of shifted slices.
+pub(super) fn depthwise_conv2d_nhwc(
+    x: &Tensor,
+    weight: &Tensor,
+    stride: usize,
+    kernels: Kernels,
+) -> candle_core::Result<Tensor> {
+    if kernels == Kernels::Cpu {
+        let x = x.contiguous()?;
+        let weight = weight.contiguous()?;
+        let zeros = Tensor::zeros(weight.dims().last().copied().unwrap_or(0), DType::F32, weight.device())?;
+        x.apply_op3_no_bwd(&weight, &zeros, &DepthwiseOp { stride, relu6: false })
+    } else {
+        depthwise_conv2d_nhwc_shifted(x, weight, stride)
+    }
+}
+
+#[test]
+fn same_padding_matches_tensorflow() {
+    // (input, kernel, stride) -> (out, before, after)
+    assert_eq!(same_padding(224, 3, 2), (112, 0, 1));
+    assert_eq!(same_padding(112, 3, 1), (112, 1, 1));
+    assert_eq!(same_padding(56, 5, 2), (28, 1, 2));
+    assert_eq!(same_padding(14, 5, 1), (14, 2, 2));
+    assert_eq!(same_padding(7, 3, 2), (4, 1, 1));
+    assert_eq!(same_padding(1, 5, 1), (1, 2, 2));
+    assert_eq!(same_padding(5, 1, 1), (5, 0, 0));
+    // Output is always ceil(input / stride).
+    for input in 1..40 {
+        for kernel in [1, 3, 5, 7] {
+            for stride in [1, 2, 3] {
+                let (out, before, after) = same_padding(input, kernel, stride);
+                assert_eq!(out, input.div_ceil(stride));
+                assert!(after == before || after == before + 1);
+                assert!((out - 1) * stride + kernel <= input + before + after);
+            }
+        }
+    }
+}
+
+/// Depthwise with candle's grouped conv2d on an explicitly padded NCHW input: the reference.
+fn reference_nchw(x: &Tensor, w: &Tensor, stride: usize) -> Tensor {
+    let (_, c, h, wd) = x.dims4().unwrap();
+    let k = w.dim(2).unwrap();
+    let (_, top, bottom) = same_padding(h, k, stride);
+    let (_, left, right) = same_padding(wd, k, stride);
+    let xp = x.pad_with_zeros(2, top, bottom).unwrap().pad_with_zeros(3, left, right).unwrap();
+    xp.conv2d(w, 0, stride, 1, c).unwrap()
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+}
+
+fn nhwc(t: &Tensor) -> Tensor {
+    t.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()
+}
+
+#[test]
+fn depthwise_kernels_match_grouped_conv2d() {
+    let dev = Device::Cpu;
+    for (n, c, h, w, k, stride) in [
+        (2, 5, 9, 11, 3, 1),
+        (1, 4, 10, 10, 3, 2),
+        (2, 3, 13, 8, 5, 2),
+        (1, 6, 7, 7, 5, 1),
+        (1, 2, 4, 3, 5, 2),
+        (3, 1, 1, 1, 3, 1),
+        (1, 17, 6, 5, 3, 2),
+    ] {
+        let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
+        let want = nhwc(&reference_nchw(&x, &wt, stride));
+        let wt_kkc = wt.squeeze(1).unwrap().permute((1, 2, 0)).unwrap().contiguous().unwrap();
+        let fast = depthwise_conv2d_nhwc(&nhwc(&x), &wt_kkc, stride, Kernels::Cpu).unwrap();
+        let shifted = depthwise_conv2d_nhwc_shifted(&nhwc(&x), &wt_kkc, stride).unwrap();
+        let case = format!("{:?}", (n, c, h, w, k, stride));
+        assert!(max_abs_diff(&fast, &want) < 1e-5, "cpu kernel {case}");
+        assert!(max_abs_diff(&shifted, &want) < 1e-5, "shifted {case}");
+    }
+}
+
+#[test]
+fn stem_kernel_matches_candle_conv2d() {
+    let dev = Device::Cpu;
+    for (n, cin, h, w, k, cout, stride) in
+        // Channel counts that take the 32-, 16- and 1-wide paths; widths with interior groups
+        // of pixels and edge pixels on both sides.
+        [
+            (2, 3, 16, 12, 3, 8, 2),
+            (1, 3, 9, 9, 3, 5, 2),
+            (1, 2, 7, 10, 5, 3, 1),
+            (1, 3, 1, 1, 3, 4, 2),
+            (1, 3, 21, 37, 3, 32, 2),
+            (2, 3, 11, 29, 5, 49, 1),
+            (1, 3, 30, 30, 3, 64, 2),
+        ]
+    {
+        let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
+        let conv = DenseConv::new(Folded { weight: wt.clone(), bias: bias.clone() }, stride).unwrap();
+        let want = conv.forward(&x, Kernels::Generic).unwrap();
+        let got = conv.forward(&x, Kernels::Cpu).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-5, "{:?}", (n, cin, h, w, k, cout, stride));
+    }
+}
+
+#[test]
+fn depthwise_rejects_mismatched_shapes() {
+    let dev = Device::Cpu;
+    let x = Tensor::zeros((1, 4, 4, 3), DType::F32, &dev).unwrap();
+    let w = Tensor::zeros((3, 3, 2), DType::F32, &dev).unwrap();
+    assert!(depthwise_conv2d_nhwc(&x, &w, 1, Kernels::Cpu).is_err());
+    assert!(depthwise_conv2d_nhwc_shifted(&x, &w, 1).is_err());
+    let w = Tensor::zeros((3, 3, 3), DType::F32, &dev).unwrap();
+    assert!(depthwise_conv2d_nhwc(&x, &w, 0, Kernels::Cpu).is_err());
+}
+
+#[test]
+fn depthwise_accepts_non_contiguous_input() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (1, 6, 6, 4), &dev).unwrap().transpose(1, 2).unwrap();
+    let wt = Tensor::randn(0f32, 1.0, (3, 3, 4), &dev).unwrap();
+    let fast = depthwise_conv2d_nhwc(&x, &wt, 1, Kernels::Cpu).unwrap();
+    let want = depthwise_conv2d_nhwc_shifted(&x.contiguous().unwrap(), &wt, 1).unwrap();
+    assert!(max_abs_diff(&fast, &want) < 1e-5);
+}
+
+#[test]
+fn bias_act_in_place_matches_candle_ops() {
+    let dev = Device::Cpu;
+    for act in [Activation::None, Activation::Relu6] {
+        let y = (Tensor::randn(0f32, 1.0, (2, 7, 5, 3), &dev).unwrap() * 5.0).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
+        let want = bias_act(y.copy().unwrap(), &bias, act, Kernels::Generic).unwrap();
+        let got = bias_act(y.copy().unwrap(), &bias, act, Kernels::Cpu).unwrap();
+        assert_eq!(max_abs_diff(&got, &want), 0.0, "{act:?}");
+    }
+}
+
+#[test]
+fn batch_norm_folding_equals_conv_then_bn() {
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 5), &dev).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap();
+    let gamma = Tensor::new(&[1.5f32, -0.5, 2.0, 0.1], &dev).unwrap();
+    let beta = Tensor::new(&[0.1f32, 0.2, -0.3, 0.0], &dev).unwrap();
+    let mean = Tensor::new(&[0.5f32, -1.0, 0.0, 3.0], &dev).unwrap();
+    let var = Tensor::new(&[1.0f32, 0.25, 4.0, 0.01], &dev).unwrap();
+    let folded = fold_bn(&w, &gamma, &beta, &mean, &var).unwrap();
+    let r = |t: &Tensor| t.reshape((1, 4, 1, 1)).unwrap();
+    let got = x.conv2d(&folded.weight, 1, 1, 1, 1).unwrap().broadcast_add(&r(&folded.bias)).unwrap();
+    let y = x.conv2d(&w, 1, 1, 1, 1).unwrap();
+    let want = y
+        .broadcast_sub(&r(&mean))
+        .unwrap()
+        .broadcast_div(&r(&(var + BN_EPS).unwrap().sqrt().unwrap()))
+        .unwrap()
+        .broadcast_mul(&r(&gamma))
+        .unwrap()
+        .broadcast_add(&r(&beta))
+        .unwrap();
+    assert!(max_abs_diff(&got, &want) < 1e-4);
+}
+
+/// Every block of the shipped network, fused by bands where the plan allows it, equals the
+/// plain candle path, on map sizes that cut bands unevenly and at image edges.
+#[test]
+fn fused_blocks_match_the_unfused_path() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/model.safetensors");
+    let net = LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap();
+    // The band plan depends on the thread count: fix it so the same blocks fuse anywhere.
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let fused = pool.install(|| check_blocks(&net));
+    assert!(fused >= 16, "only {fused} block runs were fused");
+}
+
+/// Runs every block both ways; returns how many runs took the fused path.
+fn check_blocks(net: &LiteNet) -> usize {
+    let mut fused = 0;
+    for (i, block) in net.blocks.iter().enumerate() {
+        let cpu = block.cpu.as_ref().expect("loaded on the CPU, so the fused form exists");
+        let cin = block.expand.as_ref().map_or(cpu.dw_bias.len(), |e| e.weight_t.dims()[0]);
+        for (n, side) in [(1, 29), (3, 13), (2, 56)] {
+            let x = Tensor::randn(0f32, 1.0, (n, side, side + 3, cin), &Device::Cpu).unwrap();
+            let want = block.forward_unfused(&x, Kernels::Generic).unwrap();
+            if cpu.band_rows(n, side, side + 3).is_some() {
+                fused += 1;
+            }
+            let got = block.forward(&x, Kernels::Cpu).unwrap();
+            assert_eq!(got.dims(), want.dims(), "block {i}");
+            let diff = max_abs_diff(&got, &want);
+            assert!(diff < 1e-4, "block {i}, {n} x {side}: differs by {diff}");
+        }
+    }
+    fused
+}
+
+#[test]
+fn refuses_weights_of_another_shape() {
+    let dev = Device::Cpu;
+    let mut map = HashMap::new();
+    map.insert("_conv_stem.weight".to_string(), Tensor::zeros((32, 1, 3, 3), DType::F32, &dev).unwrap());
+    assert!(matches!(LiteNet::from_tensors(map), Err(WeightsError::Shape { .. })));
+    assert!(matches!(LiteNet::from_tensors(HashMap::new()), Err(WeightsError::Missing { .. })));
+}
