@@ -360,10 +360,12 @@ mod tests {
     const SIMD_TARGETS: &str = r#""x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon""#;
 
     #[test]
-    fn every_encoder_kernel_has_the_one_simd_target_list() {
+    fn every_simd_kernel_has_the_one_target_list() {
+        // The whole crate (encoder kernels, segment search and build): one list, so no kernel
+        // silently runs a narrower vector width than the others on the same CPU.
         // Built from two pieces so that this test's own source does not count as an attribute.
         let marker = concat!("#[multi", "version(targets(");
-        let mut paths = vec![PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src/encoder"))];
+        let mut paths = vec![PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/src"))];
         let mut kernels = 0;
         while let Some(path) = paths.pop() {
             if path.is_dir() {
@@ -382,6 +384,6 @@ mod tests {
                 kernels += 1;
             }
         }
-        assert!(kernels >= 4, "found only {kernels} multiversion kernels under src/encoder");
+        assert!(kernels >= 9, "found only {kernels} multiversion kernels under src");
     }
 }

@@ -164,7 +164,7 @@ fn reduce(acc: &[f32; BLOCK]) -> f32 {
 
 /// Dot product of two vectors (over the shorter length), dispatched to the best SIMD
 /// implementation for this CPU.
-#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     if target_cfg_f!(target_feature = "fma") { dot_body::<true>(a, b) } else { dot_body::<false>(a, b) }
 }

@@ -279,7 +279,7 @@ fn search_layer0_body<F: Fn(u32) -> f32, T: Fn(u32) -> u8>(
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn brute_force_impl(view: &View<'_>, q: &[f32], k: usize, filter: Filter<'_>, out: &mut TopK) {
     if target_cfg_f!(target_feature = "fma") {
         brute_force_body::<true>(view, q, k, filter, out)
