@@ -77,6 +77,7 @@ impl CpuBlock {
         out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(image, image_out)| {
             let image_in = &x[image * h * w * cin..(image + 1) * h * w * cin];
             image_out.par_chunks_mut(band * ow * cout).enumerate().for_each(|(b, dst)| {
+                crate::background::yield_point();
                 self.band(image_in, band * b, dst, g, ow, cin);
             });
         });

@@ -87,6 +87,7 @@ pub enum EncoderError {
 /// or the stub libcuda of tools/fetch_cuda.sh) logs why and falls back to the CPU.
 pub fn default_device() -> candle_core::Result<Device> {
     if !candle_core::utils::cuda_is_available() {
+        warm_cpu_pools();
         return Ok(Device::Cpu);
     }
     match Device::new_cuda(0) {
@@ -98,9 +99,19 @@ pub fn default_device() -> candle_core::Result<Device> {
                 e => e,
             };
             tracing::warn!("built with CUDA but GPU 0 is not usable ({cause}); encoding on the CPU");
+            warm_cpu_pools();
             Ok(Device::Cpu)
         }
     }
+}
+
+/// Starts candle's CPU thread pools (its rayon pool and its barrier pool) from the calling
+/// thread. Threads inherit their creator's scheduling class, and candle creates these pools
+/// on first use: if that were a background thread (a canary backfill, in the idle class),
+/// every later query's embedding would run on idle-class threads.
+pub fn warm_cpu_pools() {
+    candle_core::utils::with_threadpool(|| ());
+    let _ = candle_core::utils::barrier_pool();
 }
 
 /// The head's final feature map of one image, before pooling.
@@ -223,8 +234,13 @@ impl Encoder {
 
     /// Decodes, prepares and embeds each image; a bad image fails alone, not the batch.
     pub fn embed_bytes(&self, images: &[&[u8]]) -> Vec<Result<Vec<f32>, EncoderError>> {
-        let prepared: Vec<Result<PreparedImage, PreprocessError>> =
-            images.par_iter().map(|bytes| self.preprocess(bytes)).collect();
+        let prepared: Vec<Result<PreparedImage, PreprocessError>> = images
+            .par_iter()
+            .map(|bytes| {
+                crate::background::yield_point();
+                self.preprocess(bytes)
+            })
+            .collect();
         let mut slots = Vec::with_capacity(prepared.len());
         let mut good = Vec::with_capacity(prepared.len());
         for p in prepared {
@@ -310,22 +326,25 @@ impl Encoder {
         }
         let mut out = Vec::with_capacity(batch.len());
         let chunk_size = if self.device.is_cpu() { CPU_FORWARD_BATCH } else { GPU_FORWARD_BATCH };
+        // Called from inside a rayon pool (the idle-class backfill pool of
+        // `crate::background`), the network runs on that pool, so a background embedding
+        // keeps its thread count and priority. Otherwise it runs on candle's own CPU pool
+        // (`Device::with_context`), whose threads stay warm across the forward pass's many
+        // short parallel sections.
+        let in_caller_pool = rayon::current_thread_index().is_some();
         for chunk in batch.chunks(chunk_size) {
-            let rows = self
-                .device
-                .with_context(|| -> candle_core::Result<Vec<Vec<f32>>> {
-                    let mut data = Vec::with_capacity(chunk.len() * plane);
-                    for image in chunk {
-                        data.extend_from_slice(image.data());
-                    }
-                    let s = size as usize;
-                    let x = Tensor::from_vec(data, (chunk.len(), 3, s, s), &self.device)?;
-                    f(&self.net, &x)?.to_vec2::<f32>()
-                })
-                .map_err(|source| EncoderError::Inference {
-                    version: self.manifest.version.clone(),
-                    source,
-                })?;
+            let forward = || -> candle_core::Result<Vec<Vec<f32>>> {
+                let mut data = Vec::with_capacity(chunk.len() * plane);
+                for image in chunk {
+                    data.extend_from_slice(image.data());
+                }
+                let s = size as usize;
+                let x = Tensor::from_vec(data, (chunk.len(), 3, s, s), &self.device)?;
+                f(&self.net, &x)?.to_vec2::<f32>()
+            };
+            let rows = if in_caller_pool { forward() } else { self.device.with_context(forward) }.map_err(
+                |source| EncoderError::Inference { version: self.manifest.version.clone(), source },
+            )?;
             out.extend(rows);
         }
         Ok(out)

@@ -90,6 +90,7 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
     let panels = n.div_ceil(NR);
     if m.div_ceil(ROWS_PER_TASK) >= 2 * threads || panels < 2 {
         out.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, dst)| {
+            crate::background::yield_point();
             let first = task * ROWS_PER_TASK;
             let rows = dst.len() / n;
             let src = &x[first * k..(first + rows) * k];
@@ -102,6 +103,7 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
     let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per_task))
         .into_par_iter()
         .map(|task| {
+            crate::background::yield_point();
             let range = task * per_task..((task + 1) * per_task).min(panels);
             let col0 = range.start * NR;
             let cols = (range.end * NR).min(n) - col0;

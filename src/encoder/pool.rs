@@ -56,6 +56,7 @@ impl CustomOp1 for GemOp {
         let eps = f64::from(Pooling::GEM_EPS);
         let cube = self.p == 3.0;
         out.par_chunks_mut(c).enumerate().for_each(|(image, dst)| {
+            crate::background::yield_point();
             let mut acc = vec![0f64; c];
             for row in x[image * positions * c..(image + 1) * positions * c].chunks_exact(c) {
                 for (a, &v) in acc.iter_mut().zip(row) {

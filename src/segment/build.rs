@@ -261,6 +261,7 @@ pub(super) fn build(
         seed_from_base(&graph, &b);
     }
     (kept..n).into_par_iter().for_each(|q| {
+        crate::background::yield_point();
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
             Ok(mut s) => insert_node(&graph, q as u32, &mut s),
             Err(_) => insert_node(&graph, q as u32, &mut Scratch::default()),
@@ -474,6 +475,7 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
             (Vec::<u32>::new(), pairs(), pairs(), Vec::<f32>::new(), Vec::<i16>::new())
         },
         |(live, pool, kept, scaled, wide), (new, &old)| {
+            crate::background::yield_point();
             let new = new as u32;
             for layer in 0..=usize::from(g.levels[new as usize]) {
                 live.clear();

@@ -57,6 +57,7 @@ impl CustomOp3 for DenseConvOp {
         let mut out = vec![0f32; n * oh * ow * cout];
         if !out.is_empty() {
             out.par_chunks_mut(ow * cout).enumerate().for_each(|(row, dst)| {
+                crate::background::yield_point();
                 let (image, oy) = (row / oh, row % oh);
                 let plane = cin * h * w;
                 dense_row(&x[image * plane..(image + 1) * plane], wt, bias, dst, oy, g);
@@ -190,6 +191,7 @@ impl InplaceOp2 for BiasAct {
         // Rows of `c` channels, a few thousand values per task.
         let rows = (4096 / c).max(1);
         y.par_chunks_mut(rows * c).for_each(|chunk| {
+            crate::background::yield_point();
             for row in chunk.chunks_exact_mut(c) {
                 add_bias_row(row, bias, relu6);
             }
@@ -238,6 +240,7 @@ impl CustomOp3 for DepthwiseOp {
         if !out.is_empty() {
             // One task per output row.
             out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
+                crate::background::yield_point();
                 let (image, oy) = (row / oh, row % oh);
                 let src = &x[image * h * w * c..(image + 1) * h * w * c];
                 depthwise_row(src, wt, bias, dst, oy, g);
