@@ -24,7 +24,7 @@ use multiversion::multiversion;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::distance::{dot, dot_wide_body, quantise_wide, touch_lines};
+use super::distance::{dot, dot_wide_body, quantise_scaled, touch_lines};
 use super::format::{MAX_LEVEL, NO_NEIGHBOUR};
 use super::heap::Walk;
 use super::reader::View;
@@ -131,18 +131,10 @@ impl<'a> Graph<'a> {
         &self.codes[at..at + self.dim]
     }
 
-    /// Vector `i` as a query of the int8 walk: times the scales, quantised to `i16` in `out`
-    /// (`scaled` is scratch space).
+    /// Vector `i` as a query of the int8 walk: times the scales, quantised to `i16` in `out`.
     #[inline(always)]
-    fn wide_query<'s>(&self, i: u32, scaled: &mut Vec<f32>, out: &'s mut Vec<i16>) -> Wide<'s> {
-        let (v, scales) = (self.vec(i), &self.scales[..self.dim]);
-        scaled.clear();
-        scaled.resize(self.dim, 0.0);
-        let dst = &mut scaled[..self.dim];
-        for d in 0..self.dim {
-            dst[d] = v[d] * scales[d];
-        }
-        let factor = quantise_wide(scaled, out);
+    fn wide_query<'s>(&self, i: u32, out: &'s mut Vec<i16>) -> Wide<'s> {
+        let factor = quantise_scaled(self.vec(i), self.scales, out);
         Wide { q: out, factor }
     }
 
@@ -202,11 +194,8 @@ struct Scratch {
     scores: Vec<f32>,
     found: Vec<(f32, u32)>,
     selected: Vec<(f32, u32)>,
-    /// The inserted node's scaled vector and its `i16` form, and a candidate's (inside
-    /// `select`).
-    qs: Vec<f32>,
+    /// The inserted node's walk query (`i16`), and a candidate's (inside `select`).
     qw: Vec<i16>,
-    cs: Vec<f32>,
     cw: Vec<i16>,
 }
 
@@ -295,8 +284,8 @@ fn insert_body(g: &Graph<'_>, q: u32, s: &mut Scratch) {
     };
     // Walks score with int8 codes against the node's scaled vector (a quarter of the memory
     // traffic of f32 rows, which is where a build spends its time), in integers.
-    let (mut qs, mut qw) = (std::mem::take(&mut s.qs), std::mem::take(&mut s.qw));
-    let wq = g.wide_query(q, &mut qs, &mut qw);
+    let mut qw = std::mem::take(&mut s.qw);
+    let wq = g.wide_query(q, &mut qw);
     let (mut cur, mut cur_s) = (entry.node, wq.score(g.code(entry.node)));
     for layer in (level + 1..=entry.level).rev() {
         (cur, cur_s) = greedy(g, wq, (cur, cur_s), layer, &mut s.row);
@@ -307,7 +296,7 @@ fn insert_body(g: &Graph<'_>, q: u32, s: &mut Scratch) {
             (cur, cur_s) = (best, best_s);
         }
         let cap = if layer == 0 { 2 * g.m } else { g.m };
-        select(g, &s.found, cap, &mut s.selected, &mut s.cs, &mut s.cw);
+        select(g, &s.found, cap, &mut s.selected, &mut s.cw);
         {
             let _lock = g.locks[q as usize].lock();
             g.write_row(q, layer, &s.selected);
@@ -316,7 +305,7 @@ fn insert_body(g: &Graph<'_>, q: u32, s: &mut Scratch) {
             link(g, nb, q, score, layer);
         }
     }
-    (s.qs, s.qw) = (qs, qw);
+    s.qw = qw;
     if let Some(mut guard) = raise {
         *guard = Some(Entry { node: q, level });
     }
@@ -393,14 +382,7 @@ fn search_layer(g: &Graph<'_>, qv: Wide<'_>, q: u32, entry: (u32, f32), layer: u
 /// The diversity heuristic: walks `cands` (best first) and keeps a candidate unless it is
 /// closer to an already kept one than to the query; at most `cap`.
 #[inline(always)]
-fn select(
-    g: &Graph<'_>,
-    cands: &[(f32, u32)],
-    cap: usize,
-    out: &mut Vec<(f32, u32)>,
-    cs: &mut Vec<f32>,
-    cw: &mut Vec<i16>,
-) {
+fn select(g: &Graph<'_>, cands: &[(f32, u32)], cap: usize, out: &mut Vec<(f32, u32)>, cw: &mut Vec<i16>) {
     out.clear();
     for &(score, c) in cands {
         if out.len() >= cap {
@@ -410,7 +392,7 @@ fn select(
             out.push((score, c));
             continue;
         }
-        let cq = g.wide_query(c, cs, cw);
+        let cq = g.wide_query(c, cw);
         // A plain loop: an iterator adaptor here may stay out of line, compiled without the
         // target's features (see `dot_body`).
         let mut diverse = true;
@@ -472,9 +454,9 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
     b.keep.par_iter().enumerate().for_each_init(
         || {
             let pairs = || Vec::<(f32, u32)>::new();
-            (Vec::<u32>::new(), pairs(), pairs(), Vec::<f32>::new(), Vec::<i16>::new())
+            (Vec::<u32>::new(), pairs(), pairs(), Vec::<i16>::new())
         },
-        |(live, pool, kept, scaled, wide), (new, &old)| {
+        |(live, pool, kept, wide), (new, &old)| {
             crate::background::yield_point();
             let new = new as u32;
             for layer in 0..=usize::from(g.levels[new as usize]) {
@@ -502,7 +484,7 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
                 live.dedup();
                 pool.extend(live.iter().map(|&y| (dot(nv, g.vec(y)), y)));
                 pool.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                select_dispatched(g, pool, g.row(new, layer).len(), kept, scaled, wide);
+                select_dispatched(g, pool, g.row(new, layer).len(), kept, wide);
                 g.write_row(new, layer, kept);
             }
         },
@@ -525,8 +507,7 @@ fn select_dispatched(
     cands: &[(f32, u32)],
     cap: usize,
     out: &mut Vec<(f32, u32)>,
-    scaled: &mut Vec<f32>,
     wide: &mut Vec<i16>,
 ) {
-    select(g, cands, cap, out, scaled, wide)
+    select(g, cands, cap, out, wide)
 }

@@ -82,47 +82,53 @@ pub(crate) fn touch_lines(bytes: &[u8]) -> u8 {
 /// no partial sum can overflow whatever the dimension.
 const WIDE_CHUNK: usize = 512;
 
-/// Largest magnitude of a [`quantise_wide`] value.
+/// Largest magnitude of a [`quantise_scaled`] value.
 const WIDE_MAX: f32 = 32767.0;
 
-/// Quantises a scaled query (the query times the per-dimension scales of the codes) to
-/// `i16` with one factor, written to `out`; returns the factor. The walk's approximate score
-/// is then `dot_wide_body(out, code) * factor`: integer multiply-adds (`pmaddwd`), about
-/// 2.5 times the speed of widening the codes to f32. Fifteen bits keep the query's own
-/// rounding error (at most `factor / 2` per component) far below the codes' eight.
+/// Quantises a query for the int8 walk: `v[i] * scales[i]` (the query times the codes'
+/// per-dimension scales) to `i16` with one factor, written to `out`; returns the factor. The
+/// walk's approximate score is then `dot_wide_body(out, code) * factor`: integer
+/// multiply-adds (`pmaddwd`), about 2.5 times the speed of widening the codes to f32. Fifteen
+/// bits keep the query's own rounding error (at most `factor / 2` per component) far below
+/// the codes' eight. `scales` must be at least as long as `v`.
 ///
 /// `#[inline(always)]` with plain loops, like [`dot_body`], so that it is vectorised with the
 /// caller's target features (rounding is then one instruction, not a libm call).
 #[inline(always)]
-pub(crate) fn quantise_wide(scaled: &[f32], out: &mut Vec<i16>) -> f32 {
+pub(crate) fn quantise_scaled(v: &[f32], scales: &[f32], out: &mut Vec<i16>) -> f32 {
+    let scales = &scales[..v.len()];
     // Sixteen running maxima, one per lane, so the loop vectorises without reassociation.
     let mut lanes = [0.0f32; 16];
-    let (blocks, rest) = scaled.as_chunks::<16>();
-    for b in blocks {
+    let (blocks, rest) = v.as_chunks::<16>();
+    let (scale_blocks, scale_rest) = scales.as_chunks::<16>();
+    for (b, s) in blocks.iter().zip(scale_blocks) {
         for i in 0..16 {
-            let a = b[i].abs();
+            let a = (b[i] * s[i]).abs();
             lanes[i] = if a > lanes[i] { a } else { lanes[i] };
         }
     }
     let mut max = 0.0f32;
-    for &x in rest.iter().chain(&lanes) {
-        let a = x.abs();
+    for (&x, &s) in rest.iter().zip(scale_rest) {
+        let a = (x * s).abs();
+        max = if a > max { a } else { max };
+    }
+    for a in lanes {
         max = if a > max { a } else { max };
     }
     out.clear();
-    out.resize(scaled.len(), 0);
+    out.resize(v.len(), 0);
     if !(max > 0.0 && max.is_finite()) {
         return 0.0;
     }
     let inv = WIDE_MAX / max;
-    let dst = &mut out[..scaled.len()];
+    let dst = &mut out[..v.len()];
     for i in 0..dst.len() {
-        dst[i] = (scaled[i] * inv).round_ties_even().clamp(-WIDE_MAX, WIDE_MAX) as i16;
+        dst[i] = (v[i] * scales[i] * inv).round_ties_even().clamp(-WIDE_MAX, WIDE_MAX) as i16;
     }
     max / WIDE_MAX
 }
 
-/// `sum(q[i] * c[i])` of a [`quantise_wide`] query and int8 codes, exact in integers (the
+/// `sum(q[i] * c[i])` of a [`quantise_scaled`] query and int8 codes, exact in integers (the
 /// caller multiplies by the query's factor). Plain indexed loops over equal-length slices,
 /// which the compiler turns into `pmaddwd` (see [`dot_body`] on why no iterator adaptors).
 #[inline(always)]
@@ -196,7 +202,7 @@ mod tests {
             let c: Vec<i8> = (0..n).map(|i| ((i * 37 % 255) as i32 - 127) as i8).collect();
             let want: f64 = scaled.iter().zip(&c).map(|(a, &b)| f64::from(*a) * f64::from(b)).sum();
             let mut w = Vec::new();
-            let factor = quantise_wide(&scaled, &mut w);
+            let factor = quantise_scaled(&scaled, &vec![1.0; n], &mut w);
             assert_eq!(w.len(), n);
             let got = dot_wide_body(&w, &c) as f64 * f64::from(factor);
             let bound: f64 = c.iter().map(|&x| f64::from(x).abs()).sum::<f64>() * f64::from(factor) * 0.5;
@@ -207,7 +213,7 @@ mod tests {
         let c = vec![-127i8; 4096];
         assert_eq!(dot_wide_body(&q, &c), -127 * 32767 * 4096);
         let mut w = Vec::new();
-        assert_eq!(quantise_wide(&[0.0, 0.0], &mut w), 0.0);
+        assert_eq!(quantise_scaled(&[0.0, 0.0], &[1.0, 1.0], &mut w), 0.0);
         assert_eq!(w, vec![0, 0]);
     }
 

@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 
-use super::distance::{dot, dot_body, dot_wide_body, normalise_into, quantise_wide, touch_lines};
+use super::distance::{dot, dot_body, dot_wide_body, normalise_into, quantise_scaled, touch_lines};
 use super::error::SegmentError;
 use super::heap::{TopK, Walk};
 use super::reader::{Segment, View};
@@ -32,9 +32,7 @@ pub struct Hit {
 struct Scratch {
     walk: Walk,
     query: Vec<f32>,
-    /// The query times the per-dimension scales, and that quantised to `i16` (the int8
-    /// walk's query).
-    scaled: Vec<f32>,
+    /// The query times the per-dimension scales, quantised to `i16` (the int8 walk's query).
     wide: Vec<i16>,
     ids: Vec<u32>,
     scores: Vec<f32>,
@@ -84,10 +82,14 @@ impl Segment {
                 return Ok(s.walk.results.sorted_hits(k));
             }
             s.walk.begin(view.n);
-            let Scratch { walk: w, query, scaled, wide, ids, scores } = s;
-            scaled.clear();
-            scaled.extend(query.iter().zip(view.scales).map(|(q, s)| q * s));
-            let factor = quantise_wide(scaled, wide);
+            let Scratch { walk: w, query, wide, ids, scores } = s;
+            // A format-1 segment has no codes (and no scales): its walk scores exactly.
+            let factor = if view.codes.is_empty() {
+                wide.clear();
+                0.0
+            } else {
+                quantise_scaled(query, view.scales, wide)
+            };
             walk(&view, query, (wide, factor), ef, filter, w, ids, scores);
             let results = &mut w.results;
             if view.codes.is_empty() {
@@ -140,7 +142,7 @@ fn dot_sel<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 /// The HNSW walk: greedy descent through the upper layers, then the `ef`-wide search of
 /// layer 0, leaving the best `ef` filter-passing nodes in `results`. Scores are exact (f32
 /// vectors) in a version-1 segment and int8 approximations (the `wide` query, see
-/// [`quantise_wide`], against the codes) in a quantised one.
+/// [`quantise_scaled`], against the codes) in a quantised one.
 #[allow(clippy::too_many_arguments)]
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn walk(
