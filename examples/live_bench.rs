@@ -12,8 +12,10 @@
 //! 3. image upserts of every bundled catalogue image under a new SKU: ack latency, and the
 //!    encoder's own time (preprocess + embed of that image, in-process, same run) next to it.
 //! 4. SearchByVector k=10 from one client: idle; idle with a nearly full mutable segment;
-//!    idle while one segment seals; while 4 other clients upsert vectors (the target's ratio is
-//!    against the first); idle again afterwards (the index the writes left).
+//!    idle while one segment seals; while 4 other clients upsert vectors, paced at
+//!    `--write-rate` in total (default 1000/s: the target's ratio is this against the first),
+//!    then flat out (closed loop, for comparison); idle again afterwards (the index the writes
+//!    left).
 //! 5. restart: 100k vector upserts logged through an `IndexWriter` opened directly, closed
 //!    without a checkpoint, then the time of `IndexWriter::open` replaying the whole log (page
 //!    cache warm, then with the log evicted).
@@ -74,6 +76,10 @@ struct Args {
     /// Diagnostic: the server's HNSW ef_construction for seals and merges (default 200).
     #[arg(long)]
     ef_construction: Option<usize>,
+    /// Phase 4: total upserts/s of the 4 writers in the paced round (a closed-loop round,
+    /// flat out, follows it).
+    #[arg(long, default_value_t = 1000.0)]
+    write_rate: f64,
     /// Diagnostic: frozen segments queued for the sealer before writes wait (default 2).
     #[arg(long)]
     max_pending_seals: Option<usize>,
@@ -722,49 +728,73 @@ fn main() -> anyhow::Result<()> {
             "   idle but sealing one segment (measured until its commit, {seal_secs:.1} s): {}",
             ls.line()
         ));
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut writers = Vec::new();
-        for wi in 0..4 {
-            let mut cl = server.client().await?;
-            let stop = Arc::clone(&stop);
-            let v = v.to_string();
-            writers.push(tokio::spawn(async move {
-                let mut rng = Rng(0xBEEF + wi as u64);
-                let mut lats = Vec::new();
-                while !stop.load(Ordering::Relaxed) {
-                    let req = vector_upsert(format!("P4-{wi}-{:07}", lats.len()), &v, rng.unit_vector(DIM));
-                    let t = Instant::now();
-                    upsert(&mut cl, req).await?;
-                    lats.push(t.elapsed());
-                }
-                anyhow::Ok(lats)
-            }));
+        // Searches while 4 clients upsert: first paced at `--write-rate` in total (the
+        // target's figure: a sustained write load the index keeps up with), then flat out
+        // (closed loop: the clients, the server and its seals and merges share both cores).
+        let mut during = Vec::new();
+        for (label, rate) in [("paced", args.write_rate), ("closed loop", 0.0)] {
+            let stop = Arc::new(AtomicBool::new(false));
+            let mut writers = Vec::new();
+            for wi in 0..4 {
+                let mut cl = server.client().await?;
+                let stop = Arc::clone(&stop);
+                let v = v.to_string();
+                let tag = if rate > 0.0 { "P" } else { "C" };
+                writers.push(tokio::spawn(async move {
+                    let mut rng = Rng(0xBEEF + wi as u64 + if rate > 0.0 { 0 } else { 100 });
+                    let mut lats = Vec::new();
+                    let mut tick = (rate > 0.0).then(|| {
+                        let mut t = tokio::time::interval(Duration::from_secs_f64(4.0 / rate));
+                        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        t
+                    });
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Some(t) = tick.as_mut() {
+                            t.tick().await;
+                        }
+                        let req =
+                            vector_upsert(format!("P4{tag}-{wi}-{:07}", lats.len()), &v, rng.unit_vector(DIM));
+                        let t = Instant::now();
+                        upsert(&mut cl, req).await?;
+                        lats.push(t.elapsed());
+                    }
+                    anyhow::Ok(lats)
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let started = Instant::now();
+            let mut busy = Vec::with_capacity(plan.queries);
+            for _ in 0..plan.queries {
+                busy.push(search(&mut s, &mut rng).await?);
+            }
+            let busy_secs = started.elapsed().as_secs_f64();
+            stop.store(true, Ordering::Relaxed);
+            let mut wlats = Vec::new();
+            for w in writers {
+                wlats.extend(w.await??);
+            }
+            let written = wlats.len();
+            let lw = Lat::of(&wlats);
+            let busy_shape = shape(&mut c).await?;
+            let lb = Lat::of(&busy);
+            out.line(format!(
+                "   while 4 clients upsert, {label} ({written} upserts, ~{:.0}/s; now {} live items, {} sealed segments, {} unsealed): {}",
+                written as f64 / (busy_secs + 0.5),
+                busy_shape.live_items,
+                busy_shape.segments.len(),
+                busy_shape.unsealed(),
+                lb.line()
+            ));
+            out.line(format!("   those 4 writers' upsert acks: {}", lw.line()));
+            during.push((lb, lw, written as f64 / (busy_secs + 0.5)));
+            if rate > 0.0 {
+                // Let the sealer catch up before the closed-loop round.
+                wait_quiet(&mut c, seal_items, Duration::from_secs(300)).await?;
+            }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let started = Instant::now();
-        let mut busy = Vec::with_capacity(plan.queries);
-        for _ in 0..plan.queries {
-            busy.push(search(&mut s, &mut rng).await?);
-        }
-        let busy_secs = started.elapsed().as_secs_f64();
-        stop.store(true, Ordering::Relaxed);
-        let mut wlats = Vec::new();
-        for w in writers {
-            wlats.extend(w.await??);
-        }
-        let written = wlats.len();
-        let lw = Lat::of(&wlats);
-        let busy_shape = shape(&mut c).await?;
-        let lb = Lat::of(&busy);
+        let (lb, lw, write_rate) = during[0];
+        let (lc, lcw, closed_rate) = during[1];
         let ratio4 = lb.p99 / li.p99;
-        out.line(format!(
-            "   while 4 clients upsert ({written} upserts, ~{:.0}/s; now {} live items, {} sealed segments): {}",
-            written as f64 / (busy_secs + 0.5),
-            busy_shape.live_items,
-            busy_shape.segments.len(),
-            lb.line()
-        ));
-        out.line(format!("   those 4 writers' upsert acks: {}", lw.line()));
         // Idle again on the index the writes left (more items, more segments): what the index's
         // growth alone costs a search.
         let quiet_after = wait_quiet(&mut c, seal_items, Duration::from_secs(300)).await?;
@@ -782,10 +812,13 @@ fn main() -> anyhow::Result<()> {
             la.line()
         ));
         out.line(format!(
-            "   p99 while writing / idle: {ratio4:.2}x (p50 {:.2}x); p99 idle with a full mutable segment / idle: {:.2}x; \
+            "   p99 while writing at {write_rate:.0}/s / idle: {ratio4:.2}x (p50 {:.2}x); flat out at {closed_rate:.0}/s / idle: \
+             {:.2}x (p50 {:.2}x); p99 idle with a full mutable segment / idle: {:.2}x; \
              idle while sealing / idle: {:.2}x; idle afterwards / idle: {:.2}x; while writing / idle afterwards: {:.2}x; \
              waited {quiet4:.1} s for seals/merges first",
             lb.p50 / li.p50,
+            lc.p99 / li.p99,
+            lc.p50 / li.p50,
             lf.p99 / li.p99,
             ls.p99 / li.p99,
             la.p99 / li.p99,
@@ -795,12 +828,14 @@ fn main() -> anyhow::Result<()> {
             "search".into(),
             json!({"idle": li.json(), "while_writing": lb.json(), "idle_full_mutable": lf.json(), "idle_full_unsealed": full_shape.unsealed(),
                    "idle_while_sealing": ls.json(), "seal_secs": seal_secs, "p99_ratio": ratio4, "p50_ratio": lb.p50 / li.p50,
+                   "write_rate": write_rate.round(), "while_writing_flat_out": lc.json(), "flat_out_rate": closed_rate.round(),
+                   "flat_out_writer_ack": lcw.json(), "flat_out_p99_ratio": lc.p99 / li.p99,
                    "idle_live_items": idle_shape.live_items, "idle_segments": idle_shape.segments.len(),
-                   "upserts_during": written, "writer_ack": lw.json(), "idle_after": la.json(),
+                   "writer_ack": lw.json(), "idle_after": la.json(),
                    "idle_after_segments": after_shape.segments.len(), "idle_after_live_items": after_shape.live_items, "waited_for_quiet_secs": quiet4}),
         );
         targets.push(Target {
-            name: "search p99 while writing / idle",
+            name: "search p99 while writing (paced) / idle",
             measured: ratio4,
             limit: 1.5,
             unit: "x",

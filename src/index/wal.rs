@@ -581,24 +581,40 @@ impl Wal {
     /// Deletes every closed file all of whose records have seq <= `seq` (never the current
     /// file), then fsyncs the directory. Returns the number of files removed.
     pub fn remove_through(&self, seq: u64) -> Result<usize, WalError> {
+        let paths = self.detach_through(seq);
+        self.remove_detached(&paths)
+    }
+
+    /// The first half of [`remove_through`](Self::remove_through), cheap: takes every closed
+    /// file all of whose records have seq <= `seq` off the log (and off
+    /// [`disk_bytes`](Self::disk_bytes)) and returns their paths, for
+    /// [`remove_detached`](Self::remove_detached) to delete later, off the write path. A
+    /// file detached but not yet deleted when the process stops is covered by the checkpoint
+    /// the caller committed first, so the next open skips it and deletes it then.
+    pub fn detach_through(&self, seq: u64) -> Vec<PathBuf> {
         let mut closed = self.closed.lock();
-        let (mut removed, mut result) = (0, Ok(()));
+        let mut paths = Vec::new();
         while let Some(f) = closed.front().filter(|f| f.last_seq <= seq) {
-            match fs::remove_file(&f.path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    result = Err(io("remove", &f.path)(e));
-                    break;
-                }
+            self.disk_bytes.fetch_sub(f.bytes, Ordering::Relaxed);
+            paths.push(f.path.clone());
+            closed.pop_front();
+        }
+        paths
+    }
+
+    /// Deletes files [`detach_through`](Self::detach_through) returned (a missing one is
+    /// fine), then fsyncs the directory. Returns the number of files.
+    pub fn remove_detached(&self, paths: &[PathBuf]) -> Result<usize, WalError> {
+        for path in paths {
+            match fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io("remove", path)(e)),
                 _ => {}
             }
-            self.disk_bytes.fetch_sub(f.bytes, Ordering::Relaxed);
-            closed.pop_front();
-            removed += 1;
         }
-        if removed > 0 {
+        if !paths.is_empty() {
             sync_dir(&self.dir)?;
         }
-        result.map(|()| removed)
+        Ok(paths.len())
     }
 
     /// Total bytes of log files on disk.

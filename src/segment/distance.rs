@@ -150,6 +150,44 @@ pub(crate) fn dot_wide_body(q: &[i16], c: &[i8]) -> i64 {
     total
 }
 
+/// Codes one row with a scale of its own, for the in-memory mutable segment (whose rows arrive
+/// one at a time, so no per-dimension scale can be fitted): `scale = max |v| / 127`, codes
+/// `round(v / scale)` in -127..=127, written to `out`; returns the scale (0 for a zero row,
+/// coded all 0). Each component's error is at most `scale / 2`.
+pub fn quantise_row(v: &[f32], out: &mut Vec<i8>) -> f32 {
+    let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    out.clear();
+    if !(max > 0.0 && max.is_finite()) {
+        out.resize(v.len(), 0);
+        return 0.0;
+    }
+    let inv = 127.0 / max;
+    out.extend(v.iter().map(|&x| (x * inv).round_ties_even().clamp(-127.0, 127.0) as i8));
+    max / 127.0
+}
+
+/// A query for [`dot_wide`] against rows coded by [`quantise_row`]: `v` to `i16` with one
+/// factor, `max |v| / 32767` (see [`quantise_scaled`]), written to `out`; returns the factor
+/// (0 for a zero query). Each component's error is at most `factor / 2`.
+pub fn quantise_query(v: &[f32], out: &mut Vec<i16>) -> f32 {
+    let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+    out.clear();
+    if !(max > 0.0 && max.is_finite()) {
+        out.resize(v.len(), 0);
+        return 0.0;
+    }
+    let inv = WIDE_MAX / max;
+    out.extend(v.iter().map(|&x| (x * inv).round_ties_even().clamp(-WIDE_MAX, WIDE_MAX) as i16));
+    max / WIDE_MAX
+}
+
+/// `sum(q[i] * c[i])` of a [`quantise_query`] query and [`quantise_row`] codes, exact in
+/// integers: the dispatched form of [`dot_wide_body`], for scans outside the graph walks.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+pub fn dot_wide(q: &[i16], c: &[i8]) -> i64 {
+    dot_wide_body(q, c)
+}
+
 /// Fixed pairwise reduction 64 -> 16 -> 8 -> 4 -> 1.
 #[inline(always)]
 fn reduce(acc: &[f32; BLOCK]) -> f32 {

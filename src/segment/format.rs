@@ -244,6 +244,7 @@ pub fn plan_layout(lens: &[u64; SECTION_COUNT]) -> Option<([Section; SECTION_COU
 pub fn quantise(dim: usize, vectors: &[f32]) -> (Vec<i8>, Vec<f32>) {
     let mut max = vec![0.0f32; dim];
     for row in vectors.chunks_exact(dim) {
+        crate::background::yield_point();
         for (m, &x) in max.iter_mut().zip(row) {
             *m = m.max(x.abs());
         }
@@ -252,9 +253,23 @@ pub fn quantise(dim: usize, vectors: &[f32]) -> (Vec<i8>, Vec<f32>) {
     let inv: Vec<f32> = scales.iter().map(|&s| if s > 0.0 { 1.0 / s } else { 0.0 }).collect();
     let mut codes = Vec::with_capacity(vectors.len());
     for row in vectors.chunks_exact(dim) {
+        crate::background::yield_point();
         codes.extend(row.iter().zip(&inv).map(|(&x, &i)| (x * i).round().clamp(-127.0, 127.0) as i8));
     }
     (codes, scales)
+}
+
+/// crc32 of `bytes`, hashed a MiB at a time with a [`yield_point`] between: the same value as
+/// `crc32fast::hash`, without holding a core for milliseconds on a background thread.
+///
+/// [`yield_point`]: crate::background::yield_point
+pub fn crc32_yielding(bytes: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for chunk in bytes.chunks(1 << 20) {
+        crate::background::yield_point();
+        h.update(chunk);
+    }
+    h.finalize()
 }
 
 #[cfg(test)]

@@ -18,10 +18,10 @@ mod search;
 pub mod synth;
 mod writer;
 
-pub use distance::{dot, normalise_into};
+pub use distance::{dot, dot_wide, normalise_into, quantise_query, quantise_row};
 pub use error::SegmentError;
 pub use reader::Segment;
-pub use search::{EXACT_SCAN_FACTOR, Hit};
+pub use search::{EXACT_SCAN_FACTOR, FLAT_SCAN_FACTOR, Hit, SearchPlan};
 pub use writer::{
     GraphLayout, write_segment, write_segment_extending, write_segment_hnsw_rs, write_segment_with_graph,
 };
@@ -50,7 +50,7 @@ impl Default for HnswParams {
 pub struct SegmentStats {
     pub count: usize,
     pub dim: usize,
-    /// Fraction of a sample of items (up to 1000) that find themselves in their own top 10 at
+    /// Fraction of a sample of items (up to 256) that find themselves in their own top 10 by the graph walk (not a scan) at
     /// [`DEFAULT_EF_SEARCH`].
     pub self_recall: f32,
     /// Wall time of the whole call: validation, graph build, write, verify, self-recall.

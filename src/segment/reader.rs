@@ -19,6 +19,9 @@ use super::mmap::map_segment;
 /// all reads come from the mapping.
 pub struct Segment {
     path: PathBuf,
+    /// The open file behind `map`: [`Segment::verify_checksums`] reads through it, not the
+    /// mapping, so a check of the whole file leaves none of it resident in this process.
+    file: File,
     map: Mmap,
     header: Header,
     footer: Footer,
@@ -145,7 +148,7 @@ impl Segment {
             });
         }
         let ranges = check_layout(path, &header, footer_at as u64)?;
-        let seg = Segment { path: p(), map, header, footer, ranges };
+        let seg = Segment { path: p(), file, map, header, footer, ranges };
         seg.check_typed_views()?;
         Ok(seg)
     }
@@ -301,30 +304,35 @@ impl Segment {
 
     /// Checks every section's crc32 against the footer (the header and footer were checked by
     /// [`Segment::open`]): after this, every byte a search reads is the byte the writer wrote.
-    /// Large sections are hashed in parallel chunks (rayon) and the chunk crcs combined, so a
-    /// segment of several GB is checked at memory bandwidth rather than one core's crc speed.
+    ///
+    /// Reads the file with `pread`, a MiB per task on rayon's pool (the chunk crcs are
+    /// combined), not through the mapping: checking a segment of several GB at open then costs
+    /// page cache, which the kernel reclaims, and never the server's resident memory, which
+    /// would otherwise hold the whole file after the check.
     pub fn verify_checksums(&self) -> Result<(), SegmentError> {
         use rayon::prelude::*;
-        const CHUNK: usize = 16 << 20;
+        // A MiB per task: a background thread (a seal's check) yields between chunks.
+        const CHUNK: u64 = 1 << 20;
         for id in SectionId::ALL {
-            let bytes = &self.map[self.ranges[id as usize].clone()];
-            let computed = if bytes.len() <= CHUNK {
-                crc32fast::hash(bytes)
-            } else {
-                let parts: Vec<crc32fast::Hasher> = bytes
-                    .par_chunks(CHUNK)
-                    .map(|c| {
-                        let mut h = crc32fast::Hasher::new();
-                        h.update(c);
-                        h
-                    })
-                    .collect();
-                let mut all = crc32fast::Hasher::new();
-                for part in &parts {
-                    all.combine(part);
-                }
-                all.finalize()
-            };
+            let range = self.ranges[id as usize].clone();
+            let (start, end) = (range.start as u64, range.end as u64);
+            let chunks: Vec<u64> = (start..end).step_by(CHUNK as usize).collect();
+            let parts = chunks
+                .par_iter()
+                .map_init(Vec::new, |buf, &at| {
+                    crate::background::yield_point();
+                    buf.resize((end - at).min(CHUNK) as usize, 0);
+                    self.read_at(buf, at)?;
+                    let mut h = crc32fast::Hasher::new();
+                    h.update(buf);
+                    Ok(h)
+                })
+                .collect::<Result<Vec<crc32fast::Hasher>, SegmentError>>()?;
+            let mut all = crc32fast::Hasher::new();
+            for part in &parts {
+                all.combine(part);
+            }
+            let computed = all.finalize();
             let stored = self.footer.section_crc[id as usize];
             if computed != stored {
                 return Err(SegmentError::Checksum {
@@ -336,6 +344,20 @@ impl Segment {
             }
         }
         Ok(())
+    }
+
+    /// Fills `buf` from the file at byte `at`, without touching the mapping.
+    fn read_at(&self, buf: &mut [u8], at: u64) -> Result<(), SegmentError> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            self.file.read_exact_at(buf, at).map_err(|e| SegmentError::io(&self.path, e))
+        }
+        #[cfg(not(unix))]
+        {
+            buf.copy_from_slice(&self.map[at as usize..at as usize + buf.len()]);
+            Ok(())
+        }
     }
 
     fn verify_structure(&self) -> Result<(), SegmentError> {
@@ -352,6 +374,7 @@ impl Segment {
 /// sections before anything is written). On failure: (section, entry index, reason).
 pub(super) fn check_structure(v: &View<'_>) -> Result<(), (SectionId, usize, &'static str)> {
     for (i, row) in v.vectors.chunks_exact(v.dim).enumerate() {
+        crate::background::yield_point();
         let mut norm2 = 0.0f64;
         for &x in row {
             if !x.is_finite() {
@@ -369,6 +392,7 @@ pub(super) fn check_structure(v: &View<'_>) -> Result<(), (SectionId, usize, &'s
         }
         // Each code must be its vector component rounded (half a step, plus float slack).
         for (i, (row, codes)) in v.vectors.chunks_exact(v.dim).zip(v.codes.chunks_exact(v.dim)).enumerate() {
+            crate::background::yield_point();
             for ((&x, &c), &s) in row.iter().zip(codes).zip(v.scales) {
                 if (f32::from(c) * s - x).abs() > s * 0.5 + 1e-6 {
                     return Err((SectionId::Codes, i, "code does not match its vector"));
@@ -378,12 +402,18 @@ pub(super) fn check_structure(v: &View<'_>) -> Result<(), (SectionId, usize, &'s
     }
     let n32 = v.n as u32;
     for (i, row) in v.layer0.chunks_exact(2 * v.m).enumerate() {
+        if i % 256 == 0 {
+            crate::background::yield_point();
+        }
         check_row(row, n32).map_err(|r| (SectionId::Layer0, i, r))?;
     }
     if v.upper_offsets[0] != 0 {
         return Err((SectionId::UpperOffsets, 0, "does not start at 0"));
     }
     for i in 0..v.n {
+        if i % 256 == 0 {
+            crate::background::yield_point();
+        }
         let level = usize::from(v.levels[i]);
         if level > v.max_level {
             return Err((SectionId::Levels, i, "level above max_level"));

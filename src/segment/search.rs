@@ -20,6 +20,12 @@ use super::reader::{Segment, View};
 /// [`Segment::search`] scans a segment exactly when it holds at most this many times `ef` items.
 pub const EXACT_SCAN_FACTOR: usize = 4;
 
+/// [`Segment::search`] scans a segment's int8 codes (exactly, see [`flat_scan`]) instead of
+/// walking its graph when it holds at most this many times `ef` items: a walk on a small
+/// segment scores most of its items anyway, in random order, while the scan reads the codes
+/// once, in order. Measured with `examples/ann_bench --flat-scan-check` (see tools/README.md).
+pub const FLAT_SCAN_FACTOR: usize = 64;
+
 /// One search result: the item's index in the segment and its cosine similarity to the query.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Hit {
@@ -36,6 +42,8 @@ struct Scratch {
     wide: Vec<i16>,
     ids: Vec<u32>,
     scores: Vec<f32>,
+    /// [`flat_scan`]'s lower bounds, for the selection of the k-th.
+    lows: Vec<f32>,
 }
 
 thread_local! {
@@ -53,6 +61,18 @@ fn with_scratch<R>(f: impl FnOnce(&mut Scratch) -> R) -> R {
 
 type Filter<'f> = Option<&'f dyn Fn(u32) -> bool>;
 
+/// How [`Segment::search_as`] finds the top `k`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SearchPlan {
+    /// By size: an exact scan of a small segment, the graph walk beyond
+    /// [`FLAT_SCAN_FACTOR`]` * ef` items.
+    Auto,
+    /// The HNSW walk.
+    Graph,
+    /// Exact: the int8 scan with exact rescoring, or the f32 scan (tiny segments, format 1).
+    Exact,
+}
+
 impl Segment {
     /// Approximate top-`k` by cosine similarity (HNSW; `ef` >= `k` candidates kept on layer 0,
     /// see [`DEFAULT_EF_SEARCH`](super::DEFAULT_EF_SEARCH)). The query need not be normalised.
@@ -61,13 +81,27 @@ impl Segment {
     ///
     /// A segment of at most [`EXACT_SCAN_FACTOR`]` * max(ef, k)` items is scanned exactly
     /// instead: the walk would compute about as many distances, and a small pruned graph can
-    /// leave an item that no walk reaches.
+    /// leave an item that no walk reaches. Up to [`FLAT_SCAN_FACTOR`]` * max(ef, k)` items,
+    /// the int8 codes are scanned, with the same exact result ([`flat_scan`]).
     pub fn search(
         &self,
         query: &[f32],
         k: usize,
         ef: usize,
         filter: Filter<'_>,
+    ) -> Result<Vec<Hit>, SegmentError> {
+        self.search_as(query, k, ef, filter, SearchPlan::Auto)
+    }
+
+    /// [`search`](Self::search) by the given plan: the graph walk or the scan whatever the
+    /// segment's size (benchmarks, and tests of the graph on small segments).
+    pub fn search_as(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        filter: Filter<'_>,
+        plan: SearchPlan,
     ) -> Result<Vec<Hit>, SegmentError> {
         let view = self.view();
         with_scratch(|s| {
@@ -76,13 +110,27 @@ impl Segment {
                 return Ok(Vec::new());
             }
             let ef = ef.max(k);
-            if view.n <= ef.saturating_mul(EXACT_SCAN_FACTOR) {
+            let plan = match plan {
+                SearchPlan::Auto if view.n <= ef.saturating_mul(EXACT_SCAN_FACTOR) => SearchPlan::Exact,
+                SearchPlan::Auto if view.n <= ef.saturating_mul(FLAT_SCAN_FACTOR) => SearchPlan::Exact,
+                SearchPlan::Auto => SearchPlan::Graph,
+                p => p,
+            };
+            if plan == SearchPlan::Exact
+                && (view.codes.is_empty() || view.n <= ef.saturating_mul(EXACT_SCAN_FACTOR))
+            {
                 s.walk.results.clear();
                 brute_force_impl(&view, &s.query, k, filter, &mut s.walk.results);
                 return Ok(s.walk.results.sorted_hits(k));
             }
+            if plan == SearchPlan::Exact {
+                let Scratch { walk: w, query, wide, scores, lows, .. } = s;
+                w.results.clear();
+                flat_scan(&view, query, wide, k, filter, scores, lows, &mut w.results);
+                return Ok(w.results.sorted_hits(k));
+            }
             s.walk.begin(view.n);
-            let Scratch { walk: w, query, wide, ids, scores } = s;
+            let Scratch { walk: w, query, wide, ids, scores, .. } = s;
             // A format-1 segment has no codes (and no scales): its walk scores exactly.
             let factor = if view.codes.is_empty() {
                 wide.clear();
@@ -290,6 +338,55 @@ fn brute_force_impl(view: &View<'_>, q: &[f32], k: usize, filter: Filter<'_>, ou
     }
 }
 
+/// Exact top-`k` of a segment with int8 codes, in two passes: the int8 score of every item,
+/// whose distance to the exact score is at most a bound `b` fixed by the query (each code is
+/// off by at most half its dimension's scale, each query component by half the query's
+/// factor); then the exact score of the items whose int8 score is within `2 b` of the k-th
+/// best, the only ones that can be in the top `k`. Same result as [`Segment::brute_force`],
+/// at a quarter of its memory traffic.
+#[allow(clippy::too_many_arguments)]
+fn flat_scan(
+    view: &View<'_>,
+    q: &[f32],
+    wide: &mut Vec<i16>,
+    k: usize,
+    filter: Filter<'_>,
+    approx: &mut Vec<f32>,
+    lows: &mut Vec<f32>,
+    out: &mut TopK,
+) {
+    let dim = view.dim;
+    let factor = quantise_scaled(q, view.scales, wide);
+    let half_steps: f32 = q.iter().zip(view.scales).map(|(x, s)| x.abs() * s).sum::<f32>() * 0.5;
+    let bound = half_steps + 0.5 * factor * 127.0 * dim as f32;
+    approx_scores(view, wide, factor, filter, approx);
+    lows.clear();
+    lows.extend(approx.iter().copied().filter(|a| a.is_finite()));
+    let floor = if lows.len() > k {
+        let (_, kth, _) = lows.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+        // Float slack: the int8 score is an f32 product of an exact integer sum.
+        *kth - 2.0 * bound - 1e-5 * (1.0 + kth.abs())
+    } else {
+        f32::NEG_INFINITY
+    };
+    for (i, &a) in approx.iter().enumerate() {
+        if a.is_finite() && a >= floor {
+            let at = i * dim;
+            out.offer(dot(q, &view.vectors[at..at + dim]), i as u32, k);
+        }
+    }
+}
+
+/// Pass 1 of [`flat_scan`]: the int8 score of every item, `-inf` for those `filter` drops.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn approx_scores(view: &View<'_>, wide: &[i16], factor: f32, filter: Filter<'_>, out: &mut Vec<f32>) {
+    out.clear();
+    for (i, code) in view.codes.chunks_exact(view.dim).enumerate() {
+        let keep = filter.is_none_or(|f| f(i as u32));
+        out.push(if keep { dot_wide_body(wide, code) as f32 * factor } else { f32::NEG_INFINITY });
+    }
+}
+
 #[inline(always)]
 fn brute_force_body<const FMA: bool>(
     view: &View<'_>,
@@ -323,8 +420,8 @@ mod tests {
     fn results_stay_correct_across_epoch_wraparound() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("wrap.vseg");
-        let (n, k, ef) = (200, 10, 10);
-        assert!(n > ef * EXACT_SCAN_FACTOR, "the graph walk must run, not the exact scan");
+        let (n, k, ef) = (1000, 10, 10);
+        assert!(n > ef * FLAT_SCAN_FACTOR, "the graph walk must run, not a scan");
         let shape = Structured { dim: 4, latent: 2, noise: 0.1, seed: 3 };
         let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("w{i}")).unwrap()).collect();
         write_segment(&path, 4, &shape.rows(0, n), &skus, &HnswParams::default()).unwrap();
@@ -341,6 +438,40 @@ mod tests {
         for i in 0..70_000 {
             let got = seg.search(&q, k, ef, None).unwrap();
             assert_eq!(got, first, "query {i}");
+        }
+    }
+
+    /// Up to `FLAT_SCAN_FACTOR * ef` items, the int8 scan returns exactly what the f32 brute
+    /// force returns: structured and random rows, near-duplicates (equal codes), filters, any
+    /// `k`; the scan must be the path taken.
+    #[test]
+    fn int8_flat_scan_equals_brute_force() {
+        let dir = tempfile::tempdir().unwrap();
+        for (dim, n, latent, noise) in
+            [(96usize, 2000usize, 8usize, 0.05f64), (1280, 600, 64, 0.3), (33, 1500, 33, 1.0)]
+        {
+            let path = dir.path().join(format!("flat{dim}.vseg"));
+            let shape = Structured { dim, latent, noise, seed: dim as u64 };
+            let mut rows = shape.rows(0, n);
+            // A few exact duplicates.
+            let first = rows[..dim].to_vec();
+            rows[dim..2 * dim].copy_from_slice(&first);
+            let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("f{i}")).unwrap()).collect();
+            write_segment(&path, dim, &rows, &skus, &HnswParams::default()).unwrap();
+            let seg = Segment::open(&path).unwrap();
+            let ef = 64;
+            assert!(n > ef * EXACT_SCAN_FACTOR && n <= ef * FLAT_SCAN_FACTOR);
+            let every_third = |i: u32| !i.is_multiple_of(3);
+            let queries = shape.rows(50_000, 30);
+            for (qi, q) in queries.chunks_exact(dim).chain([&rows[..dim]]).enumerate() {
+                for k in [1usize, 10, 64, n + 3] {
+                    for filter in [None, Some(&every_third as &dyn Fn(u32) -> bool)] {
+                        let want = seg.brute_force(q, k, filter).unwrap();
+                        let got = seg.search(q, k, ef, filter).unwrap();
+                        assert_eq!(got, want, "dim {dim}, query {qi}, k {k}");
+                    }
+                }
+            }
         }
     }
 

@@ -1,0 +1,86 @@
+//! Where the exact int8 scan of a sealed segment beats its graph walk: for segments of
+//! growing size, the time per query of `SearchPlan::Graph` and `SearchPlan::Exact` (one
+//! thread, same queries, alternating rounds) and the walk's recall@10. The crossover sets
+//! `segment::FLAT_SCAN_FACTOR` (`Auto` scans up to that many times `ef` items).
+//!
+//! The rows are `synth::Structured` (a latent signal plus noise, seeded); the queries are
+//! held-out rows of the same distribution.
+//!
+//! Run: `cargo run --release --example flat_scan -- [--dim 1280] [--ef 64]`.
+
+use std::time::Instant;
+
+use clap::Parser;
+use vitrine::ids::SkuId;
+use vitrine::segment::synth::Structured;
+use vitrine::segment::{FLAT_SCAN_FACTOR, HnswParams, SearchPlan, Segment, write_segment};
+
+#[derive(Parser)]
+struct Args {
+    #[arg(long, default_value_t = 1280)]
+    dim: usize,
+    #[arg(long, default_value_t = 64)]
+    ef: usize,
+    #[arg(long, default_value_t = 48)]
+    latent: usize,
+    #[arg(long, default_value_t = 0.15)]
+    noise: f64,
+    /// Segment sizes, comma separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [1024usize, 2048, 4096, 8192, 16384, 32768])]
+    sizes: Vec<usize>,
+    #[arg(long, default_value_t = 200)]
+    queries: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let dir = tempfile::tempdir()?;
+    println!(
+        "dim {}, ef {}, latent {}, noise {}; Auto scans up to {} items",
+        args.dim,
+        args.ef,
+        args.latent,
+        args.noise,
+        FLAT_SCAN_FACTOR * args.ef
+    );
+    println!(
+        "{:>8} {:>12} {:>12} {:>8} {:>12}",
+        "items", "graph ms/q", "scan ms/q", "scan/graph", "graph r@10"
+    );
+    for &n in &args.sizes {
+        let shape = Structured { dim: args.dim, latent: args.latent, noise: args.noise, seed: 7 };
+        let rows = shape.rows(0, n);
+        let queries = shape.rows(10_000_000, args.queries);
+        let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("i{i}")).expect("sku")).collect();
+        let path = dir.path().join(format!("s{n}.vseg"));
+        write_segment(&path, args.dim, &rows, &skus, &HnswParams::default())?;
+        let seg = Segment::open(&path)?;
+        let mut times = [0.0f64; 2];
+        let mut found = 0usize;
+        for round in 0..4 {
+            for (slot, plan) in [SearchPlan::Graph, SearchPlan::Exact].into_iter().enumerate() {
+                let started = Instant::now();
+                for q in queries.chunks_exact(args.dim) {
+                    std::hint::black_box(seg.search_as(q, 10, args.ef, None, plan)?);
+                }
+                if round > 0 {
+                    times[slot] += started.elapsed().as_secs_f64();
+                }
+            }
+        }
+        for q in queries.chunks_exact(args.dim) {
+            let exact = seg.search_as(q, 10, args.ef, None, SearchPlan::Exact)?;
+            let walk = seg.search_as(q, 10, args.ef, None, SearchPlan::Graph)?;
+            found += walk.iter().filter(|h| exact.iter().any(|e| e.idx == h.idx)).count();
+        }
+        let per = |t: f64| t * 1e3 / (3 * args.queries) as f64;
+        println!(
+            "{n:>8} {:>12.3} {:>12.3} {:>8.2} {:>12.3}",
+            per(times[0]),
+            per(times[1]),
+            times[1] / times[0],
+            found as f64 / (10 * args.queries) as f64
+        );
+    }
+    Ok(())
+}
