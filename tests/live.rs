@@ -466,7 +466,15 @@ fn versions_are_added_backfilled_switched_and_dropped() {
     assert_eq!(w.live().serving.as_ref(), Some(&v2));
     assert!(matches!(w.admin_blocking(AdminOp::DropVersion(v2.clone())), Err(WriterError::DropServing(_))));
     w.admin_blocking(AdminOp::DropVersion(version())).unwrap();
-    assert!(!dir.path().join("indexes").join(version().as_str()).exists());
+    // Its files go once no seal or merge (which may be writing one) is under way.
+    let dropped = dir.path().join("indexes").join(version().as_str());
+    for _ in 0..600 {
+        if !dropped.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(!dropped.exists(), "a dropped version's directory stays");
     let state = serde_json::json!({"phase": "promoted", "challenger": "synth-v2"});
     w.admin_blocking(AdminOp::SetRollout { state: Some(state.clone()), serve: None, drop: None }).unwrap();
     assert!(w.live().version(&version()).is_err());

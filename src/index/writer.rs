@@ -2,7 +2,7 @@
 //!
 //! [`IndexWriter::open`] takes the directory's lock, migrates a format-1 directory, removes
 //! what a crashed writer left, maps the sealed segments, replays the write-ahead log into
-//! fresh mutable segments and starts two threads:
+//! fresh mutable segments and starts its threads:
 //!
 //! * the **writer thread** owns all mutable state. It drains every queued write request at
 //!   once (group commit): decides each operation against the current records, appends the
@@ -10,13 +10,16 @@
 //!   segments, deletion bitsets, record store and attribute index, and only then answers. A
 //!   search that starts after an answer therefore sees the write, and the write survives a
 //!   crash. When a mutable segment is full (or the log is large) it freezes every version's
-//!   mutable segment and hands them to the sealer; it also commits what the sealer returns.
-//! * the **sealer thread** builds HNSW segment files from frozen mutable segments and merges
-//!   sealed segments (see `merge_policy.rs`). It touches no shared state but the record
-//!   store, which it flushes into redb after a seal's build (off the writer thread, where every
-//!   acknowledgement would wait for the redb commit); it returns the built file and the writer
-//!   thread commits it (deletion files, manifest rename, then log truncation) and publishes a
-//!   new [`LiveSet`].
+//!   mutable segment and hands them to the sealer; it also commits what the sealer and the
+//!   merger return: deletion files, the new manifest in memory, a new [`LiveSet`].
+//! * the **sealer** and **merger** threads build HNSW segment files, from frozen mutable
+//!   segments and from sealed segments (see `merge_policy.rs`), each on its own idle-class
+//!   pool. They touch no shared state but the record store, which the sealer flushes into
+//!   redb after a seal's build (off the writer thread, where every acknowledgement would wait
+//!   for the redb commit).
+//! * the **janitor** thread finishes each commit, in commit order: stores its manifest (the
+//!   durable commit point), answers the checkpoint requests it completes, then deletes the
+//!   log files and data files it made dead. None of it holds up an acknowledgement.
 //!
 //! A failed commit poisons the writer: later writes are refused with the reason, searches keep
 //! working, and a restart recovers from the last manifest plus the log.
@@ -357,6 +360,8 @@ struct State {
     merging: HashSet<SegmentId>,
     checkpoint_waiters: Vec<(u64, Reply<u64>)>,
     poisoned: Option<String>,
+    /// Directories of dropped versions, removed once no seal or merge is under way.
+    dropped_dirs: Vec<PathBuf>,
 }
 
 impl IndexWriter {
@@ -481,6 +486,7 @@ impl IndexWriter {
             pending_seals: 0,
             merging: HashSet::new(),
             checkpoint_waiters: vec![],
+            dropped_dirs: vec![],
             poisoned: report.read_only_reason(),
         };
         report.replayed = replayed.records.len();
@@ -523,13 +529,17 @@ impl IndexWriter {
             )?
         };
         let janitor = {
-            let shared = Arc::clone(&shared);
+            let (shared, tx) = (Arc::clone(&shared), tx.clone());
             std::thread::Builder::new()
                 .name("vitrine-janitor".into())
                 .spawn(move || {
-                    crate::background::lower_current_thread();
+                    let mut failed = None;
                     while let Ok(job) = cleanup_rx.recv() {
-                        job.run(&shared);
+                        let before = failed.is_some();
+                        job.run(&shared, &mut failed);
+                        if let (false, Some(why)) = (before, &failed) {
+                            let _ = tx.send(Msg::RefuseWrites(why.clone()));
+                        }
                     }
                 })
                 .map_err(|source| StoreError::Io {
@@ -816,8 +826,14 @@ impl State {
                         let result = self.admin(op);
                         let _ = reply.send(result);
                     }
-                    Msg::Sealed(r) => self.commit_seal(r),
-                    Msg::Merged(r) => self.commit_merge(r),
+                    Msg::Sealed(r) => {
+                        self.commit_seal(r);
+                        self.remove_dropped_dirs();
+                    }
+                    Msg::Merged(r) => {
+                        self.commit_merge(r);
+                        self.remove_dropped_dirs();
+                    }
                     Msg::RefuseWrites(reason) => {
                         if !writes.is_empty() {
                             self.process_writes(std::mem::take(&mut writes));
@@ -1143,8 +1159,10 @@ impl State {
         }
         let seq = self.shared.wal.last_seq();
         if seq <= self.manifest.wal_checkpoint && self.pending_seals == 0 {
-            // Nothing logged since the last checkpoint: nothing to seal or commit.
-            let _ = reply.send(Ok(self.manifest.generation));
+            // Nothing logged since the last checkpoint: nothing to seal or commit, once the
+            // janitor has stored the manifests it was given.
+            let generation = self.manifest.generation;
+            self.clean_up(Cleanup { waiters: vec![reply], generation, ..Cleanup::default() });
             return;
         }
         let job = self.next_job;
@@ -1232,7 +1250,9 @@ impl State {
             }
         }
         next.generation += 1;
-        next.store(data.root())?;
+        // After the manifests the janitor still has to store, never before one of them.
+        self.wait_for_janitor();
+        next.store(self.shared.data.root())?;
         self.manifest = next;
         match op {
             AdminOp::AddVersion(spec) => {
@@ -1254,10 +1274,10 @@ impl State {
         }
         self.publish();
         if let Some(dir) = drop_dir {
-            // After the commit: the files are orphans now; open mappings keep working.
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
-                tracing::warn!(dir = %dir.display(), "cannot remove a dropped version's files: {e}");
-            }
+            // After the commit the files are orphans (open mappings keep working), but a seal
+            // or merge under way may still be writing into the directory: it goes once none is.
+            self.dropped_dirs.push(dir);
+            self.remove_dropped_dirs();
         }
         Ok(self.manifest.generation)
     }
@@ -1349,10 +1369,10 @@ impl State {
             done
         };
         match result {
-            Ok(()) => {
-                for (_, reply) in waiters {
-                    let _ = reply.send(Ok(self.manifest.generation));
-                }
+            Ok(mut job) => {
+                // Answered by the janitor once the manifest is on disk.
+                job.waiters = waiters.into_iter().map(|(_, reply)| reply).collect();
+                self.clean_up(job);
                 self.plan_merges();
             }
             Err(e) => {
@@ -1368,7 +1388,7 @@ impl State {
         &mut self,
         seal_seq: u64,
         built: Result<Vec<SealedPart>, WriterError>,
-    ) -> Result<(), WriterError> {
+    ) -> Result<Cleanup, WriterError> {
         if let Some(reason) = &self.poisoned {
             return Err(WriterError::Poisoned { reason: reason.clone() });
         }
@@ -1400,8 +1420,7 @@ impl State {
         // change up to `seal_seq` is already durable in redb (a redb commit takes 1 to 30 ms,
         // which this thread would make every acknowledgement wait).
         next.wal_checkpoint = seal_seq;
-        next.store(data.root())?;
-        self.manifest = next;
+        self.manifest = next.clone();
         for (v, seg) in added {
             if let Some(vs) = self.versions.get_mut(&v) {
                 vs.sealed.push(seg);
@@ -1413,11 +1432,12 @@ impl State {
             }
         }
         self.publish();
-        // Deleting the covered log files and the replaced deletion files takes 5 to 15 ms
-        // (unlinking tens of MB, a directory fsync): the janitor does it, off the thread
-        // every acknowledgement waits on. The manifest just stored already makes them dead.
-        self.clean_up(Cleanup { wal: self.shared.wal.detach_through(seal_seq), files: replaced });
-        Ok(())
+        // Searches see the new segments now; the items were searchable before too (frozen),
+        // so nothing waits for the manifest to be durable but the log's truncation, and the
+        // manifest store (1 to 8 ms of fsyncs), deleting the covered log files and the
+        // replaced deletion files (7 to 12 ms of unlinks) are the janitor's, in this order,
+        // off the thread every acknowledgement waits on.
+        Ok(Cleanup::after(next, self.shared.wal.detach_through(seal_seq), replaced))
     }
 
     /// Starts a merge for every version the policy says needs one (one at a time per version).
@@ -1511,8 +1531,7 @@ impl State {
             ix.segments.insert(at.min(ix.segments.len()), entry.clone());
         }
         let replaced = self.persist_deletes(&mut next, &added)?;
-        next.store(data.root())?;
-        self.manifest = next;
+        self.manifest = next.clone();
         if let Some(vs) = self.versions.get_mut(v) {
             let at = vs.sealed.iter().position(|s| input_ids.contains(&s.id)).unwrap_or(vs.sealed.len());
             vs.sealed.retain(|s| !input_ids.contains(&s.id));
@@ -1521,8 +1540,8 @@ impl State {
             }
         }
         self.publish();
-        // The inputs' files are dead now (a search still holding one keeps its mapping):
-        // unlinking them is the janitor's, as after a seal.
+        // Storing the manifest and then deleting the inputs' files (a search still holding one
+        // keeps its mapping) are the janitor's, as after a seal.
         let mut files = replaced;
         for e in removed {
             files.push(data.segment_path(v, e.id));
@@ -1530,42 +1549,114 @@ impl State {
                 files.push(data.deletes_path(v, e.id, d.generation));
             }
         }
-        self.clean_up(Cleanup { wal: Vec::new(), files });
+        self.clean_up(Cleanup::after(next, Vec::new(), files));
         Ok(())
     }
 
-    /// Hands dead files to the janitor thread; if it is gone, deletes them here.
-    fn clean_up(&self, job: Cleanup) {
-        if let Err(job) = self.cleanup.send(job) {
-            job.0.run(&self.shared);
+    /// Removes the directories of dropped versions once no seal or merge is under way (either
+    /// may be writing a file into one), after the janitor's queued deletions (which may be in
+    /// one). Called after every drop, seal and merge commit.
+    fn remove_dropped_dirs(&mut self) {
+        if self.dropped_dirs.is_empty() || self.pending_seals > 0 || !self.merging.is_empty() {
+            return;
         }
+        self.wait_for_janitor();
+        for dir in std::mem::take(&mut self.dropped_dirs) {
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(dir = %dir.display(), "cannot remove a dropped version's files: {e}");
+            }
+        }
+    }
+
+    /// Hands a job to the janitor thread; if it is gone, does it here.
+    fn clean_up(&mut self, job: Cleanup) {
+        if let Err(job) = self.cleanup.send(job) {
+            let mut failed = None;
+            job.0.run(&self.shared, &mut failed);
+            if let Some(why) = failed {
+                self.poisoned.get_or_insert(why);
+            }
+        }
+    }
+
+    /// Returns once the janitor has done every job handed to it so far (every manifest it
+    /// was given is on disk, or the writer is poisoned).
+    fn wait_for_janitor(&mut self) {
+        let (done, finished) = channel();
+        self.clean_up(Cleanup { done: Some(done), ..Cleanup::default() });
+        let _ = finished.recv();
     }
 }
 
-/// Files made dead by a committed manifest, for the janitor thread to delete: log files
-/// detached from the log ([`Wal::detach_through`]) and data files (merged-away segments,
-/// replaced deletion files). A failure is logged, not fatal: what is left is covered by the
-/// manifest (log files) or an orphan (data files), and the next open deletes it.
+/// A commit's durable tail, for the janitor thread, in this order: store the manifest (the
+/// commit), answer the checkpoint requests it completes, then delete what it made dead: log
+/// files detached from the log ([`Wal::detach_through`]) and data files (merged-away
+/// segments, replaced deletion files). Jobs run in the order the writer committed them, so
+/// manifests reach the disk in generation order.
+///
+/// A manifest that cannot be stored poisons the writer (through `RefuseWrites`) and stops
+/// every later job's store and deletions: the disk keeps the last stored manifest and every
+/// log file it does not cover, which is what a restart recovers from. A failed deletion is
+/// only logged: what is left is covered by the manifest (log files: skipped and deleted by
+/// the next open) or an orphan (data files: deleted by the next open).
+#[derive(Default)]
 struct Cleanup {
+    manifest: Option<Box<Manifest>>,
+    /// Checkpoint requests this job completes, answered with `generation` once its manifest
+    /// (and every earlier one) is stored.
+    waiters: Vec<Reply<u64>>,
+    generation: u64,
     wal: Vec<PathBuf>,
     files: Vec<PathBuf>,
+    /// Told when this job (and so every earlier one) is done.
+    done: Option<Sender<()>>,
 }
 
 impl Cleanup {
-    fn run(self, shared: &Shared) {
-        if let Err(e) = shared.wal.remove_detached(&self.wal) {
-            tracing::warn!(
-                "cannot delete covered log files (the next start does): {}",
-                crate::report::Chain(&e)
-            );
+    fn after(manifest: Manifest, wal: Vec<PathBuf>, files: Vec<PathBuf>) -> Self {
+        Self {
+            generation: manifest.generation,
+            manifest: Some(Box::new(manifest)),
+            wal,
+            files,
+            ..Self::default()
         }
-        for p in &self.files {
-            if let Err(e) = shared.data.remove_file(p) {
+    }
+
+    /// Does the job; `failed` is the reason of an earlier failed store (set here on one).
+    fn run(self, shared: &Shared, failed: &mut Option<String>) {
+        if let (Some(m), None) = (&self.manifest, &failed)
+            && let Err(e) = m.store(shared.data.root())
+        {
+            let why = crate::report::chain(&WriterError::from(e));
+            tracing::error!("index writer failed, refusing further writes: {why}");
+            *failed = Some(format!("it stopped after a failure (restart to recover): {why}"));
+        }
+        if let Some(reason) = failed {
+            for reply in self.waiters {
+                let _ = reply.send(Err(WriterError::Poisoned { reason: reason.clone() }));
+            }
+        } else {
+            for reply in self.waiters {
+                let _ = reply.send(Ok(self.generation));
+            }
+            if let Err(e) = shared.wal.remove_detached(&self.wal) {
                 tracing::warn!(
-                    "cannot delete a dead file (the next start does): {}",
+                    "cannot delete covered log files (the next start does): {}",
                     crate::report::Chain(&e)
                 );
             }
+            for p in &self.files {
+                if let Err(e) = shared.data.remove_file(p) {
+                    tracing::warn!(
+                        "cannot delete a dead file (the next start does): {}",
+                        crate::report::Chain(&e)
+                    );
+                }
+            }
+        }
+        if let Some(done) = self.done {
+            let _ = done.send(());
         }
     }
 }

@@ -153,7 +153,10 @@ pub(crate) fn dot_wide_body(q: &[i16], c: &[i8]) -> i64 {
 /// Codes one row with a scale of its own, for the in-memory mutable segment (whose rows arrive
 /// one at a time, so no per-dimension scale can be fitted): `scale = max |v| / 127`, codes
 /// `round(v / scale)` in -127..=127, written to `out`; returns the scale (0 for a zero row,
-/// coded all 0). Each component's error is at most `scale / 2`.
+/// coded all 0). Each component's error is at most `scale / 2`. Multiversioned: rounding is
+/// then one instruction, not a libm call (every upsert and every replayed log record codes
+/// its row).
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn quantise_row(v: &[f32], out: &mut Vec<i8>) -> f32 {
     let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     out.clear();
@@ -169,6 +172,7 @@ pub fn quantise_row(v: &[f32], out: &mut Vec<i8>) -> f32 {
 /// A query for [`dot_wide`] against rows coded by [`quantise_row`]: `v` to `i16` with one
 /// factor, `max |v| / 32767` (see [`quantise_scaled`]), written to `out`; returns the factor
 /// (0 for a zero query). Each component's error is at most `factor / 2`.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 pub fn quantise_query(v: &[f32], out: &mut Vec<i16>) -> f32 {
     let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     out.clear();
