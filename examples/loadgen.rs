@@ -5,7 +5,9 @@
 //! queued behind a slow server counts (no coordinated omission). The mix of kinds is drawn per
 //! request from `--mix` weights:
 //! - `image`: SearchByImage with a catalogue image (read once from `--catalog`);
-//! - `vector`: SearchByVector with a random unit vector of the serving model's dimension;
+//! - `vector`: SearchByVector with a random unit vector of the serving model's dimension, or
+//!   with a random row of `--vectors FILE` (raw little-endian f32 rows of that dimension, e.g.
+//!   held-out rows from `examples/scale_build --write-queries`: in-distribution queries);
 //! - `sku`: SearchBySku with a catalogue SKU.
 //!
 //! `--spike-rate R --spike-at S --spike-secs D` replaces the rate by R between S and S+D
@@ -63,6 +65,10 @@ struct Args {
     /// Catalogue whose SKUs and images the `sku` and `image` queries use.
     #[arg(long, default_value = "data/catalog.csv")]
     catalog: PathBuf,
+    /// Vector queries drawn from this file's rows (raw little-endian f32, the model's
+    /// dimension per row) instead of random unit vectors.
+    #[arg(long)]
+    vectors: Option<PathBuf>,
     /// Model version of the vector queries (default: the serving one).
     #[arg(long)]
     model_version: Option<String>,
@@ -176,6 +182,8 @@ struct Material {
     images: Vec<Arc<Vec<u8>>>,
     dim: usize,
     version: String,
+    /// `--vectors` rows, `dim` values each (empty: random unit vectors).
+    vectors: Vec<f32>,
 }
 
 fn parse_mix(mix: &str) -> anyhow::Result<Vec<(Kind, f64)>> {
@@ -221,7 +229,18 @@ async fn material(args: &Args, mix: &[(Kind, f64)], ch: Channel) -> anyhow::Resu
         .find(|m| m.model_version == version)
         .map(|m| m.dim as usize)
         .with_context(|| format!("the server has no model version {version:?}"))?;
-    Ok(Material { skus, images, dim, version })
+    let vectors = match &args.vectors {
+        None => Vec::new(),
+        Some(path) => {
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            let row = dim * 4;
+            if bytes.is_empty() || bytes.len() % row != 0 {
+                bail!("{}: {} bytes is not a whole number of {dim}-d f32 rows", path.display(), bytes.len());
+            }
+            bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()
+        }
+    };
+    Ok(Material { skus, images, dim, version, vectors })
 }
 
 fn unit_vector(rng: &mut SplitMix64, dim: usize) -> Vec<f32> {
@@ -311,6 +330,10 @@ fn main() -> anyhow::Result<()> {
             let kind = kind.map_or(mix[0].0, |&(k, _)| k);
             let req = match kind {
                 Kind::Image => Req::Image(Arc::clone(&m.images[rng.below(m.images.len() as u64) as usize])),
+                Kind::Vector if !m.vectors.is_empty() => {
+                    let row = rng.below((m.vectors.len() / m.dim) as u64) as usize;
+                    Req::Vector(m.vectors[row * m.dim..(row + 1) * m.dim].to_vec(), m.version.clone())
+                }
                 Kind::Vector => Req::Vector(unit_vector(&mut rng, m.dim), m.version.clone()),
                 Kind::Sku => Req::Sku(m.skus[rng.below(m.skus.len() as u64) as usize].clone()),
             };

@@ -38,6 +38,10 @@ struct Args {
     latent: usize,
     #[arg(long, default_value_t = 0.15)]
     noise: f64,
+    /// Also writes this many further held-out rows to FILE (raw little-endian f32), for
+    /// `examples/loadgen --vectors FILE`: in-distribution queries for the served figures.
+    #[arg(long, num_args = 2, value_names = ["FILE", "N"])]
+    write_queries: Vec<String>,
     /// Held-out queries for the recall figure.
     #[arg(long, default_value_t = 200)]
     queries: usize,
@@ -94,6 +98,12 @@ fn main() -> anyhow::Result<()> {
     let seg = Segment::open(&seg_path)?;
     let segment_open_ms = t.elapsed().as_secs_f64() * 1e3;
     let queries = shape.rows(1 << 40, a.queries);
+    if let [file, n] = a.write_queries.as_slice() {
+        let n: usize = n.parse().context("--write-queries N")?;
+        let rows = shape.rows((1 << 40) + (1 << 30), n);
+        let bytes: Vec<u8> = rows.iter().flat_map(|x| x.to_le_bytes()).collect();
+        std::fs::write(file, bytes).with_context(|| format!("writing {file}"))?;
+    }
     let (mut found, mut exact_s, mut hnsw_s) = (0usize, 0.0, 0.0);
     for q in queries.chunks_exact(dim) {
         let t = Instant::now();

@@ -83,6 +83,10 @@ fn cast<T: Pod>(bytes: &[u8]) -> &[T] {
     bytemuck::cast_slice(bytes)
 }
 
+/// See [`Segment::rescore_row`]: f32 rows sections at least this large are read, not mapped,
+/// when a walk's candidates are rescored (256 MiB: 52k rows of 1,280 dimensions).
+pub const READ_RESCORE_BYTES: usize = 256 << 20;
+
 impl Segment {
     /// Opens and maps a segment file. Reads only the header and footer: the cost does not grow
     /// with the number of vectors. Checks magic numbers, versions, the header crc, and that
@@ -269,6 +273,38 @@ impl Segment {
         let dim = self.dim();
         let start = idx as usize * dim;
         &self.view().vectors[start..start + dim]
+    }
+
+    /// Item `idx`'s exact row for rescoring a walk's candidates: from the mapping, or, in a
+    /// segment whose f32 rows take at least [`READ_RESCORE_BYTES`], read with `pread` into
+    /// `buf`. A walk reads the int8 codes and the graph, which stay resident in a busy
+    /// server; the f32 rows are read only for its `ef` best, scattered over the file, and a
+    /// page fault maps its neighbours too (fault-around), so through the mapping a large
+    /// segment's rows would fill the server's resident memory within a few thousand queries
+    /// (1M x 1280 holds 5 GB of them). Read, they cost page cache the kernel can reclaim, and
+    /// one syscall per candidate. `None` for an index out of range or a failed read.
+    pub(super) fn rescore_row<'a>(&'a self, idx: u32, buf: &'a mut Vec<f32>) -> Option<&'a [f32]> {
+        self.rescore_row_above(idx, buf, READ_RESCORE_BYTES)
+    }
+
+    fn rescore_row_above<'a>(
+        &'a self,
+        idx: u32,
+        buf: &'a mut Vec<f32>,
+        read_from: usize,
+    ) -> Option<&'a [f32]> {
+        let dim = self.dim();
+        let range = &self.ranges[SectionId::Vectors as usize];
+        let start = idx as usize * dim;
+        if range.len() < read_from {
+            return self.view().vectors.get(start..start + dim);
+        }
+        if idx as usize >= self.len() {
+            return None;
+        }
+        buf.resize(dim, 0.0);
+        self.read_at(bytemuck::cast_slice_mut(buf.as_mut_slice()), (range.start + start * 4) as u64).ok()?;
+        Some(buf.as_slice())
     }
 
     /// The SKU of item `idx`. A damaged entry (which `verify` reports) reads as "".
@@ -571,4 +607,32 @@ fn check_layout(
         prev_end = end;
     }
     Ok(ranges)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::SkuId;
+    use crate::segment::synth::Structured;
+    use crate::segment::{HnswParams, write_segment};
+
+    /// Rows read with pread for rescoring are the mapped rows; out of range is `None`.
+    #[test]
+    fn rows_read_for_rescoring_equal_the_mapped_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rows.vseg");
+        let (dim, n) = (37usize, 300usize);
+        let rows = Structured { dim, latent: 5, noise: 0.2, seed: 4 }.rows(0, n);
+        let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("r{i}")).unwrap()).collect();
+        write_segment(&path, dim, &rows, &skus, &HnswParams::default()).unwrap();
+        let seg = Segment::open(&path).unwrap();
+        let mut buf = Vec::new();
+        for idx in 0..n as u32 {
+            let want = seg.vector(idx).to_vec();
+            assert_eq!(seg.rescore_row_above(idx, &mut buf, 0), Some(want.as_slice()), "read, row {idx}");
+            assert_eq!(seg.rescore_row_above(idx, &mut buf, usize::MAX), Some(want.as_slice()), "mapped");
+        }
+        assert_eq!(seg.rescore_row_above(n as u32, &mut buf, 0), None);
+        assert_eq!(seg.rescore_row_above(n as u32, &mut buf, usize::MAX), None);
+    }
 }

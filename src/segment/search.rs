@@ -44,6 +44,8 @@ struct Scratch {
     scores: Vec<f32>,
     /// [`flat_scan`]'s lower bounds, for the selection of the k-th.
     lows: Vec<f32>,
+    /// A row read for rescoring ([`Segment::rescore_row`]).
+    row: Vec<f32>,
 }
 
 thread_local! {
@@ -130,7 +132,7 @@ impl Segment {
                 return Ok(w.results.sorted_hits(k));
             }
             s.walk.begin(view.n);
-            let Scratch { walk: w, query, wide, ids, scores, .. } = s;
+            let Scratch { walk: w, query, wide, ids, scores, row, .. } = s;
             // A format-1 segment has no codes (and no scales): its walk scores exactly.
             let factor = if view.codes.is_empty() {
                 wide.clear();
@@ -146,8 +148,7 @@ impl Segment {
             // The walk ranked by int8 scores: rescore its `ef` best with the exact vectors.
             let mut hits = results.sorted_hits(ef);
             for h in &mut hits {
-                let at = h.idx as usize * view.dim;
-                h.score = view.vectors.get(at..at + view.dim).map_or(f32::NEG_INFINITY, |v| dot(query, v));
+                h.score = self.rescore_row(h.idx, row).map_or(f32::NEG_INFINITY, |v| dot(query, v));
             }
             hits.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.idx.cmp(&b.idx)));
             hits.truncate(k);
