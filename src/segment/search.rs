@@ -23,7 +23,7 @@ pub const EXACT_SCAN_FACTOR: usize = 4;
 /// [`Segment::search`] scans a segment's int8 codes (exactly, see [`flat_scan`]) instead of
 /// walking its graph when it holds at most this many times `ef` items: a walk on a small
 /// segment scores most of its items anyway, in random order, while the scan reads the codes
-/// once, in order. Measured with `examples/ann_bench --flat-scan-check` (see tools/README.md).
+/// once, in order. Measured with `cargo run --release --example flat_scan` (README, performance).
 pub const FLAT_SCAN_FACTOR: usize = 64;
 
 /// One search result: the item's index in the segment and its cosine similarity to the query.
