@@ -136,12 +136,13 @@ impl MutableSegment {
     /// If the segment is frozen or the vector has the wrong length: both are writer bugs.
     pub fn push(&self, sku: SkuId, doc: DocId, vector: &[f32]) -> u32 {
         assert_eq!(vector.len(), self.dim, "vector length");
+        // Coded before the lock: searches wait for the write lock, not for the coding.
+        let mut code = Vec::with_capacity(self.dim);
+        let scale = quantise_row(vector, &mut code);
         let mut g = self.inner.write();
         assert!(!g.frozen, "append to a frozen mutable segment");
         let pos = g.skus.len() as u32;
         g.vectors.extend_from_slice(vector);
-        let mut code = Vec::with_capacity(self.dim);
-        let scale = quantise_row(vector, &mut code);
         g.codes.extend_from_slice(&code);
         g.scales.push(scale);
         g.docs.push(doc);

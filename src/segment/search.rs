@@ -113,22 +113,19 @@ impl Segment {
             }
             let ef = ef.max(k);
             let plan = match plan {
-                SearchPlan::Auto if view.n <= ef.saturating_mul(EXACT_SCAN_FACTOR) => SearchPlan::Exact,
                 SearchPlan::Auto if view.n <= ef.saturating_mul(FLAT_SCAN_FACTOR) => SearchPlan::Exact,
                 SearchPlan::Auto => SearchPlan::Graph,
                 p => p,
             };
-            if plan == SearchPlan::Exact
-                && (view.codes.is_empty() || view.n <= ef.saturating_mul(EXACT_SCAN_FACTOR))
-            {
-                s.walk.results.clear();
-                brute_force_impl(&view, &s.query, k, filter, &mut s.walk.results);
-                return Ok(s.walk.results.sorted_hits(k));
-            }
             if plan == SearchPlan::Exact {
                 let Scratch { walk: w, query, wide, scores, lows, .. } = s;
                 w.results.clear();
-                flat_scan(&view, query, wide, k, filter, scores, lows, &mut w.results);
+                // A tiny segment, or a format-1 one (no codes): the f32 scan.
+                if view.codes.is_empty() || view.n <= ef.saturating_mul(EXACT_SCAN_FACTOR) {
+                    brute_force_impl(&view, query, k, filter, &mut w.results);
+                } else {
+                    flat_scan(&view, query, wide, k, filter, scores, lows, &mut w.results);
+                }
                 return Ok(w.results.sorted_hits(k));
             }
             s.walk.begin(view.n);
