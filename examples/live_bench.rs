@@ -22,6 +22,8 @@
 //!
 //! `--seal-items`, `--ef-construction` and `--max-pending-seals` change the server's writer
 //! settings, to tell group commit from sealing; `RUST_LOG=vitrine=info` shows seal times.
+//! `--only-writes` stops after phase 2, and `--ack-trace FILE` writes its every ack (time,
+//! latency) to correlate slow ones with seals.
 //!
 //! Run: `cargo run --release --example live_bench -- [--quick] [--json]`
 //! (or `tools/live_bench.sh`). Absolute numbers on a shared 2-core machine are noisy.
@@ -80,9 +82,17 @@ struct Args {
     /// flat out, follows it).
     #[arg(long, default_value_t = 1000.0)]
     write_rate: f64,
-    /// Diagnostic: frozen segments queued for the sealer before writes wait (default 2).
+    /// Diagnostic: frozen segments queued for the sealer before writes wait (default: the
+    /// server's own).
     #[arg(long)]
     max_pending_seals: Option<usize>,
+    /// Diagnostic: write phase 2's acknowledgements to this file, one line each: seconds since
+    /// the phase started when the ack arrived, then its latency in milliseconds.
+    #[arg(long)]
+    ack_trace: Option<PathBuf>,
+    /// Diagnostic: stop after phase 2 (skip images, searches and the restart).
+    #[arg(long)]
+    only_writes: bool,
 }
 
 /// Sizes of one run.
@@ -521,6 +531,7 @@ fn main() -> anyhow::Result<()> {
         }
         let secs = started.elapsed().as_secs_f64();
         let l2 = Lat::of(&all);
+        let done_at_unsorted = done_at.clone();
         // The longest time in which no client got an answer (a writer stall).
         done_at.sort();
         let (mut gap, mut gap_at, mut prev) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
@@ -551,6 +562,13 @@ fn main() -> anyhow::Result<()> {
             per_sec[(d.as_secs_f64() as usize).min(seconds - 1)] += 1;
         }
         out.line(format!("   acks per second: {per_sec:?}"));
+        if let Some(path) = &args.ack_trace {
+            let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+            for (lat, at) in all.iter().zip(&done_at_unsorted) {
+                writeln!(f, "{:.6} {:.3}", at.as_secs_f64(), lat.as_secs_f64() * 1e3)?;
+            }
+            f.flush()?;
+        }
         out.line(format!(
             "   this phase's records still in the log: {records} in {frames} frames (one fdatasync each, \
              {:.1} records/frame); sealed segments {} -> {}, unsealed items {} -> {}",
@@ -581,6 +599,14 @@ fn main() -> anyhow::Result<()> {
             unit: "/s",
             higher_is_better: true,
         });
+
+        if args.only_writes {
+            server.stop().await?;
+            for t in &targets {
+                out.line(format!("   {:<44} {:>10.3} {} (target {})", t.name, t.measured, t.unit, t.limit));
+            }
+            std::process::exit(0);
+        }
 
         // Phase 3: image upserts vs the encoder's own time for the same image.
         let quiet3 = wait_quiet(&mut c, seal_items, Duration::from_secs(300)).await?;

@@ -69,6 +69,7 @@ use std::str::FromStr;
 use roaring::{MultiOps, RoaringBitmap};
 use serde_json::Value;
 
+use crate::index::sharded::ShardedMap;
 use crate::index::store::Attrs;
 
 /// Dense per-index item number.
@@ -554,7 +555,8 @@ struct KeyPostings {
 /// with exactly the live docs that [`Filter::matches`].
 #[derive(Debug, Default)]
 pub struct AttrIndex {
-    ids: HashMap<String, DocId>,
+    /// Sharded: one growth never pauses the writer (and filtered searches) for all of it.
+    ids: ShardedMap<String, DocId>,
     /// Per doc id, its postings (key, entry), sorted; empty once removed.
     docs: Vec<Vec<(String, Posting)>>,
     live: RoaringBitmap,

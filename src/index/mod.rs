@@ -15,6 +15,7 @@ pub mod manifest;
 pub mod merge_policy;
 pub mod mutable;
 pub mod records;
+pub mod sharded;
 pub mod store;
 pub mod wal;
 pub mod writer;

@@ -92,6 +92,9 @@ struct Inner {
     frozen: bool,
 }
 
+/// Most bytes of vectors [`MutableSegment::with_capacity`] reserves up front.
+pub const MAX_RESERVED_BYTES: usize = 256 << 20;
+
 /// See the module docs.
 #[derive(Debug)]
 pub struct MutableSegment {
@@ -110,6 +113,26 @@ pub struct LiveItems {
 impl MutableSegment {
     pub fn new(dim: usize) -> Self {
         Self { dim, inner: RwLock::new(Inner::default()) }
+    }
+
+    /// An empty segment with room reserved for `rows` rows (capped at [`MAX_RESERVED_BYTES`]
+    /// of vectors): appends up to it never move the rows. Growing by doubling instead copied up
+    /// to 10 MiB under the write lock at 1280-d, which held an acknowledgement group (and
+    /// searches) for 10-23 ms. The reservation is address space; pages are touched as rows
+    /// arrive.
+    pub fn with_capacity(dim: usize, rows: usize) -> Self {
+        let rows = rows.min(MAX_RESERVED_BYTES / (dim.max(1) * std::mem::size_of::<f32>()));
+        let inner = Inner {
+            skus: Vec::with_capacity(rows),
+            docs: Vec::with_capacity(rows),
+            vectors: Vec::with_capacity(rows * dim),
+            codes: Vec::with_capacity(rows * dim),
+            scales: Vec::with_capacity(rows),
+            deleted: Vec::with_capacity(rows),
+            live: HashMap::with_capacity(rows),
+            frozen: false,
+        };
+        Self { dim, inner: RwLock::new(inner) }
     }
 
     pub fn dim(&self) -> usize {
@@ -157,6 +180,11 @@ impl MutableSegment {
 
     /// Deletes the live copy of `sku`, if this segment has one. True if it did.
     pub fn delete_sku(&self, sku: &SkuId) -> bool {
+        // Look first under the read lock: a sealer copying this (frozen) segment holds a read
+        // lock for milliseconds, and most upserts have no copy here to delete.
+        if !self.inner.read().live.contains_key(sku) {
+            return false;
+        }
         let mut g = self.inner.write();
         match g.live.remove(sku) {
             Some(pos) => {

@@ -10,11 +10,13 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::sharded::ShardedMap;
 use crate::ids::SkuId;
 use crate::index::store::Attrs;
 
@@ -78,12 +80,41 @@ pub struct Record {
     pub attrs: Attrs,
 }
 
+/// sku -> (log sequence number, record or `None` for deleted).
+type Changes = ShardedMap<SkuId, (u64, Option<Record>)>;
+
+/// The changes not yet in redb, in two parts so that a flush takes them in O(1): the writer
+/// never waits for a copy of thousands of changes (measured: 3-28 ms stalls of every
+/// acknowledgement while a seal flushed a 30k-change overlay it cloned under the lock). Sharded
+/// maps, so that their growth never stalls one `put` either.
+#[derive(Default)]
+struct Overlay {
+    /// Changes since the last flush began (newest).
+    active: Changes,
+    /// The changes a flush in progress is writing into redb.
+    flushing: Option<Arc<Changes>>,
+}
+
+impl Overlay {
+    fn get(&self, sku: &SkuId) -> Option<&Option<Record>> {
+        let found = self.active.get(sku).or_else(|| self.flushing.as_ref().and_then(|f| f.get(sku)));
+        found.map(|(_, rec)| rec)
+    }
+
+    /// Every pending change, the newest per SKU (O(changes): for start-up scans only).
+    fn merged(&self) -> HashMap<SkuId, (u64, Option<Record>)> {
+        let older = self.flushing.iter().flat_map(|f| f.iter());
+        older.chain(self.active.iter()).map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
 /// The record store: redb plus the overlay of changes since the last checkpoint.
 pub struct RecordStore {
     path: PathBuf,
     db: redb::Database,
-    /// sku -> (log sequence number, record or `None` for deleted).
-    overlay: Mutex<HashMap<SkuId, (u64, Option<Record>)>>,
+    overlay: Mutex<Overlay>,
+    /// Serialises flushes (there is one `flushing` slot).
+    flush_lock: Mutex<()>,
 }
 
 impl std::fmt::Debug for RecordStore {
@@ -105,7 +136,12 @@ impl RecordStore {
     pub fn open(path: &Path) -> Result<Self, RecordError> {
         let db = redb::Database::create(path)
             .map_err(|e| RecordError::Db { path: path.to_path_buf(), source: Box::new(e.into()) })?;
-        let store = Self { path: path.to_path_buf(), db, overlay: Mutex::new(HashMap::new()) };
+        let store = Self {
+            path: path.to_path_buf(),
+            db,
+            overlay: Mutex::new(Overlay::default()),
+            flush_lock: Mutex::new(()),
+        };
         // Make sure the table exists so readers never see "table does not exist".
         let txn = store.db.begin_write().map_err(|e| store.db_err(e))?;
         txn.open_table(RECORDS).map_err(|e| store.db_err(e))?;
@@ -120,7 +156,7 @@ impl RecordStore {
     /// The current record of `sku`.
     pub fn get(&self, sku: &str) -> Result<Option<Record>, RecordError> {
         if let Ok(key) = SkuId::new(sku)
-            && let Some((_, rec)) = self.overlay.lock().get(&key)
+            && let Some(rec) = self.overlay.lock().get(&key)
         {
             return Ok(rec.clone());
         }
@@ -134,27 +170,53 @@ impl RecordStore {
     /// Sets (or with `None` removes) the record of `sku`, as log record `seq` says. In memory
     /// until the next [`flush`](Self::flush); the log makes it durable.
     pub fn put(&self, sku: SkuId, record: Option<Record>, seq: u64) {
-        self.overlay.lock().insert(sku, (seq, record));
+        self.overlay.lock().active.insert(sku, (seq, record));
     }
 
     /// Changes waiting for a checkpoint.
     pub fn pending(&self) -> usize {
-        self.overlay.lock().len()
+        let o = self.overlay.lock();
+        o.active.len() + o.flushing.as_ref().map_or(0, |f| f.len())
     }
 
     /// Writes every pending change into redb in one durable transaction and forgets them.
     /// Returns how many were written. Called by the one writer only.
     pub fn flush(&self) -> Result<usize, RecordError> {
-        let pending: Vec<(SkuId, (u64, Option<Record>))> =
-            self.overlay.lock().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        if pending.is_empty() {
-            return Ok(0);
+        let _one = self.flush_lock.lock();
+        let pending = {
+            let mut o = self.overlay.lock();
+            if o.active.is_empty() {
+                return Ok(0);
+            }
+            let taken = Arc::new(std::mem::take(&mut o.active));
+            o.flushing = Some(Arc::clone(&taken));
+            taken
+        };
+        match self.write_changes(&pending) {
+            Ok(()) => {
+                // Readers now find these in redb (or newer ones in `active`).
+                self.overlay.lock().flushing = None;
+                Ok(pending.len())
+            }
+            Err(e) => {
+                // Back into the overlay, under the newer changes made since.
+                let mut o = self.overlay.lock();
+                o.flushing = None;
+                for (sku, change) in pending.iter() {
+                    o.active.insert_if_absent(sku.clone(), || change.clone());
+                }
+                Err(e)
+            }
         }
+    }
+
+    /// Writes `changes` into redb in one durable transaction.
+    fn write_changes(&self, changes: &Changes) -> Result<(), RecordError> {
         let mut txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
         txn.set_durability(redb::Durability::Immediate).map_err(|e| self.db_err(e))?;
         {
             let mut table = txn.open_table(RECORDS).map_err(|e| self.db_err(e))?;
-            for (sku, (_, rec)) in &pending {
+            for (sku, (_, rec)) in changes.iter() {
                 match rec {
                     Some(r) => {
                         let bytes = encode(sku.as_str(), r);
@@ -166,14 +228,7 @@ impl RecordStore {
                 }
             }
         }
-        txn.commit().map_err(|e| self.db_err(e))?;
-        let mut overlay = self.overlay.lock();
-        for (sku, (seq, _)) in &pending {
-            if overlay.get(sku).is_some_and(|(s, _)| s == seq) {
-                overlay.remove(sku);
-            }
-        }
-        Ok(pending.len())
+        txn.commit().map_err(|e| self.db_err(e))
     }
 
     /// Calls `f` for every current record (redb's, with pending changes applied), in no
@@ -194,7 +249,7 @@ impl RecordStore {
         mut f: impl FnMut(&SkuId, &Record),
         mut damaged: impl FnMut(RecordError),
     ) -> Result<(), RecordError> {
-        let overlay = self.overlay.lock().clone();
+        let overlay = self.overlay.lock().merged();
         let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         let table = txn.open_table(RECORDS).map_err(|e| self.db_err(e))?;
         for item in table.iter().map_err(|e| self.db_err(e))? {
@@ -268,5 +323,50 @@ mod tests {
         let mut seen = Vec::new();
         s.for_each(|k, _| seen.push(k.to_string())).unwrap();
         assert_eq!(seen, vec!["B".to_string()]);
+    }
+
+    #[test]
+    fn reads_see_the_latest_change_while_flushes_run() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(RecordStore::open(&dir.path().join(RECORDS_FILE)).unwrap());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flushed = Arc::new(AtomicUsize::new(0));
+        let flusher = {
+            let (s, stop, flushed) = (Arc::clone(&s), Arc::clone(&stop), Arc::clone(&flushed));
+            std::thread::spawn(move || {
+                while !stop.load(Relaxed) {
+                    if s.flush().unwrap() > 0 {
+                        flushed.fetch_add(1, Relaxed);
+                    }
+                }
+            })
+        };
+        let deleted_last = |round: u64, i: u64| (round + i).is_multiple_of(3);
+        let skus: Vec<SkuId> = (0..20).map(|i| SkuId::new(format!("S{i}")).unwrap()).collect();
+        // At least 300 rounds, and on until 50 flushes ran between the puts and gets.
+        let mut round = 0u64;
+        while round < 300 || (flushed.load(Relaxed) < 50 && round < 1_000_000) {
+            round += 1;
+            for (i, sku) in skus.iter().enumerate() {
+                let r = (!deleted_last(round, i as u64)).then(|| rec(&format!("{round}"), sku.as_str()));
+                s.put(sku.clone(), r.clone(), round * 100 + i as u64);
+                assert_eq!(s.get(sku.as_str()).unwrap(), r, "{sku} in round {round}");
+            }
+        }
+        stop.store(true, Relaxed);
+        flusher.join().unwrap();
+        assert!(flushed.load(Relaxed) >= 50, "only {} flushes ran", flushed.load(Relaxed));
+        s.flush().unwrap();
+        assert_eq!(s.pending(), 0);
+        let mut live = 0;
+        s.for_each(|k, r| {
+            let i: u64 = k.as_str()[1..].parse().unwrap();
+            assert!(!deleted_last(round, i), "{k} was deleted last");
+            assert_eq!(r, &rec(&format!("{round}"), k.as_str()));
+            live += 1;
+        })
+        .unwrap();
+        assert_eq!(live, (0..20).filter(|&i| !deleted_last(round, i)).count());
     }
 }

@@ -435,7 +435,7 @@ impl IndexWriter {
                     }
                 }
             }
-            let mutable = Arc::new(MutableSegment::new(ix.dim as usize));
+            let mutable = Arc::new(MutableSegment::with_capacity(ix.dim as usize, cfg.seal_items));
             versions.insert(
                 version.clone(),
                 VState {
@@ -1140,7 +1140,8 @@ impl State {
         self.shared.wal.rotate()?;
         let mut parts = Vec::new();
         for (v, vs) in &mut self.versions {
-            let old = std::mem::replace(&mut vs.mutable, Arc::new(MutableSegment::new(vs.dim)));
+            let fresh = MutableSegment::with_capacity(vs.dim, self.cfg.seal_items);
+            let old = std::mem::replace(&mut vs.mutable, Arc::new(fresh));
             old.freeze();
             vs.frozen.push(Arc::clone(&old));
             let id = SegmentId(self.manifest.allocate_id());
@@ -1263,7 +1264,7 @@ impl State {
                         weights_sha256: spec.weights_sha256,
                         sealed: vec![],
                         frozen: vec![],
-                        mutable: Arc::new(MutableSegment::new(spec.dim)),
+                        mutable: Arc::new(MutableSegment::with_capacity(spec.dim, self.cfg.seal_items)),
                     },
                 );
             }
