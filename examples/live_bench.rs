@@ -86,6 +86,10 @@ struct Args {
     /// server's own).
     #[arg(long)]
     max_pending_seals: Option<usize>,
+    /// Diagnostic: frozen segments queued for the sealer before write groups are delayed
+    /// (default: the server's own; `--max-pending-seals` or more turns the slowdown off).
+    #[arg(long)]
+    slowdown_pending_seals: Option<usize>,
     /// Diagnostic: write phase 2's acknowledgements to this file, one line each: seconds since
     /// the phase started when the ack arrived, then its latency in milliseconds.
     #[arg(long)]
@@ -226,6 +230,9 @@ impl Server {
         }
         if let Some(ef) = args.ef_construction {
             config.writer.hnsw.ef_construction = ef;
+        }
+        if let Some(n) = args.slowdown_pending_seals {
+            config.writer.slowdown_pending_seals = n;
         }
         if let Some(n) = args.max_pending_seals {
             config.writer.max_pending_seals = n;

@@ -106,6 +106,11 @@ pub struct WriterConfig {
     pub merge: MergePolicy,
     /// Frozen segments waiting for the sealer before writes wait (backpressure).
     pub max_pending_seals: usize,
+    /// Frozen segments waiting for the sealer before each group of writes is delayed a little
+    /// (1 ms, doubling with each further one), so that a long burst slows down smoothly and
+    /// leaves the sealer CPU, instead of running into `max_pending_seals` and stopping every
+    /// writer for a whole seal. `max_pending_seals` or more turns the slowdown off.
+    pub slowdown_pending_seals: usize,
     /// Threads each graph build (seal or merge) may use. Seals and merges run on separate
     /// threads, so a long merge never holds up a seal. By default each may use every core:
     /// build threads run in the idle scheduling class ([`crate::background`]), so they take
@@ -130,6 +135,7 @@ impl Default for WriterConfig {
             hnsw: HnswParams::default(),
             merge: MergePolicy::default(),
             max_pending_seals: 8,
+            slowdown_pending_seals: 6,
             build_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
@@ -766,6 +772,17 @@ fn migrate(
     Ok(m)
 }
 
+/// How long a group of writes waits before it is processed, with `pending` frozen segments
+/// queued for the sealer: nothing below `slowdown_pending_seals`, then 1 ms doubling with each
+/// further segment (the hard stop at `max_pending_seals` is elsewhere). Pure, for tests.
+fn slowdown(pending: usize, cfg: &WriterConfig) -> std::time::Duration {
+    let (soft, hard) = (cfg.slowdown_pending_seals, cfg.max_pending_seals.max(1));
+    if pending < soft || soft >= hard {
+        return std::time::Duration::ZERO;
+    }
+    std::time::Duration::from_millis(1 << (pending - soft).min(6))
+}
+
 /// Checks and normalises one vector of an upsert.
 fn checked_vector(
     versions: &BTreeMap<ModelVersion, VState>,
@@ -850,6 +867,11 @@ impl State {
                 }
             }
             if !writes.is_empty() {
+                let delay = slowdown(self.pending_seals, &self.cfg);
+                if !delay.is_zero() {
+                    // The writes that arrive meanwhile form the next group.
+                    std::thread::sleep(delay);
+                }
                 self.process_writes(writes);
             }
         }
@@ -1775,4 +1797,25 @@ fn merge_segments(
         extended = keep.len(), secs = stats.build_secs, "merged segments"
     );
     Ok(Some(BuiltFile { id: job.id, sources: mapping, stats }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn writes_slow_down_before_they_stop() {
+        let cfg = WriterConfig { slowdown_pending_seals: 6, max_pending_seals: 8, ..WriterConfig::default() };
+        let at = |pending| slowdown(pending, &cfg);
+        assert_eq!(at(0), Duration::ZERO);
+        assert_eq!(at(5), Duration::ZERO);
+        assert_eq!(at(6), Duration::from_millis(1));
+        assert_eq!(at(7), Duration::from_millis(2));
+        assert_eq!(at(8), Duration::from_millis(4), "at the hard limit writes wait anyway");
+        let off = WriterConfig { slowdown_pending_seals: 8, ..cfg.clone() };
+        assert_eq!(slowdown(7, &off), Duration::ZERO, "a threshold at the hard limit turns it off");
+        let far = WriterConfig { slowdown_pending_seals: 1, max_pending_seals: 100, ..cfg };
+        assert_eq!(slowdown(99, &far), Duration::from_millis(64), "capped");
+    }
 }
