@@ -90,6 +90,10 @@ struct Args {
     /// (default: the server's own; `--max-pending-seals` or more turns the slowdown off).
     #[arg(long)]
     slowdown_pending_seals: Option<usize>,
+    /// Diagnostic: threads of merges and of seals with none waiting behind them (default:
+    /// the server's own, half the cores).
+    #[arg(long)]
+    build_threads: Option<usize>,
     /// Diagnostic: write phase 2's acknowledgements to this file, one line each: seconds since
     /// the phase started when the ack arrived, then its latency in milliseconds.
     #[arg(long)]
@@ -230,6 +234,9 @@ impl Server {
         }
         if let Some(ef) = args.ef_construction {
             config.writer.hnsw.ef_construction = ef;
+        }
+        if let Some(n) = args.build_threads {
+            config.writer.build_threads = n;
         }
         if let Some(n) = args.slowdown_pending_seals {
             config.writer.slowdown_pending_seals = n;

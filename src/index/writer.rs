@@ -111,11 +111,16 @@ pub struct WriterConfig {
     /// leaves the sealer CPU, instead of running into `max_pending_seals` and stopping every
     /// writer for a whole seal. `max_pending_seals` or more turns the slowdown off.
     pub slowdown_pending_seals: usize,
-    /// Threads each graph build (seal or merge) may use. Seals and merges run on separate
-    /// threads, so a long merge never holds up a seal. By default each may use every core:
-    /// build threads run in the idle scheduling class ([`crate::background`]), so they take
-    /// only the CPU that acknowledgements and searches leave.
+    /// Threads a merge, and a seal with no other seal waiting behind it, may use. Seals and
+    /// merges run on separate threads, so a long merge never holds up a seal. Build threads
+    /// run in the idle scheduling class ([`crate::background`]), so they take only the CPU
+    /// that acknowledgements and searches leave; even so, a build on every core slows
+    /// searches (shared caches, memory bandwidth, wake-up latency), so by default this is
+    /// half the cores.
     pub build_threads: usize,
+    /// Threads a seal may use while another waits behind it (a write burst): by default every
+    /// core, so that the backlog drains before writes have to slow down.
+    pub burst_build_threads: usize,
 }
 
 /// Most log bytes written as one frame (the log refuses frames over 128 MiB).
@@ -136,7 +141,8 @@ impl Default for WriterConfig {
             merge: MergePolicy::default(),
             max_pending_seals: 8,
             slowdown_pending_seals: 6,
-            build_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            build_threads: crate::background::backfill_threads(),
+            burst_build_threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
 }
@@ -279,6 +285,8 @@ struct MergeResult {
 
 /// What the writer shares with readers.
 struct Shared {
+    /// Seal jobs queued or running (the writer adds, the sealer subtracts when one is done).
+    seals_queued: std::sync::atomic::AtomicUsize,
     data: DataDir,
     wal: Wal,
     records: RecordStore,
@@ -470,6 +478,7 @@ impl IndexWriter {
             tracing::warn!(bytes = replayed.dropped_tail_bytes, "dropped a torn write at the end of the log");
         }
         let shared = Arc::new(Shared {
+            seals_queued: std::sync::atomic::AtomicUsize::new(0),
             data,
             wal,
             records,
@@ -505,14 +514,19 @@ impl IndexWriter {
         }
         state.publish();
         state.plan_merges();
-        let spawn_builder = |name: &str, work: Box<dyn FnOnce(&rayon::ThreadPool) + Send>| {
-            let threads = state.cfg.build_threads.max(1);
+        let (narrow, wide) = (state.cfg.build_threads.max(1), state.cfg.burst_build_threads.max(1));
+        let spawn_builder = |name: &str, work: BuildWork| {
             let thread_name = name.to_string();
             std::thread::Builder::new()
                 .name(thread_name.clone())
-                .spawn(move || match crate::background::pool(&thread_name, threads) {
-                    Ok(pool) => work(&pool),
-                    Err(e) => tracing::error!("cannot start a graph-build pool: {e}"),
+                .spawn(move || {
+                    let pools = crate::background::pool(&thread_name, narrow).and_then(|n| {
+                        Ok((n, crate::background::pool(&format!("{thread_name}-burst"), wide)?))
+                    });
+                    match pools {
+                        Ok((narrow, wide)) => work(&narrow, &wide),
+                        Err(e) => tracing::error!("cannot start a graph-build pool: {e}"),
+                    }
                 })
                 .map_err(|source| StoreError::Io {
                     action: "cannot start a thread in",
@@ -524,14 +538,14 @@ impl IndexWriter {
             let (shared, tx, hnsw) = (Arc::clone(&shared), tx.clone(), state.cfg.hnsw);
             spawn_builder(
                 "vitrine-sealer",
-                Box::new(move |pool| sealer_loop(&shared, &seal_rx, &tx, &hnsw, pool)),
+                Box::new(move |narrow, wide| sealer_loop(&shared, &seal_rx, &tx, &hnsw, [narrow, wide])),
             )?
         };
         let merger = {
             let (shared, tx, hnsw) = (Arc::clone(&shared), tx.clone(), state.cfg.hnsw);
             spawn_builder(
                 "vitrine-merger",
-                Box::new(move |pool| merger_loop(&shared, &merge_rx, &tx, &hnsw, pool)),
+                Box::new(move |narrow, _| merger_loop(&shared, &merge_rx, &tx, &hnsw, narrow)),
             )?
         };
         let janitor = {
@@ -1172,6 +1186,7 @@ impl State {
         let job = SealJob { id: self.next_job, seal_seq, parts };
         self.next_job += 1;
         self.pending_seals += 1;
+        self.shared.seals_queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.seal_jobs.send(job).map_err(|_| WriterError::Closed)
     }
 
@@ -1684,16 +1699,21 @@ impl Cleanup {
     }
 }
 
+/// A builder thread's loop, given its narrow and its wide graph-build pool.
+type BuildWork = Box<dyn FnOnce(&rayon::ThreadPool, &rayon::ThreadPool) + Send>;
+
 /// The sealer thread: builds segment files from frozen segments, one job at a time, in order,
-/// on its own graph-build pool.
+/// on its own graph-build pools: `[narrow, wide]`, the wide one while other jobs wait.
 fn sealer_loop(
     shared: &Shared,
     jobs: &Receiver<SealJob>,
     tx: &Sender<Msg>,
     hnsw: &HnswParams,
-    pool: &rayon::ThreadPool,
+    pools: [&rayon::ThreadPool; 2],
 ) {
+    use std::sync::atomic::Ordering::SeqCst;
     while let Ok(job) = jobs.recv() {
+        let pool = pools[usize::from(shared.seals_queued.load(SeqCst) > 1)];
         let built = job
             .parts
             .into_iter()
@@ -1719,6 +1739,7 @@ fn sealer_loop(
                 shared.records.flush()?;
                 Ok(parts)
             });
+        shared.seals_queued.fetch_sub(1, SeqCst);
         if tx.send(Msg::Sealed(SealResult { id: job.id, seal_seq: job.seal_seq, built })).is_err() {
             return;
         }
