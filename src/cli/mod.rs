@@ -201,6 +201,13 @@ pub struct ServeArgs {
     /// Merge a model version's segments when it has more than this many.
     #[arg(long, default_value_t = vitrine::index::merge_policy::MergePolicy::default().max_segments)]
     pub max_segments: usize,
+    /// Full in-memory segments waiting to be sealed before writes slow down (each group of
+    /// writes waits 1 ms, doubling per further segment); at or above --max-pending-seals off.
+    #[arg(long, default_value_t = vitrine::index::WriterConfig::default().slowdown_pending_seals)]
+    pub slowdown_pending_seals: usize,
+    /// Full in-memory segments waiting to be sealed before writes wait for the sealer.
+    #[arg(long, default_value_t = vitrine::index::WriterConfig::default().max_pending_seals)]
+    pub max_pending_seals: usize,
     /// Most connections open at once; more are closed as soon as they are accepted.
     #[arg(long, default_value_t = server::conn::ConnLimits::default().max_connections)]
     pub max_connections: usize,
@@ -343,11 +350,13 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     config.admission.search.running = a.max_concurrent_searches;
     config.admission.write.running = a.max_concurrent_writes;
     config.admission.max_wait = std::time::Duration::from_millis(a.admission_wait_ms);
-    if a.seal_items == 0 || a.max_segments == 0 {
-        anyhow::bail!("--seal-items and --max-segments must be at least 1");
+    if a.seal_items == 0 || a.max_segments == 0 || a.max_pending_seals == 0 {
+        anyhow::bail!("--seal-items, --max-segments and --max-pending-seals must be at least 1");
     }
     config.writer.seal_items = a.seal_items;
     config.writer.merge.max_segments = a.max_segments;
+    config.writer.slowdown_pending_seals = a.slowdown_pending_seals;
+    config.writer.max_pending_seals = a.max_pending_seals;
     // Checked here, not by clap, so that either may come from the config file or environment.
     config.tls = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => Some(server::TlsFiles { cert: cert.clone(), key: key.clone() }),
