@@ -112,7 +112,7 @@ pub struct LiveItems {
 
 impl MutableSegment {
     pub fn new(dim: usize) -> Self {
-        Self { dim, inner: RwLock::new(Inner::default()) }
+        Self::with_capacity(dim, 0)
     }
 
     /// An empty segment with room reserved for `rows` rows (capped at [`MAX_RESERVED_BYTES`]

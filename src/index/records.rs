@@ -80,8 +80,8 @@ pub struct Record {
     pub attrs: Attrs,
 }
 
-/// sku -> (log sequence number, record or `None` for deleted).
-type Changes = ShardedMap<SkuId, (u64, Option<Record>)>;
+/// sku -> record, or `None` for deleted.
+type Changes = ShardedMap<SkuId, Option<Record>>;
 
 /// The changes not yet in redb, in two parts so that a flush takes them in O(1): the writer
 /// never waits for a copy of thousands of changes (measured: 3-28 ms stalls of every
@@ -97,12 +97,11 @@ struct Overlay {
 
 impl Overlay {
     fn get(&self, sku: &SkuId) -> Option<&Option<Record>> {
-        let found = self.active.get(sku).or_else(|| self.flushing.as_ref().and_then(|f| f.get(sku)));
-        found.map(|(_, rec)| rec)
+        self.active.get(sku).or_else(|| self.flushing.as_ref().and_then(|f| f.get(sku)))
     }
 
     /// Every pending change, the newest per SKU (O(changes): for start-up scans only).
-    fn merged(&self) -> HashMap<SkuId, (u64, Option<Record>)> {
+    fn merged(&self) -> HashMap<SkuId, Option<Record>> {
         let older = self.flushing.iter().flat_map(|f| f.iter());
         older.chain(self.active.iter()).map(|(k, v)| (k.clone(), v.clone())).collect()
     }
@@ -167,10 +166,10 @@ impl RecordStore {
         Ok(Some(rec))
     }
 
-    /// Sets (or with `None` removes) the record of `sku`, as log record `seq` says. In memory
-    /// until the next [`flush`](Self::flush); the log makes it durable.
-    pub fn put(&self, sku: SkuId, record: Option<Record>, seq: u64) {
-        self.overlay.lock().active.insert(sku, (seq, record));
+    /// Sets (or with `None` removes) the record of `sku`. In memory until the next
+    /// [`flush`](Self::flush); the log makes it durable.
+    pub fn put(&self, sku: SkuId, record: Option<Record>) {
+        self.overlay.lock().active.insert(sku, record);
     }
 
     /// Changes waiting for a checkpoint.
@@ -216,7 +215,7 @@ impl RecordStore {
         txn.set_durability(redb::Durability::Immediate).map_err(|e| self.db_err(e))?;
         {
             let mut table = txn.open_table(RECORDS).map_err(|e| self.db_err(e))?;
-            for (sku, (_, rec)) in changes.iter() {
+            for (sku, rec) in changes.iter() {
                 match rec {
                     Some(r) => {
                         let bytes = encode(sku.as_str(), r);
@@ -270,7 +269,7 @@ impl RecordStore {
                 Err(reason) => damaged(self.damaged(key, reason)),
             }
         }
-        for (sku, (_, rec)) in &overlay {
+        for (sku, rec) in &overlay {
             if let Some(r) = rec {
                 f(sku, r);
             }
@@ -304,12 +303,12 @@ mod tests {
         let b = SkuId::new("B").unwrap();
         {
             let s = RecordStore::open(&p).unwrap();
-            s.put(a.clone(), Some(rec("1", "mug")), 1);
-            s.put(b.clone(), Some(rec("2", "cup")), 2);
+            s.put(a.clone(), Some(rec("1", "mug")));
+            s.put(b.clone(), Some(rec("2", "cup")));
             assert_eq!(s.get("A").unwrap(), Some(rec("1", "mug")));
             assert_eq!(s.flush().unwrap(), 2);
             assert_eq!(s.pending(), 0);
-            s.put(a.clone(), None, 3);
+            s.put(a.clone(), None);
             assert_eq!(s.get("A").unwrap(), None, "the overlay hides the flushed record");
             assert_eq!(s.count().unwrap(), 1);
             // Not flushed: lost on reopen, as intended (the log replays it).
@@ -318,7 +317,7 @@ mod tests {
         assert_eq!(s.get("A").unwrap(), Some(rec("1", "mug")));
         assert_eq!(s.get("B").unwrap(), Some(rec("2", "cup")));
         assert_eq!(s.get("C").unwrap(), None);
-        s.put(a, None, 3);
+        s.put(a, None);
         s.flush().unwrap();
         let mut seen = Vec::new();
         s.for_each(|k, _| seen.push(k.to_string())).unwrap();
@@ -350,7 +349,7 @@ mod tests {
             round += 1;
             for (i, sku) in skus.iter().enumerate() {
                 let r = (!deleted_last(round, i as u64)).then(|| rec(&format!("{round}"), sku.as_str()));
-                s.put(sku.clone(), r.clone(), round * 100 + i as u64);
+                s.put(sku.clone(), r.clone());
                 assert_eq!(s.get(sku.as_str()).unwrap(), r, "{sku} in round {round}");
             }
         }

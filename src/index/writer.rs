@@ -285,8 +285,6 @@ struct MergeResult {
 
 /// What the writer shares with readers.
 struct Shared {
-    /// Seal jobs queued or running (the writer adds, the sealer subtracts when one is done).
-    seals_queued: std::sync::atomic::AtomicUsize,
     data: DataDir,
     wal: Wal,
     records: RecordStore,
@@ -478,7 +476,6 @@ impl IndexWriter {
             tracing::warn!(bytes = replayed.dropped_tail_bytes, "dropped a torn write at the end of the log");
         }
         let shared = Arc::new(Shared {
-            seals_queued: std::sync::atomic::AtomicUsize::new(0),
             data,
             wal,
             records,
@@ -507,7 +504,7 @@ impl IndexWriter {
         report.replayed = replayed.records.len();
         for (seq, bytes) in replayed.records {
             let change = Change::decode(&bytes).map_err(|source| WriterError::Replay { seq, source })?;
-            state.apply(seq, &change)?;
+            state.apply(&change)?;
             if state.mutable_full() {
                 state.freeze_all(seq)?;
             }
@@ -749,7 +746,7 @@ fn migrate(
 ) -> Result<Manifest, WriterError> {
     tracing::info!(generation = legacy.generation, "migrating a format-1 data directory to format 2");
     for (sku, rec) in data.read_legacy_catalog(&legacy)? {
-        records.put(sku, Some(Record { image_sha256: Some(rec.image_sha256), attrs: rec.attrs }), 0);
+        records.put(sku, Some(Record { image_sha256: Some(rec.image_sha256), attrs: rec.attrs }));
     }
     records.flush()?;
     let generation = legacy.generation + 1;
@@ -987,7 +984,7 @@ impl State {
                 };
                 for (i, c) in changes[done..end].iter().enumerate() {
                     let seq = first + i as u64;
-                    if let Err(e) = self.apply(seq, c) {
+                    if let Err(e) = self.apply(c) {
                         self.poison(&e);
                     }
                     // Segments are cut at exactly `seal_items`, even inside a group.
@@ -1131,7 +1128,7 @@ impl State {
     }
 
     /// Applies one logged change to memory (live writes and replay alike).
-    fn apply(&mut self, seq: u64, change: &Change) -> Result<(), WriterError> {
+    fn apply(&mut self, change: &Change) -> Result<(), WriterError> {
         let records = &self.shared.records;
         match change {
             Change::Upsert { sku, attrs, image_sha256, vectors } => {
@@ -1152,14 +1149,14 @@ impl State {
                     vs.mutable.push(sku.clone(), doc, values);
                     delete_older_copies(&vs.frozen, &vs.sealed, sku);
                 }
-                records.put(sku.clone(), Some(record), seq);
+                records.put(sku.clone(), Some(record));
             }
             Change::Delete { sku } => {
                 for vs in self.versions.values() {
                     vs.mutable.delete_sku(sku);
                     delete_older_copies(&vs.frozen, &vs.sealed, sku);
                 }
-                records.put(sku.clone(), None, seq);
+                records.put(sku.clone(), None);
                 self.shared.attrs.write().remove(sku.as_str());
             }
         }
@@ -1186,7 +1183,6 @@ impl State {
         let job = SealJob { id: self.next_job, seal_seq, parts };
         self.next_job += 1;
         self.pending_seals += 1;
-        self.shared.seals_queued.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.seal_jobs.send(job).map_err(|_| WriterError::Closed)
     }
 
@@ -1711,9 +1707,18 @@ fn sealer_loop(
     hnsw: &HnswParams,
     pools: [&rayon::ThreadPool; 2],
 ) {
-    use std::sync::atomic::Ordering::SeqCst;
-    while let Ok(job) = jobs.recv() {
-        let pool = pools[usize::from(shared.seals_queued.load(SeqCst) > 1)];
+    // Jobs taken off the channel, oldest first: how many wait behind the current one.
+    let mut queue = std::collections::VecDeque::new();
+    loop {
+        if queue.is_empty() {
+            match jobs.recv() {
+                Ok(job) => queue.push_back(job),
+                Err(_) => return,
+            }
+        }
+        queue.extend(jobs.try_iter());
+        let Some(job) = queue.pop_front() else { continue };
+        let pool = pools[usize::from(!queue.is_empty())];
         let built = job
             .parts
             .into_iter()
@@ -1739,7 +1744,6 @@ fn sealer_loop(
                 shared.records.flush()?;
                 Ok(parts)
             });
-        shared.seals_queued.fetch_sub(1, SeqCst);
         if tx.send(Msg::Sealed(SealResult { id: job.id, seal_seq: job.seal_seq, built })).is_err() {
             return;
         }
