@@ -4,7 +4,8 @@
 //! Every image is preprocessed with the encoder's own function (a 224x224 input is taken as it
 //! is, so a caller that sends 224x224 PNGs gives both engines identical tensors). Embedding is
 //! timed per batch size over whole passes through the images, after one warm-up pass. It runs
-//! on `vitrine::encoder::default_device()`: the CPU, or GPU 0 in a `--features cuda` build.
+//! on `--device` (auto: GPU 0 in a `--features cuda` build with a GPU, else the CPU), with
+//! vitrine's own kernels or, with `--generic`, plain candle operations.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,7 +13,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use vitrine::encoder::{Encoder, PreparedImage};
+use vitrine::encoder::{DeviceChoice, Encoder, Kernels, PreparedImage};
 
 #[derive(Parser)]
 struct Args {
@@ -28,6 +29,16 @@ struct Args {
     /// Where to write the pooled features (f32 little-endian, `[images][dim]`).
     #[arg(long)]
     features_out: Option<PathBuf>,
+    /// Where to run: auto (GPU 0 in a `--features cuda` build with a usable GPU), cpu, cuda.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    device: DeviceChoice,
+    /// Run the plain-candle operations instead of vitrine's own kernels (CPU or CUDA), to
+    /// compare the two on one device.
+    #[arg(long)]
+    generic: bool,
+    /// Also report each image's top ImageNet class (the classifier's argmax).
+    #[arg(long)]
+    top1: bool,
     /// Image files.
     images: Vec<PathBuf>,
 }
@@ -37,8 +48,11 @@ fn main() -> anyhow::Result<()> {
     if args.images.is_empty() {
         bail!("give at least one image");
     }
-    let device = vitrine::encoder::default_device()?;
-    let encoder = Encoder::load(&args.model, &device)?;
+    let device = vitrine::encoder::select_device(args.device)?;
+    let mut encoder = Encoder::load(&args.model, &device)?;
+    if args.generic {
+        encoder = encoder.with_kernels(Kernels::Generic);
+    }
     let started = Instant::now();
     let prepared = args
         .images
@@ -56,6 +70,19 @@ fn main() -> anyhow::Result<()> {
         for row in &features {
             file.write_all(bytemuck::cast_slice(row))?;
         }
+    }
+
+    let mut top1 = String::new();
+    if args.top1 {
+        let classes: Vec<String> = encoder
+            .classify(&prepared)?
+            .iter()
+            .map(|logits| {
+                let best = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i);
+                best.to_string()
+            })
+            .collect();
+        top1 = format!(r#", "top1": [{}]"#, classes.join(", "));
     }
 
     let mut rates = Vec::new();
@@ -81,8 +108,9 @@ fn main() -> anyhow::Result<()> {
         rates.push(format!(r#""{batch}": {:.2}"#, images as f64 / secs));
     }
     println!(
-        r#"{{"engine": "vitrine-candle", "device": "{}", "images": {}, "preprocess_ms_per_image": {preprocess_ms:.3}, "images_per_sec": {{{}}}}}"#,
+        r#"{{"engine": "vitrine-candle", "device": "{}", "kernels": "{}", "images": {}, "preprocess_ms_per_image": {preprocess_ms:.3}, "images_per_sec": {{{}}}{top1}}}"#,
         if device.is_cuda() { "cuda" } else { "cpu" },
+        if args.generic { "generic" } else { "own" },
         prepared.len(),
         rates.join(", ")
     );

@@ -34,6 +34,11 @@ impl ModelRegistry {
         Self { root: root.into(), device, loaded: Mutex::new(HashMap::new()) }
     }
 
+    /// The device every model of this registry is loaded onto.
+    pub fn device(&self) -> &candle_core::Device {
+        &self.device
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
     }

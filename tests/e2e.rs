@@ -927,3 +927,51 @@ fn hostile_catalogue_paths_are_rejected_per_row() {
     assert!(stdout.contains("2 added"), "OUT-DOTDOT and OUT-LINK are inside the allowed root: {stdout}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--strict"));
 }
+
+/// Query micro-batching on a real server (on by default on a GPU; switched on here on the CPU):
+/// concurrent image queries that share forward passes get the answers they get one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_image_queries_answer_as_single_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = registry();
+    ingest_into(dir.path(), &repo().join("data/catalog.csv"), &models);
+    let mut config = ServeConfig::new(dir.path());
+    config.admission.embed = vitrine::server::admission::Limit { running: 16, queued: 16 };
+    config.admission.max_wait = std::time::Duration::from_secs(30);
+    config.query_batch = Some(vitrine::server::batcher::BatchPolicy {
+        max_batch: 8,
+        max_wait: std::time::Duration::from_millis(100),
+    });
+    let server = Server::start_with(config, Arc::clone(&models)).await;
+    let c = server.client().await;
+    let items: Vec<(String, Vec<u8>)> = catalog_items()
+        .into_iter()
+        .step_by(17)
+        .take(8)
+        .map(|(sku, path)| (sku, near_duplicate(&path)))
+        .collect();
+    // One at a time: each query is a batch of one.
+    let mut single = Vec::new();
+    for (_, image) in &items {
+        single.push(search_image(&mut c.clone(), image.clone(), 5).await);
+    }
+    // All at once, twice over: they share forward passes.
+    let mut burst = Vec::new();
+    for _ in 0..2 {
+        for (_, image) in &items {
+            let (mut c, image) = (c.clone(), image.clone());
+            burst.push(tokio::spawn(async move { search_image(&mut c, image, 5).await }));
+        }
+    }
+    for (i, h) in burst.into_iter().enumerate() {
+        let got = h.await.unwrap();
+        let want = &single[i % items.len()];
+        assert_eq!(got.hits[0].sku, items[i % items.len()].0, "query {i} finds its own item");
+        let skus = |r: &proto::SearchResponse| r.hits.iter().map(|h| h.sku.clone()).collect::<Vec<_>>();
+        assert_eq!(skus(&got), skus(want), "query {i}");
+        for (g, w) in got.hits.iter().zip(&want.hits) {
+            assert!((g.score - w.score).abs() < 1e-4, "query {i}: score {} vs {}", g.score, w.score);
+        }
+    }
+    server.stop().await;
+}

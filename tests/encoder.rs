@@ -119,6 +119,19 @@ fn generic_gpu_path_matches_the_cpu_kernels() {
 }
 
 #[test]
+fn cuda_path_layer_order_matches_the_reference_on_the_cpu() {
+    // `Kernels::Cuda` routes the stem, depthwise and bias/residual epilogues through the custom
+    // ops (whose CPU halves run here) and every block unfused, as on a GPU: the same features.
+    let cuda_order =
+        Encoder::load(Path::new(MODEL_DIR), &Device::Cpu).expect("load model").with_kernels(Kernels::Cuda);
+    let image = cuda_order.preprocess(&fixture("chelsea_224.png")).expect("preprocess");
+    let ours = cuda_order.pooled_features(std::slice::from_ref(&image)).expect("features").remove(0);
+    let want = reference_features("chelsea_224.features.f32");
+    let diff = max_abs_diff(&ours, &want);
+    assert!(diff <= 1e-4, "max abs diff {diff}");
+}
+
+#[test]
 fn reference_top1_logit_agrees() {
     let enc = encoder();
     let image = enc.preprocess(&fixture("coffee_224.png")).expect("preprocess");

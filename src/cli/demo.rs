@@ -45,7 +45,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         format: None,
         model: vitrine::models::DEFAULT_MODEL.to_string(),
         models: a.models.clone(),
-        batch_size: 32,
+        batch_size: None,
         m: vitrine::segment::HnswParams::default().m,
         ef_construction: vitrine::segment::HnswParams::default().ef_construction,
         max_segment_items: vitrine::ingest::DEFAULT_MAX_SEGMENT_ITEMS,

@@ -16,6 +16,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use vitrine::encoder::DeviceChoice;
 use vitrine::ids::ModelVersion;
 use vitrine::index::store::StoreError;
 use vitrine::ingest::{self, IngestOptions, catalog::CatalogFormat};
@@ -62,6 +63,10 @@ pub struct ModelArgs {
     /// Folder holding model versions (models/<version>/manifest.json).
     #[arg(long, value_name = "DIR")]
     pub models: Option<PathBuf>,
+    /// Where images are encoded: cuda (GPU 0; needs a `--features cuda` build), cpu, or auto
+    /// (cuda when built with it and a GPU is usable, else cpu). Logged at start.
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
+    pub device: DeviceChoice,
 }
 
 impl ModelArgs {
@@ -70,7 +75,12 @@ impl ModelArgs {
         if !root.is_dir() {
             anyhow::bail!("models folder {} does not exist (pass --models DIR)", root.display());
         }
-        let device = vitrine::encoder::default_device().context("cannot pick a compute device")?;
+        let device = vitrine::encoder::select_device(self.device)?;
+        tracing::info!(
+            device = %vitrine::encoder::describe_device(&device),
+            asked = ?self.device,
+            "encoder device"
+        );
         Ok(Arc::new(ModelRegistry::new(root, device)))
     }
 }
@@ -98,9 +108,9 @@ pub struct IngestArgs {
     pub model: String,
     #[command(flatten)]
     pub models: ModelArgs,
-    /// Images per forward pass.
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
+    /// Images per forward pass (default: 32 on the CPU, 128 on a GPU).
+    #[arg(long, value_name = "N")]
+    pub batch_size: Option<usize>,
     /// HNSW graph degree (M).
     #[arg(long, default_value_t = HnswParams::default().m)]
     pub m: usize,
@@ -181,9 +191,17 @@ pub struct ServeArgs {
     /// Model version indexed when the data directory has none yet.
     #[arg(long, default_value = models::DEFAULT_MODEL)]
     pub model: String,
-    /// Image queries (and upsert batches) embedded at the same time.
-    #[arg(long, default_value_t = AdmissionConfig::default().embed.running)]
-    pub max_concurrent_embeds: usize,
+    /// Image queries (and upsert batches) embedded at the same time (default: 1 on the CPU,
+    /// where one embedding uses every core; 64 on a GPU, which batches them).
+    #[arg(long, value_name = "N")]
+    pub max_concurrent_embeds: Option<usize>,
+    /// Most image queries embedded in one forward pass (default: 32 on a GPU; 1, no batching,
+    /// on the CPU).
+    #[arg(long, value_name = "N")]
+    pub query_batch: Option<usize>,
+    /// Longest the first image query of a batch waits for others, in microseconds.
+    #[arg(long, value_name = "US", default_value_t = 2000)]
+    pub query_batch_wait_us: u64,
     /// Vector and SKU searches run at the same time (default: one per core).
     #[arg(long, default_value_t = AdmissionConfig::default().search.running)]
     pub max_concurrent_searches: usize,
@@ -286,7 +304,7 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
     let registry = a.models.registry()?;
     let opts = IngestOptions {
         format: a.format,
-        batch_size: a.batch_size,
+        batch_size: a.batch_size.unwrap_or_else(|| vitrine::encoder::default_batch(registry.device())),
         hnsw: params,
         progress: !a.quiet,
         default_model,
@@ -342,11 +360,20 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let registry = a.models.registry()?;
     let mut config = ServeConfig::new(&a.data_dir);
     config.default_model = ModelVersion::new(a.model.clone()).context("--model")?;
+    let gpu = !registry.device().is_cpu();
+    let embeds =
+        a.max_concurrent_embeds.unwrap_or(if gpu { 64 } else { AdmissionConfig::default().embed.running });
     // The embed queue is as deep as the slots (see AdmissionConfig::default).
-    config.admission.embed = vitrine::server::admission::Limit {
-        running: a.max_concurrent_embeds,
-        queued: a.max_concurrent_embeds,
-    };
+    config.admission.embed = vitrine::server::admission::Limit { running: embeds, queued: embeds };
+    let mut batch = vitrine::server::batcher::BatchPolicy::for_device(registry.device());
+    if let Some(n) = a.query_batch {
+        if n == 0 {
+            anyhow::bail!("--query-batch must be at least 1 (1 turns batching off)");
+        }
+        batch.max_batch = n;
+    }
+    batch.max_wait = std::time::Duration::from_micros(a.query_batch_wait_us);
+    config.query_batch = Some(batch);
     config.admission.search.running = a.max_concurrent_searches;
     config.admission.write.running = a.max_concurrent_writes;
     config.admission.max_wait = std::time::Duration::from_millis(a.admission_wait_ms);

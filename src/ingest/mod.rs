@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use rayon::prelude::*;
 
-use crate::encoder::{Encoder, EncoderError};
+use crate::encoder::{Encoder, EncoderError, PreparedImage};
 use crate::ids::ModelVersion;
 use crate::index::store::sha256_hex;
 use crate::index::{IndexWriter, ModelSpec, Outcome, Upsert, WriteOp, WriterConfig, WriterError};
@@ -265,61 +265,32 @@ fn ingest_chunk(
         }
     }
     let embed_started = Instant::now();
-    for batch in to_embed.chunks(opts.batch_size.max(1)) {
-        let prepared: Vec<Result<Vec<_>, String>> = batch
-            .par_iter()
-            .map(|r| {
-                encoders
-                    .iter()
-                    .map(|e| {
-                        e.preprocess(&r.bytes)
-                            .map_err(|err| crate::report::chain(&err).trim_end().to_string())
-                    })
-                    .collect()
-            })
-            .collect();
-        let mut ok = Vec::new();
-        let mut per_encoder: Vec<Vec<_>> = encoders.iter().map(|_| Vec::new()).collect();
-        for (r, prep) in batch.iter().zip(prepared) {
-            match prep {
-                Ok(imgs) => {
-                    for (slot, img) in per_encoder.iter_mut().zip(imgs) {
-                        slot.push(img);
-                    }
-                    ok.push(r);
-                }
-                Err(error) => report.rejected.push(reject(
-                    &r.row,
-                    RejectReason::UndecodableImage { path: r.row.image.clone(), error },
-                )),
-            }
+    let batches: Vec<&[Read]> = to_embed.chunks(opts.batch_size.max(1)).collect();
+    // A pipeline over the batches: while the encoder embeds batch i (on a GPU the calling
+    // thread mostly waits), a second thread decodes and resizes batch i+1 on the rayon pool
+    // and stores the image bytes of batch i-1. Only the order of the finished upserts matters,
+    // and it stays the catalogue's.
+    let mut prepared = batches.first().map(|b| prepare(b, encoders));
+    let mut embedded: Option<Embedded> = None;
+    for i in 0..batches.len() {
+        let current = prepared.take().unwrap_or_else(|| unreachable!("batch {i} was prepared"));
+        let done = embedded.take();
+        let (result, (next, stored)) = std::thread::scope(|scope| {
+            let side = scope.spawn(|| {
+                let next = batches.get(i + 1).map(|b| prepare(b, encoders));
+                (next, done.map(|d| store_blobs(writer, d)))
+            });
+            let result = embed(current, encoders);
+            (result, side.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+        });
+        prepared = next;
+        if let Some(stored) = stored {
+            finish(stored?, &reject, report, &mut ops);
         }
-        let mut vectors: Vec<Vec<(ModelVersion, Vec<f32>)>> = ok.iter().map(|_| Vec::new()).collect();
-        for (enc, imgs) in encoders.iter().zip(&per_encoder) {
-            if imgs.is_empty() {
-                continue;
-            }
-            let embs = enc.embed(imgs).map_err(|source| IngestError::Embed {
-                version: enc.version().clone(),
-                source: Box::new(source),
-            })?;
-            for (slot, e) in vectors.iter_mut().zip(embs) {
-                slot.push((enc.version().clone(), e));
-            }
-        }
-        for (r, vecs) in ok.into_iter().zip(vectors) {
-            writer.data().put_blob(&r.bytes).map_err(WriterError::from)?;
-            report.embedded += 1;
-            ops.push((
-                Upsert {
-                    sku: r.row.sku.clone(),
-                    attrs: Some(r.row.attrs.clone()),
-                    image_sha256: Some(r.sha256.clone()),
-                    vectors: vecs,
-                },
-                r.row.line,
-            ));
-        }
+        embedded = Some(result?);
+    }
+    if let Some(done) = embedded {
+        finish(store_blobs(writer, done)?, &reject, report, &mut ops);
     }
     report.embed_secs += embed_started.elapsed().as_secs_f64();
     if ops.is_empty() {
@@ -336,6 +307,106 @@ fn ingest_chunk(
         }
     }
     Ok(())
+}
+
+/// One batch's images decoded and resized for every model version (`Err`: why a row's image
+/// could not be), in row order.
+struct Prepared<'a> {
+    rows: Vec<&'a Read>,
+    images: Vec<Result<Vec<PreparedImage>, String>>,
+}
+
+/// One vector per model version.
+type Vectors = Vec<(ModelVersion, Vec<f32>)>;
+
+/// A batch after embedding: rows with their vectors, and the rows whose image failed to decode.
+struct Embedded<'a> {
+    ok: Vec<(&'a Read, Vectors)>,
+    undecodable: Vec<(&'a Read, String)>,
+}
+
+/// Decodes and resizes a batch's images in parallel, for every encoder.
+fn prepare<'a>(batch: &'a [Read], encoders: &[Arc<Encoder>]) -> Prepared<'a> {
+    let images = batch
+        .par_iter()
+        .map(|r| {
+            encoders
+                .iter()
+                .map(|e| {
+                    e.preprocess(&r.bytes).map_err(|err| crate::report::chain(&err).trim_end().to_string())
+                })
+                .collect()
+        })
+        .collect();
+    Prepared { rows: batch.iter().collect(), images }
+}
+
+/// Embeds a prepared batch with every encoder.
+fn embed<'a>(batch: Prepared<'a>, encoders: &[Arc<Encoder>]) -> Result<Embedded<'a>, IngestError> {
+    let mut ok = Vec::new();
+    let mut undecodable = Vec::new();
+    let mut per_encoder: Vec<Vec<PreparedImage>> = encoders.iter().map(|_| Vec::new()).collect();
+    for (r, prep) in batch.rows.into_iter().zip(batch.images) {
+        match prep {
+            Ok(imgs) => {
+                for (slot, img) in per_encoder.iter_mut().zip(imgs) {
+                    slot.push(img);
+                }
+                ok.push((r, Vec::with_capacity(encoders.len())));
+            }
+            Err(error) => undecodable.push((r, error)),
+        }
+    }
+    for (enc, imgs) in encoders.iter().zip(&per_encoder) {
+        if imgs.is_empty() {
+            continue;
+        }
+        let embs = enc.embed(imgs).map_err(|source| IngestError::Embed {
+            version: enc.version().clone(),
+            source: Box::new(source),
+        })?;
+        for ((_, slot), e) in ok.iter_mut().zip(embs) {
+            slot.push((enc.version().clone(), e));
+        }
+    }
+    Ok(Embedded { ok, undecodable })
+}
+
+/// Stores the original image bytes of an embedded batch (for later backfills), in parallel:
+/// each blob is its own fsynced file, so this waits on the disk, not the CPU.
+fn store_blobs<'a>(writer: &IndexWriter, batch: Embedded<'a>) -> Result<Embedded<'a>, IngestError> {
+    batch
+        .ok
+        .par_iter()
+        .try_for_each(|(r, _)| writer.data().put_blob(&r.bytes).map(drop))
+        .map_err(WriterError::from)?;
+    Ok(batch)
+}
+
+/// Turns a stored batch into upserts (in row order) and its undecodable rows into rejections.
+fn finish(
+    batch: Embedded<'_>,
+    reject: &impl Fn(&CatalogRow, RejectReason) -> Rejected,
+    report: &mut IngestReport,
+    ops: &mut Vec<(Upsert, usize)>,
+) {
+    for (r, error) in batch.undecodable {
+        report
+            .rejected
+            .push(reject(&r.row, RejectReason::UndecodableImage { path: r.row.image.clone(), error }));
+    }
+    for (r, vectors) in batch.ok {
+        report.embedded += 1;
+        ops.push((
+            Upsert {
+                sku: r.row.sku.clone(),
+                attrs: Some(r.row.attrs.clone()),
+                image_sha256: Some(r.sha256.clone()),
+                vectors,
+            },
+            r.row.line,
+        ));
+    }
 }
 
 /// Counts of rejected rows by reason kind, for the summary line.

@@ -9,6 +9,7 @@
 pub mod admission;
 pub mod attrs;
 pub mod auth;
+pub mod batcher;
 pub mod conn;
 pub mod error;
 pub mod filter;
@@ -85,6 +86,8 @@ pub struct ServeConfig {
     pub insecure: bool,
     /// Connection cap, idle timeout and TCP keepalive.
     pub connections: conn::ConnLimits,
+    /// Micro-batching of image queries (see [`batcher`]); `None`: the device's default.
+    pub query_batch: Option<batcher::BatchPolicy>,
 }
 
 /// PEM files of the server's certificate chain and private key.
@@ -123,6 +126,7 @@ impl ServeConfig {
             auth: Arc::default(),
             insecure: false,
             connections: conn::ConnLimits::default(),
+            query_batch: None,
         }
     }
 }
@@ -142,6 +146,9 @@ pub struct ServerState {
     problems: Vec<String>,
     /// Model versions not served, and why.
     unservable: BTreeMap<ModelVersion, String>,
+    /// How image queries are batched, and each model version's batching thread.
+    query_batch: batcher::BatchPolicy,
+    batchers: parking_lot::Mutex<BTreeMap<ModelVersion, Arc<batcher::QueryBatcher>>>,
 }
 
 impl ServerState {
@@ -196,6 +203,13 @@ impl ServerState {
             config.guardrail,
             config.canary_fault_rate,
         ));
+        let query_batch =
+            config.query_batch.unwrap_or_else(|| batcher::BatchPolicy::for_device(models.device()));
+        tracing::info!(
+            max_batch = query_batch.max_batch,
+            max_wait_us = query_batch.max_wait.as_micros() as u64,
+            "image query batching"
+        );
         Ok(Self {
             writer: Arc::new(writer),
             models,
@@ -205,6 +219,8 @@ impl ServerState {
             closing: Default::default(),
             problems,
             unservable,
+            query_batch,
+            batchers: Default::default(),
         })
     }
 
@@ -346,13 +362,43 @@ impl ServerState {
         self.response(&view.version, hits)
     }
 
-    /// Embeds one query image (on the calling thread), timed for the metrics.
-    fn embed_query(&self, encoder: &crate::encoder::Encoder, image: &[u8]) -> Result<Vec<f32>, ServiceError> {
+    /// Embeds one query image: decoded on the calling thread, then either run there (timed for
+    /// the metrics) or, with batching on, handed to the model version's batching thread.
+    fn embed_query(
+        &self,
+        encoder: &Arc<crate::encoder::Encoder>,
+        image: &[u8],
+    ) -> Result<Vec<f32>, ServiceError> {
         let started = std::time::Instant::now();
         let prepared = encoder.preprocess(image)?;
+        if self.query_batch.enabled() {
+            return self.batcher(encoder)?.embed(prepared).map_err(|e| match e {
+                batcher::BatchError::Encoder(e) => ServiceError::Encoder(e),
+                e @ batcher::BatchError::Stopped(_) => ServiceError::Internal(e.to_string()),
+            });
+        }
         let q = encoder.embed_one(&prepared)?;
         self.metrics.record_encode(encoder.version().as_str(), 1, started.elapsed());
         Ok(q)
+    }
+
+    /// The batching thread of `encoder`'s model version, started on first use.
+    fn batcher(
+        &self,
+        encoder: &Arc<crate::encoder::Encoder>,
+    ) -> Result<Arc<batcher::QueryBatcher>, ServiceError> {
+        let mut batchers = self.batchers.lock();
+        if let Some(b) = batchers.get(encoder.version()) {
+            return Ok(Arc::clone(b));
+        }
+        let b =
+            batcher::QueryBatcher::start(Arc::clone(encoder), self.query_batch, Arc::clone(&self.metrics))
+                .map(Arc::new)
+                .map_err(|e| {
+                    ServiceError::Internal(format!("cannot start the query batching thread: {e}"))
+                })?;
+        batchers.insert(encoder.version().clone(), Arc::clone(&b));
+        Ok(b)
     }
 
     /// Embeds `image` with `view`'s model (on the blocking pool, under the embed limit) and

@@ -26,7 +26,8 @@ use crate::rollout::state::{ArmFigures, Effect, Phase, Rollout, Settings, Transi
 
 use super::{ServerState, ServiceError, blocking};
 
-/// Images per backfill batch.
+/// Images per backfill batch on the CPU (small, so serving keeps the cores between batches);
+/// on a GPU a whole forward pass, [`crate::encoder::GPU_FORWARD_BATCH`].
 const BACKFILL_BATCH: usize = 16;
 /// Hits compared per arm by the gate and the shadow.
 const COMPARE_K: usize = 10;
@@ -422,8 +423,10 @@ impl RolloutController {
             started: Some(Instant::now()),
             finished: None,
         };
-        tracing::info!(%version, total, todo = todo.len(), "backfilling");
-        for batch in todo.chunks(BACKFILL_BATCH) {
+        let batch_size =
+            if state.models.device().is_cpu() { BACKFILL_BATCH } else { crate::encoder::GPU_FORWARD_BATCH };
+        tracing::info!(%version, total, todo = todo.len(), batch_size, "backfilling");
+        for batch in todo.chunks(batch_size) {
             if state.closing()
                 || self.current().is_none_or(|c| c.phase != Phase::Backfilling || c.challenger != version)
             {

@@ -1,13 +1,14 @@
 //! The network's layers (stem, 1x1 convolution, depthwise convolution, inverted-residual
 //! block), built from folded weights, and each layer's forward pass: this crate's CPU kernels
-//! under [`Kernels::Cpu`], plain candle ops otherwise.
+//! under [`Kernels::Cpu`], its CUDA kernels (and cuBLAS for the 1x1 products) under
+//! [`Kernels::Cuda`], plain candle ops under [`Kernels::Generic`].
 
 use std::sync::Arc;
 
 use candle_core::Tensor;
 
 use super::candle_path::{bias_act_candle, dense_conv2d_candle, depthwise_conv2d_nhwc_shifted};
-use super::ops::{BiasAct, DenseConvOp, DepthwiseOp, FusedBlockOp, PointwiseOp};
+use super::ops::{BiasAct, BiasResidualAct, DenseConvOp, DepthwiseOp, FusedBlockOp, PointwiseOp};
 use super::weights::Folded;
 use super::{Activation, Kernels};
 use crate::encoder::fused::CpuBlock;
@@ -77,7 +78,7 @@ impl DenseConv {
 
     /// `(n, in, h, w)` -> `(n, oh, ow, out)` with bias and ReLU6.
     pub(super) fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
-        if kernels == Kernels::Cpu {
+        if kernels.own() {
             let op = DenseConvOp { stride: self.stride };
             x.contiguous()?.apply_op3_no_bwd(&self.weight_kkio, &self.bias, &op)
         } else {
@@ -95,7 +96,7 @@ impl Depthwise {
 
     /// Convolution, bias and ReLU6; on the CPU in one pass over the output.
     pub(super) fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
-        if kernels == Kernels::Cpu {
+        if kernels.own() {
             let op = DepthwiseOp { stride: self.stride, relu6: true };
             x.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op)
         } else {
@@ -136,6 +137,10 @@ impl Pointwise {
             return y.reshape((n, h, w, out));
         }
         let y = x.reshape((n * h * w, c))?.matmul(&self.weight_t)?.reshape((n, h, w, out))?;
+        if let (Kernels::Cuda, Some(r)) = (kernels, residual) {
+            y.inplace_op3(&self.bias, &r.contiguous()?, &BiasResidualAct { act })?;
+            return Ok(y);
+        }
         match residual {
             Some(r) => bias_act((y + r)?, &self.bias, act, kernels),
             None => bias_act(y, &self.bias, act, kernels),
@@ -191,14 +196,14 @@ impl Block {
 }
 
 /// `y + bias` per channel, then `act`; `y` is channels-last `(..., c)`, `bias` `(c,)`. The CPU
-/// kernel is one parallel pass in place over the freshly computed `y`.
+/// and CUDA kernels are one pass in place over the freshly computed `y`.
 pub(super) fn bias_act(
     y: Tensor,
     bias: &Tensor,
     act: Activation,
     kernels: Kernels,
 ) -> candle_core::Result<Tensor> {
-    if kernels == Kernels::Cpu {
+    if kernels.own() {
         let y = y.contiguous()?;
         y.inplace_op2(&bias.contiguous()?, &BiasAct { act })?;
         Ok(y)

@@ -13,10 +13,14 @@
 //!   kernels of `kernels`, to the 1x1 convolutions of [`super::pointwise`] (packed weights,
 //!   bias, residual and ReLU6 fused into the store) and to whole blocks fused band by band in
 //!   [`super::fused`] where that pays;
-//! - [`candle_path`]: off the CPU ([`Kernels::Generic`]) the same maths as plain candle ops;
-//!   tests check both paths agree.
+//! - `cuda` (the `cuda` feature): on a GPU ([`Kernels::Cuda`]) the same custom ops launch the
+//!   kernels of `kernels.cu` (compiled to PTX by build.rs); the 1x1 products are cuBLAS's;
+//! - [`candle_path`]: [`Kernels::Generic`], the same maths as plain candle ops on any device;
+//!   tests check the paths agree.
 
 mod candle_path;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub(super) mod kernels;
 mod layers;
 mod ops;
@@ -118,6 +122,9 @@ enum Activation {
 pub enum Kernels {
     /// This module's CPU kernels (tensors must be on the CPU).
     Cpu,
+    /// This module's CUDA kernels, with cuBLAS for the 1x1 convolutions (tensors must be on a
+    /// CUDA device of a `cuda` build).
+    Cuda,
     /// Plain candle operations, for any device.
     Generic,
 }
@@ -125,7 +132,19 @@ pub enum Kernels {
 impl Kernels {
     /// The fastest kernels for `device`.
     pub fn for_device(device: &candle_core::Device) -> Self {
-        if device.is_cpu() { Self::Cpu } else { Self::Generic }
+        if device.is_cpu() {
+            Self::Cpu
+        } else if cfg!(feature = "cuda") && device.is_cuda() {
+            Self::Cuda
+        } else {
+            Self::Generic
+        }
+    }
+
+    /// Whether the stem, depthwise and bias operations run this crate's own kernels (the
+    /// custom ops of [`ops`], which pick the CPU or CUDA code by the tensors' device).
+    fn own(self) -> bool {
+        matches!(self, Self::Cpu | Self::Cuda)
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2, Layout, Shape};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, InplaceOp2, InplaceOp3, Layout, Shape};
 use rayon::prelude::*;
 
 use super::Activation;
@@ -18,6 +18,30 @@ use crate::encoder::pointwise::{self, Epilogue, PointwiseLayer};
 /// TF-"same" padding, NHWC output `(n, oh, ow, out)` with bias and ReLU6 applied.
 pub(super) struct DenseConvOp {
     pub(super) stride: usize,
+}
+
+impl DenseConvOp {
+    /// Checks the input `(n, in, h, w)`, weight `(k, k, in, out)` and bias `(out,)` layouts:
+    /// the batch size, the geometry and the output side lengths.
+    fn geometry(
+        &self,
+        x: &Layout,
+        wt: &Layout,
+        bias: &Layout,
+    ) -> candle_core::Result<(usize, DenseGeometry, usize, usize)> {
+        let (n, cin, h, w, k, cout) = match (x.dims(), wt.dims()) {
+            ([n, cin, h, w], [k, k2, wcin, cout]) if k == k2 && cin == wcin && *k > 0 && self.stride > 0 => {
+                (*n, *cin, *h, *w, *k, *cout)
+            }
+            (x, wt) => candle_core::bail!("dense conv: input {x:?} and weight {wt:?} do not match"),
+        };
+        if bias.dims() != [cout] {
+            candle_core::bail!("dense conv: bias {:?} for {cout} channels", bias.dims());
+        }
+        let (oh, top, _) = same_padding(h, k, self.stride);
+        let (ow, left, _) = same_padding(w, k, self.stride);
+        Ok((n, DenseGeometry { cin, h, w, k, cout, stride: self.stride, top, left }, oh, ow))
+    }
 }
 
 impl CustomOp3 for DenseConvOp {
@@ -34,12 +58,7 @@ impl CustomOp3 for DenseConvOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, cin, h, w, k, cout) = match (l1.dims(), l2.dims()) {
-            ([n, cin, h, w], [k, k2, wcin, cout]) if k == k2 && cin == wcin && *k > 0 && self.stride > 0 => {
-                (*n, *cin, *h, *w, *k, *cout)
-            }
-            (x, wt) => candle_core::bail!("dense conv: input {x:?} and weight {wt:?} do not match"),
-        };
+        let (n, g, oh, ow) = self.geometry(l1, l2, l3)?;
         let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) =
             (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
         else {
@@ -48,22 +67,30 @@ impl CustomOp3 for DenseConvOp {
         let x = &s1.as_slice::<f32>()?[x0..x1];
         let wt = &s2.as_slice::<f32>()?[w0..w1];
         let bias = &s3.as_slice::<f32>()?[b0..b1];
-        if bias.len() != cout {
-            candle_core::bail!("dense conv: bias of {} for {cout} channels", bias.len());
-        }
-        let (oh, top, _) = same_padding(h, k, self.stride);
-        let (ow, left, _) = same_padding(w, k, self.stride);
-        let g = DenseGeometry { cin, h, w, k, cout, stride: self.stride, top, left };
-        let mut out = vec![0f32; n * oh * ow * cout];
+        let mut out = vec![0f32; n * oh * ow * g.cout];
         if !out.is_empty() {
-            out.par_chunks_mut(ow * cout).enumerate().for_each(|(row, dst)| {
+            out.par_chunks_mut(ow * g.cout).enumerate().for_each(|(row, dst)| {
                 crate::background::yield_point();
                 let (image, oy) = (row / oh, row % oh);
-                let plane = cin * h * w;
+                let plane = g.cin * g.h * g.w;
                 dense_row(&x[image * plane..(image + 1) * plane], wt, bias, dst, oy, g);
             });
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, cout))))
+        Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, g.cout))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, g, oh, ow) = self.geometry(l1, l2, l3)?;
+        super::cuda::stem((s1, l1), (s2, l2), (s3, l3), n, g, (oh, ow))
     }
 }
 
@@ -198,6 +225,82 @@ impl InplaceOp2 for BiasAct {
         });
         Ok(())
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        super::cuda::bias_act((s1, l1), (s2, l2), None, self.act == Activation::Relu6)
+    }
+}
+
+/// `y = act(y + bias + residual)` in place, for 1x1 convolutions that end a residual block (the
+/// GPU path; the CPU fuses this into its matrix product).
+pub(super) struct BiasResidualAct {
+    pub(super) act: Activation,
+}
+
+impl InplaceOp3 for BiasResidualAct {
+    fn name(&self) -> &'static str {
+        "bias-residual-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((y0, y1)), Some((b0, b1)), Some((r0, r1))) =
+            (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
+        else {
+            candle_core::bail!("bias-residual-act: operands must be contiguous");
+        };
+        let bias = &s2.as_slice::<f32>()?[b0..b1];
+        let residual = &s3.as_slice::<f32>()?[r0..r1];
+        let CpuStorage::F32(y) = s1 else {
+            candle_core::bail!("bias-residual-act: expected f32 data");
+        };
+        let y = &mut y[y0..y1];
+        let c = bias.len();
+        if c == 0 || l1.dims().last() != Some(&c) || residual.len() != y.len() {
+            candle_core::bail!(
+                "bias-residual-act: bias {c} and residual {} for {:?}",
+                residual.len(),
+                l1.dims()
+            );
+        }
+        for (row, res) in y.chunks_exact_mut(c).zip(residual.chunks_exact(c)) {
+            for ((v, &r), &b) in row.iter_mut().zip(res).zip(bias) {
+                *v += r;
+                *v += b;
+            }
+            if self.act == Activation::Relu6 {
+                row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
+            }
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<()> {
+        super::cuda::bias_act((s1, l1), (s2, l2), Some((s3, l3)), self.act == Activation::Relu6)
+    }
 }
 
 /// The CPU depthwise convolution (see [`depthwise_row`]); inputs `x`, weight, bias `(c,)`,
@@ -205,6 +308,35 @@ impl InplaceOp2 for BiasAct {
 pub(super) struct DepthwiseOp {
     pub(super) stride: usize,
     pub(super) relu6: bool,
+}
+
+/// Sizes of one depthwise convolution, checked against the layouts by [`DepthwiseOp`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct DepthwiseSizes {
+    pub(super) n: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) c: usize,
+    pub(super) k: usize,
+    pub(super) stride: usize,
+    pub(super) top: usize,
+    pub(super) left: usize,
+    pub(super) oh: usize,
+    pub(super) ow: usize,
+    pub(super) relu6: bool,
+}
+
+impl DepthwiseOp {
+    /// Checks the input `(n, h, w, c)`, weight `(k, k, c)` and bias `(c,)` layouts.
+    fn sizes(&self, x: &Layout, wt: &Layout, bias: &Layout) -> candle_core::Result<DepthwiseSizes> {
+        let (n, h, w, c, k) = depthwise_dims(x.dims(), wt.dims(), self.stride)?;
+        if bias.dims() != [c] {
+            candle_core::bail!("depthwise: bias {:?} for {c} channels", bias.dims());
+        }
+        let (oh, top, _) = same_padding(h, k, self.stride);
+        let (ow, left, _) = same_padding(w, k, self.stride);
+        Ok(DepthwiseSizes { n, h, w, c, k, stride: self.stride, top, left, oh, ow, relu6: self.relu6 })
+    }
 }
 
 impl CustomOp3 for DepthwiseOp {
@@ -221,7 +353,7 @@ impl CustomOp3 for DepthwiseOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, h, w, c, k) = depthwise_dims(l1.dims(), l2.dims(), self.stride)?;
+        let s = self.sizes(l1, l2, l3)?;
         let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) =
             (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
         else {
@@ -230,12 +362,8 @@ impl CustomOp3 for DepthwiseOp {
         let x = &s1.as_slice::<f32>()?[x0..x1];
         let wt = &s2.as_slice::<f32>()?[w0..w1];
         let bias = &s3.as_slice::<f32>()?[b0..b1];
-        if bias.len() != c {
-            candle_core::bail!("depthwise: bias of {} for {c} channels", bias.len());
-        }
-        let (oh, top, _) = same_padding(h, k, self.stride);
-        let (ow, left, _) = same_padding(w, k, self.stride);
-        let g = Geometry { h, w, c, k, stride: self.stride, top, left, relu6: self.relu6 };
+        let DepthwiseSizes { n, h, w, c, k, oh, ow, .. } = s;
+        let g = Geometry { h, w, c, k, stride: s.stride, top: s.top, left: s.left, relu6: s.relu6 };
         let mut out = vec![0f32; n * oh * ow * c];
         if !out.is_empty() {
             // One task per output row.
@@ -247,5 +375,19 @@ impl CustomOp3 for DepthwiseOp {
             });
         }
         Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let s = self.sizes(l1, l2, l3)?;
+        super::cuda::depthwise((s1, l1), (s2, l2), (s3, l3), s)
     }
 }
