@@ -72,7 +72,13 @@ fn main() -> anyhow::Result<()> {
             ModelIndex {
                 dim: a.dim as u32,
                 weights_sha256: "synthetic".into(),
-                segments: vec![SegmentEntry { id, count: a.n as u64, bytes: stats.bytes, deletes: None }],
+                segments: vec![SegmentEntry {
+                    id,
+                    count: a.n as u64,
+                    bytes: stats.bytes,
+                    deletes: None,
+                    ef: Some(stats.default_ef as u32),
+                }],
             },
         );
         m.store(&a.dir)?;

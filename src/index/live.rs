@@ -33,13 +33,22 @@ pub struct SealedSegment {
     pub id: SegmentId,
     pub segment: Segment,
     pub deleted: DeleteSet,
+    /// The `ef` of a query that leaves it at 0 (calibrated when the segment was written).
+    pub default_ef: usize,
     /// The attribute-index document of each position (built on the first filtered search).
     docs: OnceLock<Vec<DocId>>,
 }
 
 impl SealedSegment {
+    /// A segment searched at [`DEFAULT_EF_SEARCH`] by default.
     pub fn new(id: SegmentId, segment: Segment, deleted: DeleteSet) -> Self {
-        Self { id, segment, deleted, docs: OnceLock::new() }
+        Self { id, segment, deleted, default_ef: DEFAULT_EF_SEARCH, docs: OnceLock::new() }
+    }
+
+    /// The same, searched at `ef` when a query leaves it at 0.
+    pub fn with_default_ef(mut self, ef: usize) -> Self {
+        self.default_ef = ef.max(1);
+        self
     }
 
     pub fn live(&self) -> u64 {
@@ -150,7 +159,8 @@ impl DocMask {
 pub struct Query<'a> {
     pub vector: &'a [f32],
     pub k: usize,
-    /// 0: [`DEFAULT_EF_SEARCH`]. Raised to at least `k`.
+    /// 0: each sealed segment's calibrated default ([`SealedSegment::default_ef`]; the
+    /// in-memory segments are scanned exactly). Raised to at least `k`.
     pub ef: usize,
     /// A SKU never to return (the query item of "more like this").
     pub exclude: Option<&'a str>,
@@ -192,7 +202,8 @@ impl VersionLive {
         let mut query = Vec::with_capacity(self.dim);
         normalise_into(q.vector, &mut query).map_err(IndexError::BadQuery)?;
         let k_inner = q.k + usize::from(q.exclude.is_some());
-        let mut ef = if q.ef == 0 { DEFAULT_EF_SEARCH } else { q.ef }.max(k_inner);
+        // A filter widens the beam by this factor (1: none).
+        let mut widen = 1.0f64;
 
         // Filter planning: count the matches, then scan them exactly or widen the beam.
         let mut exact = false;
@@ -209,7 +220,7 @@ impl VersionLive {
                 let share = hits as f64 / live as f64;
                 exact = share <= EXACT_FILTER_FRACTION || hits <= EXACT_FILTER_ITEMS;
                 if !exact {
-                    ef = ((ef as f64 / share).ceil() as usize).clamp(ef, MAX_FILTERED_EF.max(ef));
+                    widen = 1.0 / share;
                 }
                 Some(DocMask::new(&matches))
             }
@@ -232,6 +243,8 @@ impl VersionLive {
             let hits = if exact {
                 s.segment.brute_force(&query, k_inner, filter)?
             } else {
+                let ef = if q.ef == 0 { s.default_ef } else { q.ef }.max(k_inner);
+                let ef = ((ef as f64 * widen).ceil() as usize).clamp(ef, MAX_FILTERED_EF.max(ef));
                 s.segment.search(&query, k_inner, ef, filter)?
             };
             for h in hits {

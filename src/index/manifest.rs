@@ -70,6 +70,10 @@ pub struct SegmentEntry {
     /// The segment's deletion bitmap, if any item of it is deleted or superseded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deletes: Option<DeletesRef>,
+    /// The `ef` its searches use when the query leaves it at 0, calibrated when it was written
+    /// (see [`crate::segment::calibrate`]); absent in older manifests: the global default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ef: Option<u32>,
 }
 
 impl SegmentEntry {
@@ -375,7 +379,13 @@ mod tests {
             ModelIndex {
                 dim: 4,
                 weights_sha256: "ab".into(),
-                segments: vec![SegmentEntry { id: SegmentId(id), count: 3, bytes: 10, deletes: None }],
+                segments: vec![SegmentEntry {
+                    id: SegmentId(id),
+                    count: 3,
+                    bytes: 10,
+                    deletes: None,
+                    ef: None,
+                }],
             },
         );
         m.serving_model = Some(v);

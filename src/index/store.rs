@@ -365,6 +365,7 @@ mod tests {
                     count: 1,
                     bytes: 1,
                     deletes: Some(super::super::manifest::DeletesRef { generation: 3, count: 0 }),
+                    ef: None,
                 }],
             },
         );

@@ -733,7 +733,8 @@ fn open_sealed(
         }
         None => DeleteSet::new(segment.len()),
     };
-    Ok(SealedSegment::new(e.id, segment, deleted))
+    let ef = e.ef.map_or(crate::segment::DEFAULT_EF_SEARCH, |ef| ef as usize);
+    Ok(SealedSegment::new(e.id, segment, deleted).with_default_ef(ef))
 }
 
 /// Turns a format-1 directory into format 2: catalogue batches into the record store, inline
@@ -768,7 +769,7 @@ fn migrate(
                 let count = set.store(&data.deletes_path(version, s.id, generation))?;
                 deletes = Some(DeletesRef { generation, count });
             }
-            segments.push(SegmentEntry { id: s.id, count: s.count, bytes: s.bytes, deletes });
+            segments.push(SegmentEntry { id: s.id, count: s.count, bytes: s.bytes, deletes, ef: None });
         }
         m.indexes.insert(
             version.clone(),
@@ -1390,7 +1391,7 @@ impl State {
                 deleted.set(i as u32);
             }
         }
-        Ok(Arc::new(SealedSegment::new(id, segment, deleted)))
+        Ok(Arc::new(SealedSegment::new(id, segment, deleted).with_default_ef(file.stats.default_ef)))
     }
 
     fn commit_seal(&mut self, r: SealResult) {
@@ -1445,6 +1446,7 @@ impl State {
                     count: file.stats.count as u64,
                     bytes: file.stats.bytes,
                     deletes: None,
+                    ef: Some(file.stats.default_ef as u32),
                 });
             }
             added.push((v.clone(), seg));
@@ -1545,6 +1547,7 @@ impl State {
                     count: file.stats.count as u64,
                     bytes: file.stats.bytes,
                     deletes: None,
+                    ef: Some(file.stats.default_ef as u32),
                 };
                 Some((entry, seg))
             }

@@ -8,6 +8,7 @@
 //! [`Segment::verify`] checks every checksum and the graph's structure.
 
 mod build;
+pub mod calibrate;
 mod distance;
 mod error;
 pub mod format;
@@ -53,6 +54,9 @@ pub struct SegmentStats {
     /// Fraction of a sample of items (up to 256) that find themselves in their own top 10 by the graph walk (not a scan) at
     /// [`DEFAULT_EF_SEARCH`].
     pub self_recall: f32,
+    /// The `ef` a search of this segment uses when the caller leaves it to the index
+    /// ([`calibrate::calibrate_ef`]).
+    pub default_ef: usize,
     /// Wall time of the whole call: validation, graph build, write, verify, self-recall.
     pub build_secs: f64,
     /// File size.

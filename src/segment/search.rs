@@ -105,6 +105,31 @@ impl Segment {
         filter: Filter<'_>,
         plan: SearchPlan,
     ) -> Result<Vec<Hit>, SegmentError> {
+        self.search_hiding(query, k, ef, filter, plan, None)
+    }
+
+    /// The graph walk as if item `hidden` were not in the graph: it is never scored, entered
+    /// or expanded, so its neighbour lists do not help (leave-one-out queries for
+    /// [`calibrate`](super::calibrate); other items' lists were still chosen with it present).
+    pub(super) fn search_without(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        hidden: u32,
+    ) -> Result<Vec<Hit>, SegmentError> {
+        self.search_hiding(query, k, ef, None, SearchPlan::Graph, Some(hidden))
+    }
+
+    fn search_hiding(
+        &self,
+        query: &[f32],
+        k: usize,
+        ef: usize,
+        filter: Filter<'_>,
+        plan: SearchPlan,
+        hidden: Option<u32>,
+    ) -> Result<Vec<Hit>, SegmentError> {
         let view = self.view();
         with_scratch(|s| {
             self.prepare_query(query, &mut s.query)?;
@@ -129,6 +154,9 @@ impl Segment {
                 return Ok(w.results.sorted_hits(k));
             }
             s.walk.begin(view.n);
+            if let Some(h) = hidden.filter(|&h| (h as usize) < view.n) {
+                s.walk.visited[h as usize] = s.walk.epoch;
+            }
             let Scratch { walk: w, query, wide, ids, scores, row, .. } = s;
             // A format-1 segment has no codes (and no scales): its walk scores exactly.
             let factor = if view.codes.is_empty() {
@@ -137,7 +165,7 @@ impl Segment {
             } else {
                 quantise_scaled(query, view.scales, wide)
             };
-            walk(&view, query, (wide, factor), ef, filter, w, ids, scores);
+            walk(&view, query, (wide, factor), ef, filter, hidden, w, ids, scores);
             let results = &mut w.results;
             if view.codes.is_empty() {
                 return Ok(results.sorted_hits(k));
@@ -197,6 +225,7 @@ fn walk(
     wide: (&[i16], f32),
     ef: usize,
     filter: Filter<'_>,
+    hidden: Option<u32>,
     w: &mut Walk,
     ids: &mut Vec<u32>,
     scores: &mut Vec<f32>,
@@ -221,7 +250,19 @@ fn walk(
         let at = i as usize * dim;
         view.codes.get(at..at + dim).map_or(0, |c| touch_lines(bytemuck::cast_slice(c)))
     };
-    if view.codes.is_empty() {
+    if let Some(h) = hidden {
+        // Calibration only: the upper layers never step onto the hidden item (layer 0 never
+        // reaches it either: it is marked visited).
+        let exact_h = |i: u32| if i == h { f32::NEG_INFINITY } else { exact(i) };
+        let coded_h = |i: u32| if i == h { f32::NEG_INFINITY } else { coded(i) };
+        if view.codes.is_empty() {
+            let entry = greedy_upper_body(view, &exact_h);
+            search_layer0_body(view, &exact_h, &touch_vector, entry, ef, filter, w, ids, scores);
+        } else {
+            let entry = greedy_upper_body(view, &coded_h);
+            search_layer0_body(view, &coded_h, &touch_code, entry, ef, filter, w, ids, scores);
+        }
+    } else if view.codes.is_empty() {
         let entry = greedy_upper_body(view, &exact);
         search_layer0_body(view, &exact, &touch_vector, entry, ef, filter, w, ids, scores);
     } else {

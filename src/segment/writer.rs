@@ -426,10 +426,12 @@ fn write_checked(
     if self_recall < 0.99 {
         tracing::warn!(path = %path.display(), self_recall, "segment self-recall below 0.99");
     }
+    let default_ef = super::calibrate::calibrate_ef(&segment);
     Ok(SegmentStats {
         count: n,
         dim: graph.dim,
         self_recall,
+        default_ef,
         build_secs: started.elapsed().as_secs_f64(),
         bytes: segment.file_len(),
     })

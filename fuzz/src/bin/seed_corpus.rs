@@ -66,7 +66,7 @@ fn manifests(dir: &Path) {
     let empty = Manifest::default();
     let mut full = Manifest::default();
     let version = ModelVersion::new("efficientnet-lite0").expect("version");
-    let segment = |id, count| SegmentEntry { id: SegmentId(id), count, bytes: 4096, deletes: None };
+    let segment = |id, count| SegmentEntry { id: SegmentId(id), count, bytes: 4096, deletes: None, ef: None };
     full.indexes.insert(
         version.clone(),
         ModelIndex { dim: 8, weights_sha256: "ab".repeat(32), segments: vec![segment(1, 40), segment(2, 6)] },
