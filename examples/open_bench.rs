@@ -72,13 +72,7 @@ fn main() -> anyhow::Result<()> {
             ModelIndex {
                 dim: a.dim as u32,
                 weights_sha256: "synthetic".into(),
-                segments: vec![SegmentEntry {
-                    id,
-                    count: a.n as u64,
-                    bytes: stats.bytes,
-                    deletes: None,
-                    ef: Some(stats.default_ef as u32),
-                }],
+                segments: vec![SegmentEntry::written(id, &stats)],
             },
         );
         m.store(&a.dir)?;

@@ -307,12 +307,7 @@ impl Encoder {
                 Err(e) => slots.push(Some(EncoderError::Preprocess(e))),
             }
         }
-        let embedded: Vec<Result<Vec<f32>, EncoderError>> = match self.embed(&good) {
-            Ok(vectors) => vectors.into_iter().map(Ok).collect(),
-            // Run the images one by one so the failure lands on the image(s) that caused it.
-            Err(_) => good.iter().map(|p| self.embed_one(p)).collect(),
-        };
-        let mut embedded = embedded.into_iter();
+        let mut embedded = self.embed_each(&good).into_iter();
         slots
             .into_iter()
             .map(|slot| match slot {
@@ -320,6 +315,15 @@ impl Encoder {
                 None => embedded.next().unwrap_or_else(|| unreachable!("one result per good image")),
             })
             .collect()
+    }
+
+    /// [`embed`](Self::embed) with one result per image: when the batch fails, the images run
+    /// one by one so the failure lands on the image(s) that caused it, not the whole batch.
+    pub fn embed_each(&self, batch: &[PreparedImage]) -> Vec<Result<Vec<f32>, EncoderError>> {
+        match self.embed(batch) {
+            Ok(vectors) => vectors.into_iter().map(Ok).collect(),
+            Err(_) => batch.iter().map(|p| self.embed_one(p)).collect(),
+        }
     }
 
     /// The L2-normalised embedding of one prepared image.

@@ -77,6 +77,17 @@ pub struct SegmentEntry {
 }
 
 impl SegmentEntry {
+    /// The entry of a segment just written as `id` (nothing deleted yet).
+    pub fn written(id: SegmentId, stats: &crate::segment::SegmentStats) -> Self {
+        SegmentEntry {
+            id,
+            count: stats.count as u64,
+            bytes: stats.bytes,
+            deletes: None,
+            ef: Some(stats.default_ef as u32),
+        }
+    }
+
     pub fn deleted(&self) -> u64 {
         self.deletes.map_or(0, |d| d.count)
     }

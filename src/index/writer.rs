@@ -1441,13 +1441,7 @@ impl State {
             }
             let seg = self.open_built(v, file, |&p| part.frozen.is_deleted(p))?;
             if let Some(ix) = next.indexes.get_mut(v) {
-                ix.segments.push(SegmentEntry {
-                    id: file.id,
-                    count: file.stats.count as u64,
-                    bytes: file.stats.bytes,
-                    deletes: None,
-                    ef: Some(file.stats.default_ef as u32),
-                });
+                ix.segments.push(SegmentEntry::written(file.id, &file.stats));
             }
             added.push((v.clone(), seg));
         }
@@ -1542,14 +1536,7 @@ impl State {
             Some(file) => {
                 let seg = self.open_built(v, file, |&(input, pos)| r.inputs[input].deleted.contains(pos))?;
                 added.push((v.clone(), Arc::clone(&seg)));
-                let entry = SegmentEntry {
-                    id: file.id,
-                    count: file.stats.count as u64,
-                    bytes: file.stats.bytes,
-                    deletes: None,
-                    ef: Some(file.stats.default_ef as u32),
-                };
-                Some((entry, seg))
+                Some((SegmentEntry::written(file.id, &file.stats), seg))
             }
             None => None,
         };

@@ -72,6 +72,18 @@ mod tests {
     use crate::segment::synth::Structured;
     use crate::segment::{HnswParams, write_segment};
 
+    /// `n` rows of `shape` written as a segment with `params`: the folder (kept while the
+    /// guard lives), the open segment and the writer's calibrated `ef`.
+    fn written(shape: &Structured, n: usize, params: HnswParams) -> (tempfile::TempDir, Segment, usize) {
+        let rows = shape.rows(0, n);
+        let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("s{i}")).unwrap()).collect();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg.vseg");
+        let stats = write_segment(&path, shape.dim, &rows, &skus, &params).unwrap();
+        let seg = Segment::open(&path).unwrap();
+        (dir, seg, stats.default_ef)
+    }
+
     /// Recall@10 of the graph walk at `ef` for held-out `queries`, against exact search.
     fn held_out_recall(seg: &Segment, queries: &[f32], ef: usize) -> f64 {
         let (mut found, mut wanted) = (0, 0);
@@ -89,27 +101,16 @@ mod tests {
         // A deliberately thin graph (M=4, ef_construction 24) on data of intrinsic dimension 32:
         // the fixed default beam misses neighbours that a wider one finds.
         let shape = Structured { dim: 64, latent: 32, noise: 0.1, seed: 7 };
-        let n = 6000;
-        let rows = shape.rows(0, n);
-        let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("s{i}")).unwrap()).collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("seg.vseg");
-        let stats =
-            write_segment(&path, 64, &rows, &skus, &HnswParams { m: 4, ef_construction: 24 }).unwrap();
-        let seg = Segment::open(&path).unwrap();
-        assert_eq!(stats.default_ef, calibrate_ef(&seg), "the writer reports the calibration");
+        let (_dir, seg, default_ef) = written(&shape, 6000, HnswParams { m: 4, ef_construction: 24 });
+        assert_eq!(default_ef, calibrate_ef(&seg), "the writer reports the calibration");
         let queries = shape.rows(1 << 40, 200);
         let at_default = held_out_recall(&seg, &queries, DEFAULT_EF_SEARCH);
-        let calibrated = held_out_recall(&seg, &queries, stats.default_ef);
-        assert!(stats.default_ef > DEFAULT_EF_SEARCH, "ef {} (recall at 64: {at_default})", stats.default_ef);
+        let calibrated = held_out_recall(&seg, &queries, default_ef);
+        assert!(default_ef > DEFAULT_EF_SEARCH, "ef {} (recall at 64: {at_default})", default_ef);
         assert!(at_default < 0.95, "the data is not hard enough: {at_default} at ef 64");
-        assert!(
-            calibrated >= 0.94,
-            "held-out recall@10 {calibrated} at the calibrated ef {}",
-            stats.default_ef
-        );
+        assert!(calibrated >= 0.94, "held-out recall@10 {calibrated} at the calibrated ef {}", default_ef);
         // The smallest rung that does it: the one below falls short on the sample.
-        let below = LADDER[LADDER.iter().position(|&e| e == stats.default_ef).unwrap() - 1];
+        let below = LADDER[LADDER.iter().position(|&e| e == default_ef).unwrap() - 1];
         let sample_recall = held_out_recall(&seg, &queries, below);
         assert!(sample_recall < calibrated, "rung {below} did as well: {sample_recall}");
     }
@@ -118,12 +119,7 @@ mod tests {
     fn small_segments_keep_the_default() {
         let shape = Structured { dim: 16, latent: 8, noise: 0.1, seed: 1 };
         let n = DEFAULT_EF_SEARCH * FLAT_SCAN_FACTOR;
-        let rows = shape.rows(0, n);
-        let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("s{i}")).unwrap()).collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("seg.vseg");
-        let stats =
-            write_segment(&path, 16, &rows, &skus, &HnswParams { m: 4, ef_construction: 24 }).unwrap();
-        assert_eq!(stats.default_ef, DEFAULT_EF_SEARCH, "searched exactly at the default anyway");
+        let (_dir, _seg, default_ef) = written(&shape, n, HnswParams { m: 4, ef_construction: 24 });
+        assert_eq!(default_ef, DEFAULT_EF_SEARCH, "searched exactly at the default anyway");
     }
 }

@@ -117,11 +117,8 @@ fn run(encoder: &Encoder, jobs: &Receiver<Job>, policy: BatchPolicy, metrics: &M
         let started = Instant::now();
         let (images, replies): (Vec<PreparedImage>, Vec<SyncSender<Reply>>) =
             batch.into_iter().map(|j| (j.image, j.reply)).unzip();
-        let vectors: Vec<Reply> = match encoder.embed(&images) {
-            Ok(vectors) => vectors.into_iter().map(Ok).collect(),
-            // One bad image (an all-zero embedding) fails alone, not its batch.
-            Err(_) => images.iter().map(|image| encoder.embed_one(image)).collect(),
-        };
+        // One bad image (an all-zero embedding) fails alone, not its batch.
+        let vectors = encoder.embed_each(&images);
         metrics.record_encode(encoder.version().as_str(), images.len(), started.elapsed());
         for (reply, v) in replies.into_iter().zip(vectors) {
             // A caller that gave up (its request was cancelled) no longer listens.

@@ -52,62 +52,55 @@ fn output(dev: &CudaDevice, len: usize) -> Result<CudaSlice<f32>> {
     unsafe { dev.alloc::<f32>(len.max(1)) }
 }
 
+/// Runs convolution kernel `name` (parameters: input, weight, bias, output, eleven ints) over
+/// `(input, weight, bias)` into a fresh output of `shape`.
+fn convolution(
+    name: &str,
+    [(x, xl), (wt, wl), (bias, bl)]: [(&CudaStorage, &Layout); 3],
+    args: [usize; 11],
+    shape: Shape,
+) -> Result<(CudaStorage, Shape)> {
+    let dev = &x.device;
+    let (x, wt, bias) = (
+        view(x, xl, "convolution input")?,
+        view(wt, wl, "convolution weight")?,
+        view(bias, bl, "convolution bias")?,
+    );
+    let total = shape.elem_count();
+    let mut y = output(dev, total)?;
+    let args = ints(args)?;
+    let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+    let mut b = func.builder();
+    b.arg(&x).arg(&wt).arg(&bias).arg(&mut y);
+    for a in &args {
+        b.arg(a);
+    }
+    // SAFETY: both convolution kernels take three input pointers, the output and eleven ints,
+    // in that order; the callers pass the sizes their layouts were checked against
+    // (`DenseConvOp::geometry`, `DepthwiseOp::sizes`), so the kernel reads only inside the
+    // three inputs, and it writes the `total` values of `y` and nothing else.
+    unsafe { b.launch(launch_config(total)) }.w()?;
+    Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), shape))
+}
+
 /// The stem: NCHW `x`, `(k, k, in, out)` weight, bias -> NHWC `(n, oh, ow, out)`, ReLU6 applied.
 pub(super) fn stem(
-    (x, xl): (&CudaStorage, &Layout),
-    (wt, wl): (&CudaStorage, &Layout),
-    (bias, bl): (&CudaStorage, &Layout),
+    inputs: [(&CudaStorage, &Layout); 3],
     n: usize,
     g: DenseGeometry,
     (oh, ow): (usize, usize),
 ) -> Result<(CudaStorage, Shape)> {
-    let dev = &x.device;
-    let (x, wt, bias) =
-        (view(x, xl, "stem input")?, view(wt, wl, "stem weight")?, view(bias, bl, "stem bias")?);
-    let total = n * oh * ow * g.cout;
-    let mut y = output(dev, total)?;
-    let args = ints([n, g.cin, g.h, g.w, g.k, g.cout, g.stride, g.top, g.left, oh, ow])?;
-    let func = dev.get_or_load_custom_func("vitrine_stem_conv", MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&x).arg(&wt).arg(&bias).arg(&mut y);
-    for a in &args {
-        b.arg(a);
-    }
-    // SAFETY: the arguments match `vitrine_stem_conv`'s parameters in order and type (three
-    // input pointers, the output, eleven ints); the inputs hold `n*cin*h*w`, `k*k*cin*cout`
-    // and `cout` values (checked by the caller against the layouts) and `y` holds `total`, the
-    // only indices the kernel touches.
-    unsafe { b.launch(launch_config(total)) }.w()?;
-    Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from((n, oh, ow, g.cout))))
+    let args = [n, g.cin, g.h, g.w, g.k, g.cout, g.stride, g.top, g.left, oh, ow];
+    convolution("vitrine_stem_conv", inputs, args, Shape::from((n, oh, ow, g.cout)))
 }
 
 /// Depthwise convolution: NHWC `x`, `(k, k, c)` weight, bias -> NHWC `(n, oh, ow, c)`.
 pub(super) fn depthwise(
-    (x, xl): (&CudaStorage, &Layout),
-    (wt, wl): (&CudaStorage, &Layout),
-    (bias, bl): (&CudaStorage, &Layout),
+    inputs: [(&CudaStorage, &Layout); 3],
     s: DepthwiseSizes,
 ) -> Result<(CudaStorage, Shape)> {
-    let dev = &x.device;
-    let (x, wt, bias) = (
-        view(x, xl, "depthwise input")?,
-        view(wt, wl, "depthwise weight")?,
-        view(bias, bl, "depthwise bias")?,
-    );
-    let total = s.n * s.oh * s.ow * s.c;
-    let mut y = output(dev, total)?;
-    let args = ints([s.n, s.h, s.w, s.c, s.k, s.stride, s.top, s.left, s.oh, s.ow, usize::from(s.relu6)])?;
-    let func = dev.get_or_load_custom_func("vitrine_depthwise_conv", MODULE, PTX)?;
-    let mut b = func.builder();
-    b.arg(&x).arg(&wt).arg(&bias).arg(&mut y);
-    for a in &args {
-        b.arg(a);
-    }
-    // SAFETY: the arguments match `vitrine_depthwise_conv`'s parameters in order and type
-    // (three input pointers, the output, eleven ints); the inputs hold `n*h*w*c`, `k*k*c` and
-    // `c` values (checked by the caller) and `y` holds `total`, the only indices written.
-    unsafe { b.launch(launch_config(total)) }.w()?;
-    Ok((CudaStorage::wrap_cuda_slice(y, dev.clone()), Shape::from((s.n, s.oh, s.ow, s.c))))
+    let args = [s.n, s.h, s.w, s.c, s.k, s.stride, s.top, s.left, s.oh, s.ow, usize::from(s.relu6)];
+    convolution("vitrine_depthwise_conv", inputs, args, Shape::from((s.n, s.oh, s.ow, s.c)))
 }
 
 /// In place: `y = act(y + bias (+ residual))` over rows of `bias.len()` channels.

@@ -15,6 +15,22 @@ __device__ __forceinline__ float relu6(float v) {
   return v > 6.0f ? 6.0f : v;
 }
 
+// Output index `i` of an NHWC `(n, oh, ow, c)` tensor -> its image, row, column and channel.
+struct Nhwc {
+  size_t b;
+  int oy, ox, ch;
+};
+__device__ __forceinline__ Nhwc nhwc_position(size_t i, int oh, int ow, int c) {
+  Nhwc p;
+  p.ch = (int)(i % c);
+  size_t r = i / c;
+  p.ox = (int)(r % ow);
+  r /= ow;
+  p.oy = (int)(r % oh);
+  p.b = r / oh;
+  return p;
+}
+
 // Stem: NCHW image `x` (n, cin, h, w), weight `wt` (k, k, cin, cout), bias (cout) -> NHWC
 // `y` (n, oh, ow, cout), ReLU6 applied.
 extern "C" __global__ void vitrine_stem_conv(const float *__restrict__ x, const float *__restrict__ wt,
@@ -24,13 +40,9 @@ extern "C" __global__ void vitrine_stem_conv(const float *__restrict__ x, const 
   const size_t total = (size_t)n * oh * ow * cout;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (size_t)gridDim.x * blockDim.x) {
-    const int co = (int)(i % cout);
-    size_t r = i / cout;
-    const int ox = (int)(r % ow);
-    r /= ow;
-    const int oy = (int)(r % oh);
-    const size_t b = r / oh;
-    const float *xb = x + b * cin * h * w;
+    const Nhwc p = nhwc_position(i, oh, ow, cout);
+    const int co = p.ch, oy = p.oy, ox = p.ox;
+    const float *xb = x + p.b * cin * h * w;
     float acc = 0.0f;
     for (int ky = 0; ky < k; ++ky) {
       const int iy = oy * stride + ky - top;
@@ -57,13 +69,9 @@ extern "C" __global__ void vitrine_depthwise_conv(const float *__restrict__ x, c
   const size_t total = (size_t)n * oh * ow * c;
   for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
        i += (size_t)gridDim.x * blockDim.x) {
-    const int ch = (int)(i % c);
-    size_t r = i / c;
-    const int ox = (int)(r % ow);
-    r /= ow;
-    const int oy = (int)(r % oh);
-    const size_t b = r / oh;
-    const float *xb = x + b * h * w * c + ch;
+    const Nhwc p = nhwc_position(i, oh, ow, c);
+    const int ch = p.ch, oy = p.oy, ox = p.ox;
+    const float *xb = x + p.b * h * w * c + ch;
     float acc = 0.0f;
     for (int ky = 0; ky < k; ++ky) {
       const int iy = oy * stride + ky - top;

@@ -90,7 +90,7 @@ impl CustomOp3 for DenseConvOp {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, g, oh, ow) = self.geometry(l1, l2, l3)?;
-        super::cuda::stem((s1, l1), (s2, l2), (s3, l3), n, g, (oh, ow))
+        super::cuda::stem([(s1, l1), (s2, l2), (s3, l3)], n, g, (oh, ow))
     }
 }
 
@@ -277,14 +277,10 @@ impl InplaceOp3 for BiasResidualAct {
                 l1.dims()
             );
         }
+        let relu6 = self.act == Activation::Relu6;
         for (row, res) in y.chunks_exact_mut(c).zip(residual.chunks_exact(c)) {
-            for ((v, &r), &b) in row.iter_mut().zip(res).zip(bias) {
-                *v += r;
-                *v += b;
-            }
-            if self.act == Activation::Relu6 {
-                row.iter_mut().for_each(|v| *v = v.clamp(0.0, 6.0));
-            }
+            row.iter_mut().zip(res).for_each(|(v, &r)| *v += r);
+            add_bias_row(row, bias, relu6);
         }
         Ok(())
     }
@@ -388,6 +384,6 @@ impl CustomOp3 for DepthwiseOp {
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let s = self.sizes(l1, l2, l3)?;
-        super::cuda::depthwise((s1, l1), (s2, l2), (s3, l3), s)
+        super::cuda::depthwise([(s1, l1), (s2, l2), (s3, l3)], s)
     }
 }
