@@ -1,5 +1,7 @@
 //! Encoder throughput on the CPU with the real EfficientNet-Lite0 weights: preprocessing alone
-//! (decode + resize + normalise of a 600x400 PNG), and embedding batches of 1 and 32.
+//! (decode + resize + normalise of a 600x400 PNG), and embedding batches of 1 and 32; and the
+//! resize to 224x224 alone at three photo sizes, vitrine's (`preprocess::resize_and_crop`)
+//! beside the `image` crate's resize it reproduces bit for bit, in the same run.
 //!
 //! Run: `cargo bench --bench encoder` (needs models/efficientnet-lite0 and tests/fixtures).
 
@@ -58,5 +60,38 @@ fn bench_encoder(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_encoder);
+/// vitrine's shorter-side resize and centre crop against `image`'s own (`thumbnail_exact` for
+/// the pre-shrink of large photos, then `resize_to_fill`), which give identical pixels.
+fn bench_resize(c: &mut Criterion) {
+    use image::imageops::FilterType;
+    use image::{DynamicImage, Rgb, RgbImage};
+    use vitrine::encoder::preprocess::resize_and_crop;
+
+    let mut group = c.benchmark_group("resize_to_224");
+    group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
+    for (w, h) in [(451, 300), (800, 800), (1200, 900), (2000, 2000)] {
+        let photo = RgbImage::from_fn(w, h, |x, y| {
+            Rgb([(x * 7 % 256) as u8, (y * 3 % 256) as u8, ((x ^ y) % 256) as u8])
+        });
+        group.bench_function(format!("vitrine_{w}x{h}"), |b| {
+            b.iter(|| resize_and_crop(black_box(photo.clone()), 224))
+        });
+        group.bench_function(format!("image_crate_{w}x{h}"), |b| {
+            b.iter(|| {
+                let mut img = DynamicImage::ImageRgb8(black_box(photo.clone()));
+                let shorter = w.min(h);
+                if shorter >= 4 * 224 {
+                    img = img.thumbnail_exact(
+                        (w * 448).div_ceil(shorter).max(224),
+                        (h * 448).div_ceil(shorter).max(224),
+                    );
+                }
+                img.resize_to_fill(224, 224, FilterType::Triangle).into_rgb8()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_encoder, bench_resize);
 criterion_main!(benches);

@@ -16,6 +16,7 @@ pub mod manifest;
 mod pointwise;
 mod pool;
 pub mod preprocess;
+mod resize;
 
 use std::path::{Path, PathBuf};
 

@@ -7,7 +7,6 @@
 
 use std::io::Cursor;
 
-use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 
 use super::manifest::Normalisation;
@@ -212,34 +211,45 @@ pub fn flatten_on_white(image: DynamicImage) -> RgbImage {
 }
 
 /// Scales the shorter side to `size` and crops the centre square. A `size` x `size` image is
-/// returned untouched.
+/// returned untouched. Resampling is `super::resize`'s, which gives exactly the pixels of the
+/// `image` crate's `thumbnail` and Triangle `resize_to_fill` this pipeline was defined with.
 pub fn resize_and_crop(image: RgbImage, size: u32) -> RgbImage {
     let (width, height) = image.dimensions();
     if width == size && height == size {
         return image;
     }
-    let shorter = width.min(height);
-    let longest = shorter.saturating_mul(MAX_ASPECT);
-    let image = if width.max(height) > longest {
-        let (w, h) = (width.min(longest), height.min(longest));
-        image::imageops::crop_imm(&image, (width - w) / 2, (height - h) / 2, w, h).to_image()
-    } else {
-        image
-    };
-    let (width, height) = image.dimensions();
-    let mut image = DynamicImage::ImageRgb8(image);
-    if shorter >= size.saturating_mul(PRESHRINK_FACTOR) {
-        // Area-average down to about twice the target first: the filtered resize below costs
-        // time in proportion to the source size.
-        let target = u64::from(size) * 2;
-        let new_w = (u64::from(width) * target).div_ceil(u64::from(shorter));
-        let new_h = (u64::from(height) * target).div_ceil(u64::from(shorter));
-        // Both fit in u32: they are at most the original sides.
-        let new_w = u32::try_from(new_w).unwrap_or(width).max(size);
-        let new_h = u32::try_from(new_h).unwrap_or(height).max(size);
-        image = image.thumbnail_exact(new_w, new_h);
+    let mut image = cut_to_max_aspect(image);
+    if let Some((new_w, new_h)) = preshrink_size(width, height, image.dimensions(), size) {
+        image = super::resize::thumbnail(&image, new_w, new_h);
     }
-    image.resize_to_fill(size, size, FilterType::Triangle).into_rgb8()
+    super::resize::resize_to_fill(&image, size)
+}
+
+/// The middle part of an image longer than [`MAX_ASPECT`] times its shorter side.
+fn cut_to_max_aspect(image: RgbImage) -> RgbImage {
+    let (width, height) = image.dimensions();
+    let longest = width.min(height).saturating_mul(MAX_ASPECT);
+    if width.max(height) <= longest {
+        return image;
+    }
+    let (w, h) = (width.min(longest), height.min(longest));
+    image::imageops::crop_imm(&image, (width - w) / 2, (height - h) / 2, w, h).to_image()
+}
+
+/// The size to area-average an original `width` x `height` image (now `cut` after
+/// [`cut_to_max_aspect`]) down to before the filtered resize, when its shorter side is at least
+/// [`PRESHRINK_FACTOR`] times `size`: about twice the target, since the filtered resize costs
+/// time in proportion to the source size.
+fn preshrink_size(width: u32, height: u32, cut: (u32, u32), size: u32) -> Option<(u32, u32)> {
+    let shorter = width.min(height);
+    if shorter < size.saturating_mul(PRESHRINK_FACTOR) {
+        return None;
+    }
+    let target = u64::from(size) * 2;
+    let new_w = (u64::from(cut.0) * target).div_ceil(u64::from(shorter));
+    let new_h = (u64::from(cut.1) * target).div_ceil(u64::from(shorter));
+    // Both fit in u32: they are at most the original sides.
+    Some((u32::try_from(new_w).unwrap_or(cut.0).max(size), u32::try_from(new_h).unwrap_or(cut.1).max(size)))
 }
 
 /// `(pixel - mean) / std` per channel, into CHW order.
@@ -306,6 +316,43 @@ mod tests {
         let rgb =
             png_with_claimed_size(&png_bytes(&DynamicImage::ImageRgb8(RgbImage::new(8, 8))), 6324, 6324);
         assert!(!matches!(preprocess(&rgb, 224, &NORM), Err(PreprocessError::OverBudget { .. })));
+    }
+
+    /// `resize_and_crop` as it was written with `image`'s own resize (before
+    /// `super::resize`): the pixels, and so the embeddings, must not change.
+    fn resize_and_crop_with_image(image: RgbImage, size: u32) -> RgbImage {
+        let (width, height) = image.dimensions();
+        let mut image = DynamicImage::ImageRgb8(cut_to_max_aspect(image));
+        if let Some((new_w, new_h)) = preshrink_size(width, height, (image.width(), image.height()), size) {
+            image = image.thumbnail_exact(new_w, new_h);
+        }
+        image.resize_to_fill(size, size, image::imageops::FilterType::Triangle).into_rgb8()
+    }
+
+    /// Every bundled catalogue image, as it is and enlarged past the pre-shrink threshold,
+    /// resizes to exactly the pixels `image`'s resize gave.
+    #[test]
+    fn resizing_matches_image_on_the_bundled_images() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/data/images");
+        let mut paths: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        paths.sort();
+        assert!(paths.len() > 100);
+        for (i, path) in paths.iter().enumerate() {
+            let rgb = flatten_on_white(decode(&std::fs::read(path).unwrap()).unwrap());
+            assert!(
+                resize_and_crop(rgb.clone(), 224) == resize_and_crop_with_image(rgb.clone(), 224),
+                "{path:?}"
+            );
+            if i % 16 == 0 {
+                let (w, h) = rgb.dimensions();
+                let big =
+                    image::imageops::resize(&rgb, w * 4 + 3, h * 4 + 1, image::imageops::FilterType::Nearest);
+                assert!(
+                    resize_and_crop(big.clone(), 224) == resize_and_crop_with_image(big, 224),
+                    "{path:?} x4"
+                );
+            }
+        }
     }
 
     /// Found by the `image_preprocess` fuzz target (fuzz/regressions/image_preprocess/): a
