@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::lite::kernels::{Geometry, depthwise_row, same_padding};
+use super::lite::kernels::{BLOCK, Geometry, depthwise_row, same_padding, to_blocked};
 use super::pointwise::{Epilogue, PointwiseLayer, matmul_into};
 
 /// Target size of one band's expanded input rows.
@@ -33,14 +33,39 @@ pub struct CpuBlock {
     pub stride: usize,
     pub project: Arc<PointwiseLayer>,
     pub residual: bool,
+    /// `dw_weight` in the blocked layout of [`depthwise_row_blocked`], when `mid` is a
+    /// multiple of [`BLOCK`] (else empty, and the band runs [`depthwise_row`]).
+    dw_blocked: Vec<f32>,
 }
 
 thread_local! {
-    /// Expanded input rows and depthwise output rows of the band being computed.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Expanded input rows, the same in the blocked layout, and depthwise output rows of the
+    /// band being computed.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
 impl CpuBlock {
+    /// A block from its folded weights: `dw_weight` `(k, k, mid)`, `dw_bias` `(mid,)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        expand: Option<Arc<PointwiseLayer>>,
+        dw_weight: Vec<f32>,
+        dw_bias: Vec<f32>,
+        k: usize,
+        stride: usize,
+        project: Arc<PointwiseLayer>,
+        residual: bool,
+    ) -> Self {
+        let mid = dw_bias.len();
+        let mut dw_blocked = Vec::new();
+        if mid > 0 && mid.is_multiple_of(BLOCK) && dw_weight.len() == k * k * mid {
+            dw_blocked = vec![0f32; dw_weight.len()];
+            to_blocked(&dw_weight, mid, &mut dw_blocked);
+        }
+        Self { expand, dw_weight, dw_bias, k, stride, project, residual, dw_blocked }
+    }
+
     /// NHWC `(n, h, w, cin)` -> `(output, oh, ow, cout)`, in bands of `band` output rows (as
     /// planned by [`band_rows`](Self::band_rows)).
     pub fn forward(
@@ -73,7 +98,8 @@ impl CpuBlock {
         if band == 0 {
             candle_core::bail!("fused block: bands of 0 rows");
         }
-        let g = Geometry { h, w, c: mid, k: self.k, stride: self.stride, top, left, relu6: true };
+        let blocked = !self.dw_blocked.is_empty();
+        let g = Geometry { h, w, c: mid, k: self.k, stride: self.stride, top, left, relu6: true, blocked };
         out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(image, image_out)| {
             let image_in = &x[image * h * w * cin..(image + 1) * h * w * cin];
             image_out.par_chunks_mut(band * ow * cout).enumerate().for_each(|(b, dst)| {
@@ -118,7 +144,7 @@ impl CpuBlock {
         let last = oy0 + rows_out - 1;
         let first_in = (oy0 * g.stride).saturating_sub(g.top);
         let end_in = g.h.min(last * g.stride + g.k - g.top);
-        SCRATCH.with_borrow_mut(|(expanded, dw)| {
+        SCRATCH.with_borrow_mut(|(expanded, blocked, dw)| {
             let src = &x[first_in * g.w * cin..end_in * g.w * cin];
             let rows: &[f32] = match &self.expand {
                 Some(e) => {
@@ -132,8 +158,16 @@ impl CpuBlock {
             // The depthwise kernel sees only the band's rows: shift its geometry to match.
             let band_g = Geometry { h: end_in - first_in, top: g.top + first_in, ..g };
             dw.resize(rows_out * ow * mid, 0.0);
-            for (r, row) in dw.chunks_exact_mut(ow * mid).enumerate() {
-                depthwise_row(rows, &self.dw_weight, &self.dw_bias, row, oy0 + r, band_g);
+            if !g.blocked {
+                for (r, row) in dw.chunks_exact_mut(ow * mid).enumerate() {
+                    depthwise_row(rows, &self.dw_weight, &self.dw_bias, row, oy0 + r, band_g);
+                }
+            } else {
+                blocked.resize(rows.len(), 0.0);
+                to_blocked(rows, mid, blocked);
+                for (r, row) in dw.chunks_exact_mut(ow * mid).enumerate() {
+                    depthwise_row(blocked, &self.dw_blocked, &self.dw_bias, row, oy0 + r, band_g);
+                }
             }
             let residual = self.residual.then(|| &x[oy0 * ow * cout..(oy0 + rows_out) * ow * cout]);
             let epilogue = Epilogue { bias: &self.project.bias, residual, relu6: false };

@@ -88,10 +88,11 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
     let mut out = vec![0f32; m * n];
     let threads = rayon::current_num_threads();
     let panels = n.div_ceil(NR);
-    if m.div_ceil(ROWS_PER_TASK) >= 2 * threads || panels < 2 {
-        out.par_chunks_mut(ROWS_PER_TASK * n).enumerate().for_each(|(task, dst)| {
+    if m >= 2 * MR * threads || panels < 2 {
+        let rows_per_task = balanced_rows(m, threads);
+        out.par_chunks_mut(rows_per_task * n).enumerate().for_each(|(task, dst)| {
             crate::background::yield_point();
-            let first = task * ROWS_PER_TASK;
+            let first = task * rows_per_task;
             let rows = dst.len() / n;
             let src = &x[first * k..(first + rows) * k];
             let residual = epilogue.residual.map(|r| &r[first * n..(first + rows) * n]);
@@ -118,6 +119,16 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
         }
     }
     out
+}
+
+/// Rows per parallel task for `m` rows on `threads` threads: about [`ROWS_PER_TASK`], with a
+/// task count that is a multiple of `threads` and tasks of equal size, so that no thread is
+/// left with one task more than the others (at 14x14 = 196 rows on 2 threads, tasks of 64
+/// rows would give one thread 128 rows and the other 68).
+pub fn balanced_rows(m: usize, threads: usize) -> usize {
+    let threads = threads.max(1);
+    let tasks = m.div_ceil(ROWS_PER_TASK).div_ceil(threads).max(1) * threads;
+    m.div_ceil(tasks).max(1)
 }
 
 /// [`matmul`] on the calling thread, into `dst` (`x.len() / w.k()` rows by `w.n()`).
@@ -169,10 +180,20 @@ fn rows_body<const FMA: bool>(
             store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
             r += MR;
         }
-        while r < rows {
-            let acc = tile::<1, FMA>(&src[r * k..(r + 1) * k], k, panel);
-            store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
-            r += 1;
+        match rows - r {
+            3 => {
+                let acc = tile::<3, FMA>(&src[r * k..(r + 3) * k], k, panel);
+                store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
+            }
+            2 => {
+                let acc = tile::<2, FMA>(&src[r * k..(r + 2) * k], k, panel);
+                store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
+            }
+            1 => {
+                let acc = tile::<1, FMA>(&src[r * k..(r + 1) * k], k, panel);
+                store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
+            }
+            _ => {}
         }
     }
 }
@@ -253,6 +274,21 @@ mod tests {
     }
 
     /// Odd sizes on every axis: partial panels, remainder rows, several tasks, k of 1.
+    #[test]
+    fn row_tasks_are_balanced() {
+        for threads in 1..=8 {
+            for m in 1..2000 {
+                let rows = balanced_rows(m, threads);
+                let tasks = m.div_ceil(rows);
+                assert!(rows >= 1 && tasks * rows >= m, "{m} rows, {threads} threads");
+                // Every task but the last is full, and the last is not much smaller.
+                assert!(m - (tasks - 1) * rows + tasks > rows, "{m} rows on {threads}: {rows} per task");
+            }
+        }
+        assert_eq!(balanced_rows(196, 2), 49);
+        assert_eq!(balanced_rows(49, 2), 25);
+    }
+
     #[test]
     fn matches_a_naive_product_with_every_epilogue() {
         for (m, k, n) in

@@ -162,15 +162,15 @@ impl Block {
             None => None,
         };
         let k = self.depthwise.weight.dim(0)?;
-        Ok(Some(Arc::new(CpuBlock {
+        Ok(Some(Arc::new(CpuBlock::new(
             expand,
-            dw_weight: self.depthwise.weight.flatten_all()?.to_vec1()?,
-            dw_bias: self.depthwise.bias.to_vec1()?,
+            self.depthwise.weight.flatten_all()?.to_vec1()?,
+            self.depthwise.bias.to_vec1()?,
             k,
-            stride: self.depthwise.stride,
-            project: project.clone(),
-            residual: self.residual,
-        })))
+            self.depthwise.stride,
+            project.clone(),
+            self.residual,
+        ))))
     }
 
     pub(super) fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {

@@ -9,7 +9,8 @@ use rayon::prelude::*;
 
 use super::Activation;
 use super::kernels::{
-    DenseGeometry, Geometry, add_bias_row, dense_row, depthwise_dims, depthwise_row, same_padding,
+    BLOCK, DenseGeometry, Geometry, add_bias_row, dense_row, depthwise_dims, depthwise_row, same_padding,
+    to_blocked,
 };
 use crate::encoder::fused::CpuBlock;
 use crate::encoder::pointwise::{self, Epilogue, PointwiseLayer};
@@ -359,9 +360,26 @@ impl CustomOp3 for DepthwiseOp {
         let wt = &s2.as_slice::<f32>()?[w0..w1];
         let bias = &s3.as_slice::<f32>()?[b0..b1];
         let DepthwiseSizes { n, h, w, c, k, oh, ow, .. } = s;
-        let g = Geometry { h, w, c, k, stride: s.stride, top: s.top, left: s.left, relu6: s.relu6 };
+        let blocked = c.is_multiple_of(BLOCK);
+        let g = Geometry { h, w, c, k, stride: s.stride, top: s.top, left: s.left, relu6: s.relu6, blocked };
         let mut out = vec![0f32; n * oh * ow * c];
-        if !out.is_empty() {
+        if !out.is_empty() && blocked {
+            // The tiled kernel's blocked layout (see `to_blocked`), one image per task; then
+            // one task per output row.
+            let mut weights = vec![0f32; wt.len()];
+            to_blocked(wt, c, &mut weights);
+            let mut blocked = vec![0f32; x.len()];
+            blocked
+                .par_chunks_mut(h * w * c)
+                .zip(x.par_chunks(h * w * c))
+                .for_each(|(dst, src)| to_blocked(src, c, dst));
+            out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
+                crate::background::yield_point();
+                let (image, oy) = (row / oh, row % oh);
+                let src = &blocked[image * h * w * c..(image + 1) * h * w * c];
+                depthwise_row(src, &weights, bias, dst, oy, g);
+            });
+        } else if !out.is_empty() {
             // One task per output row.
             out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
                 crate::background::yield_point();

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
+use super::kernels::{Geometry, depthwise_row, same_padding, to_blocked};
 use super::tests::depthwise_conv2d_nhwc;
 use super::{Activation, Kernels, LiteNet};
 
@@ -88,4 +89,73 @@ fn profile_forward() {
             );
         }
     });
+}
+
+/// The depthwise kernels alone, one image row at a time on one thread: the channels-last
+/// kernel against the blocked one (including the repack), on Lite0's shapes. Run with
+/// `cargo test --release --lib encoder::lite::profile::depthwise -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing printout, not a test"]
+fn depthwise_kernels() {
+    let shapes = [
+        (112, 32, 3, 1),
+        (112, 96, 3, 2),
+        (56, 144, 3, 1),
+        (56, 144, 5, 2),
+        (28, 240, 5, 1),
+        (14, 480, 3, 1),
+        (14, 672, 5, 1),
+        (7, 1152, 5, 1),
+    ];
+    let (mut tot, mut totb) = (0.0, 0.0);
+    for (h, c, k, s) in shapes {
+        let src: Vec<f32> = (0..h * h * c).map(|i| (i % 7) as f32 * 0.1).collect();
+        let wt: Vec<f32> = (0..k * k * c).map(|i| (i % 5) as f32 * 0.1).collect();
+        let bias = vec![0.1f32; c];
+        let (oh, top, _) = same_padding(h, k, s);
+        let g = Geometry { h, w: h, c, k, stride: s, top, left: top, relu6: true, blocked: false };
+        let gb = Geometry { blocked: true, ..g };
+        let mut dst = vec![0f32; oh * oh * c];
+        let mut dst2 = vec![0f32; oh * oh * c];
+        let mut blocked = vec![0f32; src.len()];
+        let mut wtb = vec![0f32; wt.len()];
+        to_blocked(&wt, c, &mut wtb);
+        let time = |f: &mut dyn FnMut()| {
+            let mut best = f64::MAX;
+            for _ in 0..30 {
+                let t = std::time::Instant::now();
+                for _ in 0..5 {
+                    f();
+                }
+                best = best.min(t.elapsed().as_secs_f64() / 5.0);
+            }
+            best
+        };
+        let a = time(&mut || {
+            for (oy, row) in dst.chunks_exact_mut(oh * c).enumerate() {
+                depthwise_row(&src, &wt, &bias, row, oy, g);
+            }
+        });
+        let b = time(&mut || {
+            to_blocked(&src, c, &mut blocked);
+            for (oy, row) in dst2.chunks_exact_mut(oh * c).enumerate() {
+                depthwise_row(&blocked, &wtb, &bias, row, oy, gb);
+            }
+        });
+        assert!(
+            dst.iter().zip(&dst2).all(|(x, y)| (x - y).abs() <= 1e-4 * (1.0 + x.abs())),
+            "{h} {c} {k} {s}"
+        );
+        tot += a;
+        totb += b;
+        let macs = (oh * oh * c * k * k) as f64;
+        println!(
+            "{h:>4}x{c:>5} k{k} s{s}: {:8.1} us {:6.1} GMAC/s | blocked incl. repack {:8.1} us {:6.1} GMAC/s",
+            a * 1e6,
+            macs / a / 1e9,
+            b * 1e6,
+            macs / b / 1e9
+        );
+    }
+    println!("total {:.1} us, blocked {:.1} us", tot * 1e6, totb * 1e6);
 }

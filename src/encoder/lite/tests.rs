@@ -84,6 +84,15 @@ fn depthwise_kernels_match_grouped_conv2d() {
         (1, 2, 4, 3, 5, 2),
         (3, 1, 1, 1, 3, 1),
         (1, 17, 6, 5, 3, 2),
+        // Multiples of 16 channels take the blocked, tiled kernel: tiles and edge pixels,
+        // both strides and kernel sizes, maps narrower than a tile.
+        (2, 32, 9, 11, 3, 1),
+        (1, 16, 10, 13, 3, 2),
+        (1, 48, 13, 8, 5, 2),
+        (2, 16, 12, 17, 5, 1),
+        (1, 32, 3, 3, 5, 1),
+        (1, 16, 1, 1, 3, 1),
+        (1, 16, 14, 14, 5, 2),
     ] {
         let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
         let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();
