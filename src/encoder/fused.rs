@@ -45,6 +45,17 @@ thread_local! {
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
 }
 
+/// When the last of `images` x `costs` tasks (in that order) finishes, each taken by the first
+/// of `threads` threads to come free.
+fn finish_time(costs: &[usize], images: usize, threads: usize) -> usize {
+    let mut free = vec![0usize; threads.max(1)];
+    for &cost in costs.iter().cycle().take(costs.len() * images) {
+        let first = free.iter_mut().min().expect("at least one thread");
+        *first += cost;
+    }
+    free.into_iter().max().unwrap_or(0)
+}
+
 impl CpuBlock {
     /// A block from its folded weights: `dw_weight` `(k, k, mid)`, `dw_bias` `(mid,)`.
     #[allow(clippy::too_many_arguments)]
@@ -111,29 +122,39 @@ impl CpuBlock {
     }
 
     /// Output rows per band for `n` images of `h` x `w`, or `None` when fusing does not pay
-    /// and the block should run unfused: when bands small enough for the scratch would expand
-    /// shared rows more than [`MAX_OVERLAP`] times over, or there are too few bands to keep
-    /// every thread busy (small late-stage maps at batch 1; they fit in cache anyway).
+    /// and the block should run unfused: when every band small enough for the scratch would
+    /// expand shared rows more than [`MAX_OVERLAP`] times over, or there are fewer bands than
+    /// threads (small late-stage maps at batch 1; they fit in cache anyway).
+    ///
+    /// Among the band heights that qualify, the one that finishes soonest when the threads
+    /// take the bands in order as they come free, each band costing its input rows (the
+    /// expansion, the bulk of the work). At 14x14 on 2 threads that is two bands of 7 rows,
+    /// where a fixed split into at least two bands per thread would make 4, 4, 4 and 2.
     pub fn band_rows(&self, n: usize, h: usize, w: usize) -> Option<usize> {
         let mid = self.dw_bias.len();
         let (oh, top, _) = same_padding(h, self.k, self.stride);
-        if oh == 0 {
+        if oh == 0 || n == 0 {
             return None;
         }
         let rows_in = SCRATCH_BYTES / (4 * w * mid).max(1);
         let by_cache = (rows_in.saturating_sub(self.k) / self.stride + 1).clamp(1, oh);
         let threads = rayon::current_num_threads();
-        let band = by_cache.min((n * oh).div_ceil(2 * threads).max(1));
-        // Input rows expanded per band, clipped to the image, against the rows it advances.
-        let expanded = (0..oh)
-            .step_by(band)
-            .map(|oy0| {
-                let last = (oy0 + band).min(oh) - 1;
-                h.min(last * self.stride + self.k - top) - (oy0 * self.stride).saturating_sub(top)
+        (1..=by_cache)
+            .rev()
+            .filter_map(|band| {
+                // Input rows each band of one image expands, clipped to the image.
+                let rows: Vec<usize> = (0..oh)
+                    .step_by(band)
+                    .map(|oy0| {
+                        let last = (oy0 + band).min(oh) - 1;
+                        h.min(last * self.stride + self.k - top) - (oy0 * self.stride).saturating_sub(top)
+                    })
+                    .collect();
+                let fits = rows.iter().sum::<usize>() as f64 <= MAX_OVERLAP * h as f64;
+                (fits && n * rows.len() >= threads).then(|| (finish_time(&rows, n, threads), band))
             })
-            .sum::<usize>();
-        let bands = n * oh.div_ceil(band);
-        (expanded as f64 <= MAX_OVERLAP * h as f64 && bands >= 2 * threads).then_some(band)
+            .min_by_key(|&(time, band)| (time, std::cmp::Reverse(band)))
+            .map(|(_, band)| band)
     }
 
     /// Computes output rows `oy0..` of one image into `dst` (whole rows of `ow * cout`).
@@ -173,5 +194,19 @@ impl CpuBlock {
             let epilogue = Epilogue { bias: &self.project.bias, residual, relu6: false };
             matmul_into(dw, &self.project.weights, epilogue, dst);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::finish_time;
+
+    #[test]
+    fn bands_are_timed_as_threads_take_them() {
+        assert_eq!(finish_time(&[9, 9], 1, 2), 9);
+        // 4, 4, 4 and 2 rows on 2 threads: one thread does two bands of 4 (plus overlap).
+        assert_eq!(finish_time(&[6, 8, 8, 4], 1, 2), 14);
+        assert_eq!(finish_time(&[6, 8, 8, 4], 2, 2), 26);
+        assert_eq!(finish_time(&[5], 3, 1), 15);
     }
 }

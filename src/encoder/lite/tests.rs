@@ -203,6 +203,23 @@ fn fused_blocks_match_the_unfused_path() {
     assert!(fused >= 16, "only {fused} block runs were fused");
 }
 
+/// At batch 1 on 2 threads, a 14x14 map fuses as two bands of 7 rows (one per thread), and
+/// the 7x7 maps with 5x5 kernels run unfused (no band plan avoids expanding shared rows
+/// twice over).
+#[test]
+fn band_plans_share_small_maps_evenly() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/model.safetensors");
+    let net = LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let plan = |i: usize, n: usize, side: usize| {
+        pool.install(|| net.blocks[i].cpu.as_ref().unwrap().band_rows(n, side, side))
+    };
+    assert_eq!(plan(6, 1, 14), Some(7));
+    assert!(plan(6, 4, 14).is_some());
+    assert_eq!(plan(12, 1, 7), None);
+}
+
 /// Runs every block both ways; returns how many runs took the fused path.
 fn check_blocks(net: &LiteNet) -> usize {
     let mut fused = 0;
