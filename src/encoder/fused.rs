@@ -14,10 +14,15 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::lite::kernels::{BLOCK, Geometry, depthwise_row, same_padding, to_blocked};
-use super::pointwise::{Epilogue, PointwiseLayer, matmul_into};
+use super::pointwise::{Epilogue, OUT_BLOCK, PointwiseLayer, matmul_into, matmul_into_blocked};
 
-/// Target size of one band's expanded input rows.
-const SCRATCH_BYTES: usize = 384 * 1024;
+// The expand writes the blocks the depthwise kernel reads.
+const _: () = assert!(OUT_BLOCK == BLOCK);
+
+/// Target size of one band's expanded input rows, per thread: within a 1-2 MiB L2 cache
+/// with the band's depthwise output beside it. (384 KiB kept Lite0's 14x14x672 blocks from
+/// fusing at batch 1 on 2 threads: two bands of 7 rows need 9 expanded rows each.)
+const SCRATCH_BYTES: usize = 768 * 1024;
 /// Most expanded rows per input row that fusing may cost (rows shared by bands count twice).
 const MAX_OVERLAP: f64 = 1.4;
 
@@ -167,28 +172,36 @@ impl CpuBlock {
         let end_in = g.h.min(last * g.stride + g.k - g.top);
         SCRATCH.with_borrow_mut(|(expanded, blocked, dw)| {
             let src = &x[first_in * g.w * cin..end_in * g.w * cin];
-            let rows: &[f32] = match &self.expand {
-                Some(e) => {
-                    expanded.resize((end_in - first_in) * g.w * mid, 0.0);
-                    let epilogue = Epilogue { bias: &e.bias, residual: None, relu6: true };
-                    matmul_into(src, &e.weights, epilogue, expanded);
-                    expanded
+            let expand = Epilogue {
+                bias: self.expand.as_ref().map_or(&[][..], |e| &e.bias),
+                residual: None,
+                relu6: true,
+            };
+            let pixels = (end_in - first_in) * g.w;
+            // The band's input rows, expanded, in the layout the depthwise kernel reads.
+            let (rows, weights): (&[f32], &[f32]) = match (&self.expand, g.blocked) {
+                (Some(e), false) => {
+                    expanded.resize(pixels * mid, 0.0);
+                    matmul_into(src, &e.weights, expand, expanded);
+                    (expanded, &self.dw_weight)
                 }
-                None => src,
+                (Some(e), true) => {
+                    blocked.resize(pixels * mid, 0.0);
+                    matmul_into_blocked(src, &e.weights, expand, blocked);
+                    (blocked, &self.dw_blocked)
+                }
+                (None, false) => (src, &self.dw_weight),
+                (None, true) => {
+                    blocked.resize(src.len(), 0.0);
+                    to_blocked(src, mid, blocked);
+                    (blocked, &self.dw_blocked)
+                }
             };
             // The depthwise kernel sees only the band's rows: shift its geometry to match.
             let band_g = Geometry { h: end_in - first_in, top: g.top + first_in, ..g };
             dw.resize(rows_out * ow * mid, 0.0);
-            if !g.blocked {
-                for (r, row) in dw.chunks_exact_mut(ow * mid).enumerate() {
-                    depthwise_row(rows, &self.dw_weight, &self.dw_bias, row, oy0 + r, band_g);
-                }
-            } else {
-                blocked.resize(rows.len(), 0.0);
-                to_blocked(rows, mid, blocked);
-                for (r, row) in dw.chunks_exact_mut(ow * mid).enumerate() {
-                    depthwise_row(blocked, &self.dw_blocked, &self.dw_bias, row, oy0 + r, band_g);
-                }
+            for (r, row) in dw.chunks_exact_mut(ow * mid).enumerate() {
+                depthwise_row(rows, weights, &self.dw_bias, row, oy0 + r, band_g);
             }
             let residual = self.residual.then(|| &x[oy0 * ow * cout..(oy0 + rows_out) * ow * cout]);
             let epilogue = Epilogue { bias: &self.project.bias, residual, relu6: false };

@@ -109,7 +109,7 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
             let col0 = range.start * NR;
             let cols = (range.end * NR).min(n) - col0;
             let mut dst = vec![0f32; m * cols];
-            rows_kernel(x, w, range, epilogue, Out { dst: &mut dst, ld: cols, col0 });
+            rows_kernel(x, w, range, epilogue, Out { dst: &mut dst, ld: cols, col0, block_rows: 0 });
             (col0, cols, dst)
         })
         .collect();
@@ -140,14 +140,32 @@ pub fn matmul_into(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>, dst: &m
         assert_eq!(r.len(), dst.len(), "residual shape");
     }
     let panels = w.n.div_ceil(NR);
-    rows_kernel(&x[..rows * w.k], w, 0..panels, epilogue, Out { dst, ld: w.n, col0: 0 });
+    rows_kernel(&x[..rows * w.k], w, 0..panels, epilogue, Out { dst, ld: w.n, col0: 0, block_rows: 0 });
 }
 
-/// Where a kernel call writes: rows of `ld` values holding output columns `col0..`.
+/// [`matmul_into`] with the output in blocks of [`OUT_BLOCK`] channels: `w.n() / OUT_BLOCK`
+/// planes of `(rows, OUT_BLOCK)`, the layout the depthwise kernel's tiles read (no
+/// residual; `w.n()` a multiple of [`OUT_BLOCK`]).
+pub fn matmul_into_blocked(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>, dst: &mut [f32]) {
+    let rows = x.len() / w.k;
+    assert_eq!(dst.len(), rows * w.n, "output shape");
+    assert_eq!(epilogue.bias.len(), w.n, "bias length");
+    assert!(epilogue.residual.is_none(), "no residual in the blocked layout");
+    assert!(w.n.is_multiple_of(OUT_BLOCK), "{} channels are not whole blocks", w.n);
+    let panels = w.n.div_ceil(NR);
+    rows_kernel(&x[..rows * w.k], w, 0..panels, epilogue, Out { dst, ld: w.n, col0: 0, block_rows: rows });
+}
+
+/// Channels per block of [`matmul_into_blocked`]'s output (half a panel).
+pub const OUT_BLOCK: usize = NR / 2;
+
+/// Where a kernel call writes: rows of `ld` values holding output columns `col0..`, or, when
+/// `block_rows` is not 0, planes of `(block_rows, OUT_BLOCK)` (see [`matmul_into_blocked`]).
 struct Out<'a> {
     dst: &'a mut [f32],
     ld: usize,
     col0: usize,
+    block_rows: usize,
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -226,6 +244,20 @@ fn store<const R: usize>(
     out: &mut Out<'_>,
 ) {
     let bias = &epilogue.bias[col..col + cols];
+    if out.block_rows > 0 {
+        // `col` starts a panel, so each half of the tile is one block's row.
+        for (i, acc_row) in acc.iter().enumerate() {
+            for (half, (values, bias)) in
+                acc_row[..cols].chunks(OUT_BLOCK).zip(bias.chunks(OUT_BLOCK)).enumerate()
+            {
+                let at = ((col / OUT_BLOCK + half) * out.block_rows + row + i) * OUT_BLOCK;
+                for ((o, &s), &b) in out.dst[at..at + values.len()].iter_mut().zip(values).zip(bias) {
+                    *o = if epilogue.relu6 { (s + b).clamp(0.0, 6.0) } else { s + b };
+                }
+            }
+        }
+        return;
+    }
     for (i, acc_row) in acc.iter().enumerate() {
         let at = (row + i) * out.ld + col - out.col0;
         let dst = &mut out.dst[at..at + cols];
@@ -274,6 +306,27 @@ mod tests {
     }
 
     /// Odd sizes on every axis: partial panels, remainder rows, several tasks, k of 1.
+    #[test]
+    fn blocked_output_holds_the_same_values() {
+        for (m, k, n) in [(1, 3, 16), (7, 24, 48), (13, 40, 96), (5, 8, 144)] {
+            let (x, w, bias) = (values(m * k, 1), values(k * n, 2), values(n, 3));
+            let packed = PackedWeights::pack(&w, k, n);
+            for relu6 in [false, true] {
+                let e = Epilogue { bias: &bias, residual: None, relu6 };
+                let mut flat = vec![0f32; m * n];
+                matmul_into(&x, &packed, e, &mut flat);
+                let mut blocked = vec![f32::NAN; m * n];
+                matmul_into_blocked(&x, &packed, e, &mut blocked);
+                for r in 0..m {
+                    for c in 0..n {
+                        let b = blocked[((c / OUT_BLOCK) * m + r) * OUT_BLOCK + c % OUT_BLOCK];
+                        assert_eq!(b.to_bits(), flat[r * n + c].to_bits(), "{m}x{k}x{n} [{r}][{c}]");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn row_tasks_are_balanced() {
         for threads in 1..=8 {
