@@ -73,8 +73,7 @@ fn profile_forward() {
                 }
                 let s = Instant::now();
                 let h = net.head.forward(&y, Activation::Relu6, K).unwrap();
-                let (a, hh, ww, c) = h.dims4().unwrap();
-                let _p = h.reshape((a, hh * ww, c)).unwrap().mean(1).unwrap();
+                let _p = net.pool(&h, crate::encoder::Pooling::Average).unwrap();
                 t[4] += s.elapsed().as_secs_f64();
             }
             let ms = |v: f64| v * 1e3 / (reps * n) as f64;
@@ -158,4 +157,28 @@ fn depthwise_kernels() {
         );
     }
     println!("total {:.1} us, blocked {:.1} us", tot * 1e6, totb * 1e6);
+}
+
+#[test]
+#[ignore = "timing printout, not a test"]
+fn head_parts() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/model.safetensors");
+    let net = LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap();
+    for n in [1usize, 4] {
+        let y = Tensor::randn(0f32, 1.0, (n, 7, 7, 320), &Device::Cpu).unwrap();
+        let h = net.head.forward(&y, Activation::Relu6, K).unwrap();
+        let reps = 200;
+        let t = Instant::now();
+        for _ in 0..reps {
+            net.head.forward(&y, Activation::Relu6, K).unwrap();
+        }
+        let a = t.elapsed().as_secs_f64() / reps as f64;
+        let t = Instant::now();
+        for _ in 0..reps {
+            crate::encoder::pool::pool(&h, crate::encoder::Pooling::Average, K).unwrap();
+        }
+        let b = t.elapsed().as_secs_f64() / reps as f64;
+        println!("batch {n}: head matmul {:.3} ms, average pool {:.3} ms", a * 1e3, b * 1e3);
+    }
 }
