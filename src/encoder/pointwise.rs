@@ -30,13 +30,18 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs a row-major `(k, n)` matrix.
+    /// Packs a row-major `(k, n)` matrix. The last panel is half wide ([`OUT_BLOCK`] columns)
+    /// when at most that many columns are left for it, so narrow outputs (16, 40, 80, 112,
+    /// 144 channels) do not multiply a half panel of zeros.
     pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n, "weight matrix is not {k}x{n}");
-        let mut panels = vec![0f32; n.div_ceil(NR) * k * NR];
-        for (p, panel) in panels.chunks_exact_mut((k * NR).max(1)).enumerate() {
-            let cols = (n - p * NR).min(NR);
-            for (row, dst) in panel.chunks_exact_mut(NR).enumerate() {
+        let panels_len = (0..n.div_ceil(NR)).map(|p| k * panel_width(n, p)).sum();
+        let mut panels = vec![0f32; panels_len];
+        for p in 0..n.div_ceil(NR) {
+            let width = panel_width(n, p);
+            let cols = (n - p * NR).min(width);
+            let panel = &mut panels[p * k * NR..p * k * NR + k * width];
+            for (row, dst) in panel.chunks_exact_mut(width).enumerate() {
                 dst[..cols].copy_from_slice(&w[row * n + p * NR..][..cols]);
             }
         }
@@ -52,6 +57,13 @@ impl PackedWeights {
     pub fn n(&self) -> usize {
         self.n
     }
+}
+
+/// Columns of panel `p` of an `n`-column matrix: [`NR`], or half that for a last panel of at
+/// most [`OUT_BLOCK`] columns. Every panel before the last is full, so panel `p` starts at
+/// column `p * NR` and at `p * k * NR` in the packed values.
+fn panel_width(n: usize, p: usize) -> usize {
+    if n - p * NR <= OUT_BLOCK { OUT_BLOCK } else { NR }
 }
 
 /// A 1x1 convolution ready for [`matmul`]: packed weights and the per-channel bias.
@@ -187,41 +199,67 @@ fn rows_body<const FMA: bool>(
     epilogue: Epilogue<'_>,
     mut out: Out<'_>,
 ) {
-    let k = w.k;
-    let rows = src.len() / k;
     for p in panels {
-        let panel = &w.panels[p * k * NR..(p + 1) * k * NR];
-        let cols = (w.n - p * NR).min(NR);
-        let mut r = 0;
-        while r + MR <= rows {
-            let acc = tile::<MR, FMA>(&src[r * k..(r + MR) * k], k, panel);
-            store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
-            r += MR;
-        }
-        match rows - r {
-            3 => {
-                let acc = tile::<3, FMA>(&src[r * k..(r + 3) * k], k, panel);
-                store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
-            }
-            2 => {
-                let acc = tile::<2, FMA>(&src[r * k..(r + 2) * k], k, panel);
-                store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
-            }
-            1 => {
-                let acc = tile::<1, FMA>(&src[r * k..(r + 1) * k], k, panel);
-                store(&acc, r, p * NR, cols, w.n, epilogue, &mut out);
-            }
-            _ => {}
+        let width = panel_width(w.n, p);
+        let panel = &w.panels[p * w.k * NR..p * w.k * NR + w.k * width];
+        let at = Columns { first: p * NR, count: (w.n - p * NR).min(width), n: w.n };
+        if width == NR {
+            panel_rows::<NR, FMA>(src, w.k, panel, at, epilogue, &mut out);
+        } else {
+            panel_rows::<OUT_BLOCK, FMA>(src, w.k, panel, at, epilogue, &mut out);
         }
     }
 }
 
-/// `R` rows of `a` (each `k` long) times one panel, accumulated in registers.
+/// Output columns `first..first + count` of `n`.
+#[derive(Clone, Copy)]
+struct Columns {
+    first: usize,
+    count: usize,
+    n: usize,
+}
+
+/// Every row of `src` times one panel of `W` columns: tiles of 8 rows for half panels (one
+/// register per row), [`MR`] for full ones, then a tile for the 1-3 rows left.
 #[inline(always)]
-fn tile<const R: usize, const FMA: bool>(a: &[f32], k: usize, panel: &[f32]) -> [[f32; NR]; R] {
+fn panel_rows<const W: usize, const FMA: bool>(
+    src: &[f32],
+    k: usize,
+    panel: &[f32],
+    at: Columns,
+    epilogue: Epilogue<'_>,
+    out: &mut Out<'_>,
+) {
+    let rows = src.len() / k;
+    let mut r = 0;
+    while W < NR && r + 8 <= rows {
+        let acc = tile::<8, W, FMA>(&src[r * k..(r + 8) * k], k, panel);
+        store(&acc, r, at, epilogue, out);
+        r += 8;
+    }
+    while r + MR <= rows {
+        let acc = tile::<MR, W, FMA>(&src[r * k..(r + MR) * k], k, panel);
+        store(&acc, r, at, epilogue, out);
+        r += MR;
+    }
+    match rows - r {
+        3 => store(&tile::<3, W, FMA>(&src[r * k..(r + 3) * k], k, panel), r, at, epilogue, out),
+        2 => store(&tile::<2, W, FMA>(&src[r * k..(r + 2) * k], k, panel), r, at, epilogue, out),
+        1 => store(&tile::<1, W, FMA>(&src[r * k..(r + 1) * k], k, panel), r, at, epilogue, out),
+        _ => {}
+    }
+}
+
+/// `R` rows of `a` (each `k` long) times one panel of `W` columns, accumulated in registers.
+#[inline(always)]
+fn tile<const R: usize, const W: usize, const FMA: bool>(
+    a: &[f32],
+    k: usize,
+    panel: &[f32],
+) -> [[f32; W]; R] {
     let rows: [&[f32]; R] = std::array::from_fn(|i| &a[i * k..(i + 1) * k]);
-    let mut acc = [[0f32; NR]; R];
-    for (kk, b) in panel.chunks_exact(NR).enumerate().take(k) {
+    let mut acc = [[0f32; W]; R];
+    for (kk, b) in panel.chunks_exact(W).enumerate().take(k) {
         for (acc_row, a_row) in acc.iter_mut().zip(&rows) {
             let v = a_row[kk];
             for (s, &bv) in acc_row.iter_mut().zip(b) {
@@ -232,17 +270,16 @@ fn tile<const R: usize, const FMA: bool>(a: &[f32], k: usize, panel: &[f32]) -> 
     acc
 }
 
-/// Writes a tile's valid columns (`cols` from output column `col`) with the epilogue applied.
+/// Writes a tile's valid columns (`at`) with the epilogue applied.
 #[inline(always)]
-fn store<const R: usize>(
-    acc: &[[f32; NR]; R],
+fn store<const R: usize, const W: usize>(
+    acc: &[[f32; W]; R],
     row: usize,
-    col: usize,
-    cols: usize,
-    n: usize,
+    at: Columns,
     epilogue: Epilogue<'_>,
     out: &mut Out<'_>,
 ) {
+    let Columns { first: col, count: cols, n } = at;
     let bias = &epilogue.bias[col..col + cols];
     if out.block_rows > 0 {
         // `col` starts a panel, so each half of the tile is one block's row.
