@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::lite::kernels::{BLOCK, Geometry, depthwise_row, same_padding, to_blocked};
+use super::lite::kernels::{BLOCK, Geometry, blocked_pays, depthwise_row, same_padding, to_blocked};
 use super::pointwise::{Epilogue, OUT_BLOCK, PointwiseLayer, matmul_into, matmul_into_blocked};
 
 // The expand writes the blocks the depthwise kernel reads.
@@ -114,8 +114,9 @@ impl CpuBlock {
         if band == 0 {
             candle_core::bail!("fused block: bands of 0 rows");
         }
-        let blocked = !self.dw_blocked.is_empty();
-        let g = Geometry { h, w, c: mid, k: self.k, stride: self.stride, top, left, relu6: true, blocked };
+        let g =
+            Geometry { h, w, c: mid, k: self.k, stride: self.stride, top, left, relu6: true, blocked: false };
+        let g = Geometry { blocked: !self.dw_blocked.is_empty() && blocked_pays(g), ..g };
         out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(image, image_out)| {
             let image_in = &x[image * h * w * cin..(image + 1) * h * w * cin];
             image_out.par_chunks_mut(band * ow * cout).enumerate().for_each(|(b, dst)| {

@@ -271,6 +271,24 @@ fn depthwise_pixel<const W: usize, const FMA: bool>(
     out[c0..c0 + W].copy_from_slice(&acc);
 }
 
+/// Output columns `start..end` whose horizontal taps `0..k` all lie inside the row:
+/// `ox * s >= left` and `ox * s + k - left <= w`.
+fn inner_columns(ow: usize, g: Geometry) -> (usize, usize) {
+    let start = g.left.div_ceil(g.stride);
+    let end = if g.w + g.left >= g.k { ((g.w + g.left - g.k) / g.stride + 1).min(ow) } else { 0 };
+    (start, end.max(start))
+}
+
+/// Whether the blocked layout pays for a depthwise convolution of this geometry (`c` a
+/// multiple of [`BLOCK`] aside): when tiles of 4 pixels cover at least half of each output
+/// row. On narrower maps (7x7 with a 5x5 kernel: no tile at all) the per-pixel blocked path
+/// and the repack cost more than the channels-last kernel's 64-lane pixels.
+pub(in crate::encoder) fn blocked_pays(g: Geometry) -> bool {
+    let ow = g.w.div_ceil(g.stride);
+    let (start, end) = inner_columns(ow, g);
+    matches!((g.k, g.stride), (3 | 5, 1 | 2)) && 2 * ((end - start) / 4 * 4) >= ow
+}
+
 /// Channels per block of the blocked layout the tiled depthwise kernel reads.
 pub(in crate::encoder) const BLOCK: usize = 16;
 
@@ -300,8 +318,7 @@ fn blocked_body<const FMA: bool>(
     let ow = dst.len() / c;
     let plane = g.h * g.w * BLOCK;
     let ky = tap_range(oy, g.stride, g.top, g.h, g.k);
-    let inner_start = g.left.div_ceil(g.stride);
-    let inner_end = if g.w + g.left >= g.k { ((g.w + g.left - g.k) / g.stride + 1).min(ow) } else { 0 };
+    let (inner_start, inner_end) = inner_columns(ow, g);
     for cb in 0..c / BLOCK {
         let input: &[[f32; BLOCK]] = bytemuck::cast_slice(&src[cb * plane..(cb + 1) * plane]);
         let weights: &[[f32; BLOCK]] =

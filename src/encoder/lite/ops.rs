@@ -9,8 +9,8 @@ use rayon::prelude::*;
 
 use super::Activation;
 use super::kernels::{
-    BLOCK, DenseGeometry, Geometry, add_bias_row, dense_row, depthwise_dims, depthwise_row, same_padding,
-    to_blocked,
+    BLOCK, DenseGeometry, Geometry, add_bias_row, blocked_pays, dense_row, depthwise_dims, depthwise_row,
+    same_padding, to_blocked,
 };
 use crate::encoder::fused::CpuBlock;
 use crate::encoder::pointwise::{self, Epilogue, PointwiseLayer};
@@ -360,8 +360,19 @@ impl CustomOp3 for DepthwiseOp {
         let wt = &s2.as_slice::<f32>()?[w0..w1];
         let bias = &s3.as_slice::<f32>()?[b0..b1];
         let DepthwiseSizes { n, h, w, c, k, oh, ow, .. } = s;
-        let blocked = c.is_multiple_of(BLOCK);
-        let g = Geometry { h, w, c, k, stride: s.stride, top: s.top, left: s.left, relu6: s.relu6, blocked };
+        let g = Geometry {
+            h,
+            w,
+            c,
+            k,
+            stride: s.stride,
+            top: s.top,
+            left: s.left,
+            relu6: s.relu6,
+            blocked: false,
+        };
+        let blocked = c.is_multiple_of(BLOCK) && blocked_pays(g);
+        let g = Geometry { blocked, ..g };
         let mut out = vec![0f32; n * oh * ow * c];
         if !out.is_empty() && blocked {
             // The tiled kernel's blocked layout (see `to_blocked`), one image per task; then
@@ -369,10 +380,14 @@ impl CustomOp3 for DepthwiseOp {
             let mut weights = vec![0f32; wt.len()];
             to_blocked(wt, c, &mut weights);
             let mut blocked = vec![0f32; x.len()];
-            blocked
-                .par_chunks_mut(h * w * c)
-                .zip(x.par_chunks(h * w * c))
-                .for_each(|(dst, src)| to_blocked(src, c, dst));
+            // One task per channel block of each image (a whole image is too few at batch 1).
+            blocked.par_chunks_mut(h * w * BLOCK).enumerate().for_each(|(plane, dst)| {
+                let (image, cb) = (plane / (c / BLOCK), plane % (c / BLOCK));
+                let src = &x[image * h * w * c..(image + 1) * h * w * c];
+                for (d, px) in dst.chunks_exact_mut(BLOCK).zip(src.chunks_exact(c)) {
+                    d.copy_from_slice(&px[cb * BLOCK..(cb + 1) * BLOCK]);
+                }
+            });
             out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
                 crate::background::yield_point();
                 let (image, oy) = (row / oh, row % oh);

@@ -11,12 +11,17 @@ use super::{Activation, Kernels, LiteNet};
 
 const K: Kernels = Kernels::Cpu;
 
+/// The bundled Lite0 network on the CPU.
+fn lite0() -> LiteNet {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/model.safetensors");
+    LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap()
+}
+
 #[test]
 #[ignore = "timing printout, not a test"]
 fn profile_forward() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/model.safetensors");
-    let net = LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap();
+    let net = lite0();
     let dev = Device::Cpu;
     dev.with_context(|| {
         let mut x = net.stem.forward(&Tensor::randn(0f32, 1.0, (1, 3, 224, 224), &dev).unwrap(), K).unwrap();
@@ -162,9 +167,7 @@ fn depthwise_kernels() {
 #[test]
 #[ignore = "timing printout, not a test"]
 fn head_parts() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/model.safetensors");
-    let net = LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap();
+    let net = lite0();
     for n in [1usize, 4] {
         let y = Tensor::randn(0f32, 1.0, (n, 7, 7, 320), &Device::Cpu).unwrap();
         let h = net.head.forward(&y, Activation::Relu6, K).unwrap();
@@ -180,5 +183,34 @@ fn head_parts() {
         }
         let b = t.elapsed().as_secs_f64() / reps as f64;
         println!("batch {n}: head matmul {:.3} ms, average pool {:.3} ms", a * 1e3, b * 1e3);
+    }
+}
+
+#[test]
+#[ignore = "timing printout, not a test"]
+fn unfused_parts() {
+    let net = lite0();
+    for (i, side, cin) in [(12usize, 7usize, 192usize), (11, 14, 112), (0, 112, 32)] {
+        let b = &net.blocks[i];
+        let x = Tensor::randn(0f32, 1.0, (1, side, side, cin), &Device::Cpu).unwrap();
+        let reps = 300;
+        let time = |f: &dyn Fn() -> Tensor| {
+            f();
+            let t = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t.elapsed().as_secs_f64() / reps as f64 * 1e3
+        };
+        let e = b.expand.as_ref().map(|e| e.forward(&x, Activation::Relu6, K).unwrap()).unwrap_or(x.clone());
+        let d = b.depthwise.forward(&e, K).unwrap();
+        let te = b.expand.as_ref().map_or(0.0, |ex| time(&|| ex.forward(&x, Activation::Relu6, K).unwrap()));
+        let td = time(&|| b.depthwise.forward(&e, K).unwrap());
+        let tp = time(&|| b.project.forward(&d, Activation::None, K).unwrap());
+        let tf = time(&|| b.forward(&x, K).unwrap());
+        println!(
+            "block {i}: expand {te:.3} depthwise {td:.3} project {tp:.3} sum {:.3} | block {tf:.3} ms",
+            te + td + tp
+        );
     }
 }

@@ -203,6 +203,22 @@ fn fused_blocks_match_the_unfused_path() {
     assert!(fused >= 16, "only {fused} block runs were fused");
 }
 
+/// The blocked depthwise layout is used where tiles cover at least half of each row.
+#[test]
+fn blocked_layout_only_where_tiles_cover_the_rows() {
+    use super::kernels::{Geometry, blocked_pays, same_padding};
+    let geometry = |side: usize, k: usize, stride: usize| {
+        let (_, top, _) = same_padding(side, k, stride);
+        Geometry { h: side, w: side, c: 16, k, stride, top, left: top, relu6: true, blocked: false }
+    };
+    assert!(blocked_pays(geometry(14, 5, 1)));
+    assert!(blocked_pays(geometry(56, 3, 2)));
+    assert!(blocked_pays(geometry(7, 3, 1)));
+    assert!(!blocked_pays(geometry(7, 5, 1)), "a 7-wide row has no 4 pixels with all 5x5 taps inside");
+    assert!(!blocked_pays(geometry(8, 5, 2)));
+    assert!(!blocked_pays(geometry(28, 7, 1)), "no tiled form for 7x7 kernels");
+}
+
 /// At batch 1 on 2 threads, a 14x14 map fuses as two bands of 7 rows (one per thread), and
 /// the 7x7 maps with 5x5 kernels run unfused (no band plan avoids expanding shared rows
 /// twice over).
