@@ -63,9 +63,8 @@ fn bench_encoder(c: &mut Criterion) {
 /// vitrine's shorter-side resize and centre crop against `image`'s own (`thumbnail_exact` for
 /// the pre-shrink of large photos, then `resize_to_fill`), which give identical pixels.
 fn bench_resize(c: &mut Criterion) {
-    use image::imageops::FilterType;
-    use image::{DynamicImage, Rgb, RgbImage};
-    use vitrine::encoder::preprocess::resize_and_crop;
+    use image::{Rgb, RgbImage};
+    use vitrine::encoder::preprocess::{resize_and_crop, resize_and_crop_with_image_crate};
 
     let mut group = c.benchmark_group("resize_to_224");
     group.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(4));
@@ -77,17 +76,7 @@ fn bench_resize(c: &mut Criterion) {
             b.iter(|| resize_and_crop(black_box(photo.clone()), 224))
         });
         group.bench_function(format!("image_crate_{w}x{h}"), |b| {
-            b.iter(|| {
-                let mut img = DynamicImage::ImageRgb8(black_box(photo.clone()));
-                let shorter = w.min(h);
-                if shorter >= 4 * 224 {
-                    img = img.thumbnail_exact(
-                        (w * 448).div_ceil(shorter).max(224),
-                        (h * 448).div_ceil(shorter).max(224),
-                    );
-                }
-                img.resize_to_fill(224, 224, FilterType::Triangle).into_rgb8()
-            })
+            b.iter(|| resize_and_crop_with_image_crate(black_box(photo.clone()), 224))
         });
     }
     group.finish();

@@ -38,8 +38,8 @@ pub struct CpuBlock {
     pub stride: usize,
     pub project: Arc<PointwiseLayer>,
     pub residual: bool,
-    /// `dw_weight` in the blocked layout of [`depthwise_row_blocked`], when `mid` is a
-    /// multiple of [`BLOCK`] (else empty, and the band runs [`depthwise_row`]).
+    /// `dw_weight` in the blocked layout of [`depthwise_row`], when `mid` is a multiple of
+    /// [`BLOCK`] (else empty, and bands read channels-last input).
     dw_blocked: Vec<f32>,
 }
 

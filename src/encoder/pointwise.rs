@@ -342,7 +342,7 @@ mod tests {
         (0..len).map(|i| (((i * 7919 + seed * 104_729) % 1000) as f32 - 500.0) / 250.0).collect()
     }
 
-    /// Odd sizes on every axis: partial panels, remainder rows, several tasks, k of 1.
+    /// The blocked layout holds exactly the channels-last values, half panels included.
     #[test]
     fn blocked_output_holds_the_same_values() {
         for (m, k, n) in [(1, 3, 16), (7, 24, 48), (13, 40, 96), (5, 8, 144)] {
@@ -379,6 +379,7 @@ mod tests {
         assert_eq!(balanced_rows(49, 2), 25);
     }
 
+    /// Odd sizes on every axis: partial panels, remainder rows, several tasks, k of 1.
     #[test]
     fn matches_a_naive_product_with_every_epilogue() {
         for (m, k, n) in

@@ -279,14 +279,15 @@ fn inner_columns(ow: usize, g: Geometry) -> (usize, usize) {
     (start, end.max(start))
 }
 
-/// Whether the blocked layout pays for a depthwise convolution of this geometry (`c` a
-/// multiple of [`BLOCK`] aside): when tiles of 4 pixels cover at least half of each output
-/// row. On narrower maps (7x7 with a 5x5 kernel: no tile at all) the per-pixel blocked path
+/// Whether the blocked layout serves a depthwise convolution of this geometry: `c` is a
+/// multiple of [`BLOCK`] and tiles of 4 pixels cover at least half of each output row. On narrower maps (7x7 with a 5x5 kernel: no tile at all) the per-pixel blocked path
 /// and the repack cost more than the channels-last kernel's 64-lane pixels.
 pub(in crate::encoder) fn blocked_pays(g: Geometry) -> bool {
     let ow = g.w.div_ceil(g.stride);
     let (start, end) = inner_columns(ow, g);
-    matches!((g.k, g.stride), (3 | 5, 1 | 2)) && 2 * ((end - start) / 4 * 4) >= ow
+    g.c.is_multiple_of(BLOCK)
+        && matches!((g.k, g.stride), (3 | 5, 1 | 2))
+        && 2 * ((end - start) / 4 * 4) >= ow
 }
 
 /// Channels per block of the blocked layout the tiled depthwise kernel reads.
@@ -295,13 +296,18 @@ pub(in crate::encoder) const BLOCK: usize = 16;
 /// `(rows, w, c)` channels-last values as `c / BLOCK` planes of `(rows, w, BLOCK)`, into
 /// `out` (as long as `src`). `c` must be a multiple of [`BLOCK`].
 pub(in crate::encoder) fn to_blocked(src: &[f32], c: usize, out: &mut [f32]) {
-    debug_assert_eq!(c % BLOCK, 0);
     debug_assert_eq!(src.len(), out.len());
     let pixels = src.len() / c;
     for (cb, plane) in out.chunks_exact_mut(pixels * BLOCK).enumerate() {
-        for (dst, px) in plane.chunks_exact_mut(BLOCK).zip(src.chunks_exact(c)) {
-            dst.copy_from_slice(&px[cb * BLOCK..(cb + 1) * BLOCK]);
-        }
+        to_blocked_plane(src, c, cb, plane);
+    }
+}
+
+/// Plane `cb` of [`to_blocked`]'s output: channels `cb * BLOCK..` of every pixel of `src`.
+pub(in crate::encoder) fn to_blocked_plane(src: &[f32], c: usize, cb: usize, plane: &mut [f32]) {
+    debug_assert_eq!(c % BLOCK, 0);
+    for (dst, px) in plane.chunks_exact_mut(BLOCK).zip(src.chunks_exact(c)) {
+        dst.copy_from_slice(&px[cb * BLOCK..(cb + 1) * BLOCK]);
     }
 }
 

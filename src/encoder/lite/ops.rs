@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use super::Activation;
 use super::kernels::{
     BLOCK, DenseGeometry, Geometry, add_bias_row, blocked_pays, dense_row, depthwise_dims, depthwise_row,
-    same_padding, to_blocked,
+    same_padding, to_blocked, to_blocked_plane,
 };
 use crate::encoder::fused::CpuBlock;
 use crate::encoder::pointwise::{self, Epilogue, PointwiseLayer};
@@ -371,38 +371,33 @@ impl CustomOp3 for DepthwiseOp {
             relu6: s.relu6,
             blocked: false,
         };
-        let blocked = c.is_multiple_of(BLOCK) && blocked_pays(g);
-        let g = Geometry { blocked, ..g };
+        let g = Geometry { blocked: blocked_pays(g), ..g };
         let mut out = vec![0f32; n * oh * ow * c];
-        if !out.is_empty() && blocked {
-            // The tiled kernel's blocked layout (see `to_blocked`), one image per task; then
-            // one task per output row.
-            let mut weights = vec![0f32; wt.len()];
-            to_blocked(wt, c, &mut weights);
-            let mut blocked = vec![0f32; x.len()];
-            // One task per channel block of each image (a whole image is too few at batch 1).
-            blocked.par_chunks_mut(h * w * BLOCK).enumerate().for_each(|(plane, dst)| {
-                let (image, cb) = (plane / (c / BLOCK), plane % (c / BLOCK));
-                let src = &x[image * h * w * c..(image + 1) * h * w * c];
-                for (d, px) in dst.chunks_exact_mut(BLOCK).zip(src.chunks_exact(c)) {
-                    d.copy_from_slice(&px[cb * BLOCK..(cb + 1) * BLOCK]);
-                }
-            });
-            out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
-                crate::background::yield_point();
-                let (image, oy) = (row / oh, row % oh);
-                let src = &blocked[image * h * w * c..(image + 1) * h * w * c];
-                depthwise_row(src, &weights, bias, dst, oy, g);
-            });
-        } else if !out.is_empty() {
-            // One task per output row.
-            out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
-                crate::background::yield_point();
-                let (image, oy) = (row / oh, row % oh);
-                let src = &x[image * h * w * c..(image + 1) * h * w * c];
-                depthwise_row(src, wt, bias, dst, oy, g);
-            });
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))));
         }
+        // The tiled kernel reads input and weights in the blocked layout (see `to_blocked`),
+        // repacked one channel block of each image per task (a whole image is too few tasks
+        // at batch 1).
+        let (mut blocked_x, mut blocked_wt): (Vec<f32>, Vec<f32>);
+        let (x, wt) = if g.blocked {
+            blocked_wt = vec![0f32; wt.len()];
+            to_blocked(wt, c, &mut blocked_wt);
+            blocked_x = vec![0f32; x.len()];
+            blocked_x.par_chunks_mut(h * w * BLOCK).enumerate().for_each(|(plane, dst)| {
+                let (image, cb) = (plane / (c / BLOCK), plane % (c / BLOCK));
+                to_blocked_plane(&x[image * h * w * c..(image + 1) * h * w * c], c, cb, dst);
+            });
+            (&blocked_x[..], &blocked_wt[..])
+        } else {
+            (x, wt)
+        };
+        // One task per output row.
+        out.par_chunks_mut(ow * c).enumerate().for_each(|(row, dst)| {
+            crate::background::yield_point();
+            let (image, oy) = (row / oh, row % oh);
+            depthwise_row(&x[image * h * w * c..(image + 1) * h * w * c], wt, bias, dst, oy, g);
+        });
         Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))))
     }
 

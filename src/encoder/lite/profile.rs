@@ -6,17 +6,10 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 
 use super::kernels::{Geometry, depthwise_row, same_padding, to_blocked};
-use super::tests::depthwise_conv2d_nhwc;
-use super::{Activation, Kernels, LiteNet};
+use super::tests::{depthwise_conv2d_nhwc, lite0};
+use super::{Activation, Kernels};
 
 const K: Kernels = Kernels::Cpu;
-
-/// The bundled Lite0 network on the CPU.
-fn lite0() -> LiteNet {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/model.safetensors");
-    LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap()
-}
 
 #[test]
 #[ignore = "timing printout, not a test"]

@@ -192,11 +192,16 @@ fn batch_norm_folding_equals_conv_then_bn() {
 
 /// Every block of the shipped network, fused by bands where the plan allows it, equals the
 /// plain candle path, on map sizes that cut bands unevenly and at image edges.
-#[test]
-fn fused_blocks_match_the_unfused_path() {
+/// The bundled Lite0 network on the CPU.
+pub(super) fn lite0() -> LiteNet {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/model.safetensors");
-    let net = LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap();
+    LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap()
+}
+
+#[test]
+fn fused_blocks_match_the_unfused_path() {
+    let net = lite0();
     // The band plan depends on the thread count: fix it so the same blocks fuse anywhere.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let fused = pool.install(|| check_blocks(&net));
@@ -224,9 +229,7 @@ fn blocked_layout_only_where_tiles_cover_the_rows() {
 /// twice over).
 #[test]
 fn band_plans_share_small_maps_evenly() {
-    let path =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/model.safetensors");
-    let net = LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap();
+    let net = lite0();
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
     let plan = |i: usize, n: usize, side: usize| {
         pool.install(|| net.blocks[i].cpu.as_ref().unwrap().band_rows(n, side, side))
