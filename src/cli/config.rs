@@ -253,14 +253,16 @@ pub fn resolve(
     Ok(Resolved { matches, sources, config_file })
 }
 
-/// A value as TOML: integers and booleans bare, everything else a string (which reads back
+/// A value as TOML: integers, floats and booleans bare, everything else a string (which reads back
 /// the same, as every file value is handed to clap as text).
 fn toml_value(arg: &Arg, raw: &[&OsStr]) -> toml::Value {
     let one = |s: &OsStr| {
         let s = s.to_string_lossy();
-        match s.parse::<i64>() {
-            Ok(i) => toml::Value::Integer(i),
-            Err(_) => toml::Value::String(s.into_owned()),
+        match (s.parse::<i64>(), s.parse::<f64>()) {
+            (Ok(i), _) => toml::Value::Integer(i),
+            // Only where it reads back as the same text ("1.0" stays a string).
+            (_, Ok(f)) if f.is_finite() && f.to_string() == s => toml::Value::Float(f),
+            _ => toml::Value::String(s.into_owned()),
         }
     };
     match arg.get_action() {
@@ -428,7 +430,17 @@ mod tests {
     #[test]
     fn print_config_lists_every_setting_and_reads_back() {
         let cmd = serve_cmd();
-        let r = run(&cmd, &["--config", "f.toml", "--seal-items", "9"], &[], "data_dir = \"/d\"\n").unwrap();
+        let argv = [
+            "--config",
+            "f.toml",
+            "--seal-items",
+            "9",
+            "--guardrail-max-error-rate",
+            "0.1",
+            "--model",
+            "1.0",
+        ];
+        let r = run(&cmd, &argv, &[], "data_dir = \"/d\"\n").unwrap();
         let text = render(&cmd, &r);
         for (_, long) in settings(&cmd) {
             let id = long.replace('-', "_");
@@ -440,9 +452,16 @@ mod tests {
         }
         assert!(text.contains("seal_items = 9 # command line"), "{text}");
         assert!(text.contains("data_dir = \"/d\" # config file"), "{text}");
+        assert!(text.contains("guardrail_max_error_rate = 0.1 # command line"), "{text}");
+        assert!(
+            text.contains("model = \"1.0\" # command line"),
+            "a string that is not its float's text: {text}"
+        );
         // The output is a valid config file giving the same settings.
         let again = run(&cmd, &["--config", "out.toml"], &[], &text).unwrap();
         assert_eq!(render(&cmd, &again).lines().skip(2).count(), text.lines().skip(2).count());
         assert_eq!(*again.matches.get_one::<usize>("seal_items").unwrap(), 9);
+        assert_eq!(*again.matches.get_one::<f64>("guardrail_max_error_rate").unwrap(), 0.1);
+        assert_eq!(again.matches.get_one::<String>("model").unwrap(), "1.0");
     }
 }

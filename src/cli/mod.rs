@@ -21,6 +21,7 @@ use vitrine::ids::ModelVersion;
 use vitrine::index::store::StoreError;
 use vitrine::ingest::{self, IngestOptions, catalog::CatalogFormat};
 use vitrine::models::{self, ModelRegistry};
+use vitrine::rollout::guardrail::GuardrailConfig;
 use vitrine::segment::HnswParams;
 use vitrine::server::admission::AdmissionConfig;
 use vitrine::server::{self, ServeConfig};
@@ -226,6 +227,25 @@ pub struct ServeArgs {
     /// Full in-memory segments waiting to be sealed before writes wait for the sealer.
     #[arg(long, default_value_t = vitrine::index::WriterConfig::default().max_pending_seals)]
     pub max_pending_seals: usize,
+    /// Canary guardrail: take the canary out of traffic when more than this share of its
+    /// requests fail over the window.
+    #[arg(long, value_name = "SHARE", default_value_t = GuardrailConfig::default().max_canary_error_rate)]
+    pub guardrail_max_error_rate: f64,
+    /// Canary guardrail: ...or when its p99 latency exceeds this multiple of the champion's.
+    #[arg(long, value_name = "RATIO", default_value_t = GuardrailConfig::default().max_p99_ratio)]
+    pub guardrail_max_p99_ratio: f64,
+    /// Canary guardrail: ...or when the mean top-k Jaccard overlap of shadowed queries falls
+    /// below this (0 turns it off; a different model legitimately ranks differently, so set it
+    /// from a shadow run's `mean_jaccard`).
+    #[arg(long, value_name = "SHARE", default_value_t = GuardrailConfig::default().min_shadow_overlap)]
+    pub guardrail_min_shadow_overlap: f64,
+    /// Canary guardrail: the sliding window the limits are judged over, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = GuardrailConfig::default().window_ms / 1000)]
+    pub guardrail_window_secs: u64,
+    /// Canary guardrail: fewest canary requests in the window before the error rate and p99
+    /// limits are judged (the overlap needs 20 shadowed queries).
+    #[arg(long, value_name = "N", default_value_t = GuardrailConfig::default().min_requests)]
+    pub guardrail_min_requests: u64,
     /// Most connections open at once; more are closed as soon as they are accepted.
     #[arg(long, default_value_t = server::conn::ConnLimits::default().max_connections)]
     pub max_connections: usize,
@@ -384,6 +404,15 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     config.writer.merge.max_segments = a.max_segments;
     config.writer.slowdown_pending_seals = a.slowdown_pending_seals;
     config.writer.max_pending_seals = a.max_pending_seals;
+    config.guardrail = GuardrailConfig {
+        window_ms: a.guardrail_window_secs.saturating_mul(1000),
+        min_requests: a.guardrail_min_requests,
+        max_canary_error_rate: a.guardrail_max_error_rate,
+        max_p99_ratio: a.guardrail_max_p99_ratio,
+        min_shadow_overlap: a.guardrail_min_shadow_overlap,
+        ..GuardrailConfig::default()
+    };
+    config.guardrail.validate().context("canary guardrail settings (--guardrail-*)")?;
     // Checked here, not by clap, so that either may come from the config file or environment.
     config.tls = match (&a.tls_cert, &a.tls_key) {
         (Some(cert), Some(key)) => Some(server::TlsFiles { cert: cert.clone(), key: key.clone() }),
