@@ -13,6 +13,7 @@ use vitrine::index::filter::Filter;
 use vitrine::index::manifest::Manifest;
 use vitrine::index::merge_policy::MergePolicy;
 use vitrine::index::store::Attrs;
+use vitrine::index::writer::FLAT_SEGMENT_ITEMS;
 use vitrine::index::{IndexWriter, ModelSpec, Outcome, Query, Upsert, WriteOp, WriterConfig, WriterError};
 use vitrine::segment::synth::{SplitMix64, Structured};
 use vitrine::segment::{HnswParams, dot};
@@ -193,6 +194,61 @@ fn seal_and_merge_keep_every_item_once_and_bound_the_segments() {
     assert_eq!(w.open_report().orphans_removed, 0);
     assert_eq!(w.open_report().replayed, 0);
     assert_eq!(w.live().version(&version()).unwrap().live_items(), live.len() as u64);
+}
+
+/// Waits (polling, generous for a loaded machine) until the version has at most `max` sealed
+/// segments and nothing frozen.
+fn settle(w: &IndexWriter, max: usize) {
+    for _ in 0..2400 {
+        let live = w.live();
+        let view = live.version(&version()).unwrap();
+        if view.sealed.len() <= max && view.frozen.is_empty() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("segments did not settle to {max}");
+}
+
+/// Seals small enough to be scanned at the default ef are written flat (no graph build on
+/// the write path); a merge that outgrows that builds the graph; every item stays findable.
+#[test]
+fn small_seals_are_flat_and_merges_build_the_graph() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 7_500;
+    let rows = data().rows(0, n);
+    let vec_of = |i: usize| &rows[i * DIM..(i + 1) * DIM];
+    let write = |w: &IndexWriter, range: std::ops::Range<usize>| {
+        for chunk in range.collect::<Vec<_>>().chunks(500) {
+            w.write_blocking(chunk.iter().map(|&i| upsert(i, vec_of(i), Attrs::new())).collect()).unwrap();
+        }
+    };
+    let mut cfg = config(1_500);
+    cfg.merge.max_segments = 100;
+    let w = IndexWriter::open(dir.path(), cfg.clone()).unwrap();
+    write(&w, 0..6_000);
+    settle(&w, 4);
+    {
+        let live = w.live();
+        let view = live.version(&version()).unwrap();
+        assert_eq!(view.sealed.len(), 4);
+        assert!(view.sealed.iter().all(|s| !s.segment.has_graph() && s.segment.len() == 1_500));
+    }
+    w.close();
+    cfg.merge.max_segments = 1;
+    let w = IndexWriter::open(dir.path(), cfg).unwrap();
+    write(&w, 6_000..n);
+    w.checkpoint_blocking().unwrap();
+    settle(&w, 1);
+    let live = w.live();
+    let view = live.version(&version()).unwrap();
+    let merged = &view.sealed[0].segment;
+    assert_eq!(merged.len(), n);
+    assert!(merged.has_graph() && merged.len() > FLAT_SEGMENT_ITEMS);
+    let found =
+        (0..n).step_by(37).filter(|&i| search(&w, vec_of(i), 1, None) == [sku(i).to_string()]).count();
+    let asked = (0..n).step_by(37).count();
+    assert!(found as f64 >= 0.99 * asked as f64, "{found} of {asked} found themselves at rank 1");
 }
 
 #[test]

@@ -8,11 +8,11 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use vitrine::ids::SkuId;
-use vitrine::segment::format::{FOOTER_LEN, HEADER_LEN, Header, SectionId};
+use vitrine::segment::format::{FOOTER_LEN, Footer, HEADER_LEN, Header, SectionId};
 use vitrine::segment::synth::{SplitMix64, Structured};
 use vitrine::segment::{
-    DEFAULT_EF_SEARCH, Hit, HnswParams, Segment, SegmentError, SegmentStats, write_segment,
-    write_segment_extending, write_segment_hnsw_rs,
+    DEFAULT_EF_SEARCH, Hit, HnswParams, SearchPlan, Segment, SegmentError, SegmentStats, write_flat_segment,
+    write_segment, write_segment_extending, write_segment_hnsw_rs,
 };
 
 fn skus(n: usize, prefix: &str) -> Vec<SkuId> {
@@ -234,11 +234,11 @@ fn wrong_magic_and_version_are_named() {
     assert!(matches!(Segment::open(&path), Err(SegmentError::BadMagic { which: "header", .. })));
 
     let mut damaged = bytes.clone();
-    damaged[8..12].copy_from_slice(&3u32.to_le_bytes());
+    damaged[8..12].copy_from_slice(&4u32.to_le_bytes());
     rewrite(&path, &damaged);
     assert!(matches!(
         Segment::open(&path),
-        Err(SegmentError::UnsupportedVersion { found: 3, supported: 2, .. })
+        Err(SegmentError::UnsupportedVersion { found: 4, supported: 3, .. })
     ));
 
     rewrite(&path, b"this is a text file, long enough to have a header of sorts................................................................................................................................................................................................................................................................................................");
@@ -304,6 +304,70 @@ fn damaged_sections_are_caught_by_verify_and_never_panic() {
         Segment::open(&path).unwrap().verify(),
         Err(SegmentError::Checksum { section: "vectors", .. })
     ));
+}
+
+/// Flat segments (format 3, `m = 0`): no graph, and every search, whatever its plan or ef,
+/// is the exact answer. Graph segments are still written as version 2.
+#[test]
+fn flat_segments_have_no_graph_and_search_exactly() {
+    let shape = Structured { dim: 32, latent: 8, noise: 0.2, seed: 21 };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("flat.vseg");
+    let n = 3000;
+    let stats = write_flat_segment(&path, 32, &shape.rows(0, n), &skus(n, "f")).unwrap();
+    assert_eq!((stats.count, stats.self_recall, stats.default_ef), (n, 1.0, DEFAULT_EF_SEARCH));
+    let seg = Segment::open(&path).unwrap();
+    assert_eq!((seg.format_version(), seg.m(), seg.has_graph(), seg.max_level()), (3, 0, false, 0));
+    assert!(seg.is_quantised());
+    seg.verify().unwrap();
+    let even = |i: u32| i.is_multiple_of(2);
+    for j in 0..20 {
+        let q = shape.rows(50_000 + j, 1);
+        for filter in [None, Some(&even as &dyn Fn(u32) -> bool)] {
+            let exact = seg.brute_force(&q, 10, filter).unwrap();
+            assert_eq!(exact.len(), 10);
+            for ef in [10, DEFAULT_EF_SEARCH, 400] {
+                for plan in [SearchPlan::Auto, SearchPlan::Graph, SearchPlan::Exact] {
+                    let got = seg.search_as(&q, 10, ef, filter, plan).unwrap();
+                    let ids = |h: &[Hit]| h.iter().map(|h| h.idx).collect::<Vec<_>>();
+                    assert_eq!(ids(&got), ids(&exact), "query {j}, ef {ef}, {plan:?}");
+                    for (g, e) in got.iter().zip(&exact) {
+                        assert!((g.score - e.score).abs() < 1e-6);
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(seg.find_sku("f-002999").map(|i| seg.sku(i)), Some("f-002999"));
+
+    let graph = dir.path().join("graph.vseg");
+    write_segment(&graph, 32, &shape.rows(0, 100), &skus(100, "g"), &HnswParams::default()).unwrap();
+    let g = Segment::open(&graph).unwrap();
+    assert_eq!(
+        (g.format_version(), g.has_graph()),
+        (2, true),
+        "graph segments stay readable by older builds"
+    );
+
+    // m = 0 is a version-3 feature: the same file claiming version 2 (checksums recomputed, so
+    // only the rule can catch it) is refused at open.
+    let mut bytes = fs::read(&path).unwrap();
+    let mut header: Header = bytemuck::pod_read_unaligned(&bytes[..HEADER_LEN as usize]);
+    header.version = 2;
+    let footer_at = bytes.len() - FOOTER_LEN as usize;
+    let mut footer: Footer = bytemuck::pod_read_unaligned(&bytes[footer_at..]);
+    footer.version = 2;
+    footer.header_crc = header.compute_crc();
+    footer.footer_crc = footer.compute_crc();
+    bytes[..HEADER_LEN as usize].copy_from_slice(bytemuck::bytes_of(&header));
+    bytes[footer_at..].copy_from_slice(bytemuck::bytes_of(&footer));
+    rewrite(&path, &bytes);
+    match Segment::open(&path) {
+        Err(SegmentError::BadLayout { section: "header", reason, .. }) => {
+            assert!(reason.contains("m out of range"))
+        }
+        other => panic!("expected a layout error, got {other:?}"),
+    }
 }
 
 #[test]

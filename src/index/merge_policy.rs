@@ -84,6 +84,18 @@ impl MergePolicy {
     }
 }
 
+impl MergePolicy {
+    /// How far merges are behind on one version: its segments beyond twice the count the
+    /// policy settles at (`max_segments`, plus two per `max_merge_items` live items). The
+    /// writer slows writes down by it as by queued seals, so a write rate beyond what merges
+    /// sustain cannot pile up segments (whose searches all queries pay for) without bound.
+    pub fn backlog(&self, segments: &[SegmentStat]) -> usize {
+        let live: u64 = segments.iter().map(|s| s.live).sum();
+        let settled = self.max_segments.max(1) + (2 * live / self.max_merge_items.max(1)) as usize;
+        segments.len().saturating_sub(2 * settled)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,6 +121,17 @@ mod tests {
             Some(vec![SegmentId(2), SegmentId(3)]),
             "a purge takes along smaller segments only"
         );
+    }
+
+    #[test]
+    fn the_backlog_counts_segments_beyond_twice_the_settled_count() {
+        let p = MergePolicy { max_segments: 3, max_merge_items: 100, purge_ratio: 0.5 };
+        let small = |n: u64| (1..=n).map(|i| seg(i, 5, 5)).collect::<Vec<_>>();
+        assert_eq!(p.backlog(&small(6)), 0);
+        assert_eq!(p.backlog(&small(9)), 3);
+        // Large segments that cannot merge (each over half of max_merge_items) are no backlog.
+        let big: Vec<SegmentStat> = (1..=12).map(|i| seg(i, 60, 60)).collect();
+        assert_eq!(p.backlog(&big), 0);
     }
 
     #[test]

@@ -46,7 +46,8 @@ use super::store::{Attrs, DataDir, StoreError};
 use super::wal::{Wal, WalError};
 use crate::ids::{ModelVersion, SegmentId, SkuId};
 use crate::segment::{
-    HnswParams, Segment, SegmentError, SegmentStats, normalise_into, write_segment, write_segment_extending,
+    DEFAULT_EF_SEARCH, FLAT_SCAN_FACTOR, HnswParams, Segment, SegmentError, SegmentStats, normalise_into,
+    write_flat_segment, write_segment, write_segment_extending,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -109,7 +110,9 @@ pub struct WriterConfig {
     /// Frozen segments waiting for the sealer before each group of writes is delayed a little
     /// (1 ms, doubling with each further one), so that a long burst slows down smoothly and
     /// leaves the sealer CPU, instead of running into `max_pending_seals` and stopping every
-    /// writer for a whole seal. `max_pending_seals` or more turns the slowdown off.
+    /// writer for a whole seal. Segments that merges are behind on
+    /// ([`MergePolicy::backlog`]) count as waiting seals here (not for the hard stop).
+    /// `max_pending_seals` or more turns the slowdown off.
     pub slowdown_pending_seals: usize,
     /// Threads a merge, and a seal with no other seal waiting behind it, may use. Seals and
     /// merges run on separate threads, so a long merge never holds up a seal. Build threads
@@ -118,13 +121,22 @@ pub struct WriterConfig {
     /// searches (shared caches, memory bandwidth, wake-up latency), so by default this is
     /// half the cores.
     pub build_threads: usize,
-    /// Threads a seal may use while another waits behind it (a write burst): by default every
-    /// core, so that the backlog drains before writes have to slow down.
+    /// Threads a seal may use while another waits behind it (a write burst), and a merge
+    /// while merges are behind ([`MergePolicy::backlog`]): by default every core, so that the
+    /// backlog drains before writes have to slow down.
     pub burst_build_threads: usize,
 }
 
 /// Most log bytes written as one frame (the log refuses frames over 128 MiB).
 const MAX_GROUP_BYTES: usize = 32 << 20;
+
+/// Segments of up to this many items are written flat, without a graph
+/// ([`write_flat_segment`]): a search at the default ef scans them anyway (a segment holding
+/// at most [`FLAT_SCAN_FACTOR`] times the ef), so no search would use their graph, and
+/// building it at seal time would only move part of a later merge's work onto the busiest
+/// moment of the write path. With the default `seal_items`, seals build no graph; merges
+/// build one once segments outgrow this.
+pub const FLAT_SEGMENT_ITEMS: usize = FLAT_SCAN_FACTOR * DEFAULT_EF_SEARCH;
 
 /// Default for [`WriterConfig::seal_items`]: small enough that the exact scan of the
 /// mutable segment stays around a millisecond at 1280 dimensions.
@@ -274,6 +286,8 @@ struct MergeJob {
     version: ModelVersion,
     inputs: Vec<Arc<SealedSegment>>,
     id: SegmentId,
+    /// Merges are behind the writes ([`MergePolicy::backlog`]): build on the wide pool.
+    behind: bool,
 }
 
 struct MergeResult {
@@ -542,7 +556,7 @@ impl IndexWriter {
             let (shared, tx, hnsw) = (Arc::clone(&shared), tx.clone(), state.cfg.hnsw);
             spawn_builder(
                 "vitrine-merger",
-                Box::new(move |narrow, _| merger_loop(&shared, &merge_rx, &tx, &hnsw, narrow)),
+                Box::new(move |narrow, wide| merger_loop(&shared, &merge_rx, &tx, &hnsw, [narrow, wide])),
             )?
         };
         let janitor = {
@@ -785,7 +799,7 @@ fn migrate(
 }
 
 /// How long a group of writes waits before it is processed, with `pending` frozen segments
-/// queued for the sealer: nothing below `slowdown_pending_seals`, then 1 ms doubling with each
+/// queued for the sealer plus the merge backlog ([`MergePolicy::backlog`]): nothing below `slowdown_pending_seals`, then 1 ms doubling with each
 /// further segment (the hard stop at `max_pending_seals` is elsewhere). Pure, for tests.
 fn slowdown(pending: usize, cfg: &WriterConfig) -> std::time::Duration {
     let (soft, hard) = (cfg.slowdown_pending_seals, cfg.max_pending_seals.max(1));
@@ -879,7 +893,7 @@ impl State {
                 }
             }
             if !writes.is_empty() {
-                let delay = slowdown(self.pending_seals, &self.cfg);
+                let delay = slowdown(self.pending_seals + self.merge_backlog(), &self.cfg);
                 if !delay.is_zero() {
                     // The writes that arrive meanwhile form the next group.
                     std::thread::sleep(delay);
@@ -1471,6 +1485,12 @@ impl State {
     }
 
     /// Starts a merge for every version the policy says needs one (one at a time per version).
+    /// The largest [`MergePolicy::backlog`] of any version: slows writes down like queued
+    /// seals (never stops them: a merge that keeps failing must not stall the writes).
+    fn merge_backlog(&self) -> usize {
+        self.versions.values().map(|vs| self.cfg.merge.backlog(&segment_stats(&vs.sealed))).max().unwrap_or(0)
+    }
+
     fn plan_merges(&mut self) {
         if self.poisoned.is_some() {
             return;
@@ -1480,24 +1500,20 @@ impl State {
             if vs.sealed.iter().any(|s| self.merging.contains(&s.id)) {
                 continue;
             }
-            let stats: Vec<SegmentStat> = vs
-                .sealed
-                .iter()
-                .map(|s| SegmentStat { id: s.id, count: s.segment.len() as u64, live: s.live() })
-                .collect();
+            let stats = segment_stats(&vs.sealed);
             if let Some(ids) = self.cfg.merge.plan(&stats) {
                 let inputs: Vec<Arc<SealedSegment>> =
                     vs.sealed.iter().filter(|s| ids.contains(&s.id)).cloned().collect();
-                jobs.push((v.clone(), inputs));
+                jobs.push((v.clone(), inputs, self.cfg.merge.backlog(&stats) > 0));
             }
         }
-        for (version, inputs) in jobs {
+        for (version, inputs, behind) in jobs {
             for s in &inputs {
                 self.merging.insert(s.id);
             }
             let id = SegmentId(self.manifest.allocate_id());
             tracing::debug!(%version, inputs = inputs.len(), %id, "merging segments");
-            if self.merge_jobs.send(MergeJob { version, inputs, id }).is_err() {
+            if self.merge_jobs.send(MergeJob { version, inputs, id, behind }).is_err() {
                 return;
             }
         }
@@ -1719,7 +1735,7 @@ fn sealer_loop(
                 }
                 let path = shared.data.segment_path(&version, id);
                 let stats = pool
-                    .install(|| write_segment(&path, frozen.dim(), &items.vectors, &items.skus, hnsw))
+                    .install(|| write_sized(&path, frozen.dim(), &items.vectors, &items.skus, hnsw, None))
                     .map_err(|source| WriterError::Segment { version: version.clone(), id, source })?;
                 tracing::info!(%version, %id, count = stats.count, secs = stats.build_secs, "sealed a segment");
                 Ok(SealedPart { version, frozen, file: Some(BuiltFile { id, sources: items.positions, stats }) })
@@ -1740,17 +1756,41 @@ fn sealer_loop(
     }
 }
 
-/// The merger thread: merges sealed segments on its own graph-build pool, so a long merge
-/// never holds up a seal (and with it the writes waiting on seal backpressure).
+/// What the merge policy sees of a version's sealed segments.
+fn segment_stats(sealed: &[Arc<SealedSegment>]) -> Vec<SegmentStat> {
+    sealed.iter().map(|s| SegmentStat { id: s.id, count: s.segment.len() as u64, live: s.live() }).collect()
+}
+
+/// Writes a sealed or merged segment: flat (no graph) when it is small enough that searches
+/// at the default ef scan it anyway ([`FLAT_SEGMENT_ITEMS`]), so that graphs are built only
+/// for segments they serve; else with a graph, extending `base`'s when given.
+fn write_sized(
+    path: &std::path::Path,
+    dim: usize,
+    vectors: &[f32],
+    skus: &[SkuId],
+    hnsw: &HnswParams,
+    base: Option<(&Segment, &[u32])>,
+) -> Result<SegmentStats, SegmentError> {
+    match base {
+        _ if skus.len() <= FLAT_SEGMENT_ITEMS => write_flat_segment(path, dim, vectors, skus),
+        Some((segment, keep)) => write_segment_extending(path, dim, vectors, skus, hnsw, segment, keep),
+        None => write_segment(path, dim, vectors, skus, hnsw),
+    }
+}
+
+/// The merger thread: merges sealed segments on its own graph-build pools, so a long merge
+/// never holds up a seal (and with it the writes waiting on seal backpressure): the narrow
+/// one, or the wide one while merges are behind the writes (which they then slow down).
 fn merger_loop(
     shared: &Shared,
     jobs: &Receiver<MergeJob>,
     tx: &Sender<Msg>,
     hnsw: &HnswParams,
-    pool: &rayon::ThreadPool,
+    pools: [&rayon::ThreadPool; 2],
 ) {
     while let Ok(job) = jobs.recv() {
-        let built = pool.install(|| merge_segments(shared, &job, hnsw));
+        let built = pools[usize::from(job.behind)].install(|| merge_segments(shared, &job, hnsw));
         if tx.send(Msg::Merged(MergeResult { version: job.version, inputs: job.inputs, built })).is_err() {
             return;
         }
@@ -1770,10 +1810,14 @@ fn merge_segments(
 ) -> Result<Option<BuiltFile<(usize, u32)>>, WriterError> {
     let dim = job.inputs.first().map_or(0, |s| s.segment.dim());
     let live = |s: &SealedSegment| (s.segment.len() as u64).saturating_sub(s.deleted.count());
-    let base = (0..job.inputs.len()).max_by_key(|&i| live(&job.inputs[i])).filter(|&i| {
-        let s = &job.inputs[i];
-        (s.deleted.count() as f64) <= MAX_BASE_DELETED * s.segment.len() as f64
-    });
+    // The largest input with a graph worth extending (flat segments have none).
+    let base = (0..job.inputs.len())
+        .filter(|&i| job.inputs[i].segment.has_graph())
+        .max_by_key(|&i| live(&job.inputs[i]))
+        .filter(|&i| {
+            let s = &job.inputs[i];
+            (s.deleted.count() as f64) <= MAX_BASE_DELETED * s.segment.len() as f64
+        });
     let order = base.into_iter().chain((0..job.inputs.len()).filter(|&i| Some(i) != base));
     let mut skus = Vec::new();
     let mut vectors = Vec::new();
@@ -1798,10 +1842,8 @@ fn merge_segments(
         return Ok(None);
     }
     let path = shared.data.segment_path(&job.version, job.id);
-    let written = match base {
-        Some(b) => write_segment_extending(&path, dim, &vectors, &skus, hnsw, &job.inputs[b].segment, &keep),
-        None => write_segment(&path, dim, &vectors, &skus, hnsw),
-    };
+    let base = base.map(|b| (&job.inputs[b].segment, keep.as_slice()));
+    let written = write_sized(&path, dim, &vectors, &skus, hnsw, base);
     let stats = written.map_err(|source| WriterError::Segment {
         version: job.version.clone(),
         id: job.id,

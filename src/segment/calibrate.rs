@@ -22,13 +22,13 @@ const K: usize = 10;
 /// The `ef` values tried, in order; the last is used when none reaches the target.
 pub const LADDER: [usize; 9] = [DEFAULT_EF_SEARCH, 96, 128, 192, 256, 384, 512, 768, 1024];
 
-/// The default `ef` of `segment`: [`DEFAULT_EF_SEARCH`] for a segment small enough that a
-/// search at that `ef` scans it exactly, else the first rung of [`LADDER`] whose sampled
+/// The default `ef` of `segment`: [`DEFAULT_EF_SEARCH`] for a flat segment or one small enough
+/// that a search at that `ef` scans it exactly, else the first rung of [`LADDER`] whose sampled
 /// recall@10 reaches [`TARGET_RECALL`] (the last rung if none does). Reads the whole segment
 /// once per query for the exact answers: run it where the segment was just built.
 pub fn calibrate_ef(segment: &Segment) -> usize {
     let n = segment.len();
-    if n <= DEFAULT_EF_SEARCH * FLAT_SCAN_FACTOR || n <= K + 1 {
+    if !segment.has_graph() || n <= DEFAULT_EF_SEARCH * FLAT_SCAN_FACTOR || n <= K + 1 {
         return DEFAULT_EF_SEARCH;
     }
     let sample = n.min(SAMPLE);

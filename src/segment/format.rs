@@ -57,6 +57,13 @@
 //! is the same layout with those two sections absent (zero offset, length and crc, where v1
 //! had reserved zeros), and still opens: it is searched with its f32 vectors.
 //!
+//! Version 3 allows `m = 0`: a *flat* segment, with no graph (LAYER0 and UPPER empty, every
+//! level 0, entry point 0, max_level 0, ef_construction 0), which searches scan exactly. The
+//! writer seals segments small enough to be scanned at the default ef this way and builds
+//! graphs only when merging (`index::writer`). Files are written with the lowest version
+//! that holds them ([`version_for`]): graph segments stay version 2, readable by the builds
+//! before flat segments.
+//!
 //! Layer 0 has degree `2*m`, upper layers degree `m`; the graph is the HNSW graph built by
 //! `build.rs` (or hnsw_rs, the reference), copied verbatim. `entry_point` is a node whose level is `max_level`.
 //! Opening a file checks the header, footer, header crc and the bounds and alignment of every
@@ -74,8 +81,10 @@ compile_error!(
 pub const HEADER_MAGIC: [u8; 8] = *b"VTRNSEG\0";
 /// First 8 bytes of the footer (the last 64 bytes of the file).
 pub const FOOTER_MAGIC: [u8; 8] = *b"VTRNEND\0";
-/// The format version this build writes.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest format version this build writes (see [`version_for`]) and reads.
+pub const FORMAT_VERSION: u32 = 3;
+/// The first version with flat (`m = 0`) segments.
+pub const FLAT_FORMAT_VERSION: u32 = 3;
 /// The oldest format version this build reads.
 pub const MIN_FORMAT_VERSION: u32 = 1;
 /// Every section starts at a multiple of this many bytes.
@@ -104,6 +113,11 @@ pub enum SectionId {
     SkuSorted = 7,
     Codes = 8,
     Scales = 9,
+}
+
+/// The version a segment with graph degree `m` is written with: the lowest that holds it.
+pub fn version_for(m: usize) -> u32 {
+    if m == 0 { FLAT_FORMAT_VERSION } else { 2 }
 }
 
 /// Number of sections (version 2).

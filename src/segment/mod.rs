@@ -24,7 +24,8 @@ pub use error::SegmentError;
 pub use reader::Segment;
 pub use search::{EXACT_SCAN_FACTOR, FLAT_SCAN_FACTOR, Hit, SearchPlan};
 pub use writer::{
-    GraphLayout, write_segment, write_segment_extending, write_segment_hnsw_rs, write_segment_with_graph,
+    GraphLayout, write_flat_segment, write_segment, write_segment_extending, write_segment_hnsw_rs,
+    write_segment_with_graph,
 };
 
 /// Layer-0 candidate list size used when the caller has no preference. Chosen so that
@@ -51,8 +52,8 @@ impl Default for HnswParams {
 pub struct SegmentStats {
     pub count: usize,
     pub dim: usize,
-    /// Fraction of a sample of items (up to 256) that find themselves in their own top 10 by the graph walk (not a scan) at
-    /// [`DEFAULT_EF_SEARCH`].
+    /// Fraction of a sample of items (up to 256) that find themselves in their own top 10 by
+    /// the graph walk (not a scan) at [`DEFAULT_EF_SEARCH`]; 1 for a flat segment.
     pub self_recall: f32,
     /// The `ef` a search of this segment uses when the caller leaves it to the index
     /// ([`calibrate::calibrate_ef`]).

@@ -10,8 +10,8 @@ use memmap2::Mmap;
 
 use super::error::SegmentError;
 use super::format::{
-    ALIGN, FOOTER_LEN, FOOTER_MAGIC, FORMAT_VERSION, Footer, HEADER_LEN, HEADER_MAGIC, Header, MAX_LEVEL,
-    MAX_M, MIN_FORMAT_VERSION, NO_NEIGHBOUR, SECTION_COUNT, SectionId,
+    ALIGN, FLAT_FORMAT_VERSION, FOOTER_LEN, FOOTER_MAGIC, FORMAT_VERSION, Footer, HEADER_LEN, HEADER_MAGIC,
+    Header, MAX_LEVEL, MAX_M, MIN_FORMAT_VERSION, NO_NEIGHBOUR, SECTION_COUNT, SectionId,
 };
 use super::mmap::map_segment;
 
@@ -226,9 +226,15 @@ impl Segment {
         self.header.dim as usize
     }
 
-    /// HNSW `m` the graph was built with (layer 0 has degree `2*m`).
+    /// HNSW `m` the graph was built with (layer 0 has degree `2*m`); 0 for a flat segment.
     pub fn m(&self) -> usize {
         self.header.m as usize
+    }
+
+    /// Whether the segment has an HNSW graph; a flat one (format 3, `m = 0`) is always
+    /// searched by an exact scan.
+    pub fn has_graph(&self) -> bool {
+        self.header.m != 0
     }
 
     /// Top HNSW layer.
@@ -236,7 +242,8 @@ impl Segment {
         self.header.max_level as usize
     }
 
-    /// The file's format version (1: f32 only; 2: with int8 codes for the graph walk).
+    /// The file's format version (1: f32 only; 2: with int8 codes for the graph walk; 3: a
+    /// flat segment, without a graph).
     pub fn format_version(&self) -> u32 {
         self.header.version
     }
@@ -437,7 +444,8 @@ pub(super) fn check_structure(v: &View<'_>) -> Result<(), (SectionId, usize, &'s
         }
     }
     let n32 = v.n as u32;
-    for (i, row) in v.layer0.chunks_exact(2 * v.m).enumerate() {
+    // A flat segment's empty LAYER0 has no rows (its levels, all 0, are checked below).
+    for (i, row) in v.layer0.chunks_exact(2 * v.m.max(1)).enumerate() {
         if i % 256 == 0 {
             crate::background::yield_point();
         }
@@ -550,8 +558,11 @@ fn check_layout(
     if h.dim == 0 {
         return Err(bad("header", "dim is 0"));
     }
-    if h.m < 1 || h.m as usize > MAX_M {
+    if h.m as usize > MAX_M || (h.m == 0 && h.version < FLAT_FORMAT_VERSION) {
         return Err(bad("header", "m out of range"));
+    }
+    if h.m == 0 && (h.max_level != 0 || h.entry_point != 0) {
+        return Err(bad("header", "a flat segment (m = 0) has no entry point or upper layers"));
     }
     if h.max_level > MAX_LEVEL {
         return Err(bad("header", "max_level out of range"));
@@ -585,7 +596,10 @@ fn check_layout(
         };
         match expected {
             Some(e) if e != s.len => return Err(bad(name, "length does not match count/dim/m")),
-            None if id == SectionId::Upper && !s.len.is_multiple_of(m * 4) => {
+            None if id == SectionId::Upper && m == 0 && s.len != 0 => {
+                return Err(bad(name, "a flat segment (m = 0) has no upper layers"));
+            }
+            None if id == SectionId::Upper && m != 0 && !s.len.is_multiple_of(m * 4) => {
                 return Err(bad(name, "length is not a whole number of rows"));
             }
             _ => {}

@@ -69,7 +69,7 @@ pub enum SearchPlan {
     /// By size: an exact scan of a small segment, the graph walk beyond
     /// [`FLAT_SCAN_FACTOR`]` * ef` items.
     Auto,
-    /// The HNSW walk.
+    /// The HNSW walk (the scan on a flat segment, which has no graph).
     Graph,
     /// Exact: the int8 scan with exact rescoring, or the f32 scan (tiny segments, format 1).
     Exact,
@@ -138,6 +138,8 @@ impl Segment {
             }
             let ef = ef.max(k);
             let plan = match plan {
+                // A flat segment has no graph to walk.
+                _ if view.m == 0 => SearchPlan::Exact,
                 SearchPlan::Auto if view.n <= ef.saturating_mul(FLAT_SCAN_FACTOR) => SearchPlan::Exact,
                 SearchPlan::Auto => SearchPlan::Graph,
                 p => p,

@@ -13,8 +13,8 @@ use super::build::{BaseGraph, FlatGraph, Quantised, build};
 use super::distance::normalise_into;
 use super::error::SegmentError;
 use super::format::{
-    FOOTER_MAGIC, FORMAT_VERSION, Footer, HEADER_LEN, HEADER_MAGIC, Header, MAX_LEVEL, MAX_M, NO_NEIGHBOUR,
-    SECTION_COUNT, SectionId, plan_layout, quantise,
+    FOOTER_MAGIC, Footer, HEADER_LEN, HEADER_MAGIC, Header, MAX_LEVEL, MAX_M, NO_NEIGHBOUR, SECTION_COUNT,
+    SectionId, plan_layout, quantise, version_for,
 };
 use super::reader::{Segment, View, check_structure};
 use super::{DEFAULT_EF_SEARCH, HnswParams, SearchPlan, SegmentStats};
@@ -83,6 +83,39 @@ pub fn write_segment(
     write_built(path, dim, vectors, skus, params, Builder::Native(None))
 }
 
+/// Writes `vectors` (as [`write_segment`] takes them) as a flat segment, without a graph:
+/// searches scan it exactly (format 3, `m = 0`). For segments small enough that a search at
+/// the default ef would scan them anyway (at most [`FLAT_SCAN_FACTOR`]` * `
+/// [`DEFAULT_EF_SEARCH`] items), where building a graph is work no search uses.
+///
+/// [`FLAT_SCAN_FACTOR`]: super::FLAT_SCAN_FACTOR
+pub fn write_flat_segment(
+    path: &Path,
+    dim: usize,
+    vectors: &[f32],
+    skus: &[SkuId],
+) -> Result<SegmentStats, SegmentError> {
+    let started = Instant::now();
+    let n = skus.len();
+    check_common(path, dim, n, None)?;
+    check_vector_count(path, dim, n, vectors)?;
+    let normalised = normalise_rows(path, dim, vectors)?;
+    let sku_sections = SkuSections::build(path, skus)?;
+    let (codes, scales) = quantise(dim, &normalised);
+    let levels = vec![0u8; n];
+    let layout = GraphLayout {
+        dim,
+        m: 0,
+        ef_construction: 0,
+        vectors: &normalised,
+        levels: &levels,
+        layer0: &[],
+        upper: &[],
+        entry_point: 0,
+    };
+    write_checked(path, &layout, (&codes, &scales), &sku_sections, started)
+}
+
 /// [`write_segment`] for a merge: the first `keep.len()` rows of `vectors` are the items
 /// `keep` (strictly ascending) of `base`, in that order, and the new graph extends `base`'s
 /// graph instead of being built from nothing (links to items of `base` not kept are
@@ -134,15 +167,8 @@ fn write_built(
 ) -> Result<SegmentStats, SegmentError> {
     let started = Instant::now();
     let n = skus.len();
-    check_common(path, dim, n, params.m)?;
-    if vectors.len() != n * dim {
-        return Err(SegmentError::LengthMismatch {
-            path: path.to_path_buf(),
-            what: "vectors (skus.len() * dim)",
-            expected: n * dim,
-            actual: vectors.len(),
-        });
-    }
+    check_common(path, dim, n, Some(params.m))?;
+    check_vector_count(path, dim, n, vectors)?;
     if params.ef_construction == 0 || params.ef_construction > MAX_EF_CONSTRUCTION {
         return Err(invalid_param(path, "ef_construction", params.ef_construction, "must be in 1..=100000"));
     }
@@ -179,7 +205,7 @@ pub fn write_segment_with_graph(
 ) -> Result<SegmentStats, SegmentError> {
     let started = Instant::now();
     let n = skus.len();
-    check_common(path, graph.dim, n, graph.m)?;
+    check_common(path, graph.dim, n, Some(graph.m))?;
     let lengths = [
         ("vectors", n * graph.dim, graph.vectors.len()),
         ("levels", n, graph.levels.len()),
@@ -210,7 +236,20 @@ pub fn write_segment_with_graph(
     write_checked(path, graph, (&codes, &scales), &sku_sections, started)
 }
 
-fn check_common(path: &Path, dim: usize, n: usize, m: usize) -> Result<(), SegmentError> {
+fn check_vector_count(path: &Path, dim: usize, n: usize, vectors: &[f32]) -> Result<(), SegmentError> {
+    if vectors.len() != n * dim {
+        return Err(SegmentError::LengthMismatch {
+            path: path.to_path_buf(),
+            what: "vectors (skus.len() * dim)",
+            expected: n * dim,
+            actual: vectors.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Checks shared by every write; `m` is `None` for a flat segment.
+fn check_common(path: &Path, dim: usize, n: usize, m: Option<usize>) -> Result<(), SegmentError> {
     if n == 0 {
         return Err(SegmentError::Empty { path: path.to_path_buf() });
     }
@@ -220,7 +259,9 @@ fn check_common(path: &Path, dim: usize, n: usize, m: usize) -> Result<(), Segme
     if dim == 0 || dim > u32::MAX as usize {
         return Err(invalid_param(path, "dim", dim, "must be in 1..2^32"));
     }
-    if !(2..=MAX_M).contains(&m) {
+    if let Some(m) = m
+        && !(2..=MAX_M).contains(&m)
+    {
         return Err(invalid_param(path, "m", m, "must be in 2..=256"));
     }
     if path.symlink_metadata().is_ok() {
@@ -422,7 +463,8 @@ fn write_checked(
             return Err(e);
         }
     };
-    let self_recall = self_recall(&segment);
+    // A flat segment's exact scan always finds an item itself.
+    let self_recall = if segment.has_graph() { self_recall(&segment) } else { 1.0 };
     if self_recall < 0.99 {
         tracing::warn!(path = %path.display(), self_recall, "segment self-recall below 0.99");
     }
@@ -480,7 +522,7 @@ fn write_file(path: &Path, view: &View<'_>, ef_construction: u32) -> Result<(), 
         plan_layout(&lens).ok_or_else(|| invalid_param(path, "file size", usize::MAX, "overflows u64"))?;
     let header = Header {
         magic: HEADER_MAGIC,
-        version: FORMAT_VERSION,
+        version: version_for(view.m),
         header_len: HEADER_LEN as u32,
         dim: view.dim as u32,
         m: view.m as u32,
@@ -495,7 +537,7 @@ fn write_file(path: &Path, view: &View<'_>, ef_construction: u32) -> Result<(), 
     };
     let mut footer = Footer {
         magic: FOOTER_MAGIC,
-        version: FORMAT_VERSION,
+        version: version_for(view.m),
         header_crc: header.compute_crc(),
         section_crc: bodies.map(super::format::crc32_yielding),
         reserved: [0; 1],
