@@ -22,15 +22,22 @@
 //! Seqs are u64 from 1 to [`MAX_SEQ`], one per record, contiguous across frames and files; a
 //! file's first frame starts at the seq in its name. A payload is at most [`MAX_RECORD_BYTES`], a
 //! frame body at most [`MAX_FRAME_BODY`] (one caller's batch always goes into a single frame).
-//! Each frame is written with one `write_all` and `sync_data`'d before any of its records is
-//! reported durable, and the next frame is only written after that. A new file is fsynced into
-//! the directory first.
+//! Each frame is written with one positional write and `sync_data`'d before any of its records
+//! is reported durable, and the next frame is only written after that. A new file is fsynced
+//! into the directory first. The current file is extended [`PREALLOC_BYTES`] of zeros at a time
+//! ahead of its frames (written with the frame that needs them, durable with its sync), so
+//! that most frames overwrite allocated blocks and their `fdatasync` commits no metadata: on
+//! ext4 a metadata commit waits for other files' dirty data, such as a segment a seal is
+//! writing. A rotation cuts the file back to its frames and fsyncs it before any later file
+//! is created.
 //!
 //! # Recovery rules ([`Wal::open`])
 //!
 //! * A bad frame (short, bad magic, bad crc, malformed body) in the last file, with no valid
 //!   frame of seq >= the expected one anywhere after it, is a torn tail: the file is truncated at
-//!   the frame's offset and fsynced; [`Replayed::dropped_tail_bytes`] says how much went.
+//!   the frame's offset and fsynced; [`Replayed::dropped_tail_bytes`] says how much went
+//!   (through its last non-zero byte: zeros written ahead of the frames are no loss). Zeros at
+//!   the end of any other file are damage like any bad frame (rotation cut them).
 //! * A bad frame that a valid frame follows, or a bad frame in any other file, is corruption in
 //!   the middle: open fails naming the file, offset and seqs. So does a crc-valid frame whose seq
 //!   does not continue (no crash produces one).
@@ -48,8 +55,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -61,6 +69,11 @@ pub const HEADER_LEN: usize = 24;
 pub const MAX_RECORD_BYTES: usize = 64 << 20;
 /// Largest body of one frame (records with their 4-byte length prefixes).
 pub const MAX_FRAME_BODY: usize = 128 << 20;
+/// The current log file is extended this many zero bytes at a time, written and synced
+/// ahead of the frames, so that a frame's `fdatasync` overwrites allocated blocks without
+/// changing the file's size: no journal commit, which on ext4 would wait for other files'
+/// data (a segment file being written by a seal made acknowledgements wait 5 to 10 ms).
+pub const PREALLOC_BYTES: u64 = 1 << 20;
 /// Highest seq a record may have (2^63 - 1). Keeping seqs this far below `u64::MAX` means
 /// `next_seq` arithmetic cannot overflow: appending 2^63 records would take centuries.
 pub const MAX_SEQ: u64 = i64::MAX as u64;
@@ -106,7 +119,8 @@ pub enum WalError {
 pub struct Replayed {
     /// Every record with seq > `after_seq`, in seq order.
     pub records: Vec<(u64, Vec<u8>)>,
-    /// Bytes cut off the last file as a torn tail.
+    /// Bytes cut off the last file as a torn tail, through its last non-zero byte (zeros
+    /// after the frames are space written ahead, indistinguishable from a torn frame's own).
     pub dropped_tail_bytes: u64,
     /// Log files found in the directory.
     pub files: usize,
@@ -152,7 +166,11 @@ struct Pending {
 struct LogFile {
     path: PathBuf,
     last_seq: u64,
+    /// Bytes of frames.
     bytes: u64,
+    /// The file's length: `bytes` plus zero bytes written and synced ahead of the frames
+    /// ([`PREALLOC_BYTES`]); equal to `bytes` once the file is closed.
+    allocated: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -188,6 +206,18 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WalError + use
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory", dir))
+}
+
+/// Writes zeros over `from..to` of `file` (nothing when `to <= from`); not synced.
+fn zero_fill(file: &File, from: u64, to: u64) -> io::Result<()> {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    let mut at = from;
+    while at < to {
+        let n = (to - at).min(ZEROS.len() as u64);
+        file.write_all_at(&ZEROS[..n as usize], at)?;
+        at += n;
+    }
+    Ok(())
 }
 
 fn le<const N: usize>(b: &[u8]) -> [u8; N] {
@@ -319,7 +349,8 @@ impl Wal {
             {
                 // All its records are covered by the caller's checkpoint: not read.
                 let bytes = fs::metadata(path).map_err(io("stat", path))?.len();
-                closed.push_back(LogFile { path: path.clone(), last_seq: next_first - 1, bytes });
+                let last_seq = next_first - 1;
+                closed.push_back(LogFile { path: path.clone(), last_seq, bytes, allocated: bytes });
                 prev_end = Some(next_first - 1);
                 continue;
             }
@@ -350,13 +381,15 @@ impl Wal {
                     .open(&path)
                     .and_then(|f| f.set_len(offset).and_then(|()| f.sync_all()))
                     .map_err(|source| WalError::Truncate { path: path.clone(), offset, source })?;
-                replayed.dropped_tail_bytes = bytes - offset;
+                // Zero bytes after the last frame are space written ahead, not a lost frame.
+                let written = data.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1);
+                replayed.dropped_tail_bytes = written.saturating_sub(offset);
                 bytes = offset;
             }
             let fresh = scan.records.into_iter().filter(|(seq, _)| *seq > after_seq);
             replayed.records.extend(fresh.map(|(seq, range)| (seq, data[range].to_vec())));
             prev_end = Some(scan.end);
-            let file = LogFile { path: path.clone(), last_seq: scan.end, bytes };
+            let file = LogFile { path: path.clone(), last_seq: scan.end, bytes, allocated: bytes };
             if next.is_some() { closed.push_back(file) } else { last = Some(file) }
         }
         let next_seq = after_seq.max(prev_end.unwrap_or(0)) + 1;
@@ -368,7 +401,7 @@ impl Wal {
                 None
             }
             Some(f) if f.last_seq + 1 == next_seq => {
-                Some((OpenOptions::new().append(true).open(&f.path).map_err(io("open", &f.path))?, f))
+                Some((OpenOptions::new().write(true).open(&f.path).map_err(io("open", &f.path))?, f))
             }
             other => {
                 closed.extend(other);
@@ -512,15 +545,16 @@ impl Wal {
             let poison = Poison { path: path.clone(), offset, first_seq, last_seq };
             return Err((WalError::Full { path, first_seq, last_seq }, poison));
         }
-        let (mut file, mut log) = match current {
+        let (file, mut log) = match current {
             Some(c) => c,
             None => {
                 let path = self.dir.join(file_name(first_seq));
                 let poison = Poison { path: path.clone(), offset: 0, first_seq, last_seq };
-                let created = OpenOptions::new().create_new(true).append(true).open(&path);
+                let created = OpenOptions::new().create_new(true).write(true).open(&path);
                 let created =
                     created.map_err(io("create", &path)).and_then(|f| sync_dir(&self.dir).map(|()| f));
-                (created.map_err(|e| (e, poison))?, LogFile { path, last_seq: first_seq - 1, bytes: 0 })
+                let log = LogFile { path, last_seq: first_seq - 1, bytes: 0, allocated: 0 };
+                (created.map_err(|e| (e, poison))?, log)
             }
         };
         let body_len: usize = batch.iter().map(|p| p.body.len()).sum();
@@ -535,19 +569,33 @@ impl Wal {
         crc.update(&buf[4..20]);
         crc.update(&buf[HEADER_LEN..]);
         buf[20..24].copy_from_slice(&crc.finalize().to_le_bytes());
-        let written = if self.fail_next_write.swap(false, Ordering::Relaxed) {
-            file.write_all(&buf[..buf.len() / 2]).and_then(|()| Err(io::Error::other("injected failure")))
+        // Past the zeros written ahead: write more first; this frame's sync makes them durable
+        // (and is the one sync in PREALLOC_BYTES that changes the file's size).
+        let end = log.bytes + buf.len() as u64;
+        let allocated = if end > log.allocated {
+            (end + PREALLOC_BYTES).next_multiple_of(PREALLOC_BYTES)
         } else {
-            file.write_all(&buf).and_then(|()| file.sync_data())
+            log.allocated
         };
+        let written = zero_fill(&file, log.allocated, allocated).and_then(|()| {
+            if self.fail_next_write.swap(false, Ordering::Relaxed) {
+                file.write_all_at(&buf[..buf.len() / 2], log.bytes)
+                    .and_then(|()| Err(io::Error::other("injected failure")))
+            } else {
+                file.write_all_at(&buf, log.bytes)
+                    .and_then(|()| file.sync_data())
+                    .map(|()| crate::fsutil::note_log_sync())
+            }
+        });
         if let Err(source) = written {
             let (path, offset) = (log.path.clone(), log.bytes);
             let poison = Poison { path: path.clone(), offset, first_seq, last_seq };
             return Err((WalError::Write { path, offset, first_seq, last_seq, source }, poison));
         }
-        log.bytes += buf.len() as u64;
-        log.last_seq = last_seq;
         self.disk_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        log.allocated = allocated;
+        log.bytes = end;
+        log.last_seq = last_seq;
         self.frames.fetch_add(1, Ordering::Relaxed);
         Ok((file, log))
     }
@@ -568,14 +616,31 @@ impl Wal {
         if let Some(p) = &st.poisoned {
             return Err(p.error());
         }
-        let Some((_, log)) = st.current.take() else { return Ok(st.durable) };
+        let Some((file, mut log)) = st.current.take() else { return Ok(st.durable) };
         // Stay busy (no frame, no other rotation) until the file is on the closed list.
         st.busy = true;
         let last_seq = log.last_seq;
-        MutexGuard::unlocked(&mut st, || self.closed.lock().push_back(log));
+        // Cut the zeros written ahead, durably, before any later file can exist: recovery
+        // reads a zero tail as the end of the log only in the last file.
+        let (path, offset) = (log.path.clone(), log.bytes);
+        let cut = MutexGuard::unlocked(&mut st, || {
+            file.set_len(log.bytes).and_then(|()| file.sync_all())?;
+            log.allocated = log.bytes;
+            self.closed.lock().push_back(log);
+            Ok(())
+        });
         st.busy = false;
         self.wake.notify_all();
-        Ok(last_seq)
+        match cut {
+            Ok(()) => Ok(last_seq),
+            Err(source) => {
+                // No later file may be started: every further append fails until a reopen.
+                let poison =
+                    Poison { path: path.clone(), offset, first_seq: last_seq + 1, last_seq: last_seq + 1 };
+                st.poisoned = Some(poison);
+                Err(WalError::Truncate { path, offset, source })
+            }
+        }
     }
 
     /// Deletes every closed file all of whose records have seq <= `seq` (never the current
@@ -617,7 +682,8 @@ impl Wal {
         Ok(paths.len())
     }
 
-    /// Total bytes of log files on disk.
+    /// Total bytes of frames in the log files (the current file also holds up to
+    /// [`PREALLOC_BYTES`] of zeros written ahead).
     pub fn disk_bytes(&self) -> u64 {
         self.disk_bytes.load(Ordering::Relaxed)
     }
@@ -650,8 +716,13 @@ mod tests {
         files.iter().map(|(_, p)| p.file_name().unwrap().to_string_lossy().into_owned()).collect()
     }
 
+    /// Bytes of valid frames in the log files (not the zeros written ahead).
     fn on_disk(dir: &Path) -> u64 {
-        list_files(dir).unwrap().iter().map(|(_, p)| fs::metadata(p).unwrap().len()).sum()
+        let used = |first: u64, p: &PathBuf| {
+            let scan = scan_frames(&fs::read(p).unwrap(), first);
+            scan.records.last().map_or(0, |(_, r)| r.end as u64)
+        };
+        list_files(dir).unwrap().iter().map(|(first, p)| used(*first, p)).sum()
     }
 
     fn recs(list: &[(u64, &str)]) -> Vec<(u64, Vec<u8>)> {
@@ -731,15 +802,19 @@ mod tests {
         wal.append(b"two").unwrap();
         let start = wal.disk_bytes() as usize;
         wal.append_batch(&[b"three", b"four", b"five"]).unwrap();
+        let end = wal.disk_bytes() as usize;
         drop(wal);
         let full = fs::read(src.path().join(file_name(1))).unwrap();
+        assert!(full.len() >= end + PREALLOC_BYTES as usize / 2 && full[end..].iter().all(|&b| b == 0));
+        let full = &full[..end];
         for cut in start..full.len() {
             let tmp = tempfile::tempdir().unwrap();
             let path = tmp.path().join(file_name(1));
             fs::write(&path, &full[..cut]).unwrap();
             let (wal, rep) = open(tmp.path(), 0);
             assert_eq!(rep.records, recs(&[(1, "one"), (2, "two")]), "cut at {cut}");
-            assert_eq!(rep.dropped_tail_bytes, (cut - start) as u64, "cut at {cut}");
+            let written = full[start..cut].iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+            assert_eq!(rep.dropped_tail_bytes, written as u64, "cut at {cut}");
             assert_eq!(fs::metadata(&path).unwrap().len(), start as u64);
             assert_eq!(wal.append(b"new").unwrap(), 3);
             drop(wal);
@@ -793,13 +868,15 @@ mod tests {
             let tmp = tempfile::tempdir().unwrap();
             let (wal, _) = open(tmp.path(), 0);
             wal.append_batch(&[b"a", b"b"]).unwrap();
+            let end = wal.disk_bytes() as usize;
             drop(wal);
             let path = tmp.path().join(file_name(1));
-            let frame = fs::read(&path).unwrap();
+            let frame = fs::read(&path).unwrap()[..end].to_vec();
             fs::write(&path, [&frame[..], &garbage].concat()).unwrap();
             let (wal, rep) = open(tmp.path(), 0);
             assert_eq!(rep.records, recs(&[(1, "a"), (2, "b")]));
-            assert_eq!(rep.dropped_tail_bytes, garbage.len() as u64);
+            let written = garbage.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+            assert_eq!(rep.dropped_tail_bytes, written as u64, "zeros after the frames were written ahead");
             assert_eq!(wal.append(b"c").unwrap(), 3);
             drop(wal);
             assert_eq!(open(tmp.path(), 0).1.records.len(), 3);
@@ -839,6 +916,45 @@ mod tests {
                 assert_eq!(rep.dropped_tail_bytes, (ends[2] - ends[1]) as u64);
             }
         }
+    }
+
+    /// The current file holds zeros written ahead of its frames (so a frame's sync does not
+    /// change the file's size); a reopen reads them as the end of the log, not a torn frame;
+    /// a rotation cuts them, and zeros at the end of a file that is not the last are damage.
+    #[test]
+    fn zeros_written_ahead_end_the_last_file_only() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (wal, _) = open(dir, 0);
+        wal.append_batch(&[b"a", b"b"]).unwrap();
+        let end = wal.disk_bytes();
+        let first = dir.join(file_name(1));
+        let len = fs::metadata(&first).unwrap().len();
+        assert!(
+            len >= end + PREALLOC_BYTES / 2 && len.is_multiple_of(PREALLOC_BYTES),
+            "{len} for {end} bytes of frames"
+        );
+        // Frames past the first extension extend it again, in whole steps.
+        let big = vec![7u8; PREALLOC_BYTES as usize];
+        wal.append(&big).unwrap();
+        let grown = fs::metadata(&first).unwrap().len();
+        assert!(grown > wal.disk_bytes() && grown.is_multiple_of(PREALLOC_BYTES), "{grown}");
+        drop(wal);
+        let (wal, rep) = open(dir, 0);
+        assert_eq!((rep.records.len(), rep.dropped_tail_bytes), (3, 0));
+        assert_eq!(fs::metadata(&first).unwrap().len(), wal.disk_bytes(), "the zeros are cut at open");
+        wal.append(b"c").unwrap();
+        wal.rotate().unwrap();
+        assert_eq!(fs::metadata(&first).unwrap().len(), wal.disk_bytes(), "a rotation cuts the zeros");
+        wal.append(b"d").unwrap();
+        drop(wal);
+        let rep = open(dir, 0).1;
+        assert_eq!(rep.records.len(), 5);
+        let mut padded = fs::read(&first).unwrap();
+        padded.extend_from_slice(&[0; 4096]);
+        fs::write(&first, &padded).unwrap();
+        let err = Wal::open(dir, 0).unwrap_err();
+        assert!(matches!(err, WalError::CorruptNotLast { expected_seq: 5, .. }), "{err}");
     }
 
     #[test]
@@ -889,7 +1005,9 @@ mod tests {
         assert!(matches!(wal.rotate(), Err(WalError::Poisoned { .. })));
         drop(wal);
         let (wal, rep) = open(tmp.path(), 0);
-        assert_eq!((rep.records, rep.dropped_tail_bytes), (recs(&[(1, "ok")]), (HEADER_LEN as u64 + 8) / 2));
+        // Half of the 32-byte frame reached the file: "VWAL", body length 8, seq 2 (then
+        // zeros): its last non-zero byte is the 9th.
+        assert_eq!((rep.records, rep.dropped_tail_bytes), (recs(&[(1, "ok")]), 9));
         assert_eq!(wal.append(b"again").unwrap(), 2);
     }
 
