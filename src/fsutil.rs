@@ -1,5 +1,6 @@
 //! Crash-safe file replacement: write a temp file, fsync it, rename it over the target,
-//! fsync the directory. Readers never observe a partially written file.
+//! fsync the directory. Readers never observe a partially written file. Large files are
+//! written in paced, synced pieces so that the write-ahead log's syncs do not wait behind them.
 
 use std::fs::{self, File};
 use std::io::{self, Write};
