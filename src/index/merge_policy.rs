@@ -82,9 +82,7 @@ impl MergePolicy {
         chosen.sort();
         Some(chosen)
     }
-}
 
-impl MergePolicy {
     /// How far merges are behind on one version: its segments beyond twice the count the
     /// policy settles at (`max_segments`, plus two per `max_merge_items` live items). The
     /// writer slows writes down by it as by queued seals, so a write rate beyond what merges

@@ -65,7 +65,12 @@ enum Builder<'a> {
     Native(Option<(&'a Segment, &'a [u32])>),
     /// hnsw_rs, the reference implementation.
     HnswRs,
+    /// No graph: a flat segment (written with [`FLAT_PARAMS`]).
+    Flat,
 }
+
+/// The header's `m` and `ef_construction` of a flat segment.
+const FLAT_PARAMS: HnswParams = HnswParams { m: 0, ef_construction: 0 };
 
 /// Builds an HNSW index over `vectors` (`skus.len()` rows of `dim` values, any non-zero
 /// finite length: they are L2-normalised here) and writes it as a new segment at `path`.
@@ -95,25 +100,7 @@ pub fn write_flat_segment(
     vectors: &[f32],
     skus: &[SkuId],
 ) -> Result<SegmentStats, SegmentError> {
-    let started = Instant::now();
-    let n = skus.len();
-    check_common(path, dim, n, None)?;
-    check_vector_count(path, dim, n, vectors)?;
-    let normalised = normalise_rows(path, dim, vectors)?;
-    let sku_sections = SkuSections::build(path, skus)?;
-    let (codes, scales) = quantise(dim, &normalised);
-    let levels = vec![0u8; n];
-    let layout = GraphLayout {
-        dim,
-        m: 0,
-        ef_construction: 0,
-        vectors: &normalised,
-        levels: &levels,
-        layer0: &[],
-        upper: &[],
-        entry_point: 0,
-    };
-    write_checked(path, &layout, (&codes, &scales), &sku_sections, started)
+    write_built(path, dim, vectors, skus, &FLAT_PARAMS, Builder::Flat)
 }
 
 /// [`write_segment`] for a merge: the first `keep.len()` rows of `vectors` are the items
@@ -167,9 +154,10 @@ fn write_built(
 ) -> Result<SegmentStats, SegmentError> {
     let started = Instant::now();
     let n = skus.len();
-    check_common(path, dim, n, Some(params.m))?;
+    let flat = matches!(builder, Builder::Flat);
+    check_common(path, dim, n, (!flat).then_some(params.m))?;
     check_vector_count(path, dim, n, vectors)?;
-    if params.ef_construction == 0 || params.ef_construction > MAX_EF_CONSTRUCTION {
+    if !flat && (params.ef_construction == 0 || params.ef_construction > MAX_EF_CONSTRUCTION) {
         return Err(invalid_param(path, "ef_construction", params.ef_construction, "must be in 1..=100000"));
     }
     let normalised = normalise_rows(path, dim, vectors)?;
@@ -182,6 +170,9 @@ fn write_built(
             build(dim, params.m, params.ef_construction, &normalised, (&codes, &scales), base)
         }
         Builder::HnswRs => build_graph_hnsw_rs(path, dim, &normalised, params)?,
+        Builder::Flat => {
+            FlatGraph { levels: vec![0; n], layer0: Vec::new(), upper: Vec::new(), entry_point: 0 }
+        }
     };
     let layout = GraphLayout {
         dim,
