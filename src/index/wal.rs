@@ -23,21 +23,22 @@
 //! file's first frame starts at the seq in its name. A payload is at most [`MAX_RECORD_BYTES`], a
 //! frame body at most [`MAX_FRAME_BODY`] (one caller's batch always goes into a single frame).
 //! Each frame is written with one positional write and `sync_data`'d before any of its records
-//! is reported durable, and the next frame is only written after that. A new file is fsynced
-//! into the directory first. The current file is extended [`PREALLOC_BYTES`] of zeros at a time
+//! is reported durable, and the next frame is only written after that. A new file's first
+//! frame is reported durable once the directory is fsynced too. The current file is extended [`PREALLOC_BYTES`] of zeros at a time
 //! ahead of its frames (written with the frame that needs them, durable with its sync), so
 //! that most frames overwrite allocated blocks and their `fdatasync` commits no metadata: on
 //! ext4 a metadata commit waits for other files' dirty data, such as a segment a seal is
-//! writing. A rotation cuts the file back to its frames and fsyncs it before any later file
-//! is created.
+//! writing. A rotation does no IO: the closed file keeps its zeros (see the recovery rules).
 //!
 //! # Recovery rules ([`Wal::open`])
 //!
 //! * A bad frame (short, bad magic, bad crc, malformed body) in the last file, with no valid
 //!   frame of seq >= the expected one anywhere after it, is a torn tail: the file is truncated at
 //!   the frame's offset and fsynced; [`Replayed::dropped_tail_bytes`] says how much went
-//!   (through its last non-zero byte: zeros written ahead of the frames are no loss). Zeros at
-//!   the end of any other file are damage like any bad frame (rotation cut them).
+//!   (through its last non-zero byte: zeros written ahead of the frames are no loss). In any
+//!   other file, only zeros may follow the last frame (written ahead, left by the rotation):
+//!   they end it, and the next file's name must continue its seqs (the rule below), so a lost
+//!   frame there still shows as a gap.
 //! * A bad frame that a valid frame follows, or a bad frame in any other file, is corruption in
 //!   the middle: open fails naming the file, offset and seqs. So does a crc-valid frame whose seq
 //!   does not continue (no crash produces one).
@@ -357,7 +358,13 @@ impl Wal {
             let data = fs::read(path).map_err(io("read", path))?;
             let scan = scan_frames(&data, first);
             let mut bytes = data.len() as u64;
-            if let Some((at, claimed)) = scan.bad {
+            // A closed file ends in the zeros written ahead of its frames (a rotation leaves
+            // them): its end, not damage, as the next file's name is checked to continue its
+            // seqs (a lost frame would leave a gap, reported above on the next round).
+            let zero_tail = |at: usize| next.is_some() && data[at..].iter().all(|&b| b == 0);
+            if let Some((at, None)) = scan.bad.filter(|&(at, _)| zero_tail(at)) {
+                bytes = at as u64;
+            } else if let Some((at, claimed)) = scan.bad {
                 let (path, offset, expected_seq) = (path.clone(), at as u64, scan.end + 1);
                 if let Some(found_seq) = claimed {
                     return Err(WalError::SeqMismatch { path, offset, expected_seq, found_seq });
@@ -545,16 +552,15 @@ impl Wal {
             let poison = Poison { path: path.clone(), offset, first_seq, last_seq };
             return Err((WalError::Full { path, first_seq, last_seq }, poison));
         }
+        let created = current.is_none();
         let (file, mut log) = match current {
             Some(c) => c,
             None => {
                 let path = self.dir.join(file_name(first_seq));
                 let poison = Poison { path: path.clone(), offset: 0, first_seq, last_seq };
                 let created = OpenOptions::new().create_new(true).write(true).open(&path);
-                let created =
-                    created.map_err(io("create", &path)).and_then(|f| sync_dir(&self.dir).map(|()| f));
                 let log = LogFile { path, last_seq: first_seq - 1, bytes: 0, allocated: 0 };
-                (created.map_err(|e| (e, poison))?, log)
+                (created.map_err(io("create", &log.path)).map_err(|e| (e, poison))?, log)
             }
         };
         let body_len: usize = batch.iter().map(|p| p.body.len()).sum();
@@ -582,8 +588,13 @@ impl Wal {
                 file.write_all_at(&buf[..buf.len() / 2], log.bytes)
                     .and_then(|()| Err(io::Error::other("injected failure")))
             } else {
+                // A new file's name is made durable after its first frame, not before: the
+                // frame's sync commits the file system's journal anyway (the file grew), and
+                // that commit carries the new name too, so the directory's fsync then finds
+                // little left to do (one journal commit per new file instead of two).
                 file.write_all_at(&buf, log.bytes)
                     .and_then(|()| file.sync_data())
+                    .and_then(|()| if created { File::open(&self.dir)?.sync_all() } else { Ok(()) })
                     .map(|()| crate::fsutil::note_log_sync())
             }
         });
@@ -616,31 +627,15 @@ impl Wal {
         if let Some(p) = &st.poisoned {
             return Err(p.error());
         }
-        let Some((file, mut log)) = st.current.take() else { return Ok(st.durable) };
-        // Stay busy (no frame, no other rotation) until the file is on the closed list.
-        st.busy = true;
+        let Some((file, log)) = st.current.take() else { return Ok(st.durable) };
+        // No IO here (this runs on the thread every acknowledgement waits for): the zeros
+        // written ahead stay in the closed file, whose every frame is already synced. Recovery
+        // reads them as that file's end because the next file's name continues its seqs (a
+        // lost frame would leave a gap it reports); the file is deleted after its checkpoint.
+        drop(file);
         let last_seq = log.last_seq;
-        // Cut the zeros written ahead, durably, before any later file can exist: recovery
-        // reads a zero tail as the end of the log only in the last file.
-        let (path, offset) = (log.path.clone(), log.bytes);
-        let cut = MutexGuard::unlocked(&mut st, || {
-            file.set_len(log.bytes).and_then(|()| file.sync_all())?;
-            log.allocated = log.bytes;
-            self.closed.lock().push_back(log);
-            Ok(())
-        });
-        st.busy = false;
-        self.wake.notify_all();
-        match cut {
-            Ok(()) => Ok(last_seq),
-            Err(source) => {
-                // No later file may be started: every further append fails until a reopen.
-                let poison =
-                    Poison { path: path.clone(), offset, first_seq: last_seq + 1, last_seq: last_seq + 1 };
-                st.poisoned = Some(poison);
-                Err(WalError::Truncate { path, offset, source })
-            }
-        }
+        self.closed.lock().push_back(log);
+        Ok(last_seq)
     }
 
     /// Deletes every closed file all of whose records have seq <= `seq` (never the current
@@ -944,17 +939,48 @@ mod tests {
         assert_eq!((rep.records.len(), rep.dropped_tail_bytes), (3, 0));
         assert_eq!(fs::metadata(&first).unwrap().len(), wal.disk_bytes(), "the zeros are cut at open");
         wal.append(b"c").unwrap();
+        let frames = wal.disk_bytes();
         wal.rotate().unwrap();
-        assert_eq!(fs::metadata(&first).unwrap().len(), wal.disk_bytes(), "a rotation cuts the zeros");
+        assert!(fs::metadata(&first).unwrap().len() > frames, "a rotation keeps the zeros");
         wal.append(b"d").unwrap();
         drop(wal);
-        let rep = open(dir, 0).1;
-        assert_eq!(rep.records.len(), 5);
+        // The closed file's zeros end it: every record comes back, nothing counts as dropped.
+        let (wal, rep) = open(dir, 0);
+        assert_eq!((rep.records.len(), rep.dropped_tail_bytes), (5, 0));
+        assert_eq!(wal.disk_bytes(), frames + fs::metadata(dir.join(file_name(5))).unwrap().len());
+        drop(wal);
+        // Non-zero bytes after the zeros of a closed file are damage.
         let mut padded = fs::read(&first).unwrap();
-        padded.extend_from_slice(&[0; 4096]);
+        let n = padded.len();
+        padded[n - 1] = 1;
         fs::write(&first, &padded).unwrap();
         let err = Wal::open(dir, 0).unwrap_err();
         assert!(matches!(err, WalError::CorruptNotLast { expected_seq: 5, .. }), "{err}");
+    }
+
+    /// A closed file's zero tail ends it only where the next file continues its seqs: frames
+    /// lost from its end (zeros where synced frames were) leave a gap, reported.
+    #[test]
+    fn frames_lost_before_a_closed_files_zeros_are_a_gap() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let (wal, _) = open(dir, 0);
+        wal.append(b"a").unwrap();
+        let one = wal.disk_bytes() as usize;
+        wal.append(b"b").unwrap();
+        wal.rotate().unwrap();
+        wal.append(b"c").unwrap();
+        drop(wal);
+        let first = dir.join(file_name(1));
+        let mut data = fs::read(&first).unwrap();
+        let end = data.iter().rposition(|&b| b != 0).unwrap() + 1;
+        data[one..end].fill(0);
+        fs::write(&first, &data).unwrap();
+        let err = Wal::open(dir, 0).unwrap_err();
+        assert!(matches!(err, WalError::SeqDiscontinuity { expected_seq: 2, found_seq: 3, .. }), "{err}");
+        // The same loss is no gap where a checkpoint covers it.
+        let (_, rep) = open(dir, 2);
+        assert_eq!(rep.records.len(), 1);
     }
 
     #[test]
