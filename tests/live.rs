@@ -115,7 +115,7 @@ fn writes_are_visible_on_ack_and_survive_a_reopen() {
             &out[..5],
             &[Outcome::Deleted, Outcome::NotFound, Outcome::Updated, Outcome::Updated, Outcome::Unchanged]
         );
-        for (o, what) in out[5..].iter().zip(["does not exist", "unusable", "dimensions", "no index"]) {
+        for (o, what) in out[5..].iter().zip(["no such SKU", "unusable", "dimensions", "no index"]) {
             assert!(matches!(o, Outcome::Rejected(why) if why.contains(what)), "{o:?} should say {what}");
         }
         assert!(!search(&w, vec_of(5), 10, None).contains(&sku(5).to_string()));

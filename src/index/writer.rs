@@ -1109,10 +1109,8 @@ impl State {
                     // Attributes only (the image, if sent, is the stored one: nothing to embed).
                     if cur.is_none() {
                         return Ok((
-                            Outcome::Rejected(format!(
-                                "sku {:?} does not exist: a new SKU needs an image or a vector",
-                                u.sku.as_str()
-                            )),
+                            // Callers name the item (the server prefixes its SKU).
+                            Outcome::Rejected("no such SKU: a new SKU needs an image or a vector".into()),
                             None,
                         ));
                     }
