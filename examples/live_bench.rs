@@ -25,6 +25,10 @@
 //!    without a checkpoint, then the time of `IndexWriter::open` replaying the whole log (page
 //!    cache warm, then with the log evicted).
 //!
+//! Vectors are uniform random unit vectors in 1,280 dimensions unless `--latent N` asks for
+//! points of intrinsic dimension N (`synth::Structured`, like real embeddings): uniform random
+//! vectors have no neighbourhood structure, so graph search on them costs nearly a scan.
+//!
 //! `--seal-items`, `--ef-construction` and `--max-pending-seals` change the server's writer
 //! settings, to tell group commit from sealing; `RUST_LOG=vitrine=info` shows seal times.
 //! `--only-writes` stops after phase 2, and `--ack-trace FILE` writes its every ack (time,
@@ -35,8 +39,8 @@
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -49,6 +53,7 @@ use vitrine::index::{IndexWriter, ModelSpec, Outcome, Upsert, WriteOp, WriterCon
 use vitrine::models::{DEFAULT_MODEL, ModelRegistry};
 use vitrine::proto;
 use vitrine::proto::visual_search_client::VisualSearchClient;
+use vitrine::segment::synth::{Sampler, SplitMix64, Structured};
 use vitrine::server::{ServeConfig, serve};
 
 /// EfficientNet-Lite0's embedding length.
@@ -110,6 +115,14 @@ struct Args {
     /// Diagnostic: stop after phase 2 (skip images, searches and the restart).
     #[arg(long)]
     only_writes: bool,
+    /// Vectors of this intrinsic dimension (a Gaussian latent mapped into 1,280 dimensions plus
+    /// noise, like real embeddings) instead of uniform random ones (0, the default: a worst case
+    /// for graph search, whose idle time then grows almost linearly with the index).
+    #[arg(long, default_value_t = 0)]
+    latent: usize,
+    /// With `--latent`: the noise's standard deviation relative to the signal's.
+    #[arg(long, default_value_t = 0.15)]
+    noise: f64,
 }
 
 /// Sizes of one run.
@@ -127,6 +140,9 @@ struct Plan {
 /// splitmix64: reproducible, fast, no dependency.
 struct Rng(u64);
 
+/// The `--latent` data shape, when one was asked for (set once, before any vector is drawn).
+static SHAPE: OnceLock<Sampler> = OnceLock::new();
+
 impl Rng {
     fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
@@ -140,8 +156,12 @@ impl Rng {
         (self.next_u64() % n.max(1) as u64) as usize
     }
 
-    /// A random unit vector (coordinates uniform in [-1, 1), then normalised).
+    /// A random unit vector: of the `--latent` shape if one was given, else with coordinates
+    /// uniform in [-1, 1), then normalised.
     fn unit_vector(&mut self, dim: usize) -> Vec<f32> {
+        if let Some(sampler) = SHAPE.get().filter(|_| dim == DIM) {
+            return sampler.sample(&mut SplitMix64::new(self.next_u64()));
+        }
         let mut v: Vec<f32> =
             (0..dim).map(|_| (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0).collect();
         let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(f32::MIN_POSITIVE);
@@ -528,6 +548,10 @@ fn catalogue_images(repo: &Path) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.latent > 0 {
+        let shape = Structured { dim: DIM, latent: args.latent, noise: args.noise, seed: 42 };
+        let _ = SHAPE.set(shape.sampler());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
@@ -559,9 +583,14 @@ fn main() -> anyhow::Result<()> {
     let out = Out { json: args.json };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     out.line(format!(
-        "live_bench: {cores} cores{}; absolute numbers on a shared 2-core machine are noisy, \
+        "live_bench: {cores} cores{}; vectors {}; absolute numbers on a shared 2-core machine are noisy, \
          ratios measured in one run less so",
-        if args.quick { ", --quick" } else { "" }
+        if args.quick { ", --quick" } else { "" },
+        if args.latent > 0 {
+            format!("of intrinsic dimension {} (noise {})", args.latent, args.noise)
+        } else {
+            "uniform random".into()
+        }
     ));
 
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -576,6 +605,10 @@ fn main() -> anyhow::Result<()> {
     out.line(format!("data directories under {}", tmp.path().display()));
     let mut report = serde_json::Map::new();
     report.insert("cores".into(), json!(cores));
+    report.insert(
+        "vectors".into(),
+        json!({"latent": args.latent, "noise": (args.latent > 0).then_some(args.noise)}),
+    );
     report.insert("quick".into(), json!(args.quick));
     let mut targets: Vec<Target> = Vec::new();
 

@@ -65,24 +65,43 @@ impl Structured {
     /// Rows `start..start+count` of the data set (row i depends only on the seed and i, so
     /// base and query sets can be cut from disjoint ranges of one distribution).
     pub fn rows(&self, start: u64, count: usize) -> Vec<f32> {
-        let proj = self.projection();
-        let noise = self.noise * (self.latent as f64).sqrt();
+        let sampler = self.sampler();
         let mut out = Vec::with_capacity(count * self.dim);
-        let mut z = vec![0.0f64; self.latent];
-        let mut x = vec![0.0f64; self.dim];
         for i in 0..count as u64 {
             let mut rng = SplitMix64::new(self.seed.wrapping_mul(0x2545_F491_4F6C_DD1D) ^ (start + i));
-            z.iter_mut().for_each(|v| *v = rng.gaussian());
-            x.iter_mut().for_each(|v| *v = noise * rng.gaussian());
-            for (zi, row) in z.iter().zip(proj.chunks_exact(self.dim)) {
-                for (xv, p) in x.iter_mut().zip(row) {
-                    *xv += zi * p;
-                }
-            }
-            let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
-            out.extend(x.iter().map(|v| (v / norm) as f32));
+            out.extend(sampler.sample(&mut rng));
         }
         out
+    }
+
+    /// Draws points of this shape from any [`SplitMix64`] (the projection is computed once).
+    pub fn sampler(&self) -> Sampler {
+        Sampler { dim: self.dim, latent: self.latent, noise: self.noise, proj: self.projection() }
+    }
+}
+
+/// Draws unit vectors of one [`Structured`] shape ([`Structured::sampler`]).
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    dim: usize,
+    latent: usize,
+    noise: f64,
+    proj: Vec<f64>,
+}
+
+impl Sampler {
+    /// One point: a Gaussian latent vector projected to `dim`, plus noise, L2-normalised.
+    pub fn sample(&self, rng: &mut SplitMix64) -> Vec<f32> {
+        let noise = self.noise * (self.latent as f64).sqrt();
+        let z: Vec<f64> = (0..self.latent).map(|_| rng.gaussian()).collect();
+        let mut x: Vec<f64> = (0..self.dim).map(|_| noise * rng.gaussian()).collect();
+        for (zi, row) in z.iter().zip(self.proj.chunks_exact(self.dim)) {
+            for (xv, p) in x.iter_mut().zip(row) {
+                *xv += zi * p;
+            }
+        }
+        let norm = x.iter().map(|v| v * v).sum::<f64>().sqrt().max(f64::MIN_POSITIVE);
+        x.iter().map(|v| (v / norm) as f32).collect()
     }
 }
 
