@@ -431,7 +431,8 @@ async fn drive_upserts(
 /// is due (at most the merge policy's segment limit), and nothing changed for 2 s. Returns the
 /// seconds waited.
 /// Waits for seals and merges to finish, then times `queries` searches (`one` runs one) and
-/// prints a `label`led line: their latencies and the index's shape they ran on.
+/// prints a line starting with `label`: their latencies, the index's shape they ran on and
+/// the seconds waited, which are returned.
 async fn idle_round<F, Fut>(
     client: &mut Client,
     out: &Out,
@@ -439,7 +440,7 @@ async fn idle_round<F, Fut>(
     seal_items: usize,
     queries: usize,
     mut one: F,
-) -> anyhow::Result<(Lat, IndexShape)>
+) -> anyhow::Result<(Lat, IndexShape, f64)>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<Duration>>,
@@ -451,8 +452,8 @@ where
         lats.push(one().await?);
     }
     let lat = Lat::of(&lats);
-    out.line(format!("   {label} ({}; waited {quiet:.1} s): {}", shape.line(), lat.line()));
-    Ok((lat, shape))
+    out.line(format!("{label} ({}; waited {quiet:.1} s): {}", shape.line(), lat.line()));
+    Ok((lat, shape, quiet))
 }
 
 async fn wait_quiet(client: &mut Client, seal_items: usize, limit: Duration) -> anyhow::Result<f64> {
@@ -837,8 +838,6 @@ fn main() -> anyhow::Result<()> {
         });
 
         // Phase 4: search latency, idle and while 4 clients write.
-        let quiet4 = wait_quiet(&mut c, seal_items, Duration::from_secs(300)).await?;
-        let idle_shape = shape(&mut c).await?;
         let mut s = server.client().await?;
         let search_req = |q: &[f32]| proto::SearchByVectorRequest {
             model_version: v.to_string(),
@@ -861,18 +860,9 @@ fn main() -> anyhow::Result<()> {
                 anyhow::Ok(t.elapsed())
             }
         };
-        let mut idle = Vec::with_capacity(plan.queries);
-        for _ in 0..plan.queries {
-            idle.push(search(&mut s, &mut rng).await?);
-        }
-        let li = Lat::of(&idle);
-        out.line(format!(
-            "4. SearchByVector k=10, idle ({} live items, {} sealed segments, {} unsealed): {}",
-            idle_shape.live_items,
-            idle_shape.segments.len(),
-            idle_shape.unsealed(),
-            li.line()
-        ));
+        let label = "4. SearchByVector k=10, idle";
+        let (li, idle_shape, quiet4) =
+            idle_round(&mut c, &out, label, seal_items, plan.queries, || search(&mut s, &mut rng)).await?;
         // The same, idle, with the mutable segment (searched by exact scan) nearly full: what
         // writing costs a search through the index's shape alone, without CPU contention.
         let fill = (seal_items.min(2 * DEFAULT_SEAL_ITEMS) as u64).saturating_sub(idle_shape.unsealed() + 16);
@@ -981,8 +971,8 @@ fn main() -> anyhow::Result<()> {
                 // the paced writes left, idle: the round grew it (tens of thousands of new
                 // items, more segments), so idle before and idle after bracket the index the
                 // searches during the round ran on.
-                let label = "idle on the index the paced round left";
-                let (lg, grown) =
+                let label = "   idle on the index the paced round left";
+                let (lg, grown, _) =
                     idle_round(&mut c, &out, label, seal_items, plan.queries, || search(&mut s, &mut rng)).await?;
                 idle_paced_after = Some((lg, grown));
             }
@@ -998,8 +988,8 @@ fn main() -> anyhow::Result<()> {
         let ratio_before = lb.p99 / li.p99;
         // Idle again on the index the writes left (more items, more segments): what the index's
         // growth alone costs a search.
-        let (la, after_shape) =
-            idle_round(&mut c, &out, "idle again afterwards", seal_items, plan.queries, || search(&mut s, &mut rng))
+        let (la, after_shape, _) =
+            idle_round(&mut c, &out, "   idle again afterwards", seal_items, plan.queries, || search(&mut s, &mut rng))
                 .await?;
         out.line(format!(
             "   p99 while writing at {write_rate:.0}/s / idle on the same index (mean of the idle p99s before and after, {idle_same_index_p99:.2} ms): \

@@ -206,7 +206,7 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> WalError + use
 }
 
 fn sync_dir(dir: &Path) -> Result<(), WalError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io("fsync directory", dir))
+    crate::fsutil::sync_dir(dir).map_err(io("fsync directory", dir))
 }
 
 /// Writes zeros over `from..to` of `file` (nothing when `to <= from`); not synced.
@@ -594,7 +594,7 @@ impl Wal {
                 // little left to do (one journal commit per new file instead of two).
                 file.write_all_at(&buf, log.bytes)
                     .and_then(|()| file.sync_data())
-                    .and_then(|()| if created { File::open(&self.dir)?.sync_all() } else { Ok(()) })
+                    .and_then(|()| if created { crate::fsutil::sync_dir(&self.dir) } else { Ok(()) })
                     .map(|()| crate::fsutil::note_log_sync())
             }
         });

@@ -76,7 +76,8 @@ impl Structured {
 
     /// Draws points of this shape from any [`SplitMix64`] (the projection is computed once).
     pub fn sampler(&self) -> Sampler {
-        Sampler { dim: self.dim, latent: self.latent, noise: self.noise, proj: self.projection() }
+        let noise = self.noise * (self.latent as f64).sqrt();
+        Sampler { dim: self.dim, latent: self.latent, noise, proj: self.projection() }
     }
 }
 
@@ -85,6 +86,7 @@ impl Structured {
 pub struct Sampler {
     dim: usize,
     latent: usize,
+    /// The noise's standard deviation per coordinate (the shape's relative noise, scaled).
     noise: f64,
     proj: Vec<f64>,
 }
@@ -92,9 +94,8 @@ pub struct Sampler {
 impl Sampler {
     /// One point: a Gaussian latent vector projected to `dim`, plus noise, L2-normalised.
     pub fn sample(&self, rng: &mut SplitMix64) -> Vec<f32> {
-        let noise = self.noise * (self.latent as f64).sqrt();
         let z: Vec<f64> = (0..self.latent).map(|_| rng.gaussian()).collect();
-        let mut x: Vec<f64> = (0..self.dim).map(|_| noise * rng.gaussian()).collect();
+        let mut x: Vec<f64> = (0..self.dim).map(|_| self.noise * rng.gaussian()).collect();
         for (zi, row) in z.iter().zip(self.proj.chunks_exact(self.dim)) {
             for (xv, p) in x.iter_mut().zip(row) {
                 *xv += zi * p;
