@@ -6,7 +6,13 @@
 //! The rows are `synth::Structured` (a latent signal plus noise, seeded); the queries are
 //! held-out rows of the same distribution.
 //!
-//! Run: `cargo run --release --example flat_scan -- [--dim 1280] [--ef 64]`.
+//! `--copies N` builds N segments of each size (same distribution, other rows) and sends
+//! query `i` to segment `i % N`, as a server with N segments searches each of them: with
+//! enough copies their codes no longer fit in the last-level cache, and each scan streams
+//! from memory, while a walk reads only the rows it scores. One copy measures the
+//! cache-resident case.
+//!
+//! Run: `cargo run --release --example flat_scan -- [--dim 1280] [--ef 64] [--copies 8]`.
 
 use std::time::Instant;
 
@@ -30,17 +36,21 @@ struct Args {
     sizes: Vec<usize>,
     #[arg(long, default_value_t = 200)]
     queries: usize,
+    /// Segments of each size, searched in turn (see the module docs).
+    #[arg(long, default_value_t = 1)]
+    copies: usize,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     println!(
-        "dim {}, ef {}, latent {}, noise {}; Auto scans up to {} items",
+        "dim {}, ef {}, latent {}, noise {}, {} segment(s) per size; Auto scans up to {} items",
         args.dim,
         args.ef,
         args.latent,
         args.noise,
+        args.copies,
         FLAT_SCAN_FACTOR * args.ef
     );
     println!(
@@ -49,30 +59,35 @@ fn main() -> anyhow::Result<()> {
     );
     for &n in &args.sizes {
         let shape = Structured { dim: args.dim, latent: args.latent, noise: args.noise, seed: 7 };
-        let rows = shape.rows(0, n);
         let queries = shape.rows(10_000_000, args.queries);
         let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("i{i}")).expect("sku")).collect();
-        let path = dir.path().join(format!("s{n}.vseg"));
-        write_segment(&path, args.dim, &rows, &skus, &HnswParams::default())?;
-        let seg = Segment::open(&path)?;
+        let mut segs = Vec::with_capacity(args.copies);
+        for c in 0..args.copies.max(1) {
+            let rows = shape.rows((c * n) as u64, n);
+            let path = dir.path().join(format!("s{n}-{c}.vseg"));
+            write_segment(&path, args.dim, &rows, &skus, &HnswParams::default())?;
+            segs.push(Segment::open(&path)?);
+        }
         let mut times = [0.0f64; 2];
         let mut found = 0usize;
         for round in 0..4 {
             for (slot, plan) in [SearchPlan::Graph, SearchPlan::Exact].into_iter().enumerate() {
                 let started = Instant::now();
-                for q in queries.chunks_exact(args.dim) {
-                    std::hint::black_box(seg.search_as(q, 10, args.ef, None, plan)?);
+                for (i, q) in queries.chunks_exact(args.dim).enumerate() {
+                    std::hint::black_box(segs[i % segs.len()].search_as(q, 10, args.ef, None, plan)?);
                 }
                 if round > 0 {
                     times[slot] += started.elapsed().as_secs_f64();
                 }
             }
         }
-        for q in queries.chunks_exact(args.dim) {
+        for (i, q) in queries.chunks_exact(args.dim).enumerate() {
+            let seg = &segs[i % segs.len()];
             let exact = seg.search_as(q, 10, args.ef, None, SearchPlan::Exact)?;
             let walk = seg.search_as(q, 10, args.ef, None, SearchPlan::Graph)?;
             found += walk.iter().filter(|h| exact.iter().any(|e| e.idx == h.idx)).count();
         }
+        drop(segs);
         let per = |t: f64| t * 1e3 / (3 * args.queries) as f64;
         println!(
             "{n:>8} {:>12.3} {:>12.3} {:>8.2} {:>12.3}",

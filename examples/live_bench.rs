@@ -20,7 +20,9 @@
 //!    left; 30 s with the 4 writers flat out (closed loop, for comparison); idle again
 //!    afterwards. The paced round grows the index by tens of thousands of items while it is
 //!    measured, so the target's ratio compares it with idle on the same index: the mean of
-//!    the idle p99s before and after it (both printed, and the ratio to each).
+//!    the idle p99s before and after it (both printed, and the ratio to each). The paced
+//!    writers' vectors are drawn before their round (real clients draw theirs on their own
+//!    machines); each line gives the sealed segments' sizes.
 //! 5. restart: 100k vector upserts logged through an `IndexWriter` opened directly, closed
 //!    without a checkpoint, then the time of `IndexWriter::open` replaying the whole log (page
 //!    cache warm, then with the log evicted).
@@ -29,8 +31,8 @@
 //! points of intrinsic dimension N (`synth::Structured`, like real embeddings): uniform random
 //! vectors have no neighbourhood structure, so graph search on them costs nearly a scan.
 //!
-//! `--seal-items`, `--ef-construction` and `--max-pending-seals` change the server's writer
-//! settings, to tell group commit from sealing; `RUST_LOG=vitrine=info` shows seal times.
+//! `--seal-items`, `--ef-construction`, `--max-pending-seals` and `--max-segments` change the
+//! server's writer settings, to tell group commit from sealing and merging; `RUST_LOG=vitrine=info` shows seal times.
 //! `--only-writes` stops after phase 2, and `--ack-trace FILE` writes its every ack (time,
 //! latency) to correlate slow ones with seals.
 //!
@@ -103,6 +105,9 @@ struct Args {
     /// (default: the server's own; `--max-pending-seals` or more turns the slowdown off).
     #[arg(long)]
     slowdown_pending_seals: Option<usize>,
+    /// Diagnostic: the merge policy's segment count per version (default: the server's own).
+    #[arg(long)]
+    max_segments: Option<usize>,
     /// Diagnostic: threads of merges and of seals with none waiting behind them (default:
     /// the server's own, half the cores).
     #[arg(long)]
@@ -139,6 +144,9 @@ struct Plan {
 
 /// splitmix64: reproducible, fast, no dependency.
 struct Rng(u64);
+
+/// `--max-segments`, when given (the settled shape [`wait_quiet`] waits for).
+static MAX_SEGMENTS: OnceLock<usize> = OnceLock::new();
 
 /// The `--latent` data shape, when one was asked for (set once, before any vector is drawn).
 static SHAPE: OnceLock<Sampler> = OnceLock::new();
@@ -267,6 +275,10 @@ impl Server {
         if let Some(ef) = args.ef_construction {
             config.writer.hnsw.ef_construction = ef;
         }
+        if let Some(n) = args.max_segments {
+            config.writer.merge.max_segments = n;
+            let _ = MAX_SEGMENTS.set(n);
+        }
         if let Some(n) = args.build_threads {
             config.writer.build_threads = n;
         }
@@ -348,12 +360,16 @@ impl IndexShape {
         self.live_items.saturating_sub(self.segments.iter().map(|s| s.1).sum())
     }
 
-    /// "N live items, S sealed segments, U unsealed".
+    /// "N live items, S sealed segments (their live items, largest first), U unsealed".
     fn line(&self) -> String {
+        let mut sizes: Vec<u64> = self.segments.iter().map(|s| s.1).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        let sizes: Vec<String> = sizes.iter().map(u64::to_string).collect();
         format!(
-            "{} live items, {} sealed segments, {} unsealed",
+            "{} live items, {} sealed segments ({}), {} unsealed",
             self.live_items,
             self.segments.len(),
+            sizes.join("/"),
             self.unsealed()
         )
     }
@@ -458,7 +474,10 @@ where
 
 async fn wait_quiet(client: &mut Client, seal_items: usize, limit: Duration) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let max_segments = vitrine::index::merge_policy::MergePolicy::default().max_segments;
+    let max_segments = MAX_SEGMENTS
+        .get()
+        .copied()
+        .unwrap_or(vitrine::index::merge_policy::MergePolicy::default().max_segments);
     let mut last = shape(client).await?;
     let mut stable_since = Instant::now();
     while started.elapsed() < limit {
@@ -919,8 +938,15 @@ fn main() -> anyhow::Result<()> {
                 let stop = Arc::clone(&stop);
                 let v = v.to_string();
                 let tag = if rate > 0.0 { "P" } else { "C" };
+                let mut rng = Rng(0xBEEF + wi as u64 + if rate > 0.0 { 0 } else { 100 });
+                // The paced writers' vectors are drawn before the round: drawing one (`--latent`
+                // takes 1,328 Gaussians and a projection) would otherwise run on the runtime
+                // threads the in-process server shares, a cost real clients put on their own
+                // machines (measured: 10% of the round's CPU). The closed loop draws as it goes.
+                let ahead = if rate > 0.0 { (rate / 4.0 * (plan.write_round_secs + 2.0)).ceil() as usize } else { 0 };
+                let mut drawn: std::collections::VecDeque<Vec<f32>> =
+                    (0..ahead).map(|_| rng.unit_vector(DIM)).collect();
                 writers.push(tokio::spawn(async move {
-                    let mut rng = Rng(0xBEEF + wi as u64 + if rate > 0.0 { 0 } else { 100 });
                     let mut lats = Vec::new();
                     let mut tick = (rate > 0.0).then(|| {
                         let mut t = tokio::time::interval(Duration::from_secs_f64(4.0 / rate));
@@ -931,8 +957,8 @@ fn main() -> anyhow::Result<()> {
                         if let Some(t) = tick.as_mut() {
                             t.tick().await;
                         }
-                        let req =
-                            vector_upsert(format!("P4{tag}-{wi}-{:07}", lats.len()), &v, rng.unit_vector(DIM));
+                        let values = drawn.pop_front().unwrap_or_else(|| rng.unit_vector(DIM));
+                        let req = vector_upsert(format!("P4{tag}-{wi}-{:07}", lats.len()), &v, values);
                         let t = Instant::now();
                         upsert(&mut cl, req).await?;
                         lats.push(t.elapsed());
@@ -957,11 +983,9 @@ fn main() -> anyhow::Result<()> {
             let busy_shape = shape(&mut c).await?;
             let lb = Lat::of(&busy);
             out.line(format!(
-                "   while 4 clients upsert, {label} ({written} upserts, ~{:.0}/s; now {} live items, {} sealed segments, {} unsealed): {}",
+                "   while 4 clients upsert, {label} ({written} upserts, ~{:.0}/s; now {}): {}",
                 written as f64 / (busy_secs + 0.5),
-                busy_shape.live_items,
-                busy_shape.segments.len(),
-                busy_shape.unsealed(),
+                busy_shape.line(),
                 lb.line()
             ));
             out.line(format!("   those 4 writers' upsert acks: {}", lw.line()));
