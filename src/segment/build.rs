@@ -197,6 +197,9 @@ struct Scratch {
     /// The inserted node's walk query (`i16`), and a candidate's (inside `select`).
     qw: Vec<i16>,
     cw: Vec<i16>,
+    /// `select`'s kept neighbours as walk queries (`dim` values each) and their factors.
+    kept_wide: Vec<i16>,
+    kept_factors: Vec<f32>,
 }
 
 /// A query of the int8 walk: `i16` values and the factor that turns their integer dot
@@ -296,7 +299,7 @@ fn insert_body(g: &Graph<'_>, q: u32, s: &mut Scratch) {
             (cur, cur_s) = (best, best_s);
         }
         let cap = if layer == 0 { 2 * g.m } else { g.m };
-        select(g, &s.found, cap, &mut s.selected, &mut s.cw);
+        select(g, &s.found, cap, &mut s.selected, &mut s.cw, (&mut s.kept_wide, &mut s.kept_factors));
         {
             let _lock = g.locks[q as usize].lock();
             g.write_row(q, layer, &s.selected);
@@ -381,29 +384,47 @@ fn search_layer(g: &Graph<'_>, qv: Wide<'_>, q: u32, entry: (u32, f32), layer: u
 
 /// The diversity heuristic: walks `cands` (best first) and keeps a candidate unless it is
 /// closer to an already kept one than to the query; at most `cap`.
+///
+/// A kept neighbour is turned into a walk query once (`kept`), and each later candidate is
+/// scored from its int8 code against those: the candidate's code is in cache from the walk
+/// that found it, while turning every candidate into a query would read its f32 row (four
+/// times the bytes) and quantise it, for the up to `ef_construction` candidates a node
+/// examines against at most `cap` kept ones.
 #[inline(always)]
-fn select(g: &Graph<'_>, cands: &[(f32, u32)], cap: usize, out: &mut Vec<(f32, u32)>, cw: &mut Vec<i16>) {
+fn select(
+    g: &Graph<'_>,
+    cands: &[(f32, u32)],
+    cap: usize,
+    out: &mut Vec<(f32, u32)>,
+    cw: &mut Vec<i16>,
+    kept: (&mut Vec<i16>, &mut Vec<f32>),
+) {
+    let (kept_wide, kept_factors) = kept;
     out.clear();
+    kept_wide.clear();
+    kept_factors.clear();
     for &(score, c) in cands {
         if out.len() >= cap {
             break;
         }
-        if out.is_empty() {
-            out.push((score, c));
-            continue;
-        }
-        let cq = g.wide_query(c, cw);
+        let code = g.code(c);
         // A plain loop: an iterator adaptor here may stay out of line, compiled without the
         // target's features (see `dot_body`).
         let mut diverse = true;
-        for &(_, r) in out.iter() {
-            if cq.score(g.code(r)) > score {
+        for (r, &factor) in kept_factors.iter().enumerate() {
+            let rq = Wide { q: &kept_wide[r * g.dim..(r + 1) * g.dim], factor };
+            if rq.score(code) > score {
                 diverse = false;
                 break;
             }
         }
         if diverse {
             out.push((score, c));
+            if out.len() < cap {
+                let cq = g.wide_query(c, cw);
+                kept_wide.extend_from_slice(cq.q);
+                kept_factors.push(cq.factor);
+            }
         }
     }
 }
@@ -509,5 +530,6 @@ fn select_dispatched(
     out: &mut Vec<(f32, u32)>,
     wide: &mut Vec<i16>,
 ) {
-    select(g, cands, cap, out, wide)
+    // Only lists that lost a neighbour are repaired this way: fresh buffers are cheap enough.
+    select(g, cands, cap, out, wide, (&mut Vec::new(), &mut Vec::new()))
 }
