@@ -61,8 +61,9 @@ fn main() -> anyhow::Result<()> {
         let shape = Structured { dim: args.dim, latent: args.latent, noise: args.noise, seed: 7 };
         let queries = shape.rows(10_000_000, args.queries);
         let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("i{i}")).expect("sku")).collect();
-        let mut segs = Vec::with_capacity(args.copies);
-        for c in 0..args.copies.max(1) {
+        let copies = args.copies.max(1);
+        let mut segs = Vec::with_capacity(copies);
+        for c in 0..copies {
             let rows = shape.rows((c * n) as u64, n);
             let path = dir.path().join(format!("s{n}-{c}.vseg"));
             write_segment(&path, args.dim, &rows, &skus, &HnswParams::default())?;
@@ -87,7 +88,6 @@ fn main() -> anyhow::Result<()> {
             let walk = seg.search_as(q, 10, args.ef, None, SearchPlan::Graph)?;
             found += walk.iter().filter(|h| exact.iter().any(|e| e.idx == h.idx)).count();
         }
-        drop(segs);
         let per = |t: f64| t * 1e3 / (3 * args.queries) as f64;
         println!(
             "{n:>8} {:>12.3} {:>12.3} {:>8.2} {:>12.3}",

@@ -32,7 +32,8 @@
 //! vectors have no neighbourhood structure, so graph search on them costs nearly a scan.
 //!
 //! `--seal-items`, `--ef-construction`, `--max-pending-seals` and `--max-segments` change the
-//! server's writer settings, to tell group commit from sealing and merging; `RUST_LOG=vitrine=info` shows seal times.
+//! server's writer settings, to tell group commit from sealing and merging;
+//! `RUST_LOG=vitrine=info` shows seal and merge times.
 //! `--only-writes` stops after phase 2, and `--ack-trace FILE` writes its every ack (time,
 //! latency) to correlate slow ones with seals.
 //!

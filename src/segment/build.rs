@@ -194,10 +194,17 @@ struct Scratch {
     scores: Vec<f32>,
     found: Vec<(f32, u32)>,
     selected: Vec<(f32, u32)>,
-    /// The inserted node's walk query (`i16`), and a candidate's (inside `select`).
+    /// The inserted node's walk query (`i16`).
     qw: Vec<i16>,
-    cw: Vec<i16>,
-    /// `select`'s kept neighbours as walk queries (`dim` values each) and their factors.
+    heuristic: Heuristic,
+}
+
+/// [`select`]'s reusable buffers.
+#[derive(Default)]
+struct Heuristic {
+    /// A newly kept neighbour's walk query, before it is appended to `kept_wide`.
+    query: Vec<i16>,
+    /// The kept neighbours as walk queries (`dim` values each) and their factors.
     kept_wide: Vec<i16>,
     kept_factors: Vec<f32>,
 }
@@ -299,7 +306,7 @@ fn insert_body(g: &Graph<'_>, q: u32, s: &mut Scratch) {
             (cur, cur_s) = (best, best_s);
         }
         let cap = if layer == 0 { 2 * g.m } else { g.m };
-        select(g, &s.found, cap, &mut s.selected, &mut s.cw, (&mut s.kept_wide, &mut s.kept_factors));
+        select(g, &s.found, cap, &mut s.selected, &mut s.heuristic);
         {
             let _lock = g.locks[q as usize].lock();
             g.write_row(q, layer, &s.selected);
@@ -385,21 +392,14 @@ fn search_layer(g: &Graph<'_>, qv: Wide<'_>, q: u32, entry: (u32, f32), layer: u
 /// The diversity heuristic: walks `cands` (best first) and keeps a candidate unless it is
 /// closer to an already kept one than to the query; at most `cap`.
 ///
-/// A kept neighbour is turned into a walk query once (`kept`), and each later candidate is
+/// A kept neighbour is turned into a walk query once (`h.kept_wide`), and each later candidate is
 /// scored from its int8 code against those: the candidate's code is in cache from the walk
 /// that found it, while turning every candidate into a query would read its f32 row (four
 /// times the bytes) and quantise it, for the up to `ef_construction` candidates a node
 /// examines against at most `cap` kept ones.
 #[inline(always)]
-fn select(
-    g: &Graph<'_>,
-    cands: &[(f32, u32)],
-    cap: usize,
-    out: &mut Vec<(f32, u32)>,
-    cw: &mut Vec<i16>,
-    kept: (&mut Vec<i16>, &mut Vec<f32>),
-) {
-    let (kept_wide, kept_factors) = kept;
+fn select(g: &Graph<'_>, cands: &[(f32, u32)], cap: usize, out: &mut Vec<(f32, u32)>, h: &mut Heuristic) {
+    let Heuristic { query, kept_wide, kept_factors } = h;
     out.clear();
     kept_wide.clear();
     kept_factors.clear();
@@ -421,7 +421,7 @@ fn select(
         if diverse {
             out.push((score, c));
             if out.len() < cap {
-                let cq = g.wide_query(c, cw);
+                let cq = g.wide_query(c, query);
                 kept_wide.extend_from_slice(cq.q);
                 kept_factors.push(cq.factor);
             }
@@ -475,9 +475,9 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
     b.keep.par_iter().enumerate().for_each_init(
         || {
             let pairs = || Vec::<(f32, u32)>::new();
-            (Vec::<u32>::new(), pairs(), pairs(), Vec::<i16>::new())
+            (Vec::<u32>::new(), pairs(), pairs(), Heuristic::default())
         },
-        |(live, pool, kept, wide), (new, &old)| {
+        |(live, pool, kept, heuristic), (new, &old)| {
             crate::background::yield_point();
             let new = new as u32;
             for layer in 0..=usize::from(g.levels[new as usize]) {
@@ -505,7 +505,7 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
                 live.dedup();
                 pool.extend(live.iter().map(|&y| (dot(nv, g.vec(y)), y)));
                 pool.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
-                select_dispatched(g, pool, g.row(new, layer).len(), kept, wide);
+                select_dispatched(g, pool, g.row(new, layer).len(), kept, heuristic);
                 g.write_row(new, layer, kept);
             }
         },
@@ -528,8 +528,7 @@ fn select_dispatched(
     cands: &[(f32, u32)],
     cap: usize,
     out: &mut Vec<(f32, u32)>,
-    wide: &mut Vec<i16>,
+    h: &mut Heuristic,
 ) {
-    // Only lists that lost a neighbour are repaired this way: fresh buffers are cheap enough.
-    select(g, cands, cap, out, wide, (&mut Vec::new(), &mut Vec::new()))
+    select(g, cands, cap, out, h)
 }
