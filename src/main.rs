@@ -1,8 +1,8 @@
 //! The `vitrine` command: ingest a catalogue, serve it over gRPC, query it, run the demo.
 
-mod cli;
-
 use std::process::ExitCode;
+
+use vitrine::cli;
 
 fn main() -> ExitCode {
     match cli::run() {

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the crash test (tests/crash.rs) for many rounds in release: each round SIGKILLs a
+# Runs the crash test (tests/suite/crash.rs) for many rounds in release: each round SIGKILLs a
 # `vitrine serve` under concurrent writes, restarts it and checks every acknowledged write.
 #
 #   tools/crash_loop.sh 500          # 500 rounds, random seed (printed)
@@ -23,7 +23,7 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 
 status=0
-cargo test --release --test crash -- --nocapture 2>&1 | tee "$log" || status=$?
+cargo test --release --test suite crash:: -- --nocapture 2>&1 | tee "$log" || status=$?
 
 echo
 summary="$(grep -E '^rounds [0-9]+ / acknowledged [0-9]+ / lost [0-9]+' "$log" | tail -n 1 || true)"

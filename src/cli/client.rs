@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::proto::{self, SearchOptions};
+use crate::server::attrs;
 use anyhow::Context;
 use clap::Args;
-use vitrine::proto::{self, SearchOptions};
-use vitrine::server::attrs;
 
 use super::connect::ConnectArgs;
 
@@ -54,7 +54,7 @@ pub struct InfoArgs {
 /// Runs one search against the server `a.server` names and returns its answer.
 pub async fn search(a: &SearchArgs) -> anyhow::Result<proto::SearchResponse> {
     for f in &a.filter {
-        f.parse::<vitrine::index::filter::Condition>().map_err(|e| anyhow::anyhow!("--filter: {e}"))?;
+        f.parse::<crate::index::filter::Condition>().map_err(|e| anyhow::anyhow!("--filter: {e}"))?;
     }
     let image = match &a.image {
         Some(path) => Some(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?),

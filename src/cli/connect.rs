@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::proto::rollouts_client::RolloutsClient;
+use crate::proto::visual_search_client::VisualSearchClient;
 use anyhow::Context;
 use clap::Args;
 use tokio_stream::Stream;
@@ -15,8 +17,6 @@ use tonic::codegen::http::Uri;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
-use vitrine::proto::rollouts_client::RolloutsClient;
-use vitrine::proto::visual_search_client::VisualSearchClient;
 
 /// Where client commands go when `--addr` is left out.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:50051";
@@ -165,7 +165,7 @@ impl ClientArgs {
             Ok(Ok(channel)) => channel,
             Ok(Err(e)) => {
                 // rustls's words for a server that answered the TLS hello in plaintext.
-                let plaintext = target.tls && vitrine::report::chain(&e).contains("corrupt message");
+                let plaintext = target.tls && crate::report::chain(&e).contains("corrupt message");
                 let why = if plaintext {
                     " (it does not speak TLS; for a plaintext server use http:// or HOST:PORT)"
                 } else {
@@ -185,7 +185,7 @@ fn secs(d: Duration) -> String {
 impl Conn {
     pub fn search(&self) -> VisualSearchClient<Chan> {
         VisualSearchClient::with_interceptor(self.channel.clone(), self.bearer.clone())
-            .max_decoding_message_size(vitrine::server::MAX_REQUEST_BYTES)
+            .max_decoding_message_size(crate::server::MAX_REQUEST_BYTES)
     }
 
     pub fn rollouts(&self) -> RolloutsClient<Chan> {

@@ -43,15 +43,15 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         client: super::connect::ClientArgs::default(),
         catalog: a.catalog.clone(),
         format: None,
-        model: vitrine::models::DEFAULT_MODEL.to_string(),
+        model: crate::models::DEFAULT_MODEL.to_string(),
         models: a.models.clone(),
         batch_size: None,
-        m: vitrine::segment::HnswParams::default().m,
-        ef_construction: vitrine::segment::HnswParams::default().ef_construction,
-        max_segment_items: vitrine::ingest::DEFAULT_MAX_SEGMENT_ITEMS,
+        m: crate::segment::HnswParams::default().m,
+        ef_construction: crate::segment::HnswParams::default().ef_construction,
+        max_segment_items: crate::ingest::DEFAULT_MAX_SEGMENT_ITEMS,
         quiet: false,
         allow_image_root: Vec::new(),
-        max_image_bytes: vitrine::ingest::image_file::DEFAULT_MAX_IMAGE_BYTES,
+        max_image_bytes: crate::ingest::image_file::DEFAULT_MAX_IMAGE_BYTES,
         strict: false,
     };
     let code = super::run_ingest(&ingest)?;
@@ -59,7 +59,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
         return Ok(code);
     }
     let registry = a.models.registry()?;
-    let config = vitrine::server::ServeConfig::new(&a.data_dir);
+    let config = crate::server::ServeConfig::new(&a.data_dir);
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.listen)
@@ -67,7 +67,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("cannot listen on {} (is another server running? pass --listen)", a.listen))?;
         let addr = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(vitrine::server::serve(config, registry, listener, async move {
+        let server = tokio::spawn(crate::server::serve(config, registry, listener, async move {
             let _ = stop_rx.await;
         }));
         let url = format!("http://{addr}");

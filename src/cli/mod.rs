@@ -14,17 +14,17 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::encoder::DeviceChoice;
+use crate::ids::ModelVersion;
+use crate::index::store::StoreError;
+use crate::ingest::{self, IngestOptions, catalog::CatalogFormat};
+use crate::models::{self, ModelRegistry};
+use crate::rollout::guardrail::GuardrailConfig;
+use crate::segment::HnswParams;
+use crate::server::admission::AdmissionConfig;
+use crate::server::{self, ServeConfig};
 use anyhow::Context;
 use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use vitrine::encoder::DeviceChoice;
-use vitrine::ids::ModelVersion;
-use vitrine::index::store::StoreError;
-use vitrine::ingest::{self, IngestOptions, catalog::CatalogFormat};
-use vitrine::models::{self, ModelRegistry};
-use vitrine::rollout::guardrail::GuardrailConfig;
-use vitrine::segment::HnswParams;
-use vitrine::server::admission::AdmissionConfig;
-use vitrine::server::{self, ServeConfig};
 
 #[derive(Parser)]
 #[command(name = "vitrine", version, about = "Search a retail catalogue by picture.")]
@@ -76,9 +76,9 @@ impl ModelArgs {
         if !root.is_dir() {
             anyhow::bail!("models folder {} does not exist (pass --models DIR)", root.display());
         }
-        let device = vitrine::encoder::select_device(self.device)?;
+        let device = crate::encoder::select_device(self.device)?;
         tracing::info!(
-            device = %vitrine::encoder::describe_device(&device),
+            device = %crate::encoder::describe_device(&device),
             asked = ?self.device,
             "encoder device"
         );
@@ -129,7 +129,7 @@ pub struct IngestArgs {
     #[arg(long, value_name = "DIR")]
     pub allow_image_root: Vec<PathBuf>,
     /// Reject image files larger than this many bytes (enforced while reading).
-    #[arg(long, default_value_t = vitrine::ingest::image_file::DEFAULT_MAX_IMAGE_BYTES)]
+    #[arg(long, default_value_t = crate::ingest::image_file::DEFAULT_MAX_IMAGE_BYTES)]
     pub max_image_bytes: u64,
     /// Exit with status 1 if any row was rejected (for pipelines); by default ingest fails
     /// only when no row could be ingested.
@@ -215,17 +215,17 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = AdmissionConfig::default().max_wait.as_millis() as u64)]
     pub admission_wait_ms: u64,
     /// Seal the in-memory segment into an HNSW segment once it holds this many items.
-    #[arg(long, default_value_t = vitrine::index::writer::DEFAULT_SEAL_ITEMS)]
+    #[arg(long, default_value_t = crate::index::writer::DEFAULT_SEAL_ITEMS)]
     pub seal_items: usize,
     /// Merge a model version's segments when it has more than this many.
-    #[arg(long, default_value_t = vitrine::index::merge_policy::MergePolicy::default().max_segments)]
+    #[arg(long, default_value_t = crate::index::merge_policy::MergePolicy::default().max_segments)]
     pub max_segments: usize,
     /// Full in-memory segments waiting to be sealed before writes slow down (each group of
     /// writes waits 1 ms, doubling per further segment); at or above --max-pending-seals off.
-    #[arg(long, default_value_t = vitrine::index::WriterConfig::default().slowdown_pending_seals)]
+    #[arg(long, default_value_t = crate::index::WriterConfig::default().slowdown_pending_seals)]
     pub slowdown_pending_seals: usize,
     /// Full in-memory segments waiting to be sealed before writes wait for the sealer.
-    #[arg(long, default_value_t = vitrine::index::WriterConfig::default().max_pending_seals)]
+    #[arg(long, default_value_t = crate::index::WriterConfig::default().max_pending_seals)]
     pub max_pending_seals: usize,
     /// Canary guardrail: take the canary out of traffic when more than this share of its
     /// requests fail over the window.
@@ -324,7 +324,7 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
     let registry = a.models.registry()?;
     let opts = IngestOptions {
         format: a.format,
-        batch_size: a.batch_size.unwrap_or_else(|| vitrine::encoder::default_batch(registry.device())),
+        batch_size: a.batch_size.unwrap_or_else(|| crate::encoder::default_batch(registry.device())),
         hnsw: params,
         progress: !a.quiet,
         default_model,
@@ -333,7 +333,7 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
         max_image_bytes: a.max_image_bytes,
     };
     let report = match ingest::ingest(&data_dir, &registry, &a.catalog, &opts) {
-        Err(ingest::IngestError::Writer(vitrine::index::WriterError::Store(StoreError::Locked {
+        Err(ingest::IngestError::Writer(crate::index::WriterError::Store(StoreError::Locked {
             path,
             holder,
         }))) => {
@@ -384,8 +384,8 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     let embeds =
         a.max_concurrent_embeds.unwrap_or(if gpu { 64 } else { AdmissionConfig::default().embed.running });
     // The embed queue is as deep as the slots (see AdmissionConfig::default).
-    config.admission.embed = vitrine::server::admission::Limit { running: embeds, queued: embeds };
-    let mut batch = vitrine::server::batcher::BatchPolicy::for_device(registry.device());
+    config.admission.embed = crate::server::admission::Limit { running: embeds, queued: embeds };
+    let mut batch = crate::server::batcher::BatchPolicy::for_device(registry.device());
     if let Some(n) = a.query_batch {
         if n == 0 {
             anyhow::bail!("--query-batch must be at least 1 (1 turns batching off)");
@@ -467,9 +467,9 @@ pub async fn bind(listen: &str) -> anyhow::Result<tokio::net::TcpListener> {
     Err(last.unwrap_or_else(|| anyhow::anyhow!("--listen {shown:?} resolves to no address")))
 }
 
-/// An error and its causes on one line, each cause once (see [`vitrine::report::Chain`]).
+/// An error and its causes on one line, each cause once (see [`crate::report::Chain`]).
 pub fn error_report(e: &anyhow::Error) -> String {
-    vitrine::report::chain(e.as_ref())
+    crate::report::chain(e.as_ref())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

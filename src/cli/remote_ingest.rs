@@ -6,14 +6,14 @@
 use std::process::ExitCode;
 use std::time::Instant;
 
+use crate::ingest::catalog::{CatalogReader, CatalogRow, RejectReason, Rejected};
+use crate::ingest::for_each_chunk;
+use crate::ingest::image_file::{ImageFileError, ImagePolicy};
+use crate::ingest::progress::Progress;
+use crate::proto;
+use crate::server::attrs;
 use anyhow::Context;
 use rayon::prelude::*;
-use vitrine::ingest::catalog::{CatalogReader, CatalogRow, RejectReason, Rejected};
-use vitrine::ingest::for_each_chunk;
-use vitrine::ingest::image_file::{ImageFileError, ImagePolicy};
-use vitrine::ingest::progress::Progress;
-use vitrine::proto;
-use vitrine::server::attrs;
 
 use super::IngestArgs;
 use super::connect::Conn;
@@ -104,7 +104,7 @@ fn send_chunk(
             }
             Err(e) => counts.rejected.push(reject(
                 &row,
-                RejectReason::UnreadableImage { path: row.image.clone(), error: vitrine::report::chain(&e) },
+                RejectReason::UnreadableImage { path: row.image.clone(), error: crate::report::chain(&e) },
             )),
         }
     }

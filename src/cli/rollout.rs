@@ -3,9 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::proto;
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use vitrine::proto;
 
 use super::connect::ConnectArgs;
 
@@ -214,7 +214,7 @@ pub fn run(a: RolloutArgs) -> anyhow::Result<ExitCode> {
     };
     let status = rt.block_on(async {
         let conn = server.client.connect(&server.addr).await?;
-        let mut c = conn.rollouts().max_encoding_message_size(vitrine::server::MAX_GOLDEN_BYTES);
+        let mut c = conn.rollouts().max_encoding_message_size(crate::server::MAX_GOLDEN_BYTES);
         let action = proto::RolloutActionRequest {};
         match a.command {
             RolloutCommand::Start(s) => {

@@ -5,14 +5,14 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::index::deletes::DeleteSet;
+use crate::index::manifest::Manifest;
+use crate::index::records::RecordStore;
+use crate::index::store::{DataDir, check_layout, sha256_hex};
+use crate::report::Chain;
+use crate::segment::Segment;
 use anyhow::Context;
 use clap::Args;
-use vitrine::index::deletes::DeleteSet;
-use vitrine::index::manifest::Manifest;
-use vitrine::index::records::RecordStore;
-use vitrine::index::store::{DataDir, check_layout, sha256_hex};
-use vitrine::report::Chain;
-use vitrine::segment::Segment;
 
 #[derive(Args)]
 pub struct VerifyArgs {
@@ -189,7 +189,7 @@ fn skew(
             let bytes = data.read_blob(sha)?;
             let prepared = enc.preprocess(&bytes)?;
             let v = enc.embed_one(&prepared)?;
-            let distance = 1.0 - f64::from(vitrine::segment::dot(&stored, &v));
+            let distance = 1.0 - f64::from(crate::segment::dot(&stored, &v));
             compared += 1;
             if distance > worst {
                 worst = distance;

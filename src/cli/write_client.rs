@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::proto;
+use crate::server::attrs;
 use anyhow::Context;
 use clap::Args;
-use vitrine::proto;
-use vitrine::server::attrs;
 
 use super::connect::ConnectArgs;
 

@@ -6,7 +6,14 @@
 //!    items, together with the segments smaller than it that fit into `max_merge_items`.
 //! 3. While a version has more than `max_segments` segments, just enough of its smallest
 //!    segments (by live items) to get back to the limit are merged, as far as they fit into
-//!    `max_merge_items` (at least two).
+//!    `max_merge_items` (at least two). When those include a flat segment (sealed without a
+//!    graph: small), every other flat segment goes along, and when none of them has a graph,
+//!    the smallest segment with one joins as the base, if it is at most [`BASE_FACTOR`] times
+//!    their size. A merge extends the graph of its largest input and inserts only the other
+//!    inputs' items, so each item is inserted into a graph about once on its way out of the
+//!    flat segments, where merging flat segments among themselves inserted every item of
+//!    both and the result again later: graph inserts are the background CPU that a sustained
+//!    write load runs short of, while rewriting the base's rows is cheap IO.
 //!
 //! Segments never grow past `max_merge_items` by merging, so once the policy settles a version
 //! has at most `max_segments` segments, or no two of its smallest fit together (so each holds
@@ -35,7 +42,13 @@ pub struct SegmentStat {
     pub id: SegmentId,
     pub count: u64,
     pub live: u64,
+    /// Whether it has an HNSW graph (a merge can extend it) or is flat (searched by scan).
+    pub graph: bool,
 }
+
+/// Rule 3's base joins flat segments only while it holds at most this many times their live
+/// items: past that, rewriting its rows would cost more than the inserts it saves.
+pub const BASE_FACTOR: u64 = 8;
 
 impl MergePolicy {
     /// The segments to merge into one next (none: nothing to do). `segments` must not contain
@@ -66,12 +79,33 @@ impl MergePolicy {
             // Merge just enough of the smallest to get back to the limit, as far as they fit.
             let need = (segments.len() - self.max_segments.max(1) + 1).max(2);
             let mut total = 0;
+            let mut flat = false;
             for s in by_size.iter().take(need) {
                 if total + s.live > self.max_merge_items {
                     break;
                 }
                 total += s.live;
+                flat |= !s.graph;
                 chosen.push(s.id);
+            }
+            if flat {
+                // Every flat segment goes along: each will need its inserts anyway, and one
+                // merge that takes them all needs them once.
+                for s in by_size.iter().skip(chosen.len()).filter(|s| !s.graph) {
+                    if total + s.live > self.max_merge_items {
+                        break;
+                    }
+                    total += s.live;
+                    chosen.push(s.id);
+                }
+                let has_base = segments.iter().any(|s| s.graph && chosen.contains(&s.id));
+                let base = by_size
+                    .iter()
+                    .filter(|s| s.graph && !chosen.contains(&s.id))
+                    .find(|s| s.live <= BASE_FACTOR * total && total + s.live <= self.max_merge_items);
+                if let (false, Some(b)) = (has_base, base) {
+                    chosen.push(b.id);
+                }
             }
             if chosen.len() < 2 {
                 return None;
@@ -100,7 +134,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn seg(id: u64, count: u64, live: u64) -> SegmentStat {
-        SegmentStat { id: SegmentId(id), count, live }
+        SegmentStat { id: SegmentId(id), count, live, graph: true }
+    }
+
+    fn flat(id: u64, live: u64) -> SegmentStat {
+        SegmentStat { id: SegmentId(id), count: live, live, graph: false }
     }
 
     #[test]
@@ -139,12 +177,32 @@ mod tests {
         assert_eq!(p.plan(&segs), Some(vec![SegmentId(2), SegmentId(3), SegmentId(4)]));
     }
 
+    #[test]
+    fn flat_segments_go_together_into_the_smallest_graph_that_is_not_too_large() {
+        let p = MergePolicy { max_segments: 3, max_merge_items: 1000, purge_ratio: 0.5 };
+        // Two over the limit: the three smallest, all flat, the fourth flat too, and the
+        // smallest graph (40 <= 8 * 40) as their base; the 600-item graph stays.
+        let segs = [seg(1, 600, 600), seg(2, 40, 40), flat(3, 10), flat(4, 10), flat(5, 10), flat(6, 10)];
+        let ids = |v: &[u64]| Some(v.iter().map(|&i| SegmentId(i)).collect::<Vec<_>>());
+        assert_eq!(p.plan(&segs), ids(&[2, 3, 4, 5, 6]));
+        // A graph over BASE_FACTOR times the flat items is not rewritten for them.
+        let segs = [seg(1, 400, 400), flat(3, 10), flat(4, 10), flat(5, 10), flat(6, 10)];
+        assert_eq!(p.plan(&segs), ids(&[3, 4, 5, 6]));
+        // A graph already among the smallest is the base: no other joins.
+        let segs = [seg(1, 600, 600), seg(2, 9, 9), flat(3, 10), flat(4, 10), seg(5, 500, 500)];
+        assert_eq!(p.plan(&segs), ids(&[2, 3, 4]));
+        // Nothing beyond max_merge_items.
+        let p = MergePolicy { max_segments: 2, max_merge_items: 35, purge_ratio: 0.5 };
+        let segs = [seg(1, 30, 30), flat(3, 10), flat(4, 10), flat(5, 10), flat(6, 10)];
+        assert_eq!(p.plan(&segs), ids(&[3, 4, 5]));
+    }
+
     proptest! {
         /// Applying the plan until it says nothing keeps the count bounded and never builds a
         /// segment over the size limit.
         #[test]
         fn repeated_plans_bound_the_segment_count(
-            sizes in prop::collection::vec((1u64..500, 0u64..100), 1..60),
+            sizes in prop::collection::vec((1u64..500, 0u64..100, any::<bool>()), 1..60),
             max_segments in 1usize..10,
         ) {
             let p = MergePolicy { max_segments, max_merge_items: 1000, purge_ratio: 0.3 };
@@ -152,9 +210,9 @@ mod tests {
             let mut segs: Vec<SegmentStat> = sizes
                 .iter()
                 .enumerate()
-                .map(|(i, &(count, dead_pct))| {
+                .map(|(i, &(count, dead_pct, graph))| {
                     let live = count - count * dead_pct / 100;
-                    seg(i as u64 + 1, count, live)
+                    SegmentStat { graph, ..seg(i as u64 + 1, count, live) }
                 })
                 .collect();
             let total: u64 = segs.iter().map(|s| s.live).sum();

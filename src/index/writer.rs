@@ -1756,7 +1756,15 @@ fn sealer_loop(
 
 /// What the merge policy sees of a version's sealed segments.
 fn segment_stats(sealed: &[Arc<SealedSegment>]) -> Vec<SegmentStat> {
-    sealed.iter().map(|s| SegmentStat { id: s.id, count: s.segment.len() as u64, live: s.live() }).collect()
+    sealed
+        .iter()
+        .map(|s| SegmentStat {
+            id: s.id,
+            count: s.segment.len() as u64,
+            live: s.live(),
+            graph: s.segment.has_graph(),
+        })
+        .collect()
 }
 
 /// Writes a sealed or merged segment: flat (no graph) when it is small enough that searches

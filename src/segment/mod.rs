@@ -29,7 +29,7 @@ pub use writer::{
 };
 
 /// Layer-0 candidate list size used when the caller has no preference. Chosen so that
-/// recall@10 against brute force is at least 0.95 on structured data (see tests/segment.rs).
+/// recall@10 against brute force is at least 0.95 on structured data (see tests/suite/segment.rs).
 pub const DEFAULT_EF_SEARCH: usize = 64;
 
 /// HNSW build parameters.

@@ -3,9 +3,7 @@
 //! weights differ from the index's make the server degraded (writes refused, reported by
 //! `GetIndexInfo` and the `vitrine.integrity` health service); `verify` finds a lost manifest.
 
-mod common;
-
-use common::Server;
+use crate::common::{self, Server};
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,9 +1,7 @@
 //! Hostile requests against a real server: every field is bounded and checked before any
 //! expensive work, with INVALID_ARGUMENT and a message that never echoes unbounded input.
 
-mod common;
-
-use common::Server;
+use crate::common::{self, Server};
 
 use std::path::Path;
 

@@ -1,6 +1,6 @@
 //! A real vitrine server on 127.0.0.1:0 for integration tests (gRPC and a metrics listener),
 //! shared by the test files that need one.
-#![allow(dead_code)] // each test file uses its own part
+#![allow(dead_code)] // each test module uses its own part
 
 use std::sync::Arc;
 use std::time::Duration;

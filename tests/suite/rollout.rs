@@ -4,9 +4,7 @@
 //! reaching both versions throughout; a failing canary is taken out of traffic by the
 //! guardrail, with the reason in the status.
 
-mod common;
-
-use common::Server;
+use crate::common::Server;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
