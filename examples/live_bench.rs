@@ -51,7 +51,8 @@ use clap::Parser;
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
 use vitrine::ids::{ModelVersion, SkuId};
-use vitrine::index::writer::DEFAULT_SEAL_ITEMS;
+use vitrine::index::merge_policy::MergePolicy;
+use vitrine::index::writer::{DEFAULT_SEAL_ITEMS, FLAT_SEGMENT_ITEMS};
 use vitrine::index::{IndexWriter, ModelSpec, Outcome, Upsert, WriteOp, WriterConfig};
 use vitrine::models::{DEFAULT_MODEL, ModelRegistry};
 use vitrine::proto;
@@ -475,10 +476,7 @@ where
 
 async fn wait_quiet(client: &mut Client, seal_items: usize, limit: Duration) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let max_segments = MAX_SEGMENTS
-        .get()
-        .copied()
-        .unwrap_or(vitrine::index::merge_policy::MergePolicy::default().max_segments);
+    let max_segments = MAX_SEGMENTS.get().copied().unwrap_or(MergePolicy::default().max_segments);
     let mut last = shape(client).await?;
     let mut stable_since = Instant::now();
     while started.elapsed() < limit {
@@ -489,7 +487,13 @@ async fn wait_quiet(client: &mut Client, seal_items: usize, limit: Duration) -> 
             stable_since = Instant::now();
             continue;
         }
-        let settled = last.unsealed() < seal_items as u64 && last.segments.len() <= max_segments;
+        // The merge policy's own limits: the segment count, and the items of flat segments
+        // (sealed at up to FLAT_SEGMENT_ITEMS, without a graph).
+        let flat_items: u64 =
+            last.segments.iter().map(|s| s.1).filter(|&n| n <= FLAT_SEGMENT_ITEMS as u64).sum();
+        let settled = last.unsealed() < seal_items as u64
+            && last.segments.len() <= max_segments
+            && flat_items <= MergePolicy::default().max_flat_items;
         if settled && stable_since.elapsed() >= Duration::from_secs(2) {
             break;
         }

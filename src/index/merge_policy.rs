@@ -7,8 +7,8 @@
 //! 3. While a version has more than `max_segments` segments, just enough of its smallest
 //!    segments (by live items) to get back to the limit are merged, as far as they fit into
 //!    `max_merge_items` (at least two). When those include a flat segment (sealed without a
-//!    graph: small), or a version has more than `max_flat_segments` flat segments (whatever
-//!    its count), every flat segment goes along, and when none of them has a graph,
+//!    graph: small), or a version's flat segments hold more than `max_flat_items` live items
+//!    (whatever its count), every flat segment goes along, and when none of them has a graph,
 //!    the smallest segment with one joins as the base, if it is at most [`BASE_FACTOR`] times
 //!    their size. A merge extends the graph of its largest input and inserts only the other
 //!    inputs' items, so this costs no more graph inserts (the background CPU a sustained write
@@ -28,17 +28,23 @@ use crate::ids::SegmentId;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MergePolicy {
     pub max_segments: usize,
-    /// Flat segments (no graph) beyond this many are merged even under `max_segments`: every
-    /// search scans each of them whole (a 4,096-item flat segment costs about 1.4 times a walk
-    /// of the same items as a graph, at 1,280 dimensions).
-    pub max_flat_segments: usize,
+    /// Flat segments (no graph) holding more live items than this in all are merged even
+    /// under `max_segments`: every search scans each of them whole (a 4,096-item flat segment
+    /// costs about 1.4 times a walk of the same items as a graph, at 1,280 dimensions), while
+    /// a few small ones (a bulk ingest's small segments, a checkpoint's) cost little.
+    pub max_flat_items: u64,
     pub max_merge_items: u64,
     pub purge_ratio: f64,
 }
 
 impl Default for MergePolicy {
     fn default() -> Self {
-        Self { max_segments: 8, max_flat_segments: 2, max_merge_items: 1_000_000, purge_ratio: 0.3 }
+        Self {
+            max_segments: 8,
+            max_flat_items: 2 * super::writer::FLAT_SEGMENT_ITEMS as u64,
+            max_merge_items: 1_000_000,
+            purge_ratio: 0.3,
+        }
     }
 }
 
@@ -69,7 +75,7 @@ impl MergePolicy {
             .iter()
             .filter(|s| (s.count - s.live) as f64 >= self.purge_ratio * s.count as f64)
             .max_by_key(|s| (s.count - s.live, s.id));
-        let flats = segments.iter().filter(|s| !s.graph).count();
+        let flat_items: u64 = segments.iter().filter(|s| !s.graph).map(|s| s.live).sum();
         let mut chosen: Vec<SegmentId> = Vec::new();
         if let Some(d) = dirty {
             // Purge it, taking along the segments smaller than it that fit.
@@ -82,14 +88,14 @@ impl MergePolicy {
                 total += s.live;
                 chosen.push(s.id);
             }
-        } else if segments.len() > self.max_segments.max(1) || flats > self.max_flat_segments {
+        } else if segments.len() > self.max_segments.max(1) || flat_items > self.max_flat_items {
             // Merge just enough of the smallest to get back to the limit, as far as they fit.
             let need = match segments.len().checked_sub(self.max_segments.max(1)) {
                 Some(over) if over > 0 => (over + 1).max(2),
                 _ => 0,
             };
             let mut total = 0;
-            let mut flat = flats > self.max_flat_segments;
+            let mut flat = flat_items > self.max_flat_items;
             for s in by_size.iter().take(need) {
                 if total + s.live > self.max_merge_items {
                     break;
@@ -155,13 +161,13 @@ mod tests {
 
     #[test]
     fn nothing_to_do_below_the_limits() {
-        let p = MergePolicy { max_segments: 4, max_flat_segments: 2, max_merge_items: 100, purge_ratio: 0.5 };
+        let p = MergePolicy { max_segments: 4, max_flat_items: 20, max_merge_items: 100, purge_ratio: 0.5 };
         assert_eq!(p.plan(&[seg(1, 10, 10), seg(2, 10, 9)]), None);
     }
 
     #[test]
     fn empty_segments_are_dropped_and_dirty_ones_purged() {
-        let p = MergePolicy { max_segments: 4, max_flat_segments: 2, max_merge_items: 100, purge_ratio: 0.5 };
+        let p = MergePolicy { max_segments: 4, max_flat_items: 20, max_merge_items: 100, purge_ratio: 0.5 };
         assert_eq!(p.plan(&[seg(1, 10, 10), seg(2, 10, 0)]), Some(vec![SegmentId(2)]));
         assert_eq!(p.plan(&[seg(1, 90, 90), seg(2, 10, 4)]), Some(vec![SegmentId(2)]));
         assert_eq!(
@@ -173,7 +179,7 @@ mod tests {
 
     #[test]
     fn the_backlog_counts_segments_beyond_twice_the_settled_count() {
-        let p = MergePolicy { max_segments: 3, max_flat_segments: 2, max_merge_items: 100, purge_ratio: 0.5 };
+        let p = MergePolicy { max_segments: 3, max_flat_items: 20, max_merge_items: 100, purge_ratio: 0.5 };
         let small = |n: u64| (1..=n).map(|i| seg(i, 5, 5)).collect::<Vec<_>>();
         assert_eq!(p.backlog(&small(6)), 0);
         assert_eq!(p.backlog(&small(9)), 3);
@@ -184,7 +190,7 @@ mod tests {
 
     #[test]
     fn too_many_segments_merge_the_smallest() {
-        let p = MergePolicy { max_segments: 3, max_flat_segments: 2, max_merge_items: 100, purge_ratio: 0.5 };
+        let p = MergePolicy { max_segments: 3, max_flat_items: 20, max_merge_items: 100, purge_ratio: 0.5 };
         let segs = [seg(1, 50, 50), seg(2, 5, 5), seg(3, 6, 6), seg(4, 7, 7), seg(5, 60, 60)];
         assert_eq!(p.plan(&segs), Some(vec![SegmentId(2), SegmentId(3), SegmentId(4)]));
     }
@@ -192,7 +198,7 @@ mod tests {
     #[test]
     fn flat_segments_go_together_into_the_smallest_graph_that_is_not_too_large() {
         let p =
-            MergePolicy { max_segments: 3, max_flat_segments: 10, max_merge_items: 1000, purge_ratio: 0.5 };
+            MergePolicy { max_segments: 3, max_flat_items: 1000, max_merge_items: 1000, purge_ratio: 0.5 };
         // Two over the limit: the three smallest, all flat, the fourth flat too, and the
         // smallest graph (40 <= 8 * 40) as their base; the 600-item graph stays.
         let segs = [seg(1, 600, 600), seg(2, 40, 40), flat(3, 10), flat(4, 10), flat(5, 10), flat(6, 10)];
@@ -205,21 +211,16 @@ mod tests {
         let segs = [seg(1, 600, 600), seg(2, 9, 9), flat(3, 10), flat(4, 10), seg(5, 500, 500)];
         assert_eq!(p.plan(&segs), ids(&[2, 3, 4]));
         // Nothing beyond max_merge_items.
-        let p = MergePolicy { max_segments: 2, max_flat_segments: 10, max_merge_items: 35, purge_ratio: 0.5 };
+        let p = MergePolicy { max_segments: 2, max_flat_items: 1000, max_merge_items: 35, purge_ratio: 0.5 };
         let segs = [seg(1, 30, 30), flat(3, 10), flat(4, 10), flat(5, 10), flat(6, 10)];
         assert_eq!(p.plan(&segs), ids(&[3, 4, 5]));
     }
 
     #[test]
     fn flat_segments_past_their_own_limit_merge_under_the_segment_limit() {
-        let p =
-            MergePolicy { max_segments: 8, max_flat_segments: 2, max_merge_items: 1000, purge_ratio: 0.5 };
+        let p = MergePolicy { max_segments: 8, max_flat_items: 20, max_merge_items: 1000, purge_ratio: 0.5 };
         let ids = |v: &[u64]| Some(v.iter().map(|&i| SegmentId(i)).collect::<Vec<_>>());
-        assert_eq!(
-            p.plan(&[seg(1, 500, 500), flat(2, 10), flat(3, 10)]),
-            None,
-            "two flat segments are allowed"
-        );
+        assert_eq!(p.plan(&[seg(1, 500, 500), flat(2, 10), flat(3, 10)]), None, "20 flat items are allowed");
         // A third: all three, into the smallest graph that is at most 8 times their items.
         let segs = [seg(1, 500, 500), seg(4, 200, 200), flat(2, 10), flat(3, 10), flat(5, 10)];
         assert_eq!(p.plan(&segs), ids(&[2, 3, 4, 5]));
@@ -227,7 +228,7 @@ mod tests {
         let segs = [seg(1, 500, 500), flat(2, 10), flat(3, 10), flat(5, 10)];
         assert_eq!(p.plan(&segs), ids(&[2, 3, 5]));
         // A single flat segment over a limit of 0 joins a graph, or waits for another.
-        let p = MergePolicy { max_flat_segments: 0, ..p };
+        let p = MergePolicy { max_flat_items: 0, ..p };
         assert_eq!(p.plan(&[seg(1, 50, 50), flat(2, 10)]), ids(&[1, 2]));
         assert_eq!(p.plan(&[seg(1, 500, 500), flat(2, 10)]), None);
     }
@@ -275,7 +276,7 @@ mod tests {
             );
             assert!(i <= 1.05 * ib, "inserts per item {i:.2} vs {ib:.2}");
             assert!(s < sb, "segments per search {s:.1} vs {sb:.1}");
-            assert!(f <= p.max_flat_segments as f64 + 1.0, "flat segments per search {f:.1}");
+            assert!(f <= 3.0, "flat segments per search {f:.1}");
         }
     }
 
@@ -286,9 +287,9 @@ mod tests {
         fn repeated_plans_bound_the_segment_count(
             sizes in prop::collection::vec((1u64..500, 0u64..100, any::<bool>()), 1..60),
             max_segments in 1usize..10,
-            max_flat_segments in 0usize..4,
+            max_flat_items in 0u64..2000,
         ) {
-            let p = MergePolicy { max_segments, max_flat_segments, max_merge_items: 1000, purge_ratio: 0.3 };
+            let p = MergePolicy { max_segments, max_flat_items, max_merge_items: 1000, purge_ratio: 0.3 };
             let mut next = 1000u64;
             let mut segs: Vec<SegmentStat> = sizes
                 .iter()

@@ -211,7 +211,8 @@ fn settle(w: &IndexWriter, max: usize) {
 }
 
 /// Seals small enough to be scanned at the default ef are written flat (no graph build on
-/// the write path); a merge that outgrows that builds the graph; every item stays findable.
+/// the write path); flat segments holding more than `max_flat_items` merge, whatever the segment
+/// count, and a merge that outgrows the flat size builds the graph; every item stays findable.
 #[test]
 fn small_seals_are_flat_and_merges_build_the_graph() {
     let dir = tempfile::tempdir().unwrap();
@@ -225,6 +226,7 @@ fn small_seals_are_flat_and_merges_build_the_graph() {
     };
     let mut cfg = config(1_500);
     cfg.merge.max_segments = 100;
+    cfg.merge.max_flat_items = 100_000;
     let w = IndexWriter::open(dir.path(), cfg.clone()).unwrap();
     write(&w, 0..6_000);
     settle(&w, 4);
@@ -233,6 +235,17 @@ fn small_seals_are_flat_and_merges_build_the_graph() {
         let view = live.version(&version()).unwrap();
         assert_eq!(view.sealed.len(), 4);
         assert!(view.sealed.iter().all(|s| !s.segment.has_graph() && s.segment.len() == 1_500));
+    }
+    w.close();
+    // 6,000 flat items, 3,000 allowed: the four merge on open, though the count is far below
+    // its limit, into one graph.
+    cfg.merge.max_flat_items = 3_000;
+    let w = IndexWriter::open(dir.path(), cfg.clone()).unwrap();
+    settle(&w, 1);
+    {
+        let live = w.live();
+        let view = live.version(&version()).unwrap();
+        assert!(view.sealed[0].segment.has_graph() && view.sealed[0].segment.len() == 6_000);
     }
     w.close();
     cfg.merge.max_segments = 1;
