@@ -50,8 +50,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use serde_json::{Value, json};
 use tonic::transport::{Channel, Endpoint};
-use vitrine::ids::{ModelVersion, SkuId};
-use vitrine::index::merge_policy::MergePolicy;
+use vitrine::ids::{ModelVersion, SegmentId, SkuId};
+use vitrine::index::merge_policy::{MergePolicy, SegmentStat};
 use vitrine::index::writer::{DEFAULT_SEAL_ITEMS, FLAT_SEGMENT_ITEMS};
 use vitrine::index::{IndexWriter, ModelSpec, Outcome, Upsert, WriteOp, WriterConfig};
 use vitrine::models::{DEFAULT_MODEL, ModelRegistry};
@@ -476,7 +476,11 @@ where
 
 async fn wait_quiet(client: &mut Client, seal_items: usize, limit: Duration) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let max_segments = MAX_SEGMENTS.get().copied().unwrap_or(MergePolicy::default().max_segments);
+    let defaults = MergePolicy::default();
+    let policy = MergePolicy {
+        max_segments: MAX_SEGMENTS.get().copied().unwrap_or(defaults.max_segments),
+        ..defaults
+    };
     let mut last = shape(client).await?;
     let mut stable_since = Instant::now();
     while started.elapsed() < limit {
@@ -487,13 +491,19 @@ async fn wait_quiet(client: &mut Client, seal_items: usize, limit: Duration) -> 
             stable_since = Instant::now();
             continue;
         }
-        // The merge policy's own limits: the segment count, and the items of flat segments
-        // (sealed at up to FLAT_SEGMENT_ITEMS, without a graph).
-        let flat_items: u64 =
-            last.segments.iter().map(|s| s.1).filter(|&n| n <= FLAT_SEGMENT_ITEMS as u64).sum();
-        let settled = last.unsealed() < seal_items as u64
-            && last.segments.len() <= max_segments
-            && flat_items <= MergePolicy::default().max_flat_items;
+        // Settled: nothing left to seal, and the server's merge policy plans no merge on this
+        // shape (segments of up to FLAT_SEGMENT_ITEMS are written flat, without a graph).
+        let stats: Vec<SegmentStat> = last
+            .segments
+            .iter()
+            .map(|&(id, live)| SegmentStat {
+                id: SegmentId(id),
+                count: live,
+                live,
+                graph: live > FLAT_SEGMENT_ITEMS as u64,
+            })
+            .collect();
+        let settled = last.unsealed() < seal_items as u64 && policy.plan(&stats).is_none();
         if settled && stable_since.elapsed() >= Duration::from_secs(2) {
             break;
         }

@@ -59,7 +59,7 @@ pub struct SegmentStat {
 }
 
 /// Rule 3's base joins flat segments only while it holds at most this many times their live
-/// items: past that, rewriting its rows would cost more than the inserts it saves.
+/// items, which bounds the rows a merge rewrites (the base's, in full) per item it inserts.
 pub const BASE_FACTOR: u64 = 8;
 
 impl MergePolicy {
@@ -89,7 +89,8 @@ impl MergePolicy {
                 chosen.push(s.id);
             }
         } else if segments.len() > self.max_segments.max(1) || flat_items > self.max_flat_items {
-            // Merge just enough of the smallest to get back to the limit, as far as they fit.
+            // Merge just enough of the smallest to get back to the limit, as far as they fit
+            // (none when only the flat items are over theirs: the flat segments go below).
             let need = match segments.len().checked_sub(self.max_segments.max(1)) {
                 Some(over) if over > 0 => (over + 1).max(2),
                 _ => 0,
