@@ -3,11 +3,14 @@
 //! tile is stored, so the output is written once instead of being swept again per epilogue.
 //!
 //! Weights are packed once at load into panels of [`NR`] output channels, each panel `k` rows
-//! of `NR` contiguous values (zero-padded past `n`). A tile is [`MR`] activation rows by one
-//! panel, accumulated over all of `k` in registers. Rows are split into parallel tasks of
-//! [`ROWS_PER_TASK`]; within a task each panel is reused across all the task's rows while it is
-//! hot in cache.
+//! of `NR` contiguous values (zero-padded past `n`). A register tile is a few activation rows
+//! by a panel or half a panel, accumulated over all of `k`, its size set by the vector
+//! registers there are (see `rows_kernel`). For outputs of at least [`PACK_FROM_COLUMNS`]
+//! channels the rows are first interleaved tile by tile (`pack_rows`), so the inner loop
+//! reads one pointer. Rows are split into parallel tasks of [`ROWS_PER_TASK`]; within a task
+//! each panel is reused across all the task's rows while it is hot in cache.
 
+use std::cell::RefCell;
 use std::ops::Range;
 
 use multiversion::multiversion;
@@ -16,7 +19,8 @@ use rayon::prelude::*;
 
 /// Output channels per packed panel (two AVX-512 or four AVX2 vectors).
 pub const NR: usize = 32;
-/// Activation rows per register tile.
+/// Rows per thread below which [`matmul`] splits the work by panels instead of by rows is
+/// `2 * MR`.
 pub const MR: usize = 4;
 /// Activation rows per parallel task.
 pub const ROWS_PER_TASK: usize = 64;
@@ -182,33 +186,94 @@ struct Out<'a> {
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
 fn rows_kernel(src: &[f32], w: &PackedWeights, panels: Range<usize>, epilogue: Epilogue<'_>, out: Out<'_>) {
-    if target_cfg_f!(target_feature = "fma") {
-        rows_body::<true>(src, w, panels, epilogue, out)
-    } else {
-        rows_body::<false>(src, w, panels, epilogue, out)
+    // Register tiles sized to the vector registers. AVX-512's 32 hold 8 rows by a whole panel
+    // (16 accumulators, 2 weight vectors, the broadcast). AVX2's 16 cannot hold even 4 x 32 (16
+    // accumulators alone: the compiler spills), so there, and on NEON, a tile is 6 rows by half
+    // a panel: 12 accumulators, 2 weight vectors and the broadcast, 15 registers.
+    match (target_cfg_f!(target_feature = "avx512f"), target_cfg_f!(target_feature = "fma")) {
+        (true, _) => rows_body::<8, false, true>(src, w, panels, epilogue, out),
+        (false, true) => rows_body::<6, true, true>(src, w, panels, epilogue, out),
+        (false, false) => rows_body::<6, true, false>(src, w, panels, epilogue, out),
     }
 }
 
-/// Every row of `src` times the given panels. The residual, if any, is indexed like the full
-/// output (`rows` by `n`).
+thread_local! {
+    /// The activation rows of the current call, interleaved by [`pack_rows`].
+    static PACKED_ROWS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Outputs at least this wide read packed rows ([`pack_rows`]); narrower ones read the rows
+/// where they are, since packing costs about as much as their few multiply-adds per value.
+pub const PACK_FROM_COLUMNS: usize = 64;
+
+/// One step of [`tile`]: `R` row values times row `kk` of the panel's `W` columns. (A function,
+/// not a closure: closures are not compiled with the caller's target features.)
 #[inline(always)]
-fn rows_body<const FMA: bool>(
+fn step<const R: usize, const W: usize, const S: usize, const OFF: usize, const FMA: bool>(
+    acc: &mut [[f32; W]; R],
+    av: &[f32; R],
+    panel: &[f32],
+    kk: usize,
+) {
+    let b: &[f32; W] = panel[kk * S + OFF..kk * S + OFF + W].try_into().expect("W columns");
+    for i in 0..R {
+        let v = av[i];
+        for j in 0..W {
+            acc[i][j] = if FMA { v.mul_add(b[j], acc[i][j]) } else { acc[i][j] + v * b[j] };
+        }
+    }
+}
+
+/// Copies the rows of `src` (each `k` long) into `dst` in tiles of `R` rows (the last tile
+/// has the rows left), each tile `k` steps of its rows' values side by side. A tile's inner
+/// loop then reads one pointer forward instead of `R` row pointers with a bounds check each,
+/// which on AVX2 leaves the registers for the accumulators and weights.
+#[inline(always)]
+fn pack_rows<const R: usize>(src: &[f32], k: usize, dst: &mut Vec<f32>) {
+    dst.clear();
+    dst.resize(src.len(), 0.0);
+    for (tile, out) in src.chunks(R * k).zip(dst.chunks_mut(R * k)) {
+        let rows = tile.len() / k;
+        if rows == R {
+            let from: [&[f32]; R] = std::array::from_fn(|i| &tile[i * k..(i + 1) * k]);
+            for (kk, step) in out.chunks_exact_mut(R).enumerate() {
+                for (o, row) in step.iter_mut().zip(&from) {
+                    *o = row[kk];
+                }
+            }
+        } else {
+            for (kk, step) in out.chunks_exact_mut(rows).enumerate() {
+                for (i, o) in step.iter_mut().enumerate() {
+                    *o = tile[i * k + kk];
+                }
+            }
+        }
+    }
+}
+
+/// Every row of `src` times the given panels in tiles of `R` rows, by whole panels or, with
+/// `HALVES`, by half panels ([`OUT_BLOCK`] columns). The residual, if any, is indexed like the
+/// full output (`rows` by `n`).
+#[inline(always)]
+fn rows_body<const R: usize, const HALVES: bool, const FMA: bool>(
     src: &[f32],
     w: &PackedWeights,
     panels: Range<usize>,
     epilogue: Epilogue<'_>,
     mut out: Out<'_>,
 ) {
-    for p in panels {
-        let width = panel_width(w.n, p);
-        let panel = &w.panels[p * w.k * NR..p * w.k * NR + w.k * width];
-        let at = Columns { first: p * NR, count: (w.n - p * NR).min(width), n: w.n };
-        if width == NR {
-            panel_rows::<NR, FMA>(src, w.k, panel, at, epilogue, &mut out);
-        } else {
-            panel_rows::<OUT_BLOCK, FMA>(src, w.k, panel, at, epilogue, &mut out);
-        }
+    let rows = src.len() / w.k;
+    if w.n < PACK_FROM_COLUMNS {
+        let mut tiles = Tiles { a: src, rows, k: w.k, out: &mut out, epilogue };
+        tiles.panels::<R, HALVES, false, FMA>(w, panels);
+        return;
     }
+    // Taken out and put back rather than borrowed in a closure: a closure is not compiled
+    // with this function's target features (its multiply-adds became calls).
+    let mut packed = PACKED_ROWS.take();
+    pack_rows::<R>(src, w.k, &mut packed);
+    Tiles { a: &packed, rows, k: w.k, out: &mut out, epilogue }.panels::<R, HALVES, true, FMA>(w, panels);
+    PACKED_ROWS.set(packed);
 }
 
 /// Output columns `first..first + count` of `n`.
@@ -219,52 +284,106 @@ struct Columns {
     n: usize,
 }
 
-/// Every row of `src` times one panel of `W` columns: tiles of 8 rows for half panels (one
-/// register per row), [`MR`] for full ones, then a tile for the 1-3 rows left.
-#[inline(always)]
-fn panel_rows<const W: usize, const FMA: bool>(
-    src: &[f32],
+/// The activation rows of one call (as they are, or packed by [`pack_rows`]) and where their
+/// products go.
+struct Tiles<'a, 'o, 'e> {
+    a: &'a [f32],
+    rows: usize,
     k: usize,
-    panel: &[f32],
-    at: Columns,
-    epilogue: Epilogue<'_>,
-    out: &mut Out<'_>,
-) {
-    let rows = src.len() / k;
-    let mut r = 0;
-    while W < NR && r + 8 <= rows {
-        let acc = tile::<8, W, FMA>(&src[r * k..(r + 8) * k], k, panel);
-        store(&acc, r, at, epilogue, out);
-        r += 8;
+    out: &'a mut Out<'o>,
+    epilogue: Epilogue<'e>,
+}
+
+impl Tiles<'_, '_, '_> {
+    /// Every row times the given panels.
+    #[inline(always)]
+    fn panels<const R: usize, const HALVES: bool, const PACKED: bool, const FMA: bool>(
+        &mut self,
+        w: &PackedWeights,
+        panels: Range<usize>,
+    ) {
+        for p in panels {
+            let width = panel_width(w.n, p);
+            let panel = &w.panels[p * w.k * NR..p * w.k * NR + w.k * width];
+            let cols = (w.n - p * NR).min(width);
+            if width == NR && !HALVES {
+                let at = Columns { first: p * NR, count: cols, n: w.n };
+                self.run::<R, NR, NR, 0, PACKED, FMA>(panel, at);
+            } else if width == NR {
+                let at = Columns { first: p * NR, count: OUT_BLOCK, n: w.n };
+                self.run::<R, OUT_BLOCK, NR, 0, PACKED, FMA>(panel, at);
+                let at = Columns { first: p * NR + OUT_BLOCK, count: cols - OUT_BLOCK, n: w.n };
+                self.run::<R, OUT_BLOCK, NR, OUT_BLOCK, PACKED, FMA>(panel, at);
+            } else {
+                let at = Columns { first: p * NR, count: cols, n: w.n };
+                self.run::<R, OUT_BLOCK, OUT_BLOCK, 0, PACKED, FMA>(panel, at);
+            }
+        }
     }
-    while r + MR <= rows {
-        let acc = tile::<MR, W, FMA>(&src[r * k..(r + MR) * k], k, panel);
-        store(&acc, r, at, epilogue, out);
-        r += MR;
-    }
-    match rows - r {
-        3 => store(&tile::<3, W, FMA>(&src[r * k..(r + 3) * k], k, panel), r, at, epilogue, out),
-        2 => store(&tile::<2, W, FMA>(&src[r * k..(r + 2) * k], k, panel), r, at, epilogue, out),
-        1 => store(&tile::<1, W, FMA>(&src[r * k..(r + 1) * k], k, panel), r, at, epilogue, out),
-        _ => {}
+
+    /// Every row times `W` columns of one panel (`S` values a row, the columns from `OFF`):
+    /// tiles of `R` rows, then one tile of the rows left.
+    #[inline(always)]
+    fn run<
+        const R: usize,
+        const W: usize,
+        const S: usize,
+        const OFF: usize,
+        const PACKED: bool,
+        const FMA: bool,
+    >(
+        &mut self,
+        panel: &[f32],
+        at: Columns,
+    ) {
+        let k = self.k;
+        let mut r = 0;
+        while r + R <= self.rows {
+            let acc = tile::<R, W, S, OFF, PACKED, FMA>(&self.a[r * k..(r + R) * k], k, panel);
+            store(&acc, r, at, self.epilogue, self.out);
+            r += R;
+        }
+        let (a, e, out) = (&self.a[r * k..], self.epilogue, &mut *self.out);
+        match self.rows - r {
+            7 => store(&tile::<7, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
+            6 => store(&tile::<6, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
+            5 => store(&tile::<5, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
+            4 => store(&tile::<4, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
+            3 => store(&tile::<3, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
+            2 => store(&tile::<2, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
+            1 => store(&tile::<1, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
+            _ => {}
+        }
     }
 }
 
-/// `R` rows of `a` (each `k` long) times one panel of `W` columns, accumulated in registers.
+/// `R` rows times `W` columns of one panel (`S` values a row, from column `OFF`), accumulated
+/// in registers. `a` holds the rows one after the other (each `k` long) or, with `PACKED`,
+/// interleaved by [`pack_rows`]. Loops run over fixed-length arrays, so that they unroll
+/// and the accumulators stay in registers.
 #[inline(always)]
-fn tile<const R: usize, const W: usize, const FMA: bool>(
+fn tile<
+    const R: usize,
+    const W: usize,
+    const S: usize,
+    const OFF: usize,
+    const PACKED: bool,
+    const FMA: bool,
+>(
     a: &[f32],
     k: usize,
     panel: &[f32],
 ) -> [[f32; W]; R] {
-    let rows: [&[f32]; R] = std::array::from_fn(|i| &a[i * k..(i + 1) * k]);
     let mut acc = [[0f32; W]; R];
-    for (kk, b) in panel.chunks_exact(W).enumerate().take(k) {
-        for (acc_row, a_row) in acc.iter_mut().zip(&rows) {
-            let v = a_row[kk];
-            for (s, &bv) in acc_row.iter_mut().zip(b) {
-                *s = if FMA { v.mul_add(bv, *s) } else { *s + v * bv };
-            }
+    if PACKED {
+        for (kk, av) in a[..R * k].chunks_exact(R).enumerate() {
+            step::<R, W, S, OFF, FMA>(&mut acc, av.try_into().expect("chunks of R"), panel, kk);
+        }
+    } else {
+        let rows: [&[f32]; R] = std::array::from_fn(|i| &a[i * k..(i + 1) * k]);
+        #[allow(clippy::needless_range_loop, reason = "kk indexes every one of the R rows")]
+        for kk in 0..k {
+            step::<R, W, S, OFF, FMA>(&mut acc, &std::array::from_fn(|i| rows[i][kk]), panel, kk);
         }
     }
     acc
@@ -377,6 +496,45 @@ mod tests {
         }
         assert_eq!(balanced_rows(196, 2), 49);
         assert_eq!(balanced_rows(49, 2), 25);
+    }
+
+    /// Every register-tile configuration, whichever this CPU dispatches to: AVX-512's 8 rows by
+    /// whole panels, AVX2's and NEON's 6 rows by half panels, with and without fused
+    /// multiply-adds, packed rows (outputs of at least `PACK_FROM_COLUMNS`) and rows in place.
+    #[test]
+    fn every_tile_configuration_matches_a_naive_product() {
+        for (m, k, n) in [(1, 3, 16), (13, 5, 40), (49, 24, 64), (23, 9, 200), (8, 16, 96), (7, 1, 65)] {
+            let (x, w, bias, res) = (values(m * k, 1), values(k * n, 2), values(n, 3), values(m * n, 4));
+            let packed = PackedWeights::pack(&w, k, n);
+            for (residual, relu6) in [(None, false), (Some(&res[..]), true)] {
+                let e = Epilogue { bias: &bias, residual, relu6 };
+                let want = naive(&x, &w, k, n, e);
+                let panels = 0..n.div_ceil(NR);
+                type Body = fn(&[f32], &PackedWeights, Range<usize>, Epilogue<'_>, Out<'_>);
+                let run: [Body; 4] = [
+                    rows_body::<8, false, true>,
+                    rows_body::<8, false, false>,
+                    rows_body::<6, true, true>,
+                    rows_body::<6, true, false>,
+                ];
+                for (config, body) in run.iter().enumerate() {
+                    let mut got = vec![f32::NAN; m * n];
+                    body(
+                        &x,
+                        &packed,
+                        panels.clone(),
+                        e,
+                        Out { dst: &mut got, ld: n, col0: 0, block_rows: 0 },
+                    );
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "config {config} {m}x{k}x{n} [{i}]: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Odd sizes on every axis: partial panels, remainder rows, several tasks, k of 1.

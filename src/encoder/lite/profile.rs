@@ -207,3 +207,54 @@ fn unfused_parts() {
         );
     }
 }
+
+/// The 1x1 kernel alone on one thread, on Lite0's batch-1 shapes `(rows, in, out)`. Run with
+/// `cargo test --release --lib encoder::lite::profile::pointwise -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing printout, not a test"]
+fn pointwise_kernel() {
+    use crate::encoder::pointwise::{Epilogue, PackedWeights, matmul_into};
+    let shapes = [
+        (12544, 32, 16),
+        (12544, 16, 96),
+        (3136, 96, 24),
+        (3136, 24, 144),
+        (3136, 144, 24),
+        (784, 144, 40),
+        (784, 40, 240),
+        (784, 240, 40),
+        (196, 240, 80),
+        (196, 80, 480),
+        (196, 480, 80),
+        (196, 480, 112),
+        (196, 112, 672),
+        (196, 672, 112),
+        (49, 672, 192),
+        (49, 192, 1152),
+        (49, 1152, 192),
+        (49, 1152, 320),
+        (49, 320, 1280),
+    ];
+    let (mut total, mut macs_total) = (0.0, 0.0);
+    for (m, k, n) in shapes {
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 13) as f32 * 0.01).collect();
+        let w: Vec<f32> = (0..k * n).map(|i| (i % 7) as f32 * 0.01).collect();
+        let bias = vec![0.1f32; n];
+        let packed = PackedWeights::pack(&w, k, n);
+        let mut dst = vec![0f32; m * n];
+        let e = Epilogue { bias: &bias, residual: None, relu6: true };
+        let mut best = f64::MAX;
+        for _ in 0..20 {
+            let t = Instant::now();
+            for _ in 0..5 {
+                matmul_into(&x, &packed, e, &mut dst);
+            }
+            best = best.min(t.elapsed().as_secs_f64() / 5.0);
+        }
+        let macs = (m * k * n) as f64;
+        total += best;
+        macs_total += macs;
+        println!("{m:>6} x {k:>5} -> {n:>5}: {:8.1} us {:6.1} GMAC/s", best * 1e6, macs / best / 1e9);
+    }
+    println!("total {:.1} us, {:.1} GMAC/s", total * 1e6, macs_total / total / 1e9);
+}
