@@ -400,6 +400,10 @@ fn store<const R: usize, const W: usize>(
 ) {
     let Columns { first: col, count: cols, n } = at;
     let bias = &epilogue.bias[col..col + cols];
+    if cols == W {
+        store_full(acc, row, col, bias.try_into().expect("W bias values"), n, epilogue, out);
+        return;
+    }
     if out.block_rows > 0 {
         // `col` starts a panel, so each half of the tile is one block's row.
         for (i, acc_row) in acc.iter().enumerate() {
@@ -429,6 +433,57 @@ fn store<const R: usize, const W: usize>(
         if epilogue.relu6 {
             for o in dst.iter_mut() {
                 *o = o.clamp(0.0, 6.0);
+            }
+        }
+    }
+}
+
+/// [`store`] when all `W` columns are valid (every tile but those of a narrow last panel):
+/// fixed-length loops, no closures (a closure is not compiled with the kernel's target
+/// features), the same additions in the same order.
+#[inline(always)]
+fn store_full<const R: usize, const W: usize>(
+    acc: &[[f32; W]; R],
+    row: usize,
+    col: usize,
+    bias: &[f32; W],
+    n: usize,
+    epilogue: Epilogue<'_>,
+    out: &mut Out<'_>,
+) {
+    for (i, acc_row) in acc.iter().enumerate() {
+        if out.block_rows > 0 {
+            for (h, (values, bias)) in
+                acc_row.chunks_exact(OUT_BLOCK).zip(bias.chunks_exact(OUT_BLOCK)).enumerate()
+            {
+                let at = ((col / OUT_BLOCK + h) * out.block_rows + row + i) * OUT_BLOCK;
+                let dst: &mut [f32; OUT_BLOCK] =
+                    (&mut out.dst[at..at + OUT_BLOCK]).try_into().expect("a block row");
+                let values: &[f32; OUT_BLOCK] = values.try_into().expect("a block row");
+                let bias: &[f32; OUT_BLOCK] = bias.try_into().expect("a block row");
+                for j in 0..OUT_BLOCK {
+                    let v = values[j] + bias[j];
+                    dst[j] = if epilogue.relu6 { v.clamp(0.0, 6.0) } else { v };
+                }
+            }
+            continue;
+        }
+        let at = (row + i) * out.ld + col - out.col0;
+        let dst: &mut [f32; W] = (&mut out.dst[at..at + W]).try_into().expect("W output values");
+        match epilogue.residual {
+            Some(res) => {
+                let at = (row + i) * n + col;
+                let res: &[f32; W] = res[at..at + W].try_into().expect("W residual values");
+                for j in 0..W {
+                    let v = acc_row[j] + bias[j] + res[j];
+                    dst[j] = if epilogue.relu6 { v.clamp(0.0, 6.0) } else { v };
+                }
+            }
+            None => {
+                for j in 0..W {
+                    let v = acc_row[j] + bias[j];
+                    dst[j] = if epilogue.relu6 { v.clamp(0.0, 6.0) } else { v };
+                }
             }
         }
     }
