@@ -88,6 +88,16 @@ pub struct Epilogue<'a> {
     pub relu6: bool,
 }
 
+impl Epilogue<'_> {
+    /// The activation applied to a value after its additions: ReLU6's clamp, or nothing.
+    /// (A method, not a closure, so that it is compiled with the calling kernel's target
+    /// features.)
+    #[inline(always)]
+    fn activate(&self, v: f32) -> f32 {
+        if self.relu6 { v.clamp(0.0, 6.0) } else { v }
+    }
+}
+
 /// `epilogue(x . w)` for row-major `x` of `m` rows by `w.k()`; returns `m` rows by `w.n()`.
 ///
 /// Work is split across threads by rows, or, when there are too few rows to keep every thread
@@ -206,6 +216,16 @@ thread_local! {
 /// where they are, since packing costs about as much as their few multiply-adds per value.
 pub const PACK_FROM_COLUMNS: usize = 64;
 
+/// The first `len` values of a scratch buffer the caller overwrites in full: it grows when
+/// needed and never shrinks, so a buffer reused by layers of different sizes is zero-filled
+/// only when it grows, not each time.
+fn scratch(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0.0);
+    }
+    &mut buffer[..len]
+}
+
 /// One step of [`tile`]: `R` row values times row `kk` of the panel's `W` columns. (A function,
 /// not a closure: closures are not compiled with the caller's target features.)
 #[inline(always)]
@@ -229,9 +249,7 @@ fn step<const R: usize, const W: usize, const S: usize, const OFF: usize, const 
 /// loop then reads one pointer forward instead of `R` row pointers with a bounds check each,
 /// which on AVX2 leaves the registers for the accumulators and weights.
 #[inline(always)]
-fn pack_rows<const R: usize>(src: &[f32], k: usize, dst: &mut Vec<f32>) {
-    dst.clear();
-    dst.resize(src.len(), 0.0);
+fn pack_rows<const R: usize>(src: &[f32], k: usize, dst: &mut [f32]) {
     for (tile, out) in src.chunks(R * k).zip(dst.chunks_mut(R * k)) {
         let rows = tile.len() / k;
         if rows == R {
@@ -271,8 +289,9 @@ fn rows_body<const R: usize, const HALVES: bool, const FMA: bool>(
     // Taken out and put back rather than borrowed in a closure: a closure is not compiled
     // with this function's target features (its multiply-adds became calls).
     let mut packed = PACKED_ROWS.take();
-    pack_rows::<R>(src, w.k, &mut packed);
-    Tiles { a: &packed, rows, k: w.k, out: &mut out, epilogue }.panels::<R, HALVES, true, FMA>(w, panels);
+    let a = scratch(&mut packed, src.len());
+    pack_rows::<R>(src, w.k, a);
+    Tiles { a, rows, k: w.k, out: &mut out, epilogue }.panels::<R, HALVES, true, FMA>(w, panels);
     PACKED_ROWS.set(packed);
 }
 
@@ -412,7 +431,7 @@ fn store<const R: usize, const W: usize>(
             {
                 let at = ((col / OUT_BLOCK + half) * out.block_rows + row + i) * OUT_BLOCK;
                 for ((o, &s), &b) in out.dst[at..at + values.len()].iter_mut().zip(values).zip(bias) {
-                    *o = if epilogue.relu6 { (s + b).clamp(0.0, 6.0) } else { s + b };
+                    *o = epilogue.activate(s + b);
                 }
             }
         }
@@ -430,10 +449,8 @@ fn store<const R: usize, const W: usize>(
                 *o += r;
             }
         }
-        if epilogue.relu6 {
-            for o in dst.iter_mut() {
-                *o = o.clamp(0.0, 6.0);
-            }
+        for o in dst.iter_mut() {
+            *o = epilogue.activate(*o);
         }
     }
 }
@@ -463,7 +480,7 @@ fn store_full<const R: usize, const W: usize>(
                 let bias: &[f32; OUT_BLOCK] = bias.try_into().expect("a block row");
                 for j in 0..OUT_BLOCK {
                     let v = values[j] + bias[j];
-                    dst[j] = if epilogue.relu6 { v.clamp(0.0, 6.0) } else { v };
+                    dst[j] = epilogue.activate(v);
                 }
             }
             continue;
@@ -476,13 +493,13 @@ fn store_full<const R: usize, const W: usize>(
                 let res: &[f32; W] = res[at..at + W].try_into().expect("W residual values");
                 for j in 0..W {
                     let v = acc_row[j] + bias[j] + res[j];
-                    dst[j] = if epilogue.relu6 { v.clamp(0.0, 6.0) } else { v };
+                    dst[j] = epilogue.activate(v);
                 }
             }
             None => {
                 for j in 0..W {
                     let v = acc_row[j] + bias[j];
-                    dst[j] = if epilogue.relu6 { v.clamp(0.0, 6.0) } else { v };
+                    dst[j] = epilogue.activate(v);
                 }
             }
         }
