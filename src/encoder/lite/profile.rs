@@ -258,3 +258,29 @@ fn pointwise_kernel() {
     }
     println!("total {:.1} us, {:.1} GMAC/s", total * 1e6, macs_total / total / 1e9);
 }
+
+/// One block (or the stem) of the batch-1 network run over and over for 4 s, for `perf
+/// record`: `BLOCK=1 RAYON_NUM_THREADS=1 perf record -e cpu-clock <test binary>
+/// encoder::lite::profile::one_block --ignored --nocapture` (`BLOCK=stem` for the stem).
+#[test]
+#[ignore = "timing printout, not a test"]
+fn one_block() {
+    let net = lite0();
+    let which = std::env::var("BLOCK").unwrap_or_else(|_| "0".into());
+    let block: Option<usize> =
+        (which != "stem").then(|| which.parse().expect("BLOCK: a block index or stem"));
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 224, 224), &Device::Cpu).unwrap();
+    let mut y = net.stem.forward(&x, K).unwrap();
+    for b in &net.blocks[..block.unwrap_or(0)] {
+        y = b.forward(&y, K).unwrap();
+    }
+    let (start, mut reps) = (Instant::now(), 0);
+    while start.elapsed().as_secs_f64() < 4.0 {
+        match block {
+            Some(i) => net.blocks[i].forward(&y, K).unwrap(),
+            None => net.stem.forward(&x, K).unwrap(),
+        };
+        reps += 1;
+    }
+    println!("{which}: {:.3} ms", start.elapsed().as_secs_f64() / f64::from(reps) * 1e3);
+}
