@@ -36,7 +36,7 @@ pub(super) struct DenseGeometry {
 }
 
 /// Output pixels computed together by the stem kernel where none of them touches the padding.
-const STEM_PIXELS: usize = 4;
+const STEM_PIXELS: usize = 2;
 
 /// Output row `oy` of one image of the stem: `dst[ox][o] = relu6(bias[o] + sum_{ky,kx,i}
 /// wt[ky][kx][i][o] * src[i][oy*s+ky-top][ox*s+kx-left])`. Vectorised over output channels,
@@ -78,7 +78,13 @@ fn dense_row_body<const FMA: bool>(
             } else {
                 1
             };
+            let stem3 = group && (g.cin, g.k, g.stride) == (3, 3, 2);
             match (group, width) {
+                (true, 32) if stem3 => {
+                    stem_pixels_3x3s2::<STEM_PIXELS, 32, { (STEM_PIXELS - 1) * 2 + 3 }, FMA>(
+                        src, wt, bias, out, c0, &taps,
+                    )
+                }
                 (true, 32) => stem_pixels::<STEM_PIXELS, 32, FMA>(src, wt, bias, out, c0, &taps),
                 (true, 16) => stem_pixels::<STEM_PIXELS, 16, FMA>(src, wt, bias, out, c0, &taps),
                 (true, _) => stem_pixels::<STEM_PIXELS, 1, FMA>(src, wt, bias, out, c0, &taps),
@@ -113,10 +119,7 @@ fn stem_pixels<const P: usize, const W: usize, const FMA: bool>(
     t: &StemTaps,
 ) {
     let g = t.g;
-    let mut acc = [[0f32; W]; P];
-    for a in &mut acc {
-        a.copy_from_slice(&bias[c0..c0 + W]);
-    }
+    let mut acc = [*<&[f32; W]>::try_from(&bias[c0..c0 + W]).expect("W biases"); P];
     for ky in t.ky.clone() {
         let iy = t.oy * g.stride + ky - g.top;
         for kx in t.kx.clone() {
@@ -132,10 +135,54 @@ fn stem_pixels<const P: usize, const W: usize, const FMA: bool>(
             }
         }
     }
+    store_stem(&acc, out, c0, g.cout);
+}
+
+/// [`stem_pixels`] for the usual stem geometry (3 input channels, 3x3 taps, stride 2) and
+/// pixels whose horizontal taps are all inside the row: the loops have fixed lengths and the
+/// `N = (P - 1) * 2 + 3` input values each pixel group reads from a row are one array, so
+/// they unroll without bounds checks. The same products summed in the same order.
+#[inline(always)]
+fn stem_pixels_3x3s2<const P: usize, const W: usize, const N: usize, const FMA: bool>(
+    src: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    c0: usize,
+    t: &StemTaps,
+) {
+    const { assert!(N == (P - 1) * 2 + 3) };
+    const CIN: usize = 3;
+    let g = t.g;
+    let mut acc = [*<&[f32; W]>::try_from(&bias[c0..c0 + W]).expect("W biases"); P];
+    let x0 = t.ox * 2 - g.left;
+    for ky in t.ky.clone() {
+        let iy = t.oy * 2 + ky - g.top;
+        let rows: [&[f32; N]; CIN] =
+            std::array::from_fn(|i| src[(i * g.h + iy) * g.w + x0..][..N].try_into().expect("N inputs"));
+        for kx in 0..3 {
+            for i in 0..CIN {
+                let taps: &[f32; W] =
+                    wt[((ky * 3 + kx) * CIN + i) * g.cout + c0..][..W].try_into().expect("W taps");
+                for p in 0..P {
+                    let v = rows[i][p * 2 + kx];
+                    for j in 0..W {
+                        acc[p][j] = if FMA { v.mul_add(taps[j], acc[p][j]) } else { acc[p][j] + v * taps[j] };
+                    }
+                }
+            }
+        }
+    }
+    store_stem(&acc, out, c0, g.cout);
+}
+
+/// Writes channels `c0..c0 + W` of `P` stem pixels (`cout` values apart), ReLU6 applied.
+#[inline(always)]
+fn store_stem<const P: usize, const W: usize>(acc: &[[f32; W]; P], out: &mut [f32], c0: usize, cout: usize) {
     for (p, a) in acc.iter().enumerate() {
-        let dst = &mut out[p * g.cout + c0..p * g.cout + c0 + W];
-        for (d, &v) in dst.iter_mut().zip(a) {
-            *d = v.clamp(0.0, 6.0);
+        let dst: &mut [f32; W] = (&mut out[p * cout + c0..p * cout + c0 + W]).try_into().expect("W outputs");
+        for j in 0..W {
+            dst[j] = a[j].clamp(0.0, 6.0);
         }
     }
 }
