@@ -86,11 +86,36 @@ impl LiteNet {
     /// (NHWC, after ReLU6), before any pooling.
     pub fn feature_map(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let kernels = self.kernels;
-        let mut x = self.stem.forward(x, kernels)?;
-        for block in &self.blocks {
+        let (mut x, first_batched) = if kernels == Kernels::Cpu && x.dim(0)? > 1 {
+            self.early_layers_per_image(x)?
+        } else {
+            (self.stem.forward(x, kernels)?, 0)
+        };
+        for block in &self.blocks[first_batched..] {
             x = block.forward(&x, kernels)?;
         }
         self.head.forward(&x, Activation::Relu6, kernels)
+    }
+
+    /// The stem and the blocks whose input map is at least [`PER_IMAGE_BYTES`] per image, run
+    /// one image at a time (on the CPU, for batches): each image's large early activations
+    /// then stay in cache from one layer to the next, where a whole batch of them (51 MB out
+    /// of the stem at batch 32) goes through memory. Returns the batch's activations after
+    /// those blocks and the index of the first block left to run.
+    fn early_layers_per_image(&self, x: &Tensor) -> candle_core::Result<(Tensor, usize)> {
+        let mut first_batched = 0;
+        let mut outputs = Vec::with_capacity(x.dim(0)?);
+        for image in 0..x.dim(0)? {
+            let mut y = self.stem.forward(&x.narrow(0, image, 1)?, self.kernels)?;
+            let mut b = 0;
+            while b < self.blocks.len() && y.elem_count() * 4 >= PER_IMAGE_BYTES {
+                y = self.blocks[b].forward(&y, self.kernels)?;
+                b += 1;
+            }
+            first_batched = b;
+            outputs.push(y);
+        }
+        Ok((Tensor::cat(&outputs, 0)?, first_batched))
     }
 
     /// `(n, 3, s, s)` normalised images (NCHW) -> `(n, features)` globally average-pooled
@@ -109,6 +134,10 @@ impl LiteNet {
         pooled.matmul(&self.fc_weight_t)?.broadcast_add(&self.fc_bias)
     }
 }
+
+/// Early activations at least this large per image are computed image by image (see
+/// `early_layers_per_image`).
+const PER_IMAGE_BYTES: usize = 256 * 1024;
 
 /// What follows a convolution's bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -58,6 +58,7 @@ fn profile_forward() {
             let x = Tensor::randn(0f32, 1.0, (n, 3, 224, 224), &dev).unwrap();
             net.pooled_features(&x).unwrap();
             let mut t = [0f64; 5];
+            let mut seq = [0f64; 16];
             let reps = if n == 1 { 10 } else { 2 };
             let start = Instant::now();
             for _ in 0..reps {
@@ -68,6 +69,7 @@ fn profile_forward() {
                     let s = Instant::now();
                     y = b.forward(&y, K).unwrap();
                     t[1 + usize::from(i >= 3) + usize::from(i >= 8)] += s.elapsed().as_secs_f64();
+                    seq[i] += s.elapsed().as_secs_f64();
                 }
                 let s = Instant::now();
                 let h = net.head.forward(&y, Activation::Relu6, K).unwrap();
@@ -83,6 +85,10 @@ fn profile_forward() {
                 ms(t[2]),
                 ms(t[3]),
                 ms(t[4])
+            );
+            println!(
+                "  in sequence: {:?}",
+                seq.iter().map(|&v| (ms(v) * 1000.0).round()).collect::<Vec<_>>()
             );
         }
     });
@@ -283,4 +289,27 @@ fn one_block() {
         reps += 1;
     }
     println!("{which}: {:.3} ms", start.elapsed().as_secs_f64() / f64::from(reps) * 1e3);
+}
+
+/// The whole network (`pooled_features`) at batch 1 to 32: images/s, best of 5 rounds. Run
+/// with `cargo test --release --lib encoder::lite::profile::network -- --ignored --nocapture`.
+#[test]
+#[ignore = "timing printout, not a test"]
+fn network() {
+    let net = lite0();
+    for n in [1usize, 4, 8, 16, 32] {
+        let x = Tensor::randn(0f32, 1.0, (n, 3, 224, 224), &Device::Cpu).unwrap();
+        net.pooled_features(&x).unwrap();
+        let reps = if n == 1 { 40 } else { 2 };
+        let best = (0..5)
+            .map(|_| {
+                let t = Instant::now();
+                for _ in 0..reps {
+                    net.pooled_features(&x).unwrap();
+                }
+                t.elapsed().as_secs_f64() / (reps * n) as f64
+            })
+            .fold(f64::MAX, f64::min);
+        println!("batch {n}: {:.1} images/s", 1.0 / best);
+    }
 }

@@ -268,3 +268,22 @@ fn refuses_weights_of_another_shape() {
     assert!(matches!(LiteNet::from_tensors(map), Err(WeightsError::Shape { .. })));
     assert!(matches!(LiteNet::from_tensors(HashMap::new()), Err(WeightsError::Missing { .. })));
 }
+
+/// A batch runs its early layers image by image and the rest batched: every image's features
+/// must be exactly those of the image alone, whatever the batch and image size.
+#[test]
+fn batched_features_equal_each_image_alone() {
+    let net = lite0();
+    for (n, h, w) in [(3, 64, 48), (2, 224, 224)] {
+        let x = Tensor::randn(0f32, 1.0, (n, 3, h, w), &Device::Cpu).unwrap();
+        let (_, first_batched) = net.early_layers_per_image(&x).unwrap();
+        let batch = net.pooled_features(&x).unwrap().to_vec2::<f32>().unwrap();
+        for (i, row) in batch.iter().enumerate() {
+            let alone = net.pooled_features(&x.narrow(0, i, 1).unwrap()).unwrap().to_vec2::<f32>().unwrap();
+            let same = row.iter().zip(&alone[0]).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{h}x{w}: image {i} of the batch differs from the image alone");
+        }
+        // At 224x224 the large early maps (blocks 0-3) run image by image.
+        assert_eq!(first_batched > 0, h == 224, "{h}x{w}: {first_batched} blocks image by image");
+    }
+}
