@@ -27,6 +27,7 @@ mod ops;
 mod weights;
 
 use candle_core::Tensor;
+use rayon::prelude::*;
 
 use super::manifest::Pooling;
 use layers::{Block, DenseConv, Pointwise};
@@ -100,21 +101,27 @@ impl LiteNet {
     /// The stem and the blocks whose input map is at least [`PER_IMAGE_BYTES`] per image, run
     /// one image at a time (on the CPU, for batches): each image's large early activations
     /// then stay in cache from one layer to the next, where a whole batch of them (51 MB out
-    /// of the stem at batch 32) goes through memory. Returns the batch's activations after
-    /// those blocks and the index of the first block left to run.
+    /// of the stem at batch 32) goes through memory. The images are spread over the threads
+    /// (each layer's own parallel split then mostly stays on the thread that took the image):
+    /// every core works through its own image with no wait between layers, where splitting
+    /// each image's layers across the cores made them meet at every layer (batch 32 on 2
+    /// threads: 156-157 -> 173-175 images/s). Returns the batch's activations after those
+    /// blocks and the index of the first block left to run.
     fn early_layers_per_image(&self, x: &Tensor) -> candle_core::Result<(Tensor, usize)> {
-        let mut first_batched = 0;
-        let mut outputs = Vec::with_capacity(x.dim(0)?);
-        for image in 0..x.dim(0)? {
-            let mut y = self.stem.forward(&x.narrow(0, image, 1)?, self.kernels)?;
-            let mut b = 0;
-            while b < self.blocks.len() && y.elem_count() * 4 >= PER_IMAGE_BYTES {
-                y = self.blocks[b].forward(&y, self.kernels)?;
-                b += 1;
-            }
-            first_batched = b;
-            outputs.push(y);
-        }
+        let outputs = (0..x.dim(0)?)
+            .into_par_iter()
+            .map(|image| {
+                let mut y = self.stem.forward(&x.narrow(0, image, 1)?, self.kernels)?;
+                let mut b = 0;
+                while b < self.blocks.len() && y.elem_count() * 4 >= PER_IMAGE_BYTES {
+                    y = self.blocks[b].forward(&y, self.kernels)?;
+                    b += 1;
+                }
+                Ok((y, b))
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let first_batched = outputs.first().map_or(0, |o| o.1);
+        let outputs: Vec<Tensor> = outputs.into_iter().map(|o| o.0).collect();
         Ok((Tensor::cat(&outputs, 0)?, first_batched))
     }
 

@@ -167,7 +167,7 @@ fn depthwise_kernels() {
 #[ignore = "timing printout, not a test"]
 fn head_parts() {
     let net = lite0();
-    for n in [1usize, 4] {
+    for n in [1usize, 4, 32] {
         let y = Tensor::randn(0f32, 1.0, (n, 7, 7, 320), &Device::Cpu).unwrap();
         let h = net.head.forward(&y, Activation::Relu6, K).unwrap();
         let reps = 200;
@@ -240,6 +240,11 @@ fn pointwise_kernel() {
         (49, 1152, 192),
         (49, 1152, 320),
         (49, 320, 1280),
+        // The late layers at batch 32.
+        (1568, 192, 1152),
+        (1568, 1152, 192),
+        (1568, 1152, 320),
+        (1568, 320, 1280),
     ];
     let (mut total, mut macs_total) = (0.0, 0.0);
     for (m, k, n) in shapes {

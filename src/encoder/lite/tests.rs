@@ -120,6 +120,7 @@ fn stem_kernel_matches_candle_conv2d() {
             (1, 3, 21, 37, 3, 32, 2),
             (2, 3, 11, 29, 5, 49, 1),
             (1, 3, 30, 30, 3, 64, 2),
+            (2, 3, 17, 40, 3, 40, 2),
         ]
     {
         let x = Tensor::randn(0f32, 1.0, (n, cin, h, w), &dev).unwrap();
