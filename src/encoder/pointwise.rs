@@ -320,21 +320,56 @@ impl Tiles<'_, '_, '_> {
             let cols = (w.n - p * NR).min(width);
             if width == NR && !HALVES {
                 let at = Columns { first: p * NR, count: cols, n: w.n };
-                self.run::<R, NR, NR, 0, PACKED, FMA>(panel, at);
+                self.run::<R, NR, NR, 0, PACKED, FMA>(panel, at, 0);
             } else if width == NR {
                 let at = Columns { first: p * NR, count: OUT_BLOCK, n: w.n };
-                self.run::<R, OUT_BLOCK, NR, 0, PACKED, FMA>(panel, at);
+                self.run::<R, OUT_BLOCK, NR, 0, PACKED, FMA>(panel, at, 0);
                 let at = Columns { first: p * NR + OUT_BLOCK, count: cols - OUT_BLOCK, n: w.n };
-                self.run::<R, OUT_BLOCK, NR, OUT_BLOCK, PACKED, FMA>(panel, at);
+                if self.narrow_tail::<HALVES, PACKED>(at.count) {
+                    self.run_narrow::<NR, OUT_BLOCK, FMA>(panel, at);
+                } else {
+                    self.run::<R, OUT_BLOCK, NR, OUT_BLOCK, PACKED, FMA>(panel, at, 0);
+                }
             } else {
                 let at = Columns { first: p * NR, count: cols, n: w.n };
-                self.run::<R, OUT_BLOCK, OUT_BLOCK, 0, PACKED, FMA>(panel, at);
+                if self.narrow_tail::<HALVES, PACKED>(at.count) {
+                    self.run_narrow::<OUT_BLOCK, 0, FMA>(panel, at);
+                } else {
+                    self.run::<R, OUT_BLOCK, OUT_BLOCK, 0, PACKED, FMA>(panel, at, 0);
+                }
             }
         }
     }
 
-    /// Every row times `W` columns of one panel (`S` values a row, the columns from `OFF`):
-    /// tiles of `R` rows, then one tile of the rows left.
+    /// Whether `cols` columns of a half panel (where half panels are the tiles' width) are
+    /// few enough for [`run_narrow`](Self::run_narrow): rows read in place and stored
+    /// channels-last (the narrow tile's rows are not those [`pack_rows`] interleaved).
+    #[inline(always)]
+    fn narrow_tail<const HALVES: bool, const PACKED: bool>(&self, cols: usize) -> bool {
+        HALVES && !PACKED && cols <= NARROW_COLUMNS && self.out.block_rows == 0
+    }
+
+    /// Every row times the first [`NARROW_COLUMNS`] columns of a half panel, for a last half
+    /// panel with no more valid columns than that (Lite0's 24- and 40-channel projections):
+    /// tiles of 12 rows by one vector (12 accumulators, the weight vector, the broadcast),
+    /// then 6-row tiles, instead of 6 rows by a half panel whose second vector multiplies
+    /// padding. The same products in the same order.
+    #[inline(always)]
+    fn run_narrow<const S: usize, const OFF: usize, const FMA: bool>(&mut self, panel: &[f32], at: Columns) {
+        const ROWS: usize = 12;
+        let k = self.k;
+        let mut r = 0;
+        while r + ROWS <= self.rows {
+            let acc =
+                tile::<ROWS, NARROW_COLUMNS, S, OFF, false, FMA>(&self.a[r * k..(r + ROWS) * k], k, panel);
+            store(&acc, r, at, self.epilogue, self.out);
+            r += ROWS;
+        }
+        self.run::<6, NARROW_COLUMNS, S, OFF, false, FMA>(panel, at, r);
+    }
+
+    /// Rows `first..` times `W` columns of one panel (`S` values a row, the columns from
+    /// `OFF`): tiles of `R` rows, then one tile of the rows left.
     #[inline(always)]
     fn run<
         const R: usize,
@@ -347,9 +382,10 @@ impl Tiles<'_, '_, '_> {
         &mut self,
         panel: &[f32],
         at: Columns,
+        first: usize,
     ) {
         let k = self.k;
-        let mut r = 0;
+        let mut r = first;
         while r + R <= self.rows {
             let acc = tile::<R, W, S, OFF, PACKED, FMA>(&self.a[r * k..(r + R) * k], k, panel);
             store(&acc, r, at, self.epilogue, self.out);
@@ -417,6 +453,9 @@ fn tile<
     }
     acc
 }
+
+/// Columns of [`Tiles::run_narrow`]'s tiles: one AVX2 vector.
+const NARROW_COLUMNS: usize = 8;
 
 /// Steps of `k` that an unpacked tile takes from each row per bounds check: each row's next
 /// values are taken as one fixed-length array, and the steps over it have no checks left.
@@ -630,6 +669,8 @@ mod tests {
             (11, 7, 24),
             (17, 12, 56),
             (10, 43, 48),
+            (30, 17, 20),
+            (25, 9, 4),
             (9, 19, 1040),
             (14, 8, 1024),
         ] {
