@@ -18,6 +18,7 @@ each kept), the ratio vitrine / onnxruntime, and how far apart the pooled 1280-d
 numpy, pillow, onnx and onnxruntime are pip-installed into tools/.work/venv on first use.
 
 Usage: python3 tools/encoder_compare.py [--threads N] [--seconds 10] [--rounds 2] [--batches 1,32]
+(--threads sets both engines: onnxruntime's intra-op threads and vitrine's RAYON_NUM_THREADS.)
 """
 
 import argparse
@@ -145,13 +146,14 @@ def prepare_inputs(limit):
 
 # ----------------------------------------------------------------------------- engines
 
-def run_vitrine(paths, batches, seconds, features_out):
+def run_vitrine(paths, batches, seconds, features_out, threads):
     cmd = ["cargo", "run", "--quiet", "--release", "--example", "encoder_bench", "--",
            "--model", MODEL_DIR, "--batches", ",".join(map(str, batches)),
            "--seconds", str(seconds)]
     if features_out:
         cmd += ["--features-out", features_out]
-    out = subprocess.run(cmd + paths, cwd=REPO, check=True, capture_output=True, text=True).stdout
+    env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    out = subprocess.run(cmd + paths, cwd=REPO, env=env, check=True, capture_output=True, text=True).stdout
     return {int(k): v for k, v in json.loads(out.strip().splitlines()[-1])["images_per_sec"].items()}
 
 
@@ -178,7 +180,9 @@ def main():
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--seconds", type=float, default=10.0, help="timing per engine, batch and round")
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; the best is kept")
-    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="onnxruntime intra-op threads")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("RAYON_NUM_THREADS") or os.cpu_count()),
+                    help="threads of each engine: onnxruntime's intra-op threads and vitrine's RAYON_NUM_THREADS "
+                         "(default: $RAYON_NUM_THREADS, else every CPU)")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     os.makedirs(WORK, exist_ok=True)
@@ -192,12 +196,12 @@ def main():
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
     print(f"{len(paths)} images 224x224; onnxruntime {ort.__version__}, {args.threads} intra-op threads; "
-          f"vitrine: candle CPU, rayon threads = {os.environ.get('RAYON_NUM_THREADS', os.cpu_count())}; "
+          f"vitrine: candle CPU, rayon threads = {args.threads}; "
           f"{os.cpu_count()} CPUs", flush=True)
 
     # Same network? Compare pooled features on identical inputs.
     feats_path = os.path.join(WORK, "encoder-vitrine-features.f32")
-    run_vitrine(paths, [1], 0.0, feats_path)
+    run_vitrine(paths, [1], 0.0, feats_path, args.threads)
     ours = np.fromfile(feats_path, dtype="<f4").reshape(len(paths), manifest["dim"])
     theirs = np.concatenate([session.run(["pooled"], {"x": inputs[i:i + 8]})[0] for i in range(0, len(inputs), 8)])
     cos = np.sum(ours * theirs, 1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(theirs, axis=1))
@@ -208,7 +212,7 @@ def main():
     for r in range(args.rounds):
         for engine in ("vitrine", "onnxruntime"):
             if engine == "vitrine":
-                rates = run_vitrine(paths, batches, args.seconds, None)
+                rates = run_vitrine(paths, batches, args.seconds, None, args.threads)
             else:
                 rates = run_ort(session, inputs, batches, args.seconds)
             for b, v in rates.items():
