@@ -9,7 +9,7 @@
 //! 1. vector upserts, one client, sequential: ack latency and upserts/s.
 //! 2. vector upserts, N concurrent clients (default 16): (a) paced at `--paced-rate` (default
 //!    5,000/s, the target's throughput) in total, open loop, latency from each request's
-//!    scheduled send; (b) closed loop for a fixed time, flat out: ack latency and total
+//!    scheduled send, the vectors drawn before the phase; (b) closed loop for a fixed time, flat out: ack latency and total
 //!    upserts/s, plus frames vs records in the log files left on disk. A burst beyond what
 //!    merges sustain meets the writer's backpressure in (b), and its p99 shows it.
 //! 3. image upserts of every bundled catalogue image under a new SKU: ack latency, and the
@@ -40,6 +40,7 @@
 //! Run: `cargo run --release --example live_bench -- [--quick] [--json]`
 //! (or `tools/live_bench.sh`). Absolute numbers on a shared 2-core machine are noisy.
 
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -412,14 +413,25 @@ async fn drive_upserts(
     secs: f64,
     rate: Option<f64>,
 ) -> anyhow::Result<Vec<Vec<(Duration, Duration)>>> {
+    let n = clients.len() as f64;
+    // A paced client's vectors are drawn before the phase starts, as in phase 4: drawing one
+    // (`--latent`: 1,328 Gaussians and a projection) on the runtime threads the in-process
+    // server shares took a third of their CPU at 5,000/s (`perf`), a cost real clients put on
+    // their own machines. The closed loop draws as it goes.
+    let ahead = rate.map_or(0, |r| (secs * r / n).ceil() as usize + 1);
+    let drawn: Vec<(Rng, VecDeque<Vec<f32>>)> = (0..clients.len())
+        .map(|ci| {
+            let mut rng = Rng(0xC0FFEE + ci as u64 + prefix.len() as u64 * 1000);
+            let drawn = (0..ahead).map(|_| rng.unit_vector(DIM)).collect();
+            (rng, drawn)
+        })
+        .collect();
     let started = tokio::time::Instant::now();
     let deadline = started + Duration::from_secs_f64(secs);
-    let n = clients.len() as f64;
     let mut tasks = Vec::new();
-    for (ci, cl) in clients.iter().enumerate() {
+    for ((ci, cl), (mut rng, mut drawn)) in clients.iter().enumerate().zip(drawn) {
         let (mut cl, v, prefix) = (cl.clone(), version.to_string(), prefix.to_string());
         tasks.push(tokio::spawn(async move {
-            let mut rng = Rng(0xC0FFEE + ci as u64 + prefix.len() as u64 * 1000);
             let mut lats = Vec::new();
             for i in 0usize.. {
                 let scheduled = match rate {
@@ -429,7 +441,8 @@ async fn drive_upserts(
                 if scheduled >= deadline {
                     break;
                 }
-                let req = vector_upsert(format!("{prefix}-{ci:02}-{i:07}"), &v, rng.unit_vector(DIM));
+                let values = drawn.pop_front().unwrap_or_else(|| rng.unit_vector(DIM));
+                let req = vector_upsert(format!("{prefix}-{ci:02}-{i:07}"), &v, values);
                 tokio::time::sleep_until(scheduled).await;
                 upsert(&mut cl, req).await?;
                 let now = tokio::time::Instant::now();
@@ -959,7 +972,7 @@ fn main() -> anyhow::Result<()> {
                 // threads the in-process server shares, a cost real clients put on their own
                 // machines (measured: 10% of the round's CPU). The closed loop draws as it goes.
                 let ahead = if rate > 0.0 { (rate / 4.0 * (plan.write_round_secs + 2.0)).ceil() as usize } else { 0 };
-                let mut drawn: std::collections::VecDeque<Vec<f32>> =
+                let mut drawn: VecDeque<Vec<f32>> =
                     (0..ahead).map(|_| rng.unit_vector(DIM)).collect();
                 writers.push(tokio::spawn(async move {
                     let mut lats = Vec::new();
