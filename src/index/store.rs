@@ -72,8 +72,12 @@ pub fn check_layout(root: &Path) -> Result<(), StoreError> {
         let path = entry.path();
         let has_data = match name.as_str() {
             "blobs" | "indexes" | "catalog" => fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()),
-            "wal" => fs::read_dir(&path)
-                .is_ok_and(|d| d.filter_map(Result::ok).any(|e| e.metadata().is_ok_and(|m| m.len() > 0))),
+            "wal" => fs::read_dir(&path).is_ok_and(|d| {
+                d.filter_map(Result::ok).any(|e| {
+                    !e.file_name().to_str().is_some_and(super::wal::is_spare_name)
+                        && e.metadata().is_ok_and(|m| m.len() > 0)
+                })
+            }),
             _ => false,
         };
         if has_data {

@@ -525,6 +525,11 @@ impl IndexWriter {
         }
         state.publish();
         state.plan_merges();
+        // A log file is rotated when the mutable segments fill (or at the checkpoint size):
+        // about `seal_items` records of every version's vector, for the log's spare files.
+        let per_item: u64 = state.versions.values().map(|vs| vs.dim as u64 * 4 + 128).sum();
+        let per_file = (state.cfg.seal_items as u64).saturating_mul(per_item);
+        shared.wal.expect_file_bytes(per_file.min(state.cfg.checkpoint_wal_bytes));
         let (narrow, wide) = (state.cfg.build_threads.max(1), state.cfg.burst_build_threads.max(1));
         let spawn_builder = |name: &str, work: BuildWork| {
             let thread_name = name.to_string();
@@ -1628,8 +1633,8 @@ impl State {
 
 /// A commit's durable tail, for the janitor thread, in this order: store the manifest (the
 /// commit), answer the checkpoint requests it completes, then delete what it made dead: log
-/// files detached from the log ([`Wal::detach_through`]) and data files (merged-away
-/// segments, replaced deletion files). Jobs run in the order the writer committed them, so
+/// files detached from the log ([`Wal::detach_through`], retired: some are kept to be reused,
+/// see [`Wal::retire`]) and data files (merged-away segments, replaced deletion files). Jobs run in the order the writer committed them, so
 /// manifests reach the disk in generation order.
 ///
 /// A manifest that cannot be stored poisons the writer (through `RefuseWrites`) and stops
@@ -1678,7 +1683,7 @@ impl Cleanup {
             for reply in self.waiters {
                 let _ = reply.send(Ok(self.generation));
             }
-            if let Err(e) = shared.wal.remove_detached(&self.wal) {
+            if let Err(e) = shared.wal.retire(&self.wal) {
                 tracing::warn!(
                     "cannot delete covered log files (the next start does): {}",
                     crate::report::Chain(&e)
