@@ -912,12 +912,14 @@ impl Wal {
     /// Returns the number of files taken off the disk's log.
     pub fn retire(&self, paths: &[PathBuf]) -> Result<usize, WalError> {
         let mut delete = Vec::new();
-        for (i, path) in paths.iter().enumerate() {
+        for path in paths {
             let kept = self.spare.thread.is_some() && {
                 let (lock, cv) = &*self.spare.slot;
                 let mut st = lock.lock();
                 st.pool.len() < SPARE_POOL && {
-                    let name = format!("wal-spare-{}-r{}-{i}.tmp", std::process::id(), self.frames_written());
+                    static RETIRED: AtomicU64 = AtomicU64::new(0);
+                    let n = RETIRED.fetch_add(1, Ordering::Relaxed);
+                    let name = format!("wal-spare-{}-r{n}.tmp", std::process::id());
                     let to = self.dir.join(name);
                     match fs::rename(path, &to) {
                         Ok(()) => {
