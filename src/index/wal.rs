@@ -304,9 +304,18 @@ impl Drop for Spare {
 
 /// Retired log files kept for reuse as spares at most; more are deleted.
 const SPARE_POOL: usize = 2;
-/// A spare is prepared once the current file holds this many bytes of frames: a log this
-/// busy will need another file (tiny logs, as in tests, never make one).
+/// A spare is prepared once the current file holds this many bytes of frames (or a quarter
+/// of what the caller expects a file to hold, if less): a log this busy will need another
+/// file (tiny logs, as in most tests, never make one).
 const SPARE_AFTER_BYTES: u64 = 2 * PREALLOC_BYTES;
+
+/// Frame bytes after which the current file asks for a spare ([`SPARE_AFTER_BYTES`]).
+fn spare_after(expected_file_bytes: u64) -> u64 {
+    match expected_file_bytes {
+        0 => SPARE_AFTER_BYTES,
+        e => (e / 4).clamp(64 << 10, SPARE_AFTER_BYTES),
+    }
+}
 
 /// The spare thread: prepares one file at a time when asked ([`Spare::request`]).
 fn spare_loop(dir: &Path, slot: &(Mutex<SpareSlot>, Condvar)) {
@@ -822,11 +831,12 @@ impl Wal {
             return Err((WalError::Write { path, offset, first_seq, last_seq, source }, poison));
         }
         self.disk_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
-        if log.bytes < SPARE_AFTER_BYTES && end >= SPARE_AFTER_BYTES {
+        let expected = self.expected_file_bytes.load(Ordering::Relaxed);
+        let after = spare_after(expected);
+        if log.bytes < after && end >= after {
             // A file this busy will be followed by another: prepare it, about as large as
             // the last one closed, or as the writer expects, or twice this one so far.
             let closed = self.last_closed_bytes.load(Ordering::Relaxed);
-            let expected = self.expected_file_bytes.load(Ordering::Relaxed);
             self.spare.request((closed + closed / 8).max(expected).max(2 * end));
         }
         log.allocated = allocated;
@@ -1255,7 +1265,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
         let (wal, _) = open(dir, 0);
-        wal.expect_file_bytes(3 * PREALLOC_BYTES);
+        wal.expect_file_bytes(12 * PREALLOC_BYTES);
         let rec = vec![5u8; 256 << 10];
         // Past SPARE_AFTER_BYTES of frames a spare is prepared: zeros, outside the log.
         let mut seq = 0;
@@ -1266,10 +1276,7 @@ mod tests {
         let spare = spare_files(dir);
         assert_eq!(spare.len(), 1, "{spare:?}");
         let spare_len = fs::metadata(&spare[0]).unwrap().len();
-        assert!(
-            spare_len >= 2 * SPARE_AFTER_BYTES && spare_len.is_multiple_of(PREALLOC_BYTES),
-            "{spare_len}"
-        );
+        assert_eq!(spare_len, 12 * PREALLOC_BYTES, "as large as the writer expects a file to get");
         assert!(fs::read(&spare[0]).unwrap().iter().all(|&b| b == 0));
         assert_eq!(names(dir), [file_name(1)], "a spare is not part of the log");
         // The first frame that would grow the file goes to the spare instead, renamed into the
@@ -1306,6 +1313,14 @@ mod tests {
         assert!(rep.records.iter().all(|(_, r)| *r == rec));
         assert!(spare_files(dir).is_empty());
         assert_eq!(wal.append(b"next").unwrap(), seq + 1);
+    }
+
+    #[test]
+    fn small_expected_files_ask_for_spares_sooner() {
+        assert_eq!(spare_after(0), SPARE_AFTER_BYTES);
+        assert_eq!(spare_after(64 << 20), SPARE_AFTER_BYTES);
+        assert_eq!(spare_after(1 << 20), 256 << 10);
+        assert_eq!(spare_after(1000), 64 << 10);
     }
 
     #[test]
