@@ -117,7 +117,13 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
         problems += skew(a, &data, &manifest, &records, n)?;
     }
     let wal_bytes: u64 = std::fs::read_dir(data.wal_dir())
-        .map(|rd| rd.filter_map(Result::ok).filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| !e.file_name().to_str().is_some_and(crate::index::wal::is_spare_name))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
         .unwrap_or(0);
     println!(
         "{}: manifest generation {}, {} segments, {} records, {} bytes of log after checkpoint {}: {}",
