@@ -9,9 +9,10 @@
 //! 1. vector upserts, one client, sequential: ack latency and upserts/s.
 //! 2. vector upserts, N concurrent clients (default 16): (a) paced at `--paced-rate` (default
 //!    5,000/s, the target's throughput) in total, open loop, latency from each request's
-//!    scheduled send, the vectors drawn before the phase; (b) closed loop for a fixed time, flat out: ack latency and total
-//!    upserts/s, plus frames vs records in the log files left on disk. A burst beyond what
-//!    merges sustain meets the writer's backpressure in (b), and its p99 shows it.
+//!    scheduled send, the vectors drawn before the phase; (b) closed loop for a fixed time,
+//!    flat out: ack latency and total upserts/s, plus frames vs records in the log files left
+//!    on disk. A burst beyond what merges sustain meets the writer's backpressure in (b), and
+//!    its p99 shows it.
 //! 3. image upserts of every bundled catalogue image under a new SKU: ack latency, and the
 //!    encoder's own time (preprocess + embed of that image, in-process, same run) next to it.
 //! 4. SearchByVector k=10 from one client: idle; idle with a nearly full mutable segment;

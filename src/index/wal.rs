@@ -261,12 +261,11 @@ impl Spare {
     }
 
     fn is_ready(&self) -> bool {
-        self.thread.is_some() && self.slot.0.lock().ready.is_some()
+        self.slot.0.lock().ready.is_some()
     }
 
     /// The prepared file, if one is ready (never waits).
     fn take(&self) -> Option<(PathBuf, File, u64)> {
-        self.thread.as_ref()?;
         self.slot.0.lock().ready.take()
     }
 
@@ -344,7 +343,6 @@ fn spare_loop(dir: &Path, slot: &(Mutex<SpareSlot>, Condvar)) {
             };
             let want = want.max(file.metadata()?.len());
             let mut w = io::BufWriter::with_capacity(1 << 20, crate::fsutil::Paced::new(&file));
-            static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
             let mut left = want;
             while left > 0 {
                 if lock.lock().stop {
@@ -358,8 +356,8 @@ fn spare_loop(dir: &Path, slot: &(Mutex<SpareSlot>, Condvar)) {
             drop(w);
             // Length and blocks committed, so that frames over them change no metadata.
             file.sync_all()?;
-            let len = file.metadata()?.len();
-            Ok::<(File, u64), io::Error>((file, len))
+            // Zeros from its start over at least its old length: `want` bytes long now.
+            Ok::<(File, u64), io::Error>((file, want))
         })();
         match made {
             Ok((file, len)) => lock.lock().ready = Some((path, file, len)),
@@ -396,9 +394,11 @@ fn sync_dir(dir: &Path) -> Result<(), WalError> {
     crate::fsutil::sync_dir(dir).map_err(io("fsync directory", dir))
 }
 
+/// What [`zero_fill`] and the spare thread write zeros from.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+
 /// Writes zeros over `from..to` of `file` (nothing when `to <= from`); not synced.
 fn zero_fill(file: &File, from: u64, to: u64) -> io::Result<()> {
-    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
     let mut at = from;
     while at < to {
         let n = (to - at).min(ZEROS.len() as u64);
@@ -747,12 +747,12 @@ impl Wal {
         // spare) is closed here instead when a spare is ready: its records are all synced,
         // and file boundaries need not match checkpoints (a file is dropped once one covers
         // all of its records).
-        let frame_len = HEADER_LEN as u64 + batch.iter().map(|p| p.body.len() as u64).sum::<u64>();
+        let body_len: usize = batch.iter().map(|p| p.body.len()).sum();
         let current = match current {
-            Some((file, log)) if log.bytes + frame_len > log.allocated && self.spare.is_ready() => {
-                drop(file);
-                self.last_closed_bytes.store(log.bytes, Ordering::Relaxed);
-                self.closed.lock().push_back(log);
+            Some((file, log))
+                if log.bytes + (HEADER_LEN + body_len) as u64 > log.allocated && self.spare.is_ready() =>
+            {
+                self.close_file(file, log);
                 None
             }
             other => other,
@@ -766,7 +766,7 @@ impl Wal {
                 let mut log = LogFile { path, last_seq: first_seq - 1, bytes: 0, allocated: 0 };
                 // A spare renamed into place (durable with the directory fsync after this
                 // frame, as a created file's name), else a new empty file.
-                let spare = self.spare.take().filter(|_| !log.path.exists());
+                let spare = if log.path.exists() { None } else { self.spare.take() };
                 let spare = spare.and_then(|(spare, file, len)| match fs::rename(&spare, &log.path) {
                     Ok(()) => Some((file, len)),
                     Err(e) => {
@@ -790,7 +790,6 @@ impl Wal {
                 (file, log)
             }
         };
-        let body_len: usize = batch.iter().map(|p| p.body.len()).sum();
         let mut buf = Vec::with_capacity(HEADER_LEN + body_len);
         buf.extend_from_slice(&MAGIC);
         buf.extend_from_slice(&(body_len as u32).to_le_bytes());
@@ -863,16 +862,21 @@ impl Wal {
             return Err(p.error());
         }
         let Some((file, log)) = st.current.take() else { return Ok(st.durable) };
-        // No IO here (this runs on the thread every acknowledgement waits for): the zeros
-        // written ahead stay in the closed file, whose every frame is already synced. Recovery
-        // reads them as that file's end because the next file's name continues its seqs (a
-        // lost frame would leave a gap it reports); the file is deleted after its checkpoint.
+        Ok(self.close_file(file, log))
+    }
+
+    /// Closes the current file (by [`rotate`](Self::rotate), or for a spare); returns its last
+    /// seq. No IO here (this runs on the thread every acknowledgement waits for): the zeros
+    /// written ahead stay in the closed file, whose every frame is already synced. Recovery
+    /// reads them as that file's end because the next file's name continues its seqs (a lost
+    /// frame would leave a gap it reports); the file is retired after its checkpoint.
+    fn close_file(&self, file: File, log: LogFile) -> u64 {
         drop(file);
         let last_seq = log.last_seq;
         // The next file will likely hold about as much (the size of its spare).
         self.last_closed_bytes.store(log.bytes, Ordering::Relaxed);
         self.closed.lock().push_back(log);
-        Ok(last_seq)
+        last_seq
     }
 
     /// Deletes every closed file all of whose records have seq <= `seq` (never the current

@@ -1634,8 +1634,9 @@ impl State {
 /// A commit's durable tail, for the janitor thread, in this order: store the manifest (the
 /// commit), answer the checkpoint requests it completes, then delete what it made dead: log
 /// files detached from the log ([`Wal::detach_through`], retired: some are kept to be reused,
-/// see [`Wal::retire`]) and data files (merged-away segments, replaced deletion files). Jobs run in the order the writer committed them, so
-/// manifests reach the disk in generation order.
+/// see [`Wal::retire`]) and data files (merged-away segments, replaced deletion files). Jobs
+/// run in the order the writer committed them, so manifests reach the disk in generation
+/// order.
 ///
 /// A manifest that cannot be stored poisons the writer (through `RefuseWrites`) and stops
 /// every later job's store and deletions: the disk keeps the last stored manifest and every
