@@ -116,6 +116,10 @@ struct Args {
     /// the server's own, half the cores).
     #[arg(long)]
     build_threads: Option<usize>,
+    /// Steps of `nice` the runtime's threads run below the searches (`vitrine serve
+    /// --io-nice`; 0: all at one priority, as before it existed).
+    #[arg(long, default_value_t = vitrine::server::priority::DEFAULT_IO_NICE)]
+    io_nice: i32,
     /// Diagnostic: write phase 2b's acknowledgements to this file (2a's to the same name with
     /// the extension `.paced`), one line each: seconds since the phase started when the ack
     /// arrived, then its latency in milliseconds.
@@ -666,7 +670,9 @@ fn main() -> anyhow::Result<()> {
     out.line(format!("0. fsync baseline (append 5 KiB + sync_data): {}", fsync.line()));
     report.insert("fsync_baseline".into(), fsync.json());
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // As `vitrine serve` runs: searches on the query pool, the runtime's threads (this bench's
+    // clients too, as if on other machines) below it.
+    let rt = vitrine::server::priority::runtime(args.io_nice)?;
     let server_dir = tmp.path().join("server");
     rt.block_on(async {
         let server = Server::start(&server_dir, Arc::clone(&models), &args).await?;

@@ -60,7 +60,7 @@ pub fn run(a: DemoArgs) -> anyhow::Result<ExitCode> {
     }
     let registry = a.models.registry()?;
     let config = crate::server::ServeConfig::new(&a.data_dir);
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = crate::server::priority::runtime(crate::server::priority::DEFAULT_IO_NICE)?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(a.listen)
             .await

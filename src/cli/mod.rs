@@ -214,6 +214,11 @@ pub struct ServeArgs {
     /// searches, 1024 writes).
     #[arg(long, default_value_t = AdmissionConfig::default().max_wait.as_millis() as u64)]
     pub admission_wait_ms: u64,
+    /// Steps of `nice` the threads that move requests and writes run below the searches
+    /// (Linux; 0 turns it off): a write burst then never time-slices a running search.
+    #[arg(long, value_name = "STEPS", default_value_t = server::priority::DEFAULT_IO_NICE,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub io_nice: i32,
     /// Seal the in-memory segment into an HNSW segment once it holds this many items.
     #[arg(long, default_value_t = crate::index::writer::DEFAULT_SEAL_ITEMS)]
     pub seal_items: usize,
@@ -434,7 +439,7 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .connections
         .validate()
         .map_err(|e| anyhow::anyhow!("--max-connections / --idle-timeout-secs: {e}"))?;
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = server::priority::runtime(a.io_nice)?;
     rt.block_on(async move {
         let listener = bind(&a.listen).await?;
         let metrics = match a.metrics_listen {

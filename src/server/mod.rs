@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod metrics;
 mod metrics_http;
 pub mod observe;
+pub mod priority;
 pub mod rollout;
 mod writes;
 
@@ -508,7 +509,8 @@ impl VisualSearch for VisualSearchService {
         self.state.check_servable(&version)?;
         let _permit = self.state.admission.admit(Work::Search).await?;
         let state = Arc::clone(&self.state);
-        let resp = blocking("search", move || state.search(&view, &req.vector, &o, None)).await??;
+        let resp =
+            priority::on_query_pool("search", move || state.search(&view, &req.vector, &o, None)).await??;
         let version = resp.model_version.clone();
         Ok(tag_response(resp, &version, None))
     }
@@ -536,7 +538,7 @@ impl VisualSearch for VisualSearchService {
                 Arc::clone(&o),
                 req.sku.clone(),
             );
-            blocking("search", move || {
+            priority::on_query_pool("search", move || {
                 if state.rollout.inject_fault(arm) {
                     return Err(ServiceError::Internal("injected canary fault".into()));
                 }
