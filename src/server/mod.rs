@@ -450,8 +450,9 @@ fn tag_error(e: ServiceError, route: &rollout::Route) -> Status {
     status
 }
 
-/// Runs CPU-bound or blocking work (a search, an embedding, file I/O) on the blocking pool,
-/// so it never holds up the runtime threads that move every other request's bytes. A task
+/// Runs CPU-bound or blocking work (an embedding and the search after it, file I/O) on the
+/// blocking pool, so it never holds up the runtime threads that move every other request's
+/// bytes. Vector and SKU searches run on the query pool instead ([`priority`]). A task
 /// that panics becomes `Internal("{what} task failed: ...")`.
 pub(super) async fn blocking<T: Send + 'static>(
     what: &'static str,
