@@ -1,6 +1,7 @@
-//! Queries first: searches run on the query pool at the process's own priority, while the
-//! gRPC runtime's threads (connections, request decoding, the write path) run a few steps of
-//! `nice` lower, so that a write burst never time-slices a search that is already running.
+//! Queries first: vector and SKU searches run on the query pool at the process's own
+//! priority, while the gRPC runtime's threads (connections, request decoding, the write path)
+//! run a few steps of `nice` lower, so that a search gets the larger share of a core they
+//! compete for.
 //!
 //! Why: on a machine whose cores are shared by both, each acknowledged write wakes several
 //! threads (a connection's runtime thread, the writer, the log's sync). `perf record -e
@@ -115,9 +116,11 @@ mod tests {
         let rt = runtime(3).unwrap();
         let (worker, blocking, nested, query) = rt.block_on(async {
             let worker = tokio::spawn(async { nice() }).await.unwrap();
-            let blocking = tokio::task::spawn_blocking(nice).await.unwrap();
-            // A thread started by a runtime thread (as the index writer is) inherits the
-            // lowered value and is not lowered again.
+            // The runtime's first blocking thread, started by a worker (already lowered): it
+            // inherits the lowered value, and its start hook must not lower it again.
+            let blocking =
+                tokio::spawn(async { tokio::task::spawn_blocking(nice).await.unwrap() }).await.unwrap();
+            // A plain thread started by a blocking thread (as the index writer is) inherits it.
             let nested =
                 tokio::task::spawn_blocking(|| std::thread::spawn(nice).join().unwrap()).await.unwrap();
             let query = on_query_pool("probe", nice).await.unwrap();
@@ -125,7 +128,7 @@ mod tests {
         });
         let lowered = (base + 3).min(19);
         assert_eq!(worker, lowered, "runtime worker");
-        assert_eq!(blocking, lowered, "blocking pool thread");
+        assert_eq!(blocking, lowered, "blocking pool thread started by a worker");
         assert_eq!(nested, lowered, "thread started by a blocking thread");
         assert_eq!(query, base, "query pool thread");
     }
