@@ -266,7 +266,133 @@ pub(super) fn build(
             Err(_) => insert_node(&graph, q as u32, &mut Scratch::default()),
         })
     });
+    let linked = connect_unreachable(&graph);
+    if linked > 0 {
+        tracing::debug!(linked, nodes = n, "linked nodes layer 0 could not reach from the entry point");
+    }
     graph.into_flat()
+}
+
+/// Makes every node reachable on layer 0 from the entry point, and returns how many needed
+/// a link. Parallel inserts can leave a node that no list points to (a full list drops its
+/// least similar link for a closer newcomer, a merge drops deleted nodes): no walk would ever
+/// find that item. Such a node is linked from the nearest node that can be reached (found by
+/// a layer-0 walk from the entry point, which only meets reachable nodes), into a free slot or
+/// in place of that node's least similar link to a node that keeps another link in; then
+/// everything the node itself links to counts as reached. A replaced link may have been all
+/// that reached a part of the graph, so the check repeats until nothing is missing (one pass
+/// over layer 0 when nothing was), at most [`REPAIR_ROUNDS`] times.
+fn connect_unreachable(g: &Graph<'_>) -> usize {
+    let mut linked = 0;
+    // A replaced link can cut off what only it reached: check again from scratch.
+    for _ in 0..REPAIR_ROUNDS {
+        match connect_round(g) {
+            0 => return linked,
+            k => linked += k,
+        }
+    }
+    tracing::warn!(linked, "layer 0 may still leave nodes unreachable after {REPAIR_ROUNDS} repair rounds");
+    linked
+}
+
+/// Passes of [`connect_unreachable`] at most (one when nothing is missing).
+const REPAIR_ROUNDS: usize = 8;
+
+/// One pass of [`connect_unreachable`]: how many nodes it linked.
+fn connect_round(g: &Graph<'_>) -> usize {
+    let n = g.levels.len();
+    let Some(entry) = *g.entry.lock() else {
+        return 0;
+    };
+    let mut reached = vec![false; n];
+    let mut stack = Vec::new();
+    let mut row = Vec::new();
+    let mut spread = |from: u32, reached: &mut [bool]| {
+        if std::mem::replace(&mut reached[from as usize], true) {
+            return;
+        }
+        stack.push(from);
+        while let Some(c) = stack.pop() {
+            g.read_row(c, 0, &mut row);
+            for &nb in &row {
+                if !std::mem::replace(&mut reached[nb as usize], true) {
+                    stack.push(nb);
+                }
+            }
+        }
+    };
+    spread(entry.node, &mut reached);
+    if reached.iter().all(|&r| r) {
+        return 0;
+    }
+    let mut in_degree = vec![0u32; n];
+    for slot in &g.layer0 {
+        let id = slot.load(Relaxed);
+        if id != NO_NEIGHBOUR {
+            in_degree[id as usize] += 1;
+        }
+    }
+    let mut s = Scratch::default();
+    let mut linked = 0;
+    for u in 0..n as u32 {
+        if reached[u as usize] {
+            continue;
+        }
+        nearest_on_layer0(g, u, entry.node, &mut s);
+        let spot = |found: &[(f32, u32)]| {
+            found.iter().find_map(|&(score, v)| Some((score, v, free_or_spare_slot(g, v, &in_degree)?)))
+        };
+        let mut found = spot(&s.found);
+        if found.is_none() {
+            // Every near node's list is full of sole links: try all reached nodes, nearest first.
+            let uv = g.vec(u);
+            s.found.clear();
+            s.found.extend((0..n as u32).filter(|&v| reached[v as usize]).map(|v| (dot(uv, g.vec(v)), v)));
+            s.found.sort_unstable_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
+            found = spot(&s.found);
+        }
+        let Some((score, v, slot)) = found else {
+            continue;
+        };
+        let (ids, scores) = g.slots(v, 0);
+        let old = ids[slot].swap(u, Relaxed);
+        scores[slot].store(score.to_bits(), Relaxed);
+        if old != NO_NEIGHBOUR {
+            in_degree[old as usize] -= 1;
+        }
+        in_degree[u as usize] += 1;
+        linked += 1;
+        spread(u, &mut reached);
+    }
+    linked
+}
+
+/// A slot of `v`'s layer-0 list to link a new node into: a free one, else the least similar
+/// link to a node that other links also point to.
+fn free_or_spare_slot(g: &Graph<'_>, v: u32, in_degree: &[u32]) -> Option<usize> {
+    let (ids, scores) = g.slots(v, 0);
+    let mut spare: Option<(f32, usize)> = None;
+    for (i, (slot, score)) in ids.iter().zip(scores).enumerate() {
+        let id = slot.load(Relaxed);
+        if id == NO_NEIGHBOUR {
+            return Some(i);
+        }
+        let score = f32::from_bits(score.load(Relaxed));
+        if in_degree[id as usize] >= 2 && spare.is_none_or(|(best, _)| score < best) {
+            spare = Some((score, i));
+        }
+    }
+    spare.map(|(_, i)| i)
+}
+
+/// `u`'s nearest nodes by a layer-0 walk from `from`, best first, in `s.found`.
+#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+fn nearest_on_layer0(g: &Graph<'_>, u: u32, from: u32, s: &mut Scratch) {
+    let mut qw = std::mem::take(&mut s.qw);
+    let wq = g.wide_query(u, &mut qw);
+    let start = (from, wq.score(g.code(from)));
+    search_layer(g, wq, u, start, 0, s);
+    s.qw = qw;
 }
 
 #[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
@@ -531,4 +657,50 @@ fn select_dispatched(
     h: &mut Heuristic,
 ) {
     select(g, cands, cap, out, h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::format::quantise;
+    use crate::segment::synth::Structured;
+
+    /// Nodes layer 0 reaches from the entry point.
+    fn reachable(flat: &FlatGraph, m: usize) -> usize {
+        let n = flat.levels.len();
+        let mut seen = vec![false; n];
+        let mut stack = vec![flat.entry_point];
+        seen[flat.entry_point as usize] = true;
+        while let Some(c) = stack.pop() {
+            let row = &flat.layer0[c as usize * 2 * m..(c as usize + 1) * 2 * m];
+            for &nb in row.iter().take_while(|&&x| x != NO_NEIGHBOUR) {
+                if !std::mem::replace(&mut seen[nb as usize], true) {
+                    stack.push(nb);
+                }
+            }
+        }
+        seen.iter().filter(|&&s| s).count()
+    }
+
+    /// Tiny, clustered graphs with short lists, built in parallel, where a full list dropping
+    /// its least similar link often orphans a node (without the repair pass the first build
+    /// here already leaves some unreachable): every node must be reachable, whatever order the
+    /// inserts ran in.
+    #[test]
+    fn every_node_is_reachable_from_the_entry_point() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(4).build().unwrap();
+        let m = 2;
+        for seed in 0..300u64 {
+            let n = 20 + (seed as usize % 60);
+            let shape = Structured { dim: 8, latent: 2, noise: 0.05, seed };
+            let mut rows = shape.rows(0, n);
+            for r in rows.chunks_exact_mut(8) {
+                let norm = r.iter().map(|x| x * x).sum::<f32>().sqrt();
+                r.iter_mut().for_each(|x| *x /= norm);
+            }
+            let (codes, scales) = quantise(8, &rows);
+            let flat = pool.install(|| build(8, m, 8, &rows, (&codes, &scales), None));
+            assert_eq!(reachable(&flat, m), n, "seed {seed}, {n} nodes");
+        }
+    }
 }
