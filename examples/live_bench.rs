@@ -546,7 +546,12 @@ fn scan_log(wal_dir: &Path, after: u64) -> anyhow::Result<LogScan> {
     const HEADER: usize = 24;
     let mut scan = LogScan::default();
     for entry in std::fs::read_dir(wal_dir)? {
-        let data = std::fs::read(entry?.path())?;
+        // The server keeps writing while this reads: a spare renamed into the log, or a
+        // retired file, can go between the listing and the read.
+        let data = match std::fs::read(entry?.path()) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            read => read?,
+        };
         scan.bytes += data.len() as u64;
         let mut off = 0;
         while off + HEADER <= data.len() && &data[off..off + 4] == b"VWAL" {
