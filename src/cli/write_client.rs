@@ -126,7 +126,11 @@ pub fn run_delete(a: DeleteArgs) -> anyhow::Result<ExitCode> {
         let conn = a.server.client.connect(&a.server.addr).await?;
         conn.call(conn.search().delete(proto::DeleteRequest { skus: a.sku.clone() })).await
     })?;
-    println!("deleted {}: {}", r.deleted.len(), r.deleted.join(" "));
+    if r.deleted.is_empty() {
+        println!("deleted 0");
+    } else {
+        println!("deleted {}: {}", r.deleted.len(), r.deleted.join(" "));
+    }
     if !r.missing.is_empty() {
         println!("missing {}: {}", r.missing.len(), r.missing.join(" "));
     }

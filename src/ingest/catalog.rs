@@ -4,8 +4,10 @@
 //! JSONL: one object per line, `{"sku": "A-1", "image": "img/a1.jpg", "attrs": {"title": "Mug", "price": 9.5}}`;
 //! `attrs` is optional and holds strings, numbers, booleans, or arrays of those
 //! (`"tags": ["eco", "sale"]`); blank lines and lines starting with `#` are skipped. CSV: a
-//! header row with `sku` and `image` columns; every other column becomes a string attribute
-//! (empty cells are left out). A quoted cell may span lines; a quote that is never closed (or
+//! header row with `sku` and `image` columns; every other column becomes an attribute (empty
+//! cells are left out): a number when the cell is a JSON number that a number holds exactly
+//! (`csv_cell`: `12`, `-3.5`, `2e3`; so that `price<20` filters work on a CSV catalogue), else
+//! a string (`0042`, `+5`, ` 7`, `12 kg`, `NaN`, digits beyond 64 bits). A quoted cell may span lines; a quote that is never closed (or
 //! that swallows what are rows of their own) rejects its own line only, see
 //! [`MAX_RECORD_LINES`]. Image paths are relative to the catalogue file's folder unless
 //! absolute. A CSV `attrs` column, if present, holds a JSON object like JSONL's `attrs`.
@@ -666,7 +668,7 @@ impl CsvSource {
     }
 
     fn raw_row(&self, line_no: usize, rec: &csv::StringRecord) -> RawRow {
-        // An `attrs` column holds a JSON object, as in JSONL; other columns are strings.
+        // An `attrs` column holds a JSON object, as in JSONL; other columns are numbers or strings.
         let mut attrs = match self.attrs_col.map(|i| &rec[i]).filter(|v| !v.trim().is_empty()) {
             None => Attrs::new(),
             Some(cell) => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(cell)
@@ -676,12 +678,28 @@ impl CsvSource {
         };
         for (i, value) in rec.iter().enumerate() {
             if i != self.sku_col && i != self.image_col && Some(i) != self.attrs_col && !value.is_empty() {
-                attrs
-                    .insert(self.headers[i].trim().to_string(), serde_json::Value::String(value.to_string()));
+                attrs.insert(self.headers[i].trim().to_string(), csv_cell(value));
             }
         }
         Ok((line_no, rec[self.sku_col].trim().to_string(), rec[self.image_col].trim().to_string(), attrs))
     }
+}
+
+/// The attribute value of a CSV cell: a number when the cell is, as written, a JSON number
+/// that a number holds without loss (an integer within 64 bits, or a decimal whose `f64` is
+/// finite), else the cell as a string. Leading zeros, signs other than `-`, whitespace and
+/// units keep a cell a string, so codes like `0042` stay as written.
+fn csv_cell(cell: &str) -> serde_json::Value {
+    let plain = cell.starts_with(|c: char| c == '-' || c.is_ascii_digit())
+        && cell.ends_with(|c: char| c.is_ascii_digit());
+    if plain && let Ok(n) = serde_json::from_str::<serde_json::Number>(cell) {
+        let integer = !cell.contains(['.', 'e', 'E']);
+        let exact = if integer { n.is_i64() || n.is_u64() } else { n.as_f64().is_some_and(f64::is_finite) };
+        if exact {
+            return serde_json::Value::Number(n);
+        }
+    }
+    serde_json::Value::String(cell.to_string())
 }
 
 /// Joins the physical lines of the next record: one line, or more while a quoted cell is
@@ -855,6 +873,47 @@ mod tests {
         assert_eq!(p.rows[1].line, 3);
         assert_eq!(p.rejected.len(), 1);
         assert_eq!(p.rejected[0].line, 4);
+    }
+
+    #[test]
+    fn csv_numbers_become_numbers_and_codes_stay_strings() {
+        use serde_json::json;
+        for (cell, want) in [
+            ("12", json!(12)),
+            ("-3.5", json!(-3.5)),
+            ("3.50", json!(3.5)),
+            ("2e3", json!(2000.0)),
+            ("0", json!(0)),
+            ("18446744073709551615", json!(18446744073709551615u64)),
+            ("-9223372036854775808", json!(-9223372036854775808i64)),
+        ] {
+            assert_eq!(csv_cell(cell), want, "{cell}");
+        }
+        for cell in [
+            "0042",
+            "+5",
+            " 7",
+            "7 ",
+            "12 kg",
+            "NaN",
+            "inf",
+            "1e999",
+            "-",
+            "1.",
+            ".5",
+            "0x10",
+            "1_000",
+            "18446744073709551616",
+            "99999999999999999999999",
+        ] {
+            assert_eq!(csv_cell(cell), json!(cell), "{cell}");
+        }
+        let p = parse_text("cat.csv", "sku,image,price,ean\nA,a.png,9.99,0042\nB,b.png,25,4006381333931\n");
+        assert_eq!(p.rows[0].attrs["price"], json!(9.99));
+        assert_eq!(p.rows[0].attrs["ean"], json!("0042"));
+        assert_eq!(p.rows[1].attrs["price"], json!(25));
+        let cheap = crate::index::filter::Filter::parse(["price<20"]).unwrap();
+        assert!(cheap.matches(&p.rows[0].attrs) && !cheap.matches(&p.rows[1].attrs));
     }
 
     #[test]

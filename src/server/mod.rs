@@ -323,7 +323,17 @@ fn sku_list(raw: &[String]) -> Result<Vec<SkuId>, ServiceError> {
             raw.len()
         )));
     }
-    raw.iter().map(|s| request_sku(s)).collect()
+    let mut seen = std::collections::HashSet::with_capacity(raw.len());
+    let mut out = Vec::with_capacity(raw.len());
+    for s in raw {
+        let sku = request_sku(s)?;
+        // A SKU named twice is answered once: a second delete of it in the same request
+        // would otherwise report it both deleted and missing.
+        if seen.insert(sku.clone()) {
+            out.push(sku);
+        }
+    }
+    Ok(out)
 }
 
 impl ServerState {

@@ -72,3 +72,15 @@ fn bad_settings_stop_serve_naming_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("--data-dir"), "{}", text(&out.stderr));
 }
+
+#[test]
+fn search_k_out_of_range_is_a_usage_error() {
+    for k in ["0", "1001"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vitrine"))
+            .args(["search", "--addr", "127.0.0.1:9", "--sku", "X", "-k", k])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "-k {k}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains("1..=1000"), "-k {k}: {}", text(&out.stderr));
+    }
+}
