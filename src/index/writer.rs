@@ -388,7 +388,21 @@ struct State {
     poisoned: Option<String>,
     /// Directories of dropped versions, removed once no seal or merge is under way.
     dropped_dirs: Vec<PathBuf>,
+    /// What this thread let go of (replaced live sets, sealed-away mutable segments, merged-away
+    /// segments), handed to the janitor with its next job to be dropped there; see [`Garbage`].
+    retired: Vec<Garbage>,
 }
+
+/// Something the writer thread must not drop itself: the last reference to a segment frees
+/// tens to hundreds of MiB (a frozen mutable segment's vectors, a sealed segment's mapping),
+/// and the `munmap` of that much memory takes milliseconds on this thread, every
+/// acknowledgement waiting, and holds the process's memory-map lock meanwhile (measured here:
+/// a 512 MiB `munmap` took 30-35 ms and held another thread's small `mmap` for as long). The
+/// janitor drops it instead (or a search still holding it, when that finishes).
+type Garbage = Box<dyn std::any::Any + Send>;
+
+/// The most [`Garbage`] the writer keeps before handing it to the janitor on its own.
+const MAX_RETIRED: usize = 8;
 
 impl IndexWriter {
     /// Opens `root` (creating it) as its one writer; see the module docs.
@@ -513,6 +527,7 @@ impl IndexWriter {
             merging: HashSet::new(),
             checkpoint_waiters: vec![],
             dropped_dirs: vec![],
+            retired: vec![],
             poisoned: report.read_only_reason(),
         };
         report.replayed = replayed.records.len();
@@ -1334,8 +1349,9 @@ impl State {
         Ok(self.manifest.generation)
     }
 
-    /// Publishes the current segments to searches.
-    fn publish(&self) {
+    /// Publishes the current segments to searches. The replaced live set is retired (dropped
+    /// by the janitor, see [`Garbage`]).
+    fn publish(&mut self) {
         let versions = self
             .versions
             .iter()
@@ -1351,12 +1367,22 @@ impl State {
                 (v.clone(), Arc::new(live))
             })
             .collect();
-        self.shared.live.store(Arc::new(LiveSet {
+        let old = self.shared.live.swap(Arc::new(LiveSet {
             generation: self.manifest.generation,
             serving: self.manifest.serving_model.clone(),
             rollout: self.manifest.rollout.clone(),
             versions,
         }));
+        self.retire(Box::new(old));
+    }
+
+    /// Keeps `garbage` for the janitor's next job ([`Garbage`]), handing it over at once when
+    /// much has gathered.
+    fn retire(&mut self, garbage: Garbage) {
+        self.retired.push(garbage);
+        if self.retired.len() >= MAX_RETIRED {
+            self.clean_up(Cleanup::default());
+        }
     }
 
     /// Writes a new deletion file for every sealed segment whose deletions changed since the
@@ -1479,6 +1505,9 @@ impl State {
             }
         }
         self.publish();
+        // The frozen segments' last references (besides searches) are `built`'s and the
+        // replaced live set's: both dropped by the janitor.
+        self.retire(Box::new(built));
         // Searches see the new segments now; the items were searchable before too (frozen),
         // so nothing waits for the manifest to be durable but the log's truncation, and the
         // manifest store (1 to 8 ms of fsyncs), deleting the covered log files and the
@@ -1526,18 +1555,29 @@ impl State {
         for s in &r.inputs {
             self.merging.remove(&s.id);
         }
-        if let Err(e) = self.try_commit_merge(&r) {
-            // A merge that fails changes nothing: the inputs stay live.
-            tracing::error!(version = %r.version, "merge failed, keeping its input segments: {}", crate::report::Chain(&e));
-            if let Ok(Some(file)) = &r.built {
-                let _ = self.shared.data.remove_file(&self.shared.data.segment_path(&r.version, file.id));
+        match self.try_commit_merge(&r) {
+            Err(e) => {
+                // A merge that fails changes nothing: the inputs stay live.
+                tracing::error!(version = %r.version, "merge failed, keeping its input segments: {}", crate::report::Chain(&e));
+                if let Ok(Some(file)) = &r.built {
+                    let _ = self.shared.data.remove_file(&self.shared.data.segment_path(&r.version, file.id));
+                }
             }
-            return;
+            Ok(job) => {
+                // The inputs' last references (besides searches) are `r`'s and the replaced
+                // live set's: both go to the janitor with the job.
+                self.retire(Box::new(r));
+                if let Some(job) = job {
+                    self.clean_up(job);
+                }
+                self.plan_merges();
+            }
         }
-        self.plan_merges();
     }
 
-    fn try_commit_merge(&mut self, r: &MergeResult) -> Result<(), WriterError> {
+    /// Commits a merge in memory and publishes it; returns the janitor's job (none when the
+    /// version was dropped meanwhile).
+    fn try_commit_merge(&mut self, r: &MergeResult) -> Result<Option<Cleanup>, WriterError> {
         if let Some(reason) = &self.poisoned {
             return Err(WriterError::Poisoned { reason: reason.clone() });
         }
@@ -1545,7 +1585,8 @@ impl State {
             Ok(b) => b,
             Err(e) => return Err(WriterError::Poisoned { reason: crate::report::chain(e) }),
         };
-        let data = &self.shared.data;
+        let shared = Arc::clone(&self.shared);
+        let data = &shared.data;
         let v = &r.version;
         let input_ids: Vec<SegmentId> = r.inputs.iter().map(|s| s.id).collect();
         let mut next = self.manifest.clone();
@@ -1564,7 +1605,7 @@ impl State {
             if let Some(file) = built {
                 data.remove_file(&data.segment_path(v, file.id))?;
             }
-            return Ok(());
+            return Ok(None);
         };
         let at = ix.segments.iter().position(|e| input_ids.contains(&e.id)).unwrap_or(ix.segments.len());
         let removed: Vec<SegmentEntry> =
@@ -1592,8 +1633,7 @@ impl State {
                 files.push(data.deletes_path(v, e.id, d.generation));
             }
         }
-        self.clean_up(Cleanup::after(next, Vec::new(), files));
-        Ok(())
+        Ok(Some(Cleanup::after(next, Vec::new(), files)))
     }
 
     /// Removes the directories of dropped versions once no seal or merge is under way (either
@@ -1612,7 +1652,8 @@ impl State {
     }
 
     /// Hands a job to the janitor thread; if it is gone, does it here.
-    fn clean_up(&mut self, job: Cleanup) {
+    fn clean_up(&mut self, mut job: Cleanup) {
+        job.garbage.append(&mut self.retired);
         if let Err(job) = self.cleanup.send(job) {
             let mut failed = None;
             job.0.run(&self.shared, &mut failed);
@@ -1654,6 +1695,8 @@ struct Cleanup {
     files: Vec<PathBuf>,
     /// Told when this job (and so every earlier one) is done.
     done: Option<Sender<()>>,
+    /// Dropped here, off the writer thread ([`Garbage`]).
+    garbage: Vec<Garbage>,
 }
 
 impl Cleanup {
@@ -1699,6 +1742,7 @@ impl Cleanup {
                 }
             }
         }
+        drop(self.garbage);
         if let Some(done) = self.done {
             let _ = done.send(());
         }
