@@ -102,6 +102,22 @@ pub struct MutableSegment {
     inner: RwLock<Inner>,
 }
 
+/// Tests only: the dimension of each frozen segment dropped and the name of the thread that
+/// dropped it (the writer thread must never be one, see `writer::Garbage`).
+#[cfg(test)]
+pub(crate) static FROZEN_DROPPED_ON: parking_lot::Mutex<Vec<(usize, String)>> =
+    parking_lot::Mutex::new(Vec::new());
+
+#[cfg(test)]
+impl Drop for MutableSegment {
+    fn drop(&mut self) {
+        if self.inner.get_mut().frozen {
+            let name = std::thread::current().name().unwrap_or("unnamed").to_string();
+            FROZEN_DROPPED_ON.lock().push((self.dim, name));
+        }
+    }
+}
+
 /// A consistent copy of a segment's live items, for sealing.
 #[derive(Debug, Default)]
 pub struct LiveItems {

@@ -1917,6 +1917,52 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// Sealed-away frozen segments are freed off the writer thread (`Garbage`): their last
+    /// drop, a munmap of the vectors, would hold up every acknowledgement.
+    #[test]
+    fn the_writer_thread_never_frees_a_frozen_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let version = ModelVersion::new("test-v1").unwrap();
+        // A dimension no other test uses: drops are recorded process-wide.
+        let dim = 13;
+        let cfg = WriterConfig {
+            seal_items: 16,
+            default_model: Some(ModelSpec { version: version.clone(), dim, weights_sha256: "0".repeat(64) }),
+            ..WriterConfig::default()
+        };
+        let writer = IndexWriter::open(dir.path(), cfg).unwrap();
+        for batch in 0..12 {
+            let ops = (0..10)
+                .map(|i| {
+                    let mut v = vec![0.1f32; dim];
+                    v[(batch + i) % dim] = 1.0 + i as f32;
+                    WriteOp::Upsert(Upsert {
+                        sku: SkuId::new(format!("G-{batch}-{i}")).unwrap(),
+                        attrs: None,
+                        image_sha256: None,
+                        vectors: vec![(version.clone(), v)],
+                    })
+                })
+                .collect();
+            writer.write_blocking(ops).unwrap();
+        }
+        // Every seal so far committed and its manifest stored (the janitor then drops).
+        writer.checkpoint_blocking().unwrap();
+        writer.checkpoint_blocking().unwrap();
+        let dropped_on: Vec<String> = super::super::mutable::FROZEN_DROPPED_ON
+            .lock()
+            .iter()
+            .filter(|(d, _)| *d == dim)
+            .map(|(_, t)| t.clone())
+            .collect();
+        assert!(dropped_on.len() >= 5, "seals freed their frozen segments: {dropped_on:?}");
+        assert!(
+            !dropped_on.iter().any(|t| t == "vitrine-writer"),
+            "frozen segments dropped on: {dropped_on:?}"
+        );
+        writer.close();
+    }
+
     #[test]
     fn writes_slow_down_before_they_stop() {
         let cfg = WriterConfig { slowdown_pending_seals: 6, max_pending_seals: 8, ..WriterConfig::default() };
