@@ -21,8 +21,8 @@ pub struct SearchArgs {
     /// "More like this": search with a catalogue item's stored embedding.
     #[arg(long)]
     pub sku: Option<String>,
-    /// Number of hits, 1 to 1000.
-    #[arg(short, long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    /// Number of hits, 1 to 1000 (the server's limit, `server::MAX_K`).
+    #[arg(short, long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::server::MAX_K)))]
     pub k: u32,
     /// HNSW beam width (0: the server's default).
     #[arg(long, default_value_t = 0)]

@@ -7,8 +7,9 @@
 //! header row with `sku` and `image` columns; every other column becomes an attribute (empty
 //! cells are left out): a number when the cell is a JSON number that a number holds exactly
 //! (`csv_cell`: `12`, `-3.5`, `2e3`; so that `price<20` filters work on a CSV catalogue), else
-//! a string (`0042`, `+5`, ` 7`, `12 kg`, `NaN`, digits beyond 64 bits). A quoted cell may span lines; a quote that is never closed (or
-//! that swallows what are rows of their own) rejects its own line only, see
+//! a string (`0042`, `+5`, ` 7`, `12 kg`, `NaN`, digits beyond 64 bits). A quoted cell may
+//! span lines; a quote that is never closed (or that swallows what are rows of their own)
+//! rejects its own line only, see
 //! [`MAX_RECORD_LINES`]. Image paths are relative to the catalogue file's folder unless
 //! absolute. A CSV `attrs` column, if present, holds a JSON object like JSONL's `attrs`.
 //!
