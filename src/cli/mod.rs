@@ -211,7 +211,8 @@ pub struct ServeArgs {
     pub max_concurrent_writes: usize,
     /// Longest a request waits for a slot of its kind before it is shed with
     /// RESOURCE_EXHAUSTED (queues are bounded too: as many embeds as run at once, 64
-    /// searches, 1024 writes).
+    /// searches, 1024 writes; and a query is shed at once when it would wait longer than
+    /// about one mean service time of its kind, or 1 ms if that is longer).
     #[arg(long, default_value_t = AdmissionConfig::default().max_wait.as_millis() as u64)]
     pub admission_wait_ms: u64,
     /// Steps of `nice` the threads that move requests and writes run below the searches

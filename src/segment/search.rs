@@ -172,15 +172,40 @@ impl Segment {
             if view.codes.is_empty() {
                 return Ok(results.sorted_hits(k));
             }
-            // The walk ranked by int8 scores: rescore its `ef` best with the exact vectors.
-            let mut hits = results.sorted_hits(ef);
-            for h in &mut hits {
-                h.score = self.rescore_row(h.idx, row).map_or(f32::NEG_INFINITY, |v| dot(query, v));
-            }
-            hits.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.idx.cmp(&b.idx)));
-            hits.truncate(k);
-            Ok(hits)
+            // The walk ranked by int8 scores: rescore its best with the exact vectors.
+            let hits = results.sorted_hits(ef);
+            let bound = code_error_bound(query, view.scales, factor);
+            Ok(self.rescore(hits, query, k, Some(bound), row))
         })
+    }
+
+    /// The exact top `k` of a walk's candidates (`hits`, best int8 score first): their exact
+    /// scores from the f32 rows. With `bound` (the int8 scores' error bound), only the
+    /// candidates within `2 * bound` of the k-th best int8 score are read (the others cannot
+    /// be in the top `k`, [`flat_scan`]'s argument): the same result, from a handful of rows
+    /// instead of `ef` (each a `pread` in a large segment).
+    fn rescore(
+        &self,
+        mut hits: Vec<Hit>,
+        query: &[f32],
+        k: usize,
+        bound: Option<f32>,
+        row: &mut Vec<f32>,
+    ) -> Vec<Hit> {
+        if let Some(b) = bound
+            && hits.len() > k
+            && k > 0
+        {
+            let kth = hits[k - 1].score;
+            let floor = kth - 2.0 * b - 1e-5 * (1.0 + kth.abs());
+            hits.truncate(hits.partition_point(|h| h.score >= floor));
+        }
+        for h in &mut hits {
+            h.score = self.rescore_row(h.idx, row).map_or(f32::NEG_INFINITY, |v| dot(query, v));
+        }
+        hits.sort_unstable_by(|a, b| b.score.total_cmp(&a.score).then(a.idx.cmp(&b.idx)));
+        hits.truncate(k);
+        hits
     }
 
     /// Exact top-`k` by cosine similarity over every item (same ordering and filter rules as
@@ -398,8 +423,7 @@ fn flat_scan(
 ) {
     let dim = view.dim;
     let factor = quantise_scaled(q, view.scales, wide);
-    let half_steps: f32 = q.iter().zip(view.scales).map(|(x, s)| x.abs() * s).sum::<f32>() * 0.5;
-    let bound = half_steps + 0.5 * factor * 127.0 * dim as f32;
+    let bound = code_error_bound(q, view.scales, factor);
     approx_scores(view, wide, factor, filter, approx);
     lows.clear();
     lows.extend(approx.iter().copied().filter(|a| a.is_finite()));
@@ -416,6 +440,14 @@ fn flat_scan(
             out.offer(dot(q, &view.vectors[at..at + dim]), i as u32, k);
         }
     }
+}
+
+/// How far an item's int8 score (its codes against the query quantised by
+/// [`quantise_scaled`] with `factor`) can be from its exact score: each code is off by at most
+/// half its dimension's scale, each query component by half the query's factor.
+fn code_error_bound(q: &[f32], scales: &[f32], factor: f32) -> f32 {
+    let half_steps: f32 = q.iter().zip(scales).map(|(x, s)| x.abs() * s).sum::<f32>() * 0.5;
+    half_steps + 0.5 * factor * 127.0 * q.len() as f32
 }
 
 /// Pass 1 of [`flat_scan`]: the int8 score of every item, `-inf` for those `filter` drops.
@@ -510,6 +542,42 @@ mod tests {
                         let want = seg.brute_force(q, k, filter).unwrap();
                         let got = seg.search(q, k, ef, filter).unwrap();
                         assert_eq!(got, want, "dim {dim}, query {qi}, k {k}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The walk rescores only the candidates whose int8 score is within twice the error bound
+    /// of the k-th best: the answer must be the one rescoring all `ef` candidates gives, which
+    /// is the walk's answer for `k = ef` cut to `k` (the walk itself depends on `ef` only).
+    #[test]
+    fn bounded_rescoring_equals_rescoring_every_candidate() {
+        let dir = tempfile::tempdir().unwrap();
+        for (dim, n, latent, noise) in [(256usize, 3000usize, 16usize, 0.05f64), (1280, 1500, 48, 0.3)] {
+            let path = dir.path().join(format!("walk{dim}.vseg"));
+            let shape = Structured { dim, latent, noise, seed: 7 + dim as u64 };
+            let mut rows = shape.rows(0, n);
+            // Near-duplicates: rows whose int8 and exact orders differ.
+            for i in 1..40 {
+                let (a, b) = rows.split_at_mut(i * dim);
+                for (x, y) in b[..dim].iter_mut().zip(&a[..dim]) {
+                    *x = y + 1e-4 * ((i * 31 % 7) as f32 - 3.0);
+                }
+            }
+            let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("w{i}")).unwrap()).collect();
+            write_segment(&path, dim, &rows, &skus, &HnswParams { m: 8, ef_construction: 64 }).unwrap();
+            let seg = Segment::open(&path).unwrap();
+            let queries = shape.rows(90_000, 40);
+            for (qi, q) in
+                queries.chunks_exact(dim).chain([&rows[..dim], &rows[5 * dim..6 * dim]]).enumerate()
+            {
+                for ef in [16usize, 64, 200] {
+                    let all = seg.search_as(q, ef, ef, None, SearchPlan::Graph).unwrap();
+                    for k in [1usize, 3, 10, 15] {
+                        let got = seg.search_as(q, k, ef, None, SearchPlan::Graph).unwrap();
+                        let want: Vec<Hit> = all.iter().copied().take(k).collect();
+                        assert_eq!(got, want, "dim {dim}, query {qi}, ef {ef}, k {k}");
                     }
                 }
             }

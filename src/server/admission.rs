@@ -3,10 +3,17 @@
 //! at once with `RESOURCE_EXHAUSTED` (and counted) instead of queueing without limit, so a
 //! spike costs the requests that cannot be served in time, not the server's memory or the
 //! latency of those it admits.
+//!
+//! Queries (embeddings and searches) are also held to an expected wait: each gate keeps a
+//! moving average of how long its slots are held, and a query that would wait longer than
+//! about one such service time ([`may_queue`]) is shed at once. So an admitted query's
+//! latency stays near twice its service time however long the queue could be, whether a
+//! search takes 30 µs (a small catalogue: dozens may wait) or 3 ms (a large one: one per
+//! slot).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -24,6 +31,13 @@ pub enum Work {
 }
 
 impl Work {
+    /// Whether requests of this kind are held to an expected wait ([`may_queue`]): queries are;
+    /// writes are not (the writer batches concurrent writes into one log sync, so a write's
+    /// service time says little about the wait, and a shed write costs its client a retry).
+    fn paced(self) -> bool {
+        matches!(self, Work::Embed | Work::Search)
+    }
+
     fn name(self) -> &'static str {
         match self {
             Work::Embed => "image embedding",
@@ -56,7 +70,8 @@ impl Default for AdmissionConfig {
     /// Embeds: 1 at once (one embedding already uses every core; two at once only take
     /// turns on them), 1 waiting. Searches: one per core, 64 waiting. Writes: 64 at once (the
     /// writer batches them into one fsync), 1024 waiting. A queued request waits at most
-    /// 50 ms. The embed queue is as deep as the slots: an admitted image query waits at most
+    /// 50 ms, and a query (embed or search) waits only while its expected wait is within one
+    /// mean service time ([`may_queue`]). The embed queue is as deep as the slots: an admitted image query waits at most
     /// about one embedding before it runs, which keeps its p99 under twice the unloaded one
     /// however large the spike (measured with examples/loadgen: 1.36x under a 20x spike).
     fn default() -> Self {
@@ -82,11 +97,34 @@ impl AdmissionConfig {
     }
 }
 
+/// A query waits for a slot when its expected wait is at most this, however short its kind's
+/// service time: it covers the scheduling noise of a busy server, so that small bursts of
+/// very fast searches (tens of microseconds) queue instead of being shed.
+pub const WAIT_FLOOR: Duration = Duration::from_millis(1);
+
+/// Whether a query that finds all `running` slots busy, with `ahead` queries already waiting,
+/// may wait for one: the slots must serve `ahead + 1` queries before its turn, in rounds of
+/// `running` at the mean service time `service`, and that wait must be at most the larger of
+/// [`WAIT_FLOOR`] and one service time. A query admitted this way waits about one service
+/// time at most, so its latency stays within about twice the unloaded one.
+pub fn may_queue(ahead: usize, running: usize, service: Duration) -> bool {
+    let rounds = (ahead + 1).div_ceil(running.max(1)) as u32;
+    service.saturating_mul(rounds) <= service.max(WAIT_FLOOR)
+}
+
+/// Weight of the newest sample in a gate's moving average of service times: 1/`EWMA_SHIFT`
+/// as a power of two (1/16: it follows a change of catalogue or load within a few dozen
+/// requests and is not moved much by one slow request).
+const EWMA_SHIFT: u32 = 4;
+
 struct Gate {
     slots: Arc<Semaphore>,
     limit: Limit,
     waiting: AtomicUsize,
     shed: AtomicU64,
+    /// Moving average of how long admitted requests held a slot, in nanoseconds (0 until the
+    /// first one is released).
+    service_ns: Arc<AtomicU64>,
 }
 
 impl Gate {
@@ -96,7 +134,16 @@ impl Gate {
             limit,
             waiting: AtomicUsize::new(0),
             shed: AtomicU64::new(0),
+            service_ns: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    fn service(&self) -> Duration {
+        Duration::from_nanos(self.service_ns.load(Ordering::Relaxed))
+    }
+
+    fn permit(&self, slot: OwnedSemaphorePermit, timed: bool) -> Permit {
+        Permit { _slot: slot, timed: timed.then(|| (Instant::now(), Arc::clone(&self.service_ns))) }
     }
 
     fn shed(&self, why: &str) -> ServiceError {
@@ -105,6 +152,26 @@ impl Gate {
             "server overloaded: {} ({} running, {} queued); retry with backoff",
             why, self.limit.running, self.limit.queued
         ))
+    }
+}
+
+/// An admitted request's slot, released when dropped. A request's permit records how long it
+/// was held into its gate's moving average of service times.
+#[derive(Debug)]
+pub struct Permit {
+    _slot: OwnedSemaphorePermit,
+    timed: Option<(Instant, Arc<AtomicU64>)>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some((since, avg)) = self.timed.take() {
+            let sample = since.elapsed().as_nanos().min(u64::MAX as u128) as u64;
+            let old = avg.load(Ordering::Relaxed);
+            // Racing updates may lose a sample: an average, not an account.
+            let new = if old == 0 { sample } else { old - (old >> EWMA_SHIFT) + (sample >> EWMA_SHIFT) };
+            avg.store(new, Ordering::Relaxed);
+        }
     }
 }
 
@@ -127,20 +194,31 @@ impl Admission {
     }
 
     /// A slot for `work`: at once if one is free; otherwise after waiting in a bounded queue
-    /// for at most the configured time; otherwise `ServiceError::Overloaded`.
-    pub async fn admit(&self, work: Work) -> Result<OwnedSemaphorePermit, ServiceError> {
+    /// for at most the configured time (a query only while its expected wait allows,
+    /// [`may_queue`]); otherwise `ServiceError::Overloaded`.
+    pub async fn admit(&self, work: Work) -> Result<Permit, ServiceError> {
         let gate = self.gate(work);
-        if let Ok(permit) = Arc::clone(&gate.slots).try_acquire_owned() {
-            return Ok(permit);
+        if let Ok(slot) = Arc::clone(&gate.slots).try_acquire_owned() {
+            return Ok(gate.permit(slot, true));
         }
-        if gate.waiting.fetch_add(1, Ordering::AcqRel) >= gate.limit.queued {
+        let ahead = gate.waiting.fetch_add(1, Ordering::AcqRel);
+        if ahead >= gate.limit.queued {
             gate.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(gate.shed(&format!("too many {} requests queued", work.name())));
+        }
+        let service = gate.service();
+        if work.paced() && !may_queue(ahead, gate.limit.running, service) {
+            gate.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(gate.shed(&format!(
+                "{ahead} {} requests already wait for a slot (about {:.1} ms each)",
+                work.name(),
+                service.as_secs_f64() * 1e3
+            )));
         }
         let waited = tokio::time::timeout(self.max_wait, Arc::clone(&gate.slots).acquire_owned()).await;
         gate.waiting.fetch_sub(1, Ordering::AcqRel);
         match waited {
-            Ok(Ok(permit)) => Ok(permit),
+            Ok(Ok(slot)) => Ok(gate.permit(slot, true)),
             Ok(Err(_)) => Err(ServiceError::Internal("server is shutting down".into())),
             Err(_) => Err(gate.shed(&format!(
                 "no {} slot freed within {} ms",
@@ -153,11 +231,20 @@ impl Admission {
     /// A slot for work that must not be shed here: a canary backfill, or the embedding of a
     /// write that the write gate already admitted (and bounds). Waits as long as it takes and
     /// takes no queue place from requests.
-    pub async fn admit_waiting(&self, work: Work) -> Result<OwnedSemaphorePermit, ServiceError> {
-        Arc::clone(&self.gate(work).slots)
+    /// Its time is not a request's and does not count in the mean service time.
+    pub async fn admit_waiting(&self, work: Work) -> Result<Permit, ServiceError> {
+        let gate = self.gate(work);
+        let slot = Arc::clone(&gate.slots)
             .acquire_owned()
             .await
-            .map_err(|_| ServiceError::Internal("server is shutting down".into()))
+            .map_err(|_| ServiceError::Internal("server is shutting down".into()))?;
+        Ok(gate.permit(slot, false))
+    }
+
+    /// The moving average of how long requests of `work` held their slot (zero before the
+    /// first).
+    pub fn mean_service(&self, work: Work) -> Duration {
+        self.gate(work).service()
     }
 
     /// Requests waiting for a slot of `work` now.
@@ -220,6 +307,71 @@ mod tests {
         let bg = tokio::time::timeout(Duration::from_millis(50), a.admit_waiting(Work::Embed)).await;
         assert!(bg.is_err(), "background work must wait for the slot, not fail");
         assert_eq!(a.shed_counts(), (1, 0, 0));
+    }
+
+    #[test]
+    fn a_query_may_wait_about_one_service_time() {
+        let ms = Duration::from_millis;
+        // Slow searches: one waiter per slot.
+        assert!(may_queue(0, 1, ms(3)));
+        assert!(!may_queue(1, 1, ms(3)));
+        assert!(may_queue(1, 2, ms(3)));
+        assert!(!may_queue(2, 2, ms(3)));
+        // Fast ones: as many as fit into the floor.
+        let fast = Duration::from_micros(30);
+        assert!(may_queue(32, 1, fast));
+        assert!(!may_queue(33, 1, fast));
+        assert!(may_queue(65, 2, fast));
+        assert!(!may_queue(66, 2, fast));
+        // Before the first sample: only the queue's length bounds it.
+        assert!(may_queue(10_000, 1, Duration::ZERO));
+    }
+
+    #[tokio::test]
+    async fn queries_past_their_expected_wait_are_shed_and_writes_queue() {
+        let a = Arc::new(Admission::new(&cfg(1, 8, 2_000)));
+        for work in [Work::Search, Work::Write] {
+            // One request that holds its slot for 40 ms sets the mean service time.
+            let p = a.admit(work).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+            drop(p);
+            assert!(a.mean_service(work) >= Duration::from_millis(40), "{:?}", a.mean_service(work));
+        }
+        let held = a.admit(Work::Search).await.unwrap();
+        let first = tokio::spawn({
+            let a = Arc::clone(&a);
+            async move { a.admit(Work::Search).await.map(drop) }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A second waiter would wait two service times: shed at once, although the queue
+        // has room.
+        let t = Instant::now();
+        let e = a.admit(Work::Search).await.unwrap_err();
+        assert!(t.elapsed() < Duration::from_millis(30), "shed took {:?}", t.elapsed());
+        assert!(matches!(e, ServiceError::Overloaded(ref m) if m.contains("already wait")), "{e}");
+        drop(held);
+        first.await.unwrap().unwrap();
+        // Writes queue up to the queue's length whatever their service time.
+        let held = a.admit(Work::Write).await.unwrap();
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let a = Arc::clone(&a);
+                tokio::spawn(async move { a.admit(Work::Write).await.map(drop) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(a.queue_depth(Work::Write), 3);
+        drop(held);
+        for w in waiters {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(a.shed_counts(), (0, 1, 0));
+        // Background work does not move the average.
+        let before = a.mean_service(Work::Embed);
+        let bg = a.admit_waiting(Work::Embed).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        drop(bg);
+        assert_eq!(a.mean_service(Work::Embed), before);
     }
 
     #[test]

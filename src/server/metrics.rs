@@ -242,6 +242,16 @@ fn render_state(out: &mut String, state: &ServerState) {
     for (n, name) in [(e, "embed"), (s, "search"), (w, "write")] {
         let _ = writeln!(out, "vitrine_admission_shed_total{{work=\"{name}\"}} {n}");
     }
+    header(
+        out,
+        "vitrine_admission_service_seconds",
+        "gauge",
+        "Moving average of how long admitted requests hold their slot, by kind of work (queries that would wait longer than about this are shed).",
+    );
+    for (w, name) in work {
+        let secs = state.admission.mean_service(w).as_secs_f64();
+        let _ = writeln!(out, "vitrine_admission_service_seconds{{work=\"{name}\"}} {secs}");
+    }
 
     let live = state.live();
     header(
