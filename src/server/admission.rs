@@ -163,6 +163,19 @@ pub struct Permit {
     timed: Option<(Instant, Arc<AtomicU64>)>,
 }
 
+impl Permit {
+    /// Restarts the clock of the service time when the work itself starts (on its pool): the
+    /// time it waited for a thread then does not count. Under a flood of requests that time
+    /// is the runtime's backlog, not the work's, and counting it would shed queries that the
+    /// slots could serve.
+    pub fn working(mut self) -> Self {
+        if let Some((since, _)) = &mut self.timed {
+            *since = Instant::now();
+        }
+        self
+    }
+}
+
 impl Drop for Permit {
     fn drop(&mut self) {
         if let Some((since, avg)) = self.timed.take() {

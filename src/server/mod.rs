@@ -422,9 +422,11 @@ impl ServerState {
         arm: Arm,
     ) -> Result<proto::SearchResponse, ServiceError> {
         let encoder = self.models.get(&view.version).map_err(ServiceError::from)?;
-        let _permit = self.admission.admit(Work::Embed).await?;
+        // The slot goes with the work and is freed when it ends (see `search_by_vector`).
+        let permit = self.admission.admit(Work::Embed).await?;
         let (state, view) = (Arc::clone(self), Arc::clone(view));
         blocking("embedding", move || -> Result<_, ServiceError> {
+            let _permit = permit.working();
             if state.rollout.inject_fault(arm) {
                 return Err(ServiceError::Internal("injected canary fault".into()));
             }
@@ -518,10 +520,17 @@ impl VisualSearch for VisualSearchService {
         let live = self.state.live();
         let view = Arc::clone(live.version(&version).map_err(ServiceError::from)?);
         self.state.check_servable(&version)?;
-        let _permit = self.state.admission.admit(Work::Search).await?;
+        // The slot goes with the search and is freed when it ends, not when this task is next
+        // polled (on a saturated runtime, much later), and the gate's service time (which
+        // bounds how long queries may queue) is the search's own. A search whose client went
+        // away still holds its slot while it runs.
+        let permit = self.state.admission.admit(Work::Search).await?;
         let state = Arc::clone(&self.state);
-        let resp =
-            priority::on_query_pool("search", move || state.search(&view, &req.vector, &o, None)).await??;
+        let resp = priority::on_query_pool("search", move || {
+            let _permit = permit.working();
+            state.search(&view, &req.vector, &o, None)
+        })
+        .await??;
         let version = resp.model_version.clone();
         Ok(tag_response(resp, &version, None))
     }
@@ -540,7 +549,7 @@ impl VisualSearch for VisualSearchService {
         check_routing_key(&req.routing_key)?;
         let route = self.state.rollout.route(&self.state.live(), &req.routing_key)?;
         self.state.check_servable(&route.primary.version)?;
-        let _permit = self.state.admission.admit(Work::Search).await?;
+        let permit = self.state.admission.admit(Work::Search).await?;
         let result = {
             let (state, primary, arm, o, sku) = (
                 Arc::clone(&self.state),
@@ -550,6 +559,7 @@ impl VisualSearch for VisualSearchService {
                 req.sku.clone(),
             );
             priority::on_query_pool("search", move || {
+                let _permit = permit.working();
                 if state.rollout.inject_fault(arm) {
                     return Err(ServiceError::Internal("injected canary fault".into()));
                 }
