@@ -17,7 +17,7 @@ use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 use rayon::prelude::*;
 
-/// Output channels per packed panel (two AVX-512 or four AVX2 vectors).
+/// Output channels per packed panel (four AVX2 vectors).
 pub const NR: usize = 32;
 /// Rows per thread below which [`matmul`] splits the work by panels instead of by rows is
 /// `2 * MR`.
@@ -184,16 +184,18 @@ struct Out<'a> {
     block_rows: usize,
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn rows_kernel(src: &[f32], w: &PackedWeights, panels: Range<usize>, epilogue: Epilogue<'_>, out: Out<'_>) {
-    // Register tiles sized to the vector registers. AVX-512's 32 hold 8 rows by a whole panel
-    // (16 accumulators, 2 weight vectors, the broadcast). AVX2's 16 cannot hold even 4 x 32 (16
-    // accumulators alone: the compiler spills), so there, and on NEON, a tile is 6 rows by half
-    // a panel: 12 accumulators, 2 weight vectors and the broadcast, 15 registers.
-    match (target_cfg_f!(target_feature = "avx512f"), target_cfg_f!(target_feature = "fma")) {
-        (true, _) => rows_body::<8, false, true>(src, w, panels, epilogue, out),
-        (false, true) => rows_body::<6, true, true>(src, w, panels, epilogue, out),
-        (false, false) => rows_body::<6, true, false>(src, w, panels, epilogue, out),
+    // Register tiles sized to AVX2's 16 registers (and NEON's): 4 x 32 would not fit (16
+    // accumulators alone: the compiler spills), so a tile is 6 rows by half a panel: 12
+    // accumulators, 2 weight vectors and the broadcast, 15 registers. (AVX-512 is not a
+    // target: on an AVX-512 Xeon, LLVM compiled an 8-row by whole-panel tile's accumulators
+    // to gathers and scatters, 15 images/s against 158 for this tile, and this tile built
+    // with AVX-512 ran at 0.85x the AVX2 build.)
+    if target_cfg_f!(target_feature = "fma") {
+        rows_body::<6, true>(src, w, panels, epilogue, out)
+    } else {
+        rows_body::<6, false>(src, w, panels, epilogue, out)
     }
 }
 
@@ -262,11 +264,11 @@ fn pack_rows<const R: usize>(src: &[f32], k: usize, dst: &mut [f32]) {
     }
 }
 
-/// Every row of `src` times the given panels in tiles of `R` rows, by whole panels or, with
-/// `HALVES`, by half panels ([`OUT_BLOCK`] columns). The residual, if any, is indexed like the
+/// Every row of `src` times the given panels in tiles of `R` rows by half panels
+/// ([`OUT_BLOCK`] columns). The residual, if any, is indexed like the
 /// full output (`rows` by `n`).
 #[inline(always)]
-fn rows_body<const R: usize, const HALVES: bool, const FMA: bool>(
+fn rows_body<const R: usize, const FMA: bool>(
     src: &[f32],
     w: &PackedWeights,
     panels: Range<usize>,
@@ -276,7 +278,7 @@ fn rows_body<const R: usize, const HALVES: bool, const FMA: bool>(
     let rows = src.len() / w.k;
     if w.n < PACK_FROM_COLUMNS {
         let mut tiles = Tiles { a: src, rows, k: w.k, out: &mut out, epilogue };
-        tiles.panels::<R, HALVES, false, FMA>(w, panels);
+        tiles.panels::<R, false, FMA>(w, panels);
         return;
     }
     // Taken out and put back rather than borrowed in a closure: a closure is not compiled
@@ -284,7 +286,7 @@ fn rows_body<const R: usize, const HALVES: bool, const FMA: bool>(
     let mut packed = PACKED_ROWS.take();
     let a = scratch(&mut packed, src.len());
     pack_rows::<R>(src, w.k, a);
-    Tiles { a, rows, k: w.k, out: &mut out, epilogue }.panels::<R, HALVES, true, FMA>(w, panels);
+    Tiles { a, rows, k: w.k, out: &mut out, epilogue }.panels::<R, true, FMA>(w, panels);
     PACKED_ROWS.set(packed);
 }
 
@@ -309,7 +311,7 @@ struct Tiles<'a, 'o, 'e> {
 impl Tiles<'_, '_, '_> {
     /// Every row times the given panels.
     #[inline(always)]
-    fn panels<const R: usize, const HALVES: bool, const PACKED: bool, const FMA: bool>(
+    fn panels<const R: usize, const PACKED: bool, const FMA: bool>(
         &mut self,
         w: &PackedWeights,
         panels: Range<usize>,
@@ -318,21 +320,18 @@ impl Tiles<'_, '_, '_> {
             let width = panel_width(w.n, p);
             let panel = &w.panels[p * w.k * NR..p * w.k * NR + w.k * width];
             let cols = (w.n - p * NR).min(width);
-            if width == NR && !HALVES {
-                let at = Columns { first: p * NR, count: cols, n: w.n };
-                self.run::<R, NR, NR, 0, PACKED, FMA>(panel, at, 0);
-            } else if width == NR {
+            if width == NR {
                 let at = Columns { first: p * NR, count: OUT_BLOCK, n: w.n };
                 self.run::<R, OUT_BLOCK, NR, 0, PACKED, FMA>(panel, at, 0);
                 let at = Columns { first: p * NR + OUT_BLOCK, count: cols - OUT_BLOCK, n: w.n };
-                if self.narrow_tail::<HALVES, PACKED>(at.count) {
+                if self.narrow_tail::<PACKED>(at.count) {
                     self.run_narrow::<NR, OUT_BLOCK, FMA>(panel, at);
                 } else {
                     self.run::<R, OUT_BLOCK, NR, OUT_BLOCK, PACKED, FMA>(panel, at, 0);
                 }
             } else {
                 let at = Columns { first: p * NR, count: cols, n: w.n };
-                if self.narrow_tail::<HALVES, PACKED>(at.count) {
+                if self.narrow_tail::<PACKED>(at.count) {
                     self.run_narrow::<OUT_BLOCK, 0, FMA>(panel, at);
                 } else {
                     self.run::<R, OUT_BLOCK, OUT_BLOCK, 0, PACKED, FMA>(panel, at, 0);
@@ -345,8 +344,8 @@ impl Tiles<'_, '_, '_> {
     /// few enough for [`run_narrow`](Self::run_narrow): rows read in place and stored
     /// channels-last (the narrow tile's rows are not those [`pack_rows`] interleaved).
     #[inline(always)]
-    fn narrow_tail<const HALVES: bool, const PACKED: bool>(&self, cols: usize) -> bool {
-        HALVES && !PACKED && cols <= NARROW_COLUMNS && self.out.block_rows == 0
+    fn narrow_tail<const PACKED: bool>(&self, cols: usize) -> bool {
+        !PACKED && cols <= NARROW_COLUMNS && self.out.block_rows == 0
     }
 
     /// Every row times the first [`NARROW_COLUMNS`] columns of a half panel, for a last half
@@ -654,9 +653,8 @@ mod tests {
         assert_eq!(balanced_rows(49, 2), 25);
     }
 
-    /// Every register-tile configuration, whichever this CPU dispatches to: AVX-512's 8 rows by
-    /// whole panels, AVX2's and NEON's 6 rows by half panels, with and without fused
-    /// multiply-adds, packed rows (outputs of at least `PACK_FROM_COLUMNS`) and rows in place.
+    /// Every register-tile configuration, whichever this CPU dispatches to: 6 rows by half
+    /// panels, with and without fused multiply-adds, packed rows (outputs of at least `PACK_FROM_COLUMNS`) and rows in place.
     #[test]
     fn every_tile_configuration_matches_a_naive_product() {
         for (m, k, n) in [
@@ -681,12 +679,7 @@ mod tests {
                 let want = naive(&x, &w, k, n, e);
                 let panels = 0..n.div_ceil(NR);
                 type Body = fn(&[f32], &PackedWeights, Range<usize>, Epilogue<'_>, Out<'_>);
-                let run: [Body; 4] = [
-                    rows_body::<8, false, true>,
-                    rows_body::<8, false, false>,
-                    rows_body::<6, true, true>,
-                    rows_body::<6, true, false>,
-                ];
+                let run: [Body; 2] = [rows_body::<6, true>, rows_body::<6, false>];
                 for (config, body) in run.iter().enumerate() {
                     let mut got = vec![f32::NAN; m * n];
                     body(

@@ -134,7 +134,7 @@ pub fn resize_to_fill(image: &RgbImage, size: u32) -> RgbImage {
 
 /// `image`'s conversion of a resampled value: clamped to `0..=255`, rounded half away from
 /// zero.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn to_bytes(values: &[f32], out: &mut [u8]) {
     for (o, &v) in out.iter_mut().zip(values) {
         // `round` of a value in 0..=255, in a form that vectorises: the fraction `v - trunc(v)`
@@ -201,7 +201,7 @@ pub fn thumbnail(image: &RgbImage, new_width: u32, new_height: u32) -> RgbImage 
 }
 
 /// `sums[j] += row[j]` for every `j`.
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn add_row(sums: &mut [u32], row: &[u8]) {
     for (s, &v) in sums.iter_mut().zip(row) {
         *s += u32::from(v);
@@ -210,7 +210,7 @@ fn add_row(sums: &mut [u32], row: &[u8]) {
 
 /// `acc[j] += f32::from(src[j]) * w` for every `j` (a multiply, then an add: no fused
 /// multiply-add, as in `image`).
-#[multiversion::multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion::multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn accumulate<T: Copy + Into<f32>>(acc: &mut [f32], src: &[T], w: f32) {
     for (a, &s) in acc.iter_mut().zip(src) {
         *a += s.into() * w;

@@ -386,7 +386,7 @@ fn free_or_spare_slot(g: &Graph<'_>, v: u32, in_degree: &[u32]) -> Option<usize>
 }
 
 /// `u`'s nearest nodes by a layer-0 walk from `from`, best first, in `s.found`.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn nearest_on_layer0(g: &Graph<'_>, u: u32, from: u32, s: &mut Scratch) {
     let mut qw = std::mem::take(&mut s.qw);
     let wq = g.wide_query(u, &mut qw);
@@ -395,7 +395,7 @@ fn nearest_on_layer0(g: &Graph<'_>, u: u32, from: u32, s: &mut Scratch) {
     s.qw = qw;
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn insert_node(g: &Graph<'_>, q: u32, s: &mut Scratch) {
     insert_body(g, q, s)
 }
@@ -648,7 +648,7 @@ fn seed_from_base(g: &Graph<'_>, b: &BaseGraph<'_>) {
     *g.entry.lock() = Some(Entry { node, level: usize::from(g.levels[node as usize]) });
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn select_dispatched(
     g: &Graph<'_>,
     cands: &[(f32, u32)],

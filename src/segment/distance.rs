@@ -26,8 +26,8 @@ pub fn normalise_into(v: &[f32], out: &mut Vec<f32>) -> Result<(), &'static str>
     Ok(())
 }
 
-/// Lanes per block: four independent accumulators of one AVX-512 (or two AVX2) register each,
-/// which hides the FMA latency.
+/// Lanes per block: eight AVX2 registers of independent accumulators, which hides the FMA
+/// latency.
 const BLOCK: usize = 64;
 
 #[inline(always)]
@@ -156,7 +156,7 @@ pub(crate) fn dot_wide_body(q: &[i16], c: &[i8]) -> i64 {
 /// coded all 0). Each component's error is at most `scale / 2`. Multiversioned: rounding is
 /// then one instruction, not a libm call (every upsert and every replayed log record codes
 /// its row).
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub fn quantise_row(v: &[f32], out: &mut Vec<i8>) -> f32 {
     let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     out.clear();
@@ -172,7 +172,7 @@ pub fn quantise_row(v: &[f32], out: &mut Vec<i8>) -> f32 {
 /// A query for [`dot_wide`] against rows coded by [`quantise_row`]: `v` to `i16` with one
 /// factor, `max |v| / 32767` (see [`quantise_scaled`]), written to `out`; returns the factor
 /// (0 for a zero query). Each component's error is at most `factor / 2`.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub fn quantise_query(v: &[f32], out: &mut Vec<i16>) -> f32 {
     let max = v.iter().fold(0.0f32, |m, x| m.max(x.abs()));
     out.clear();
@@ -187,7 +187,7 @@ pub fn quantise_query(v: &[f32], out: &mut Vec<i16>) -> f32 {
 
 /// `sum(q[i] * c[i])` of a [`quantise_query`] query and [`quantise_row`] codes, exact in
 /// integers: the dispatched form of [`dot_wide_body`], for scans outside the graph walks.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub fn dot_wide(q: &[i16], c: &[i8]) -> i64 {
     dot_wide_body(q, c)
 }
@@ -212,7 +212,7 @@ fn reduce(acc: &[f32; BLOCK]) -> f32 {
 
 /// Dot product of two vectors (over the shorter length), dispatched to the best SIMD
 /// implementation for this CPU.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     if target_cfg_f!(target_feature = "fma") { dot_body::<true>(a, b) } else { dot_body::<false>(a, b) }
 }

@@ -245,7 +245,7 @@ fn dot_sel<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 /// vectors) in a version-1 segment and int8 approximations (the `wide` query, see
 /// [`quantise_scaled`], against the codes) in a quantised one.
 #[allow(clippy::too_many_arguments)]
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn walk(
     view: &View<'_>,
     q: &[f32],
@@ -395,7 +395,7 @@ fn search_layer0_body<F: Fn(u32) -> f32, T: Fn(u32) -> u8>(
     }
 }
 
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn brute_force_impl(view: &View<'_>, q: &[f32], k: usize, filter: Filter<'_>, out: &mut TopK) {
     if target_cfg_f!(target_feature = "fma") {
         brute_force_body::<true>(view, q, k, filter, out)
@@ -451,7 +451,7 @@ fn code_error_bound(q: &[f32], scales: &[f32], factor: f32) -> f32 {
 }
 
 /// Pass 1 of [`flat_scan`]: the int8 score of every item, `-inf` for those `filter` drops.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn approx_scores(view: &View<'_>, wide: &[i16], factor: f32, filter: Filter<'_>, out: &mut Vec<f32>) {
     out.clear();
     for (i, code) in view.codes.chunks_exact(view.dim).enumerate() {

@@ -49,7 +49,7 @@ const STEM3_PIXELS: usize = 6;
 /// wt[ky][kx][i][o] * src[i][oy*s+ky-top][ox*s+kx-left])`. Vectorised over output channels,
 /// [`STEM_PIXELS`] pixels at a time away from the left and right edges, accumulated in
 /// registers over all taps.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(super) fn dense_row(src: &[f32], wt: &[f32], bias: &[f32], dst: &mut [f32], oy: usize, g: DenseGeometry) {
     if target_cfg_f!(target_feature = "fma") {
         dense_row_body::<true>(src, wt, bias, dst, oy, g)
@@ -257,7 +257,7 @@ const DEPTHWISE_LANES: usize = 64;
 /// registers. Otherwise (channels-last input, `(k, k, c)` weights) each output pixel is
 /// accumulated in registers over all taps, [`DEPTHWISE_LANES`] channels at a time. Both sum
 /// the taps in the same order, so give the same values.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(in crate::encoder) fn depthwise_row(
     src: &[f32],
     wt: &[f32],
@@ -502,7 +502,7 @@ impl BlockedRow<'_> {
 }
 
 /// One row of channels: `row += bias`, then ReLU6 when `relu6`.
-#[multiversion(targets("x86_64+avx512f+avx512bw+avx2+fma", "x86_64+avx2+fma", "aarch64+neon"))]
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub(super) fn add_bias_row(row: &mut [f32], bias: &[f32], relu6: bool) {
     if relu6 {
         row.iter_mut().zip(bias).for_each(|(v, &b)| *v = (*v + b).clamp(0.0, 6.0));
