@@ -462,7 +462,8 @@ mod tests {
     /// AVX-512 is not in it: measured on an AVX-512 Xeon (2 vCPUs), its builds ran the encoder
     /// at 15 images/s against 166 (the 8-row pointwise tile compiled to gathers and scatters;
     /// the AVX2 tile itself at 0.85x), and searches and graph builds no faster (ann_bench,
-    /// 100k x 1280: QPS within 5% either way, 20k build 7.0-7.9 s vs 7.7-8.4 s).
+    /// 100k x 1280: QPS within 5% either way, 20k build 7.0-7.9 s vs 7.7-8.4 s). The 1x1
+    /// kernel's AVX-512 tiles are explicit pulp vectors (`pointwise::avx512`) instead.
     const SIMD_TARGETS: &str = r#""x86_64+avx2+fma", "aarch64+neon""#;
 
     #[test]

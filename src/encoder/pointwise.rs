@@ -17,6 +17,9 @@ use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// Output channels per packed panel (four AVX2 vectors).
 pub const NR: usize = 32;
 /// Rows per thread below which [`matmul`] splits the work by panels instead of by rows is
@@ -184,14 +187,24 @@ struct Out<'a> {
     block_rows: usize,
 }
 
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+/// Every row of `src` times the given panels: the AVX-512 tiles where the CPU has them
+/// ([`avx512`]), else the best of [`rows_simd`]'s builds.
 fn rows_kernel(src: &[f32], w: &PackedWeights, panels: Range<usize>, epilogue: Epilogue<'_>, out: Out<'_>) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = avx512::available() {
+        return avx512::rows(simd, src, w, panels, epilogue, out);
+    }
+    rows_simd(src, w, panels, epilogue, out)
+}
+
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn rows_simd(src: &[f32], w: &PackedWeights, panels: Range<usize>, epilogue: Epilogue<'_>, out: Out<'_>) {
     // Register tiles sized to AVX2's 16 registers (and NEON's): 4 x 32 would not fit (16
     // accumulators alone: the compiler spills), so a tile is 6 rows by half a panel: 12
     // accumulators, 2 weight vectors and the broadcast, 15 registers. (AVX-512 is not a
-    // target: on an AVX-512 Xeon, LLVM compiled an 8-row by whole-panel tile's accumulators
-    // to gathers and scatters, 15 images/s against 158 for this tile, and this tile built
-    // with AVX-512 ran at 0.85x the AVX2 build.)
+    // target here: on an AVX-512 Xeon, LLVM compiled an 8-row by whole-panel tile's
+    // accumulators to gathers and scatters, 15 images/s against 158 for this tile, and this
+    // tile built with AVX-512 ran at 0.85x the AVX2 build; [`avx512`] has explicit vectors.)
     if target_cfg_f!(target_feature = "fma") {
         rows_body::<6, true>(src, w, panels, epilogue, out)
     } else {
@@ -225,7 +238,7 @@ fn scratch(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
 /// One step of [`tile`]: `R` row values times row `kk` of the panel's `W` columns. (A function,
 /// not a closure: closures are not compiled with the caller's target features.)
 #[inline(always)]
-fn step<const R: usize, const W: usize, const S: usize, const OFF: usize, const FMA: bool>(
+fn step<const R: usize, const W: usize, const OFF: usize, const FMA: bool>(
     acc: &mut [[f32; W]; R],
     av: &[f32; R],
     panel_row: &[f32],
@@ -383,31 +396,120 @@ impl Tiles<'_, '_, '_> {
         at: Columns,
         first: usize,
     ) {
-        let k = self.k;
-        let mut r = first;
-        while r + R <= self.rows {
-            let acc = tile::<R, W, S, OFF, PACKED, FMA>(&self.a[r * k..(r + R) * k], k, panel);
-            store(&acc, r, at, self.epilogue, self.out);
-            r += R;
+        let rows = (self.a, self.rows, self.k, first);
+        run_rows::<R, W, _>(&Plain::<S, OFF, PACKED, FMA>, rows, panel, at, self.epilogue, self.out);
+    }
+}
+
+/// Makes the tiles of one panel's `W` columns, for any number of rows up to 8.
+trait Tiler<const W: usize> {
+    fn tile<const R: usize>(&self, a: &[f32], k: usize, panel: &[f32]) -> [[f32; W]; R];
+}
+
+/// The plain-loop tiles ([`tile`]).
+struct Plain<const S: usize, const OFF: usize, const PACKED: bool, const FMA: bool>;
+
+impl<const W: usize, const S: usize, const OFF: usize, const PACKED: bool, const FMA: bool> Tiler<W>
+    for Plain<S, OFF, PACKED, FMA>
+{
+    #[inline(always)]
+    fn tile<const R: usize>(&self, a: &[f32], k: usize, panel: &[f32]) -> [[f32; W]; R] {
+        tile::<R, W, S, OFF, PACKED, FMA>(a, k, panel)
+    }
+}
+
+/// The rows `(a, rows, k, first)` (each `k` long, or packed; from row `first`) times one panel:
+/// tiles of `R` rows, then one tile of the rows left (at most 7), each stored with the
+/// epilogue.
+#[inline(always)]
+fn run_rows<const R: usize, const W: usize, T: Tiler<W>>(
+    tiler: &T,
+    (a, rows, k, first): (&[f32], usize, usize, usize),
+    panel: &[f32],
+    at: Columns,
+    e: Epilogue<'_>,
+    out: &mut Out<'_>,
+) {
+    let mut r = first;
+    while r + R <= rows {
+        store(&tiler.tile::<R>(&a[r * k..(r + R) * k], k, panel), r, at, e, out);
+        r += R;
+    }
+    let a = &a[r * k..];
+    match rows - r {
+        7 => store(&tiler.tile::<7>(a, k, panel), r, at, e, out),
+        6 => store(&tiler.tile::<6>(a, k, panel), r, at, e, out),
+        5 => store(&tiler.tile::<5>(a, k, panel), r, at, e, out),
+        4 => store(&tiler.tile::<4>(a, k, panel), r, at, e, out),
+        3 => store(&tiler.tile::<3>(a, k, panel), r, at, e, out),
+        2 => store(&tiler.tile::<2>(a, k, panel), r, at, e, out),
+        1 => store(&tiler.tile::<1>(a, k, panel), r, at, e, out),
+        _ => {}
+    }
+}
+
+/// A tile's accumulators: `R` rows times some of a panel's columns, fed one step of `k` at a
+/// time (a function of a type, not a closure: closures are not compiled with the caller's
+/// target features).
+trait Accumulate<const R: usize> {
+    /// Adds row values `av` times the panel row `panel_row` (`S` values).
+    fn step(&mut self, av: &[f32; R], panel_row: &[f32]);
+}
+
+/// The plain-loop accumulators: `W` columns from column `OFF` of each panel row, kept in
+/// registers because every loop runs over fixed-length arrays and unrolls.
+struct Lanes<const R: usize, const W: usize, const OFF: usize, const FMA: bool>([[f32; W]; R]);
+
+impl<const R: usize, const W: usize, const OFF: usize, const FMA: bool> Accumulate<R>
+    for Lanes<R, W, OFF, FMA>
+{
+    #[inline(always)]
+    fn step(&mut self, av: &[f32; R], panel_row: &[f32]) {
+        step::<R, W, OFF, FMA>(&mut self.0, av, panel_row);
+    }
+}
+
+/// Feeds a tile's `k` steps into `acc`: `a` holds the rows one after the other (each `k`
+/// long) or, with `PACKED`, interleaved by [`pack_rows`]; the panel has `S` values a row.
+#[inline(always)]
+fn feed<const R: usize, const S: usize, const PACKED: bool, A: Accumulate<R>>(
+    acc: &mut A,
+    a: &[f32],
+    k: usize,
+    panel: &[f32],
+) {
+    // The panel's rows come from `chunks_exact(S)` and each activation row is sliced to
+    // exactly `k` values before a `0..k` loop: that lets the compiler drop every bounds
+    // check from the inner loop (indexing `R` row slices of unknown length by `kk` left
+    // `R` compares and branches per step, and a scalar load plus a register broadcast per
+    // row instead of one broadcast load: the narrow projections ran at half the speed of
+    // the packed ones).
+    let panel = &panel[..k * S];
+    if PACKED {
+        for (av, b) in a[..R * k].chunks_exact(R).zip(panel.chunks_exact(S)) {
+            acc.step(av.try_into().expect("chunks of R"), b);
         }
-        let (a, e, out) = (&self.a[r * k..], self.epilogue, &mut *self.out);
-        match self.rows - r {
-            7 => store(&tile::<7, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
-            6 => store(&tile::<6, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
-            5 => store(&tile::<5, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
-            4 => store(&tile::<4, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
-            3 => store(&tile::<3, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
-            2 => store(&tile::<2, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
-            1 => store(&tile::<1, W, S, OFF, PACKED, FMA>(a, k, panel), r, at, e, out),
-            _ => {}
+    } else {
+        let rows: [&[f32]; R] = std::array::from_fn(|i| &a[i * k..][..k]);
+        let whole = k / UNPACKED_STEPS * UNPACKED_STEPS;
+        let (blocks, tail) = panel.split_at(whole * S);
+        for (kb, block) in blocks.chunks_exact(UNPACKED_STEPS * S).enumerate() {
+            let kk = kb * UNPACKED_STEPS;
+            let values: [&[f32; UNPACKED_STEPS]; R] = std::array::from_fn(|i| {
+                rows[i][kk..kk + UNPACKED_STEPS].try_into().expect("a block of steps")
+            });
+            for (u, b) in block.chunks_exact(S).enumerate() {
+                acc.step(&std::array::from_fn(|i| values[i][u]), b);
+            }
+        }
+        for (kk, b) in (whole..k).zip(tail.chunks_exact(S)) {
+            acc.step(&std::array::from_fn(|i| rows[i][kk]), b);
         }
     }
 }
 
 /// `R` rows times `W` columns of one panel (`S` values a row, from column `OFF`), accumulated
-/// in registers. `a` holds the rows one after the other (each `k` long) or, with `PACKED`,
-/// interleaved by [`pack_rows`]. Loops run over fixed-length arrays, so that they unroll
-/// and the accumulators stay in registers.
+/// in registers ([`feed`]).
 #[inline(always)]
 fn tile<
     const R: usize,
@@ -421,36 +523,9 @@ fn tile<
     k: usize,
     panel: &[f32],
 ) -> [[f32; W]; R] {
-    let mut acc = [[0f32; W]; R];
-    // The panel's rows come from `chunks_exact(S)` and each activation row is sliced to
-    // exactly `k` values before a `0..k` loop: that lets the compiler drop every bounds
-    // check from the inner loop (indexing `R` row slices of unknown length by `kk` left
-    // `R` compares and branches per step, and a scalar load plus a register broadcast per
-    // row instead of one broadcast load: the narrow projections ran at half the speed of
-    // the packed ones).
-    let panel = &panel[..k * S];
-    if PACKED {
-        for (av, b) in a[..R * k].chunks_exact(R).zip(panel.chunks_exact(S)) {
-            step::<R, W, S, OFF, FMA>(&mut acc, av.try_into().expect("chunks of R"), b);
-        }
-    } else {
-        let rows: [&[f32]; R] = std::array::from_fn(|i| &a[i * k..][..k]);
-        let whole = k / UNPACKED_STEPS * UNPACKED_STEPS;
-        let (blocks, tail) = panel.split_at(whole * S);
-        for (kb, block) in blocks.chunks_exact(UNPACKED_STEPS * S).enumerate() {
-            let kk = kb * UNPACKED_STEPS;
-            let values: [&[f32; UNPACKED_STEPS]; R] = std::array::from_fn(|i| {
-                rows[i][kk..kk + UNPACKED_STEPS].try_into().expect("a block of steps")
-            });
-            for (u, b) in block.chunks_exact(S).enumerate() {
-                step::<R, W, S, OFF, FMA>(&mut acc, &std::array::from_fn(|i| values[i][u]), b);
-            }
-        }
-        for (kk, b) in (whole..k).zip(tail.chunks_exact(S)) {
-            step::<R, W, S, OFF, FMA>(&mut acc, &std::array::from_fn(|i| rows[i][kk]), b);
-        }
-    }
-    acc
+    let mut acc = Lanes::<R, W, OFF, FMA>([[0f32; W]; R]);
+    feed::<R, S, PACKED, _>(&mut acc, a, k, panel);
+    acc.0
 }
 
 /// Columns of [`Tiles::run_narrow`]'s tiles: one AVX2 vector.
@@ -651,6 +726,63 @@ mod tests {
         }
         assert_eq!(balanced_rows(196, 2), 49);
         assert_eq!(balanced_rows(49, 2), 25);
+    }
+
+    /// The AVX-512 tiles compute the AVX2 tiles' products in the same order: the same bits,
+    /// for packed and in-place rows, every tail of rows, half panels, residuals, and both
+    /// output layouts. Runs only on a CPU with AVX-512 (it says so otherwise).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx512_tiles_equal_the_avx2_tiles_bit_for_bit() {
+        let Some(simd) = avx512::available() else {
+            eprintln!("no AVX-512 on this CPU: the AVX-512 tiles are not exercised");
+            return;
+        };
+        // Every AVX-512 CPU has FMA, so `rows_simd` runs its fused multiply-add tiles.
+        for (m, k, n) in [
+            (1, 3, 16),
+            (13, 5, 40),
+            (49, 24, 64),
+            (23, 9, 200),
+            (17, 12, 56),
+            (9, 19, 1040),
+            (14, 8, 1024),
+            (33, 40, 1280),
+        ] {
+            let (x, w, bias, res) = (values(m * k, 1), values(k * n, 2), values(n, 3), values(m * n, 4));
+            let packed = PackedWeights::pack(&w, k, n);
+            for (residual, relu6) in [(None, false), (Some(&res[..]), true)] {
+                let e = Epilogue { bias: &bias, residual, relu6 };
+                let panels = 0..n.div_ceil(NR);
+                for block_rows in [0, m] {
+                    if block_rows > 0 && (residual.is_some() || n % OUT_BLOCK != 0) {
+                        continue;
+                    }
+                    let mut want = vec![f32::NAN; m * n];
+                    rows_simd(
+                        &x,
+                        &packed,
+                        panels.clone(),
+                        e,
+                        Out { dst: &mut want, ld: n, col0: 0, block_rows },
+                    );
+                    let mut got = vec![f32::NAN; m * n];
+                    avx512::rows(
+                        simd,
+                        &x,
+                        &packed,
+                        panels.clone(),
+                        e,
+                        Out { dst: &mut got, ld: n, col0: 0, block_rows },
+                    );
+                    let (g, w): (Vec<u32>, Vec<u32>) = (
+                        got.iter().map(|v| v.to_bits()).collect(),
+                        want.iter().map(|v| v.to_bits()).collect(),
+                    );
+                    assert!(g == w, "{m}x{k}x{n}, residual {}, blocked {block_rows}", residual.is_some());
+                }
+            }
+        }
     }
 
     /// Every register-tile configuration, whichever this CPU dispatches to: 6 rows by half
