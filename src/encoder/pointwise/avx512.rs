@@ -62,6 +62,8 @@ fn rows_inner(
     PACKED_ROWS.set(packed);
 }
 
+/// The activation rows of one call and where their products go, as the AVX2 path's
+/// `Tiles`, with the vector unit's token.
 struct Tiles<'a, 'o, 'e> {
     simd: V4,
     a: &'a [f32],
@@ -72,6 +74,7 @@ struct Tiles<'a, 'o, 'e> {
 }
 
 impl Tiles<'_, '_, '_> {
+    /// Every row times the given panels: whole panels as two vectors, a last half panel as one.
     #[inline(always)]
     fn panels<const PACKED: bool>(&mut self, w: &PackedWeights, panels: Range<usize>) {
         for p in panels {
