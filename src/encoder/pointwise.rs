@@ -728,6 +728,25 @@ mod tests {
         assert_eq!(balanced_rows(49, 2), 25);
     }
 
+    /// `(rows, k, n)` of the tile tests: every tail of rows, narrow and half panels, packed
+    /// rows (`n` of at least `PACK_FROM_COLUMNS`) and rows in place.
+    const TILE_SHAPES: &[(usize, usize, usize)] = &[
+        (1, 3, 16),
+        (13, 5, 40),
+        (49, 24, 64),
+        (23, 9, 200),
+        (8, 16, 96),
+        (7, 1, 65),
+        (11, 7, 24),
+        (17, 12, 56),
+        (10, 43, 48),
+        (30, 17, 20),
+        (25, 9, 4),
+        (9, 19, 1040),
+        (14, 8, 1024),
+        (33, 40, 1280),
+    ];
+
     /// The AVX-512 tiles compute the AVX2 tiles' products in the same order: the same bits,
     /// for packed and in-place rows, every tail of rows, half panels, residuals, and both
     /// output layouts. Runs only on a CPU with AVX-512 (it says so otherwise).
@@ -739,16 +758,7 @@ mod tests {
             return;
         };
         // Every AVX-512 CPU has FMA, so `rows_simd` runs its fused multiply-add tiles.
-        for (m, k, n) in [
-            (1, 3, 16),
-            (13, 5, 40),
-            (49, 24, 64),
-            (23, 9, 200),
-            (17, 12, 56),
-            (9, 19, 1040),
-            (14, 8, 1024),
-            (33, 40, 1280),
-        ] {
+        for &(m, k, n) in TILE_SHAPES {
             let (x, w, bias, res) = (values(m * k, 1), values(k * n, 2), values(n, 3), values(m * n, 4));
             let packed = PackedWeights::pack(&w, k, n);
             for (residual, relu6) in [(None, false), (Some(&res[..]), true)] {
@@ -789,21 +799,7 @@ mod tests {
     /// panels, with and without fused multiply-adds, packed rows (outputs of at least `PACK_FROM_COLUMNS`) and rows in place.
     #[test]
     fn every_tile_configuration_matches_a_naive_product() {
-        for (m, k, n) in [
-            (1, 3, 16),
-            (13, 5, 40),
-            (49, 24, 64),
-            (23, 9, 200),
-            (8, 16, 96),
-            (7, 1, 65),
-            (11, 7, 24),
-            (17, 12, 56),
-            (10, 43, 48),
-            (30, 17, 20),
-            (25, 9, 4),
-            (9, 19, 1040),
-            (14, 8, 1024),
-        ] {
+        for &(m, k, n) in TILE_SHAPES {
             let (x, w, bias, res) = (values(m * k, 1), values(k * n, 2), values(n, 3), values(m * n, 4));
             let packed = PackedWeights::pack(&w, k, n);
             for (residual, relu6) in [(None, false), (Some(&res[..]), true)] {

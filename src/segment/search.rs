@@ -175,13 +175,13 @@ impl Segment {
             // The walk ranked by int8 scores: rescore its best with the exact vectors.
             let hits = results.sorted_hits(ef);
             let bound = code_error_bound(query, view.scales, factor);
-            Ok(self.rescore(hits, query, k, Some(bound), row))
+            Ok(self.rescore(hits, query, k, bound, row))
         })
     }
 
     /// The exact top `k` of a walk's candidates (`hits`, best int8 score first): their exact
-    /// scores from the f32 rows. With `bound` (the int8 scores' error bound), only the
-    /// candidates within `2 * bound` of the k-th best int8 score are read (the others cannot
+    /// scores from the f32 rows. Only the candidates within `2 * bound` (`bound`: the int8
+    /// scores' error bound) of the k-th best int8 score are read (the others cannot
     /// be in the top `k`, [`flat_scan`]'s argument): the same result, from a handful of rows
     /// instead of `ef` (each a `pread` in a large segment).
     fn rescore(
@@ -189,15 +189,12 @@ impl Segment {
         mut hits: Vec<Hit>,
         query: &[f32],
         k: usize,
-        bound: Option<f32>,
+        bound: f32,
         row: &mut Vec<f32>,
     ) -> Vec<Hit> {
-        if let Some(b) = bound
-            && hits.len() > k
-            && k > 0
-        {
+        if hits.len() > k && k > 0 {
             let kth = hits[k - 1].score;
-            let floor = kth - 2.0 * b - 1e-5 * (1.0 + kth.abs());
+            let floor = kth - 2.0 * bound - 1e-5 * (1.0 + kth.abs());
             hits.truncate(hits.partition_point(|h| h.score >= floor));
         }
         for h in &mut hits {

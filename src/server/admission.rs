@@ -71,8 +71,8 @@ impl Default for AdmissionConfig {
     /// turns on them), 1 waiting. Searches: one per core, 64 waiting. Writes: 64 at once (the
     /// writer batches them into one fsync), 1024 waiting. A queued request waits at most
     /// 50 ms, and a query (embed or search) waits only while its expected wait is within one
-    /// mean service time ([`may_queue`]). The embed queue is as deep as the slots: an admitted image query waits at most
-    /// about one embedding before it runs, which keeps its p99 under twice the unloaded one
+    /// mean service time ([`may_queue`]). The embed queue is as deep as the slots: an
+    /// admitted image query waits at most about one embedding before it runs, which keeps its p99 under twice the unloaded one
     /// however large the spike (measured with examples/loadgen: 1.36x under a 20x spike).
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -215,18 +215,21 @@ impl Admission {
             return Ok(gate.permit(slot, true));
         }
         let ahead = gate.waiting.fetch_add(1, Ordering::AcqRel);
-        if ahead >= gate.limit.queued {
-            gate.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(gate.shed(&format!("too many {} requests queued", work.name())));
-        }
         let service = gate.service();
-        if work.paced() && !may_queue(ahead, gate.limit.running, service) {
-            gate.waiting.fetch_sub(1, Ordering::AcqRel);
-            return Err(gate.shed(&format!(
+        let refused = if ahead >= gate.limit.queued {
+            Some(format!("too many {} requests queued", work.name()))
+        } else if work.paced() && !may_queue(ahead, gate.limit.running, service) {
+            Some(format!(
                 "{ahead} {} requests already wait for a slot (about {:.1} ms each)",
                 work.name(),
                 service.as_secs_f64() * 1e3
-            )));
+            ))
+        } else {
+            None
+        };
+        if let Some(why) = refused {
+            gate.waiting.fetch_sub(1, Ordering::AcqRel);
+            return Err(gate.shed(&why));
         }
         let waited = tokio::time::timeout(self.max_wait, Arc::clone(&gate.slots).acquire_owned()).await;
         gate.waiting.fetch_sub(1, Ordering::AcqRel);

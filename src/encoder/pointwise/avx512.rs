@@ -13,7 +13,7 @@ use pulp::f32x16;
 use pulp::x86::V4;
 
 use super::{
-    Accumulate, Columns, Epilogue, NR, OUT_BLOCK, Out, PACK_FROM_COLUMNS, PACKED_ROWS, PackedWeights,
+    Accumulate, Columns, Epilogue, NR, OUT_BLOCK, Out, PACK_FROM_COLUMNS, PACKED_ROWS, PackedWeights, Tiles,
 };
 use super::{Tiler, feed, pack_rows, panel_width, run_rows, scratch};
 
@@ -52,49 +52,48 @@ fn rows_inner(
 ) {
     let rows = src.len() / w.k;
     if w.n < PACK_FROM_COLUMNS {
-        Tiles { simd, a: src, rows, k: w.k, out: &mut out, epilogue }.panels::<false>(w, panels);
+        let mut tiles = Tiles { a: src, rows, k: w.k, out: &mut out, epilogue };
+        each_panel::<false>(simd, &mut tiles, w, panels);
         return;
     }
     let mut packed = PACKED_ROWS.take();
     let a = scratch(&mut packed, src.len());
     pack_rows::<R>(src, w.k, a);
-    Tiles { simd, a, rows, k: w.k, out: &mut out, epilogue }.panels::<true>(w, panels);
+    each_panel::<true>(simd, &mut Tiles { a, rows, k: w.k, out: &mut out, epilogue }, w, panels);
     PACKED_ROWS.set(packed);
 }
 
-/// The activation rows of one call and where their products go, as the AVX2 path's
-/// `Tiles`, with the vector unit's token.
-struct Tiles<'a, 'o, 'e> {
+/// Every row of `tiles` times the given panels: whole panels as two vectors, a last half
+/// panel as one.
+#[inline(always)]
+fn each_panel<const PACKED: bool>(
     simd: V4,
-    a: &'a [f32],
-    rows: usize,
-    k: usize,
-    out: &'a mut Out<'o>,
-    epilogue: Epilogue<'e>,
-}
-
-impl Tiles<'_, '_, '_> {
-    /// Every row times the given panels: whole panels as two vectors, a last half panel as one.
-    #[inline(always)]
-    fn panels<const PACKED: bool>(&mut self, w: &PackedWeights, panels: Range<usize>) {
-        for p in panels {
-            let width = panel_width(w.n, p);
-            let panel = &w.panels[p * w.k * NR..p * w.k * NR + w.k * width];
-            let at = Columns { first: p * NR, count: (w.n - p * NR).min(width), n: w.n };
-            if width == NR {
-                self.run::<2, NR, PACKED>(panel, at);
-            } else {
-                self.run::<1, OUT_BLOCK, PACKED>(panel, at);
-            }
+    tiles: &mut Tiles<'_, '_, '_>,
+    w: &PackedWeights,
+    panels: Range<usize>,
+) {
+    for p in panels {
+        let width = panel_width(w.n, p);
+        let panel = &w.panels[p * w.k * NR..p * w.k * NR + w.k * width];
+        let at = Columns { first: p * NR, count: (w.n - p * NR).min(width), n: w.n };
+        if width == NR {
+            run::<2, NR, PACKED>(simd, tiles, panel, at);
+        } else {
+            run::<1, OUT_BLOCK, PACKED>(simd, tiles, panel, at);
         }
     }
+}
 
-    /// Every row times one panel of `V` vectors (`W = 16 V` columns).
-    #[inline(always)]
-    fn run<const V: usize, const W: usize, const PACKED: bool>(&mut self, panel: &[f32], at: Columns) {
-        let tiler = Vectors::<V, PACKED> { simd: self.simd };
-        run_rows::<R, W, _>(&tiler, (self.a, self.rows, self.k, 0), panel, at, self.epilogue, self.out);
-    }
+/// Every row of `tiles` times one panel of `V` vectors (`W = 16 V` columns).
+#[inline(always)]
+fn run<const V: usize, const W: usize, const PACKED: bool>(
+    simd: V4,
+    tiles: &mut Tiles<'_, '_, '_>,
+    panel: &[f32],
+    at: Columns,
+) {
+    let rows = (tiles.a, tiles.rows, tiles.k, 0);
+    run_rows::<R, W, _>(&Vectors::<V, PACKED> { simd }, rows, panel, at, tiles.epilogue, tiles.out);
 }
 
 /// The tiles of a panel of `V` vectors.
