@@ -33,8 +33,15 @@ pub const ROWS_PER_TASK: usize = 64;
 pub struct PackedWeights {
     k: usize,
     n: usize,
-    panels: Vec<f32>,
+    panels: Vec<Line>,
 }
+
+/// Sixteen values on a 64-byte boundary, the unit the panels are stored in: every panel
+/// starts a line (its size, `k` times 16 or 32 values, is whole lines), so no vector load of a
+/// panel row straddles two cache lines (a split 512-bit load costs two of the core's loads).
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct Line([f32; 16]);
 
 impl PackedWeights {
     /// Packs a row-major `(k, n)` matrix. The last panel is half wide ([`OUT_BLOCK`] columns)
@@ -42,8 +49,9 @@ impl PackedWeights {
     /// 144 channels) do not multiply a half panel of zeros.
     pub fn pack(w: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(w.len(), k * n, "weight matrix is not {k}x{n}");
-        let panels_len = (0..n.div_ceil(NR)).map(|p| k * panel_width(n, p)).sum();
-        let mut panels = vec![0f32; panels_len];
+        let panels_len: usize = (0..n.div_ceil(NR)).map(|p| k * panel_width(n, p)).sum();
+        let mut lines = vec![Line([0.0; 16]); panels_len / 16];
+        let panels: &mut [f32] = bytemuck::cast_slice_mut(&mut lines);
         for p in 0..n.div_ceil(NR) {
             let width = panel_width(n, p);
             let cols = (n - p * NR).min(width);
@@ -52,7 +60,12 @@ impl PackedWeights {
                 dst[..cols].copy_from_slice(&w[row * n + p * NR..][..cols]);
             }
         }
-        Self { k, n, panels }
+        Self { k, n, panels: lines }
+    }
+
+    /// The packed values (see the module docs).
+    fn values(&self) -> &[f32] {
+        bytemuck::cast_slice(&self.panels)
     }
 
     /// Input channels.
@@ -331,7 +344,7 @@ impl Tiles<'_, '_, '_> {
     ) {
         for p in panels {
             let width = panel_width(w.n, p);
-            let panel = &w.panels[p * w.k * NR..p * w.k * NR + w.k * width];
+            let panel = &w.values()[p * w.k * NR..p * w.k * NR + w.k * width];
             let cols = (w.n - p * NR).min(width);
             if width == NR {
                 let at = Columns { first: p * NR, count: OUT_BLOCK, n: w.n };

@@ -5,6 +5,9 @@
 use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 /// TF "same" padding along one axis: output length and the zeros added before and after
 /// (the odd one goes after).
 pub(in crate::encoder) fn same_padding(input: usize, kernel: usize, stride: usize) -> (usize, usize, usize) {
@@ -257,7 +260,8 @@ const DEPTHWISE_LANES: usize = 64;
 /// registers. Otherwise (channels-last input, `(k, k, c)` weights) each output pixel is
 /// accumulated in registers over all taps, [`DEPTHWISE_LANES`] channels at a time. Both sum
 /// the taps in the same order, so give the same values.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+///
+/// The blocked layout runs on AVX-512 tiles where the CPU has them ([`avx512`]).
 pub(in crate::encoder) fn depthwise_row(
     src: &[f32],
     wt: &[f32],
@@ -266,6 +270,18 @@ pub(in crate::encoder) fn depthwise_row(
     oy: usize,
     g: Geometry,
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if g.blocked
+        && let Some(simd) = avx512::available()
+    {
+        return avx512::blocked_row(simd, src, wt, bias, dst, oy, g);
+    }
+    depthwise_row_simd(src, wt, bias, dst, oy, g)
+}
+
+/// [`depthwise_row`] on the best of the builds for this CPU's vector units.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn depthwise_row_simd(src: &[f32], wt: &[f32], bias: &[f32], dst: &mut [f32], oy: usize, g: Geometry) {
     match (g.blocked, target_cfg_f!(target_feature = "fma")) {
         (false, true) => depthwise_row_body::<true>(src, wt, bias, dst, oy, g),
         (false, false) => depthwise_row_body::<false>(src, wt, bias, dst, oy, g),
@@ -395,16 +411,10 @@ fn blocked_body<const FMA: bool>(
     oy: usize,
     g: Geometry,
 ) {
-    let c = g.c;
-    let ow = dst.len() / c;
-    let plane = g.h * g.w * BLOCK;
+    let ow = dst.len() / g.c;
     let ky = tap_range(oy, g.stride, g.top, g.h, g.k);
     let (inner_start, inner_end) = inner_columns(ow, g);
-    for cb in 0..c / BLOCK {
-        let input: &[[f32; BLOCK]] = bytemuck::cast_slice(&src[cb * plane..(cb + 1) * plane]);
-        let weights: &[[f32; BLOCK]] =
-            bytemuck::cast_slice(&wt[cb * g.k * g.k * BLOCK..(cb + 1) * g.k * g.k * BLOCK]);
-        let b: &[f32; BLOCK] = bias[cb * BLOCK..(cb + 1) * BLOCK].try_into().expect("BLOCK lanes");
+    for ChannelBlock { cb, input, weights, bias: b } in channel_blocks(src, wt, bias, g) {
         let t = BlockedRow { input, weights, bias: b, ky: ky.clone(), oy, g };
         let mut ox = 0;
         while ox < ow {
@@ -429,6 +439,33 @@ fn blocked_body<const FMA: bool>(
             }
         }
     }
+}
+
+/// One channel block of a blocked-layout depthwise convolution: its input plane, its
+/// `(k, k)` taps and its bias.
+struct ChannelBlock<'a> {
+    cb: usize,
+    input: &'a [[f32; BLOCK]],
+    weights: &'a [[f32; BLOCK]],
+    bias: &'a [f32; BLOCK],
+}
+
+/// The `g.c / BLOCK` channel blocks of blocked input `src`, weights `wt` and `bias`.
+#[inline(always)]
+fn channel_blocks<'a>(
+    src: &'a [f32],
+    wt: &'a [f32],
+    bias: &'a [f32],
+    g: Geometry,
+) -> impl Iterator<Item = ChannelBlock<'a>> {
+    let plane = g.h * g.w * BLOCK;
+    let taps = g.k * g.k * BLOCK;
+    (0..g.c / BLOCK).map(move |cb| ChannelBlock {
+        cb,
+        input: bytemuck::cast_slice(&src[cb * plane..(cb + 1) * plane]),
+        weights: bytemuck::cast_slice(&wt[cb * taps..(cb + 1) * taps]),
+        bias: bias[cb * BLOCK..(cb + 1) * BLOCK].try_into().expect("BLOCK lanes"),
+    })
 }
 
 /// One output row's view of one channel block.

@@ -93,6 +93,10 @@ fn depthwise_kernels_match_grouped_conv2d() {
         (1, 32, 3, 3, 5, 1),
         (1, 16, 1, 1, 3, 1),
         (1, 16, 14, 14, 5, 2),
+        // Rows wide enough for the AVX-512 kernel's tiles of 8 pixels, with tiles of 4 after.
+        (1, 16, 5, 45, 3, 2),
+        (1, 32, 6, 27, 5, 1),
+        (1, 16, 7, 44, 5, 2),
     ] {
         let x = Tensor::randn(0f32, 1.0, (n, c, h, w), &dev).unwrap();
         let wt = Tensor::randn(0f32, 1.0, (c, 1, k, k), &dev).unwrap();

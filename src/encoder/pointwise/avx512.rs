@@ -35,6 +35,8 @@ pub(super) fn rows(
     epilogue: Epilogue<'_>,
     out: Out<'_>,
 ) {
+    // `out` moves into the call, so the closure is `FnOnce` only and pulp inlines its body
+    // under AVX-512 (see `lite::kernels::avx512::blocked_row`).
     simd.vectorize(
         #[inline(always)]
         move || rows_inner(simd, src, w, panels, epilogue, out),
@@ -74,7 +76,7 @@ fn each_panel<const PACKED: bool>(
 ) {
     for p in panels {
         let width = panel_width(w.n, p);
-        let panel = &w.panels[p * w.k * NR..p * w.k * NR + w.k * width];
+        let panel = &w.values()[p * w.k * NR..p * w.k * NR + w.k * width];
         let at = Columns { first: p * NR, count: (w.n - p * NR).min(width), n: w.n };
         if width == NR {
             run::<2, NR, PACKED>(simd, tiles, panel, at);
