@@ -189,6 +189,11 @@ fn head_parts() {
 #[ignore = "timing printout, not a test"]
 fn unfused_parts() {
     let net = lite0();
+    // Inside the pool, as `feature_map` runs the network.
+    rayon::scope(|_| unfused_parts_in_pool(&net));
+}
+
+fn unfused_parts_in_pool(net: &super::LiteNet) {
     for (i, side, cin) in [(12usize, 7usize, 192usize), (11, 14, 112), (0, 112, 32)] {
         let b = &net.blocks[i];
         let x = Tensor::randn(0f32, 1.0, (1, side, side, cin), &Device::Cpu).unwrap();
@@ -290,24 +295,33 @@ fn one_block() {
     for b in &net.blocks[..block.unwrap_or(0)] {
         y = b.forward(&y, K).unwrap();
     }
-    let (start, mut reps) = (Instant::now(), 0);
-    while start.elapsed().as_secs_f64() < 4.0 {
-        match block {
-            Some(i) => net.blocks[i].forward(&y, K).unwrap(),
-            None => net.stem.forward(&x, K).unwrap(),
-        };
-        reps += 1;
-    }
-    println!("{which}: {:.3} ms", start.elapsed().as_secs_f64() / f64::from(reps) * 1e3);
+    // Inside the pool, as `feature_map` runs the network (from outside, every parallel loop
+    // would also pay for waking a pool thread and putting the caller to sleep).
+    rayon::scope(|_| {
+        let (start, mut reps) = (Instant::now(), 0);
+        while start.elapsed().as_secs_f64() < 4.0 {
+            match block {
+                Some(i) => net.blocks[i].forward(&y, K).unwrap(),
+                None => net.stem.forward(&x, K).unwrap(),
+            };
+            reps += 1;
+        }
+        println!("{which}: {:.3} ms", start.elapsed().as_secs_f64() / f64::from(reps) * 1e3);
+    });
 }
 
 /// The whole network (`pooled_features`) at batch 1 to 32: images/s, best of 5 rounds. Run
-/// with `cargo test --release --lib encoder::lite::profile::network -- --ignored --nocapture`.
+/// with `cargo test --release --lib encoder::lite::profile::network -- --ignored --nocapture`
+/// (`BATCHES=1` for batch 1 alone).
 #[test]
 #[ignore = "timing printout, not a test"]
 fn network() {
     let net = lite0();
-    for n in [1usize, 4, 8, 16, 32] {
+    let batches: Vec<usize> = match std::env::var("BATCHES") {
+        Ok(list) => list.split(',').map(|b| b.parse().expect("BATCHES: e.g. 1,32")).collect(),
+        Err(_) => vec![1, 4, 8, 16, 32],
+    };
+    for n in batches {
         let x = Tensor::randn(0f32, 1.0, (n, 3, 224, 224), &Device::Cpu).unwrap();
         net.pooled_features(&x).unwrap();
         let reps = if n == 1 { 40 } else { 2 };
