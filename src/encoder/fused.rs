@@ -107,7 +107,7 @@ impl CpuBlock {
         if self.residual && (oh, ow, cout) != (h, w, cin) {
             candle_core::bail!("fused block: residual needs equal input and output shapes");
         }
-        let mut out = vec![0f32; n * oh * ow * cout];
+        let mut out = super::zeroed(n * oh * ow * cout);
         if out.is_empty() {
             return Ok((out, oh, ow, cout));
         }

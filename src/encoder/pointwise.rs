@@ -117,7 +117,7 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
     if let Some(r) = epilogue.residual {
         assert_eq!(r.len(), m * n, "residual shape");
     }
-    let mut out = vec![0f32; m * n];
+    let mut out = super::zeroed(m * n);
     let threads = rayon::current_num_threads();
     let panels = n.div_ceil(NR);
     if m >= 2 * MR * threads || panels < 2 {

@@ -68,7 +68,7 @@ impl CustomOp3 for DenseConvOp {
         let x = &s1.as_slice::<f32>()?[x0..x1];
         let wt = &s2.as_slice::<f32>()?[w0..w1];
         let bias = &s3.as_slice::<f32>()?[b0..b1];
-        let mut out = vec![0f32; n * oh * ow * g.cout];
+        let mut out = crate::encoder::zeroed(n * oh * ow * g.cout);
         if !out.is_empty() {
             out.par_chunks_mut(ow * g.cout).enumerate().for_each(|(row, dst)| {
                 crate::background::yield_point();
@@ -372,7 +372,7 @@ impl CustomOp3 for DepthwiseOp {
             blocked: false,
         };
         let g = Geometry { blocked: blocked_pays(g), ..g };
-        let mut out = vec![0f32; n * oh * ow * c];
+        let mut out = crate::encoder::zeroed(n * oh * ow * c);
         if out.is_empty() {
             return Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, c))));
         }
@@ -383,7 +383,7 @@ impl CustomOp3 for DepthwiseOp {
         let (x, wt) = if g.blocked {
             blocked_wt = vec![0f32; wt.len()];
             to_blocked(wt, c, &mut blocked_wt);
-            blocked_x = vec![0f32; x.len()];
+            blocked_x = crate::encoder::zeroed(x.len());
             blocked_x.par_chunks_mut(h * w * BLOCK).enumerate().for_each(|(plane, dst)| {
                 let (image, cb) = (plane / (c / BLOCK), plane % (c / BLOCK));
                 to_blocked_plane(&x[image * h * w * c..(image + 1) * h * w * c], c, cb, dst);
