@@ -68,6 +68,13 @@ impl PackedWeights {
         bytemuck::cast_slice(&self.panels)
     }
 
+    /// Panel `p`: its `k` rows of [`panel_width`] values, and the output columns it holds.
+    fn panel(&self, p: usize) -> (&[f32], Columns) {
+        let width = panel_width(self.n, p);
+        let at = Columns { first: p * NR, count: (self.n - p * NR).min(width), n: self.n };
+        (&self.values()[p * self.k * NR..p * self.k * NR + self.k * width], at)
+    }
+
     /// Input channels.
     pub fn k(&self) -> usize {
         self.k
@@ -299,12 +306,52 @@ fn rows_body<const R: usize, const FMA: bool>(
     w: &PackedWeights,
     panels: Range<usize>,
     epilogue: Epilogue<'_>,
+    out: Out<'_>,
+) {
+    each_row_tile::<R, _>(&HalfPanels::<R, FMA>, src, w, panels, epilogue, out);
+}
+
+/// The tiles of [`rows_body`]: `R` rows by half panels.
+struct HalfPanels<const R: usize, const FMA: bool>;
+
+impl<const R: usize, const FMA: bool> PanelLoop for HalfPanels<R, FMA> {
+    #[inline(always)]
+    fn panels<const PACKED: bool>(
+        &self,
+        tiles: &mut Tiles<'_, '_, '_>,
+        w: &PackedWeights,
+        panels: Range<usize>,
+    ) {
+        tiles.panels::<R, PACKED, FMA>(w, panels);
+    }
+}
+
+/// A loop of register tiles over a call's panels, on activation rows as they are (`PACKED`
+/// false) or interleaved by [`pack_rows`].
+trait PanelLoop {
+    fn panels<const PACKED: bool>(
+        &self,
+        tiles: &mut Tiles<'_, '_, '_>,
+        w: &PackedWeights,
+        panels: Range<usize>,
+    );
+}
+
+/// Every row of `src` times the given panels through `tiles` (tiles of `R` rows): the rows
+/// read in place for outputs under [`PACK_FROM_COLUMNS`] channels, else first interleaved
+/// into the thread's [`PACKED_ROWS`] scratch.
+#[inline(always)]
+fn each_row_tile<const R: usize, L: PanelLoop>(
+    tiles: &L,
+    src: &[f32],
+    w: &PackedWeights,
+    panels: Range<usize>,
+    epilogue: Epilogue<'_>,
     mut out: Out<'_>,
 ) {
     let rows = src.len() / w.k;
     if w.n < PACK_FROM_COLUMNS {
-        let mut tiles = Tiles { a: src, rows, k: w.k, out: &mut out, epilogue };
-        tiles.panels::<R, false, FMA>(w, panels);
+        tiles.panels::<false>(&mut Tiles { a: src, rows, k: w.k, out: &mut out, epilogue }, w, panels);
         return;
     }
     // Taken out and put back rather than borrowed in a closure: a closure is not compiled
@@ -312,7 +359,7 @@ fn rows_body<const R: usize, const FMA: bool>(
     let mut packed = PACKED_ROWS.take();
     let a = scratch(&mut packed, src.len());
     pack_rows::<R>(src, w.k, a);
-    Tiles { a, rows, k: w.k, out: &mut out, epilogue }.panels::<R, true, FMA>(w, panels);
+    tiles.panels::<true>(&mut Tiles { a, rows, k: w.k, out: &mut out, epilogue }, w, panels);
     PACKED_ROWS.set(packed);
 }
 
@@ -343,10 +390,8 @@ impl Tiles<'_, '_, '_> {
         panels: Range<usize>,
     ) {
         for p in panels {
-            let width = panel_width(w.n, p);
-            let panel = &w.values()[p * w.k * NR..p * w.k * NR + w.k * width];
-            let cols = (w.n - p * NR).min(width);
-            if width == NR {
+            let (panel, Columns { count: cols, .. }) = w.panel(p);
+            if panel.len() == w.k * NR {
                 let at = Columns { first: p * NR, count: OUT_BLOCK, n: w.n };
                 self.run::<R, OUT_BLOCK, NR, 0, PACKED, FMA>(panel, at, 0);
                 let at = Columns { first: p * NR + OUT_BLOCK, count: cols - OUT_BLOCK, n: w.n };

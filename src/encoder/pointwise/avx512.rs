@@ -12,10 +12,8 @@ use std::ops::Range;
 use pulp::f32x16;
 use pulp::x86::V4;
 
-use super::{
-    Accumulate, Columns, Epilogue, NR, OUT_BLOCK, Out, PACK_FROM_COLUMNS, PACKED_ROWS, PackedWeights, Tiles,
-};
-use super::{Tiler, feed, pack_rows, panel_width, run_rows, scratch};
+use super::{Accumulate, Columns, Epilogue, NR, OUT_BLOCK, Out, PackedWeights, PanelLoop, Tiles};
+use super::{Tiler, each_row_tile, feed, run_rows};
 
 /// Rows per tile: 8 rows by 2 vectors is 16 accumulators, plus 2 weight vectors and the
 /// broadcast, of the 32 registers.
@@ -39,49 +37,30 @@ pub(super) fn rows(
     // under AVX-512 (see `lite::kernels::avx512::blocked_row`).
     simd.vectorize(
         #[inline(always)]
-        move || rows_inner(simd, src, w, panels, epilogue, out),
+        move || each_row_tile::<R, _>(&WholePanels { simd }, src, w, panels, epilogue, out),
     )
 }
 
-#[inline(always)]
-fn rows_inner(
+/// The tiles of [`rows`]: 8 rows by a whole panel as two vectors, a last half panel as one.
+struct WholePanels {
     simd: V4,
-    src: &[f32],
-    w: &PackedWeights,
-    panels: Range<usize>,
-    epilogue: Epilogue<'_>,
-    mut out: Out<'_>,
-) {
-    let rows = src.len() / w.k;
-    if w.n < PACK_FROM_COLUMNS {
-        let mut tiles = Tiles { a: src, rows, k: w.k, out: &mut out, epilogue };
-        each_panel::<false>(simd, &mut tiles, w, panels);
-        return;
-    }
-    let mut packed = PACKED_ROWS.take();
-    let a = scratch(&mut packed, src.len());
-    pack_rows::<R>(src, w.k, a);
-    each_panel::<true>(simd, &mut Tiles { a, rows, k: w.k, out: &mut out, epilogue }, w, panels);
-    PACKED_ROWS.set(packed);
 }
 
-/// Every row of `tiles` times the given panels: whole panels as two vectors, a last half
-/// panel as one.
-#[inline(always)]
-fn each_panel<const PACKED: bool>(
-    simd: V4,
-    tiles: &mut Tiles<'_, '_, '_>,
-    w: &PackedWeights,
-    panels: Range<usize>,
-) {
-    for p in panels {
-        let width = panel_width(w.n, p);
-        let panel = &w.values()[p * w.k * NR..p * w.k * NR + w.k * width];
-        let at = Columns { first: p * NR, count: (w.n - p * NR).min(width), n: w.n };
-        if width == NR {
-            run::<2, NR, PACKED>(simd, tiles, panel, at);
-        } else {
-            run::<1, OUT_BLOCK, PACKED>(simd, tiles, panel, at);
+impl PanelLoop for WholePanels {
+    #[inline(always)]
+    fn panels<const PACKED: bool>(
+        &self,
+        tiles: &mut Tiles<'_, '_, '_>,
+        w: &PackedWeights,
+        panels: Range<usize>,
+    ) {
+        for p in panels {
+            let (panel, at) = w.panel(p);
+            if panel.len() == w.k * NR {
+                run::<2, NR, PACKED>(self.simd, tiles, panel, at);
+            } else {
+                run::<1, OUT_BLOCK, PACKED>(self.simd, tiles, panel, at);
+            }
         }
     }
 }
