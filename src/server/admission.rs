@@ -72,8 +72,9 @@ impl Default for AdmissionConfig {
     /// writer batches them into one fsync), 1024 waiting. A queued request waits at most
     /// 50 ms, and a query (embed or search) waits only while its expected wait is within one
     /// mean service time ([`may_queue`]). The embed queue is as deep as the slots: an
-    /// admitted image query waits at most about one embedding before it runs, which keeps its p99 under twice the unloaded one
-    /// however large the spike (measured with examples/loadgen: 1.36x under a 20x spike).
+    /// admitted image query waits at most about one embedding before it runs, which keeps its
+    /// p99 under twice the unloaded one however large the spike (measured with
+    /// examples/loadgen: 1.36x under a 20x spike).
     fn default() -> Self {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         AdmissionConfig {
