@@ -14,7 +14,10 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::lite::kernels::{BLOCK, Geometry, blocked_pays, depthwise_row, same_padding, to_blocked};
-use super::pointwise::{Epilogue, OUT_BLOCK, PointwiseLayer, matmul_into, matmul_into_blocked};
+use super::pointwise::{
+    Epilogue, NR, OUT_BLOCK, PointwiseLayer, balanced_rows, matmul_into, matmul_into_blocked,
+    matmul_into_panels,
+};
 
 // The expand writes the blocks the depthwise kernel reads.
 const _: () = assert!(OUT_BLOCK == BLOCK);
@@ -25,6 +28,28 @@ const _: () = assert!(OUT_BLOCK == BLOCK);
 const SCRATCH_BYTES: usize = 768 * 1024;
 /// Most expanded rows per input row that fusing may cost (rows shared by bands count twice).
 const MAX_OVERLAP: f64 = 1.4;
+/// Expanded channels per task of [`CpuBlock::forward_by_channels`]: three 1x1 panels.
+const GROUP_CHANNELS: usize = 3 * NR;
+
+/// How a block runs on the CPU, chosen by [`CpuBlock::plan`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Fused, in bands of this many output rows ([`CpuBlock::forward`]).
+    Bands(usize),
+    /// Expand and depthwise by groups of channels, then project by rows
+    /// ([`CpuBlock::forward_by_channels`]).
+    Channels,
+}
+
+/// A block's sizes for one input (see [`CpuBlock::shapes`]).
+struct Shapes {
+    mid: usize,
+    cout: usize,
+    oh: usize,
+    ow: usize,
+    top: usize,
+    left: usize,
+}
 
 /// One block's weights for the CPU: folded, packed, in host memory.
 #[derive(Debug)]
@@ -41,6 +66,9 @@ pub struct CpuBlock {
     /// `dw_weight` in the blocked layout of [`depthwise_row`], when `mid` is a multiple of
     /// [`BLOCK`] (else empty, and bands read channels-last input).
     dw_blocked: Vec<f32>,
+    /// `dw_weight` by groups of [`GROUP_CHANNELS`] channels: group `j`, `(k, k, width)`, starts
+    /// at `k * k * j * GROUP_CHANNELS`.
+    dw_groups: Vec<f32>,
 }
 
 thread_local! {
@@ -79,7 +107,13 @@ impl CpuBlock {
             dw_blocked = vec![0f32; dw_weight.len()];
             to_blocked(&dw_weight, mid, &mut dw_blocked);
         }
-        Self { expand, dw_weight, dw_bias, k, stride, project, residual, dw_blocked }
+        let mut dw_groups = Vec::with_capacity(dw_weight.len());
+        for c0 in (0..mid).step_by(GROUP_CHANNELS) {
+            for tap in dw_weight.chunks_exact(mid) {
+                dw_groups.extend_from_slice(&tap[c0..(c0 + GROUP_CHANNELS).min(mid)]);
+            }
+        }
+        Self { expand, dw_weight, dw_bias, k, stride, project, residual, dw_blocked, dw_groups }
     }
 
     /// NHWC `(n, h, w, cin)` -> `(output, oh, ow, cout)`, in bands of `band` output rows (as
@@ -93,20 +127,7 @@ impl CpuBlock {
         cin: usize,
         band: usize,
     ) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
-        let mid = self.dw_bias.len();
-        let cout = self.project.weights.n();
-        let expand_in = self.expand.as_ref().map_or(mid, |e| e.weights.k());
-        if x.len() != n * h * w * cin || expand_in != cin || self.project.weights.k() != mid {
-            candle_core::bail!("fused block: input ({n}, {h}, {w}, {cin}) does not fit the block's weights");
-        }
-        if self.k == 0 || self.stride == 0 || self.dw_weight.len() != self.k * self.k * mid {
-            candle_core::bail!("fused block: bad depthwise geometry");
-        }
-        let (oh, top, _) = same_padding(h, self.k, self.stride);
-        let (ow, left, _) = same_padding(w, self.k, self.stride);
-        if self.residual && (oh, ow, cout) != (h, w, cin) {
-            candle_core::bail!("fused block: residual needs equal input and output shapes");
-        }
+        let Shapes { mid, cout, oh, ow, top, left } = self.shapes(x, n, h, w, cin)?;
         let mut out = super::zeroed(n * oh * ow * cout);
         if out.is_empty() {
             return Ok((out, oh, ow, cout));
@@ -122,6 +143,121 @@ impl CpuBlock {
             image_out.par_chunks_mut(band * ow * cout).enumerate().for_each(|(b, dst)| {
                 crate::background::yield_point();
                 self.band(image_in, band * b, dst, g, ow, cin);
+            });
+        });
+        Ok((out, oh, ow, cout))
+    }
+
+    /// Checks that NHWC `(n, h, w, cin)` input `x` fits the block; returns its sizes.
+    fn shapes(&self, x: &[f32], n: usize, h: usize, w: usize, cin: usize) -> candle_core::Result<Shapes> {
+        let mid = self.dw_bias.len();
+        let cout = self.project.weights.n();
+        let expand_in = self.expand.as_ref().map_or(mid, |e| e.weights.k());
+        if x.len() != n * h * w * cin || expand_in != cin || self.project.weights.k() != mid {
+            candle_core::bail!("fused block: input ({n}, {h}, {w}, {cin}) does not fit the block's weights");
+        }
+        if self.k == 0 || self.stride == 0 || self.dw_weight.len() != self.k * self.k * mid {
+            candle_core::bail!("fused block: bad depthwise geometry");
+        }
+        let (oh, top, _) = same_padding(h, self.k, self.stride);
+        let (ow, left, _) = same_padding(w, self.k, self.stride);
+        if self.residual && (oh, ow, cout) != (h, w, cin) {
+            candle_core::bail!("fused block: residual needs equal input and output shapes");
+        }
+        Ok(Shapes { mid, cout, oh, ow, top, left })
+    }
+
+    /// How to run `n` images of `h` x `w` on the current pool: in bands where
+    /// [`band_rows`](Self::band_rows) finds a height; else, for a block with an expansion and
+    /// more than one thread, [`Plan::Channels`]; else `None` (three separate layers).
+    pub fn plan(&self, n: usize, h: usize, w: usize) -> Option<Plan> {
+        if let Some(band) = self.band_rows(n, h, w) {
+            return Some(Plan::Bands(band));
+        }
+        (self.expand.is_some() && rayon::current_num_threads() > 1).then_some(Plan::Channels)
+    }
+
+    /// Runs the block as [`plan`](Self::plan) chose.
+    pub fn run(
+        &self,
+        plan: Plan,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        cin: usize,
+    ) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
+        match plan {
+            Plan::Bands(band) => self.forward(x, n, h, w, cin, band),
+            Plan::Channels => self.forward_by_channels(x, n, h, w, cin),
+        }
+    }
+
+    /// The block for maps too small to cut into a band per thread (7x7 at batch 1): each task
+    /// expands the whole map into one group of [`GROUP_CHANNELS`] channels and runs the
+    /// depthwise convolution on them while they are in its cache; then each task projects a
+    /// share of the output rows. Two parallel steps instead of three separate layers', and each
+    /// thread reads only its part of the expansion's weights. Every value is computed as in
+    /// [`forward`](Self::forward), so the output is the same.
+    pub fn forward_by_channels(
+        &self,
+        x: &[f32],
+        n: usize,
+        h: usize,
+        w: usize,
+        cin: usize,
+    ) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
+        let Shapes { mid, cout, oh, ow, top, left } = self.shapes(x, n, h, w, cin)?;
+        let Some(expand) = &self.expand else {
+            candle_core::bail!("fused block: channel groups need an expansion");
+        };
+        let (pixels, out_pixels, k) = (h * w, oh * ow, self.k);
+        let rows = n * out_pixels;
+        if rows == 0 || mid == 0 {
+            return Ok((super::zeroed(rows * cout), oh, ow, cout));
+        }
+        // The depthwise output by groups: group `j`'s `(rows, width)` values start at
+        // `rows * j * GROUP_CHANNELS`.
+        let mut grouped = super::zeroed(rows * mid);
+        let panels = expand.weights.n().div_ceil(NR);
+        let expand_epilogue = Epilogue { bias: &expand.bias, residual: None, relu6: true };
+        grouped.par_chunks_mut(rows * GROUP_CHANNELS).enumerate().for_each(|(j, dst)| {
+            crate::background::yield_point();
+            let (c0, width) = (j * GROUP_CHANNELS, dst.len() / rows);
+            let g =
+                Geometry { h, w, c: width, k, stride: self.stride, top, left, relu6: true, blocked: false };
+            let weights = &self.dw_groups[k * k * c0..k * k * (c0 + width)];
+            let bias = &self.dw_bias[c0..c0 + width];
+            SCRATCH.with_borrow_mut(|(expanded, _, _)| {
+                expanded.resize(n * pixels * width, 0.0);
+                let group_panels = c0 / NR..((c0 + GROUP_CHANNELS) / NR).min(panels);
+                matmul_into_panels(x, &expand.weights, group_panels, expand_epilogue, expanded);
+                for (image, out) in dst.chunks_exact_mut(out_pixels * width).enumerate() {
+                    let src = &expanded[image * pixels * width..(image + 1) * pixels * width];
+                    for (oy, row) in out.chunks_exact_mut(ow * width).enumerate() {
+                        depthwise_row(src, weights, bias, row, oy, g);
+                    }
+                }
+            });
+        });
+        let mut out = super::zeroed(rows * cout);
+        let per_task = balanced_rows(rows, rayon::current_num_threads());
+        out.par_chunks_mut(per_task * cout).enumerate().for_each(|(task, dst)| {
+            crate::background::yield_point();
+            let (first, count) = (task * per_task, dst.len() / cout);
+            SCRATCH.with_borrow_mut(|(_, _, gathered)| {
+                gathered.resize(count * mid, 0.0);
+                for c0 in (0..mid).step_by(GROUP_CHANNELS) {
+                    let width = GROUP_CHANNELS.min(mid - c0);
+                    let group = &grouped[rows * c0..rows * (c0 + width)];
+                    let part = &group[first * width..(first + count) * width];
+                    for (row, from) in gathered.chunks_exact_mut(mid).zip(part.chunks_exact(width)) {
+                        row[c0..c0 + width].copy_from_slice(from);
+                    }
+                }
+                let residual = self.residual.then(|| &x[first * cout..(first + count) * cout]);
+                let epilogue = Epilogue { bias: &self.project.bias, residual, relu6: false };
+                matmul_into(gathered, &self.project.weights, epilogue, dst);
             });
         });
         Ok((out, oh, ow, cout))

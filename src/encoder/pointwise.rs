@@ -182,6 +182,25 @@ pub fn matmul_into(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>, dst: &m
     rows_kernel(&x[..rows * w.k], w, 0..panels, epilogue, Out { dst, ld: w.n, col0: 0, block_rows: 0 });
 }
 
+/// [`matmul_into`] for the output columns of `panels` only: `dst` holds `x.len() / w.k()` rows
+/// of those columns, side by side (no residual). Each value is the same as in the full product.
+pub fn matmul_into_panels(
+    x: &[f32],
+    w: &PackedWeights,
+    panels: Range<usize>,
+    epilogue: Epilogue<'_>,
+    dst: &mut [f32],
+) {
+    let rows = x.len() / w.k;
+    assert!(panels.start < panels.end && panels.end <= w.n.div_ceil(NR), "panels {panels:?}");
+    let col0 = panels.start * NR;
+    let cols = (panels.end * NR).min(w.n) - col0;
+    assert_eq!(dst.len(), rows * cols, "output shape");
+    assert_eq!(epilogue.bias.len(), w.n, "bias length");
+    assert!(epilogue.residual.is_none(), "no residual for a part of the columns");
+    rows_kernel(&x[..rows * w.k], w, panels, epilogue, Out { dst, ld: cols, col0, block_rows: 0 });
+}
+
 /// [`matmul_into`] with the output in blocks of [`OUT_BLOCK`] channels: `w.n() / OUT_BLOCK`
 /// planes of `(rows, OUT_BLOCK)`, the layout the depthwise kernel's tiles read (no
 /// residual; `w.n()` a multiple of [`OUT_BLOCK`]).

@@ -261,7 +261,8 @@ const DEPTHWISE_LANES: usize = 64;
 /// accumulated in registers over all taps, [`DEPTHWISE_LANES`] channels at a time. Both sum
 /// the taps in the same order, so give the same values.
 ///
-/// The blocked layout runs on AVX-512 tiles where the CPU has them ([`avx512`]).
+/// Both run on AVX-512 where the CPU has it ([`avx512`]; channels-last when `c` is a multiple of
+/// [`BLOCK`]).
 pub(in crate::encoder) fn depthwise_row(
     src: &[f32],
     wt: &[f32],
@@ -271,10 +272,10 @@ pub(in crate::encoder) fn depthwise_row(
     g: Geometry,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if g.blocked
+    if (g.blocked || g.c.is_multiple_of(BLOCK))
         && let Some(simd) = avx512::available()
     {
-        return avx512::blocked_row(simd, src, wt, bias, dst, oy, g);
+        return avx512::depthwise_row(simd, src, wt, bias, dst, oy, g);
     }
     depthwise_row_simd(src, wt, bias, dst, oy, g)
 }

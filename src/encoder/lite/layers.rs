@@ -176,8 +176,8 @@ impl Block {
     pub(super) fn forward(&self, x: &Tensor, kernels: Kernels) -> candle_core::Result<Tensor> {
         if let (Kernels::Cpu, Some(cpu)) = (kernels, &self.cpu) {
             let (n, h, w, _) = x.dims4()?;
-            if let Some(band) = cpu.band_rows(n, h, w) {
-                return x.contiguous()?.apply_op1_no_bwd(&FusedBlockOp { block: cpu.clone(), band });
+            if let Some(plan) = cpu.plan(n, h, w) {
+                return x.contiguous()?.apply_op1_no_bwd(&FusedBlockOp { block: cpu.clone(), plan });
             }
         }
         self.forward_unfused(x, kernels)

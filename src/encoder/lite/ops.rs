@@ -12,7 +12,7 @@ use super::kernels::{
     BLOCK, DenseGeometry, Geometry, add_bias_row, blocked_pays, dense_row, depthwise_dims, depthwise_row,
     same_padding, to_blocked, to_blocked_plane,
 };
-use crate::encoder::fused::CpuBlock;
+use crate::encoder::fused::{CpuBlock, Plan};
 use crate::encoder::pointwise::{self, Epilogue, PointwiseLayer};
 
 /// The CPU stem kernel: NCHW input `(n, in, h, w)`, weight `(k, k, in, out)`, bias `(out,)`,
@@ -159,8 +159,8 @@ impl CustomOp2 for PointwiseOp {
 /// The fused CPU block (see [`crate::encoder::fused`]) on NHWC `(n, h, w, in)`.
 pub(super) struct FusedBlockOp {
     pub(super) block: Arc<CpuBlock>,
-    /// Output rows per band, from [`CpuBlock::band_rows`].
-    pub(super) band: usize,
+    /// How it runs, from [`CpuBlock::plan`].
+    pub(super) plan: Plan,
 }
 
 impl CustomOp1 for FusedBlockOp {
@@ -175,7 +175,7 @@ impl CustomOp1 for FusedBlockOp {
         let [n, h, w, c] = *l.dims() else {
             candle_core::bail!("fused block: input {:?} is not NHWC", l.dims());
         };
-        let (y, oh, ow, cout) = self.block.forward(&s.as_slice::<f32>()?[x0..x1], n, h, w, c, self.band)?;
+        let (y, oh, ow, cout) = self.block.run(self.plan, &s.as_slice::<f32>()?[x0..x1], n, h, w, c)?;
         Ok((CpuStorage::F32(y), Shape::from((n, oh, ow, cout))))
     }
 }

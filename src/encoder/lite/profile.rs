@@ -44,7 +44,7 @@ fn profile_forward() {
             for (i, b) in net.blocks.iter().enumerate() {
                 let reps = 40;
                 let (n, h, w, _) = y.dims4().unwrap();
-                let fused = b.cpu.as_ref().and_then(|c| c.band_rows(n, h, w));
+                let fused = b.cpu.as_ref().and_then(|c| c.plan(n, h, w));
                 let t = Instant::now();
                 for _ in 0..reps {
                     b.forward(&y, K).unwrap();

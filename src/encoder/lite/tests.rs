@@ -11,6 +11,7 @@ use super::layers::{DenseConv, bias_act};
 use super::ops::DepthwiseOp;
 use super::weights::{BN_EPS, Folded, WeightsError, fold_bn};
 use super::{Activation, Kernels, LiteNet};
+use crate::encoder::fused::Plan;
 
 /// Depthwise 2-D convolution with TF "same" padding on channels-last data, `x` `(n, h, w, c)`
 /// and `weight` `(k, k, c)`, by either path (the tests' entry point to both): on the CPU the
@@ -230,8 +231,8 @@ fn blocked_layout_only_where_tiles_cover_the_rows() {
 }
 
 /// At batch 1 on 2 threads, a 14x14 map fuses as two bands of 7 rows (one per thread), and
-/// the 7x7 maps with 5x5 kernels run unfused (no band plan avoids expanding shared rows
-/// twice over).
+/// the 7x7 maps with 5x5 kernels find no band plan (each would expand shared rows twice over)
+/// and run by channel groups; on one thread, as one band.
 #[test]
 fn band_plans_share_small_maps_evenly() {
     let net = lite0();
@@ -242,6 +243,34 @@ fn band_plans_share_small_maps_evenly() {
     assert_eq!(plan(6, 1, 14), Some(7));
     assert!(plan(6, 4, 14).is_some());
     assert_eq!(plan(12, 1, 7), None);
+    let cpu = net.blocks[12].cpu.as_ref().unwrap();
+    assert_eq!(pool.install(|| cpu.plan(1, 7, 7)), Some(Plan::Channels), "7x7 by channel groups");
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    assert_eq!(one.install(|| cpu.plan(1, 7, 7)), Some(Plan::Bands(7)), "one band on one thread");
+}
+
+/// The channel-group plan (7x7 maps at batch 1 on several threads) gives exactly the values of
+/// the fused bands, for every block with an expansion and maps of other sizes and batches.
+#[test]
+fn channel_groups_equal_the_fused_bands_bit_for_bit() {
+    let net = lite0();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+    let mut checked = 0;
+    for (i, block) in net.blocks.iter().enumerate() {
+        let (cpu, Some(expand)) = (block.cpu.as_ref().unwrap(), &block.expand) else { continue };
+        let cin = expand.weight_t.dims()[0];
+        for (n, h, w) in [(1, 7, 7), (2, 5, 9), (1, 14, 14)] {
+            let x = Tensor::randn(0f32, 1.0, (n, h, w, cin), &Device::Cpu).unwrap();
+            let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let (by_channels, oh, ..) = pool.install(|| cpu.forward_by_channels(&x, n, h, w, cin)).unwrap();
+            let (bands, ..) = cpu.forward(&x, n, h, w, cin, oh).unwrap();
+            assert_eq!(by_channels.len(), bands.len(), "block {i}");
+            let same = by_channels.iter().zip(&bands).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "block {i}, {n} x {h} x {w}: channel groups differ from the bands");
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 15 * 3, "every block but the first has an expansion");
 }
 
 /// Runs every block both ways; returns how many runs took the fused path.

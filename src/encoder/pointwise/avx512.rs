@@ -34,7 +34,7 @@ pub(super) fn rows(
     out: Out<'_>,
 ) {
     // `out` moves into the call, so the closure is `FnOnce` only and pulp inlines its body
-    // under AVX-512 (see `lite::kernels::avx512::blocked_row`).
+    // under AVX-512 (see `lite::kernels::avx512::depthwise_row`).
     simd.vectorize(
         #[inline(always)]
         move || each_row_tile::<R, _>(&WholePanels { simd }, src, w, panels, epilogue, out),
