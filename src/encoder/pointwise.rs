@@ -451,7 +451,7 @@ impl Tiles<'_, '_, '_> {
         while r + ROWS <= self.rows {
             let acc =
                 tile::<ROWS, NARROW_COLUMNS, S, OFF, false, FMA>(&self.a[r * k..(r + ROWS) * k], k, panel);
-            store(&acc, r, at, self.epilogue, self.out);
+            store(&Loops, &acc, r, at, self.epilogue, self.out);
             r += ROWS;
         }
         self.run::<6, NARROW_COLUMNS, S, OFF, false, FMA>(panel, at, r);
@@ -479,12 +479,38 @@ impl Tiles<'_, '_, '_> {
 }
 
 /// Makes the tiles of one panel's `W` columns, for any number of rows up to 8.
-trait Tiler<const W: usize> {
+trait Tiler<const W: usize>: Finish {
     fn tile<const R: usize>(&self, a: &[f32], k: usize, panel: &[f32]) -> [[f32; W]; R];
 }
 
+/// How a kernel applies the epilogue to a tile's values as it stores them: [`add_activate`]'s
+/// loops, unless the kernel has a form of its own (the same operations in the same order).
+trait Finish {
+    #[inline(always)]
+    fn add_activate<const N: usize>(
+        &self,
+        dst: &mut [f32; N],
+        values: &[f32; N],
+        bias: &[f32; N],
+        residual: Option<&[f32; N]>,
+        relu6: bool,
+    ) {
+        add_activate(dst, values, bias, residual, relu6)
+    }
+}
+
+/// [`add_activate`]'s loops, for the tiles that have no other form.
+struct Loops;
+
+impl Finish for Loops {}
+
 /// The plain-loop tiles ([`tile`]).
 struct Plain<const S: usize, const OFF: usize, const PACKED: bool, const FMA: bool>;
+
+impl<const S: usize, const OFF: usize, const PACKED: bool, const FMA: bool> Finish
+    for Plain<S, OFF, PACKED, FMA>
+{
+}
 
 impl<const W: usize, const S: usize, const OFF: usize, const PACKED: bool, const FMA: bool> Tiler<W>
     for Plain<S, OFF, PACKED, FMA>
@@ -509,18 +535,18 @@ fn run_rows<const R: usize, const W: usize, T: Tiler<W>>(
 ) {
     let mut r = first;
     while r + R <= rows {
-        store(&tiler.tile::<R>(&a[r * k..(r + R) * k], k, panel), r, at, e, out);
+        store(tiler, &tiler.tile::<R>(&a[r * k..(r + R) * k], k, panel), r, at, e, out);
         r += R;
     }
     let a = &a[r * k..];
     match rows - r {
-        7 => store(&tiler.tile::<7>(a, k, panel), r, at, e, out),
-        6 => store(&tiler.tile::<6>(a, k, panel), r, at, e, out),
-        5 => store(&tiler.tile::<5>(a, k, panel), r, at, e, out),
-        4 => store(&tiler.tile::<4>(a, k, panel), r, at, e, out),
-        3 => store(&tiler.tile::<3>(a, k, panel), r, at, e, out),
-        2 => store(&tiler.tile::<2>(a, k, panel), r, at, e, out),
-        1 => store(&tiler.tile::<1>(a, k, panel), r, at, e, out),
+        7 => store(tiler, &tiler.tile::<7>(a, k, panel), r, at, e, out),
+        6 => store(tiler, &tiler.tile::<6>(a, k, panel), r, at, e, out),
+        5 => store(tiler, &tiler.tile::<5>(a, k, panel), r, at, e, out),
+        4 => store(tiler, &tiler.tile::<4>(a, k, panel), r, at, e, out),
+        3 => store(tiler, &tiler.tile::<3>(a, k, panel), r, at, e, out),
+        2 => store(tiler, &tiler.tile::<2>(a, k, panel), r, at, e, out),
+        1 => store(tiler, &tiler.tile::<1>(a, k, panel), r, at, e, out),
         _ => {}
     }
 }
@@ -615,6 +641,7 @@ const UNPACKED_STEPS: usize = 8;
 /// Writes a tile's valid columns (`at`) with the epilogue applied.
 #[inline(always)]
 fn store<const R: usize, const W: usize>(
+    finish: &impl Finish,
     acc: &[[f32; W]; R],
     row: usize,
     at: Columns,
@@ -624,7 +651,7 @@ fn store<const R: usize, const W: usize>(
     let Columns { first: col, count: cols, n } = at;
     let bias = &epilogue.bias[col..col + cols];
     if cols == W {
-        store_full(acc, row, col, bias.try_into().expect("W bias values"), n, epilogue, out);
+        store_full(finish, acc, row, at, epilogue, out);
         return;
     }
     if out.block_rows > 0 {
@@ -673,14 +700,15 @@ fn activate(v: f32, relu6: bool) -> f32 {
 /// features), the same additions in the same order.
 #[inline(always)]
 fn store_full<const R: usize, const W: usize>(
+    finish: &impl Finish,
     acc: &[[f32; W]; R],
     row: usize,
-    col: usize,
-    bias: &[f32; W],
-    n: usize,
+    at: Columns,
     epilogue: Epilogue<'_>,
     out: &mut Out<'_>,
 ) {
+    let Columns { first: col, n, .. } = at;
+    let bias: &[f32; W] = epilogue.bias[col..col + W].try_into().expect("W bias values");
     for (i, acc_row) in acc.iter().enumerate() {
         if out.block_rows > 0 {
             for (h, (values, bias)) in
@@ -691,7 +719,7 @@ fn store_full<const R: usize, const W: usize>(
                     (&mut out.dst[at..at + OUT_BLOCK]).try_into().expect("a block row");
                 let values: &[f32; OUT_BLOCK] = values.try_into().expect("a block row");
                 let bias: &[f32; OUT_BLOCK] = bias.try_into().expect("a block row");
-                add_activate(dst, values, bias, None, epilogue.relu6);
+                finish.add_activate(dst, values, bias, None, epilogue.relu6);
             }
             continue;
         }
@@ -701,7 +729,7 @@ fn store_full<const R: usize, const W: usize>(
             let at = (row + i) * n + col;
             <&[f32; W]>::try_from(&res[at..at + W]).expect("W residual values")
         });
-        add_activate(dst, acc_row, bias, res, epilogue.relu6);
+        finish.add_activate(dst, acc_row, bias, res, epilogue.relu6);
     }
 }
 
@@ -838,7 +866,9 @@ mod tests {
         for &(m, k, n) in TILE_SHAPES {
             let (x, w, bias, res) = (values(m * k, 1), values(k * n, 2), values(n, 3), values(m * n, 4));
             let packed = PackedWeights::pack(&w, k, n);
-            for (residual, relu6) in [(None, false), (Some(&res[..]), true)] {
+            for (residual, relu6) in
+                [(None, false), (None, true), (Some(&res[..]), false), (Some(&res[..]), true)]
+            {
                 let e = Epilogue { bias: &bias, residual, relu6 };
                 let panels = 0..n.div_ceil(NR);
                 for block_rows in [0, m] {
