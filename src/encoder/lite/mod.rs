@@ -87,14 +87,18 @@ impl LiteNet {
     /// (NHWC, after ReLU6), before any pooling.
     ///
     /// On the CPU, called from outside a rayon pool, the whole pass runs on a thread of the
-    /// global pool: every layer's parallel loop then starts from inside the pool, where the
-    /// other threads are still awake from the layer before, instead of being sent into the
-    /// pool from outside and waited for, which woke a thread and put the caller to sleep at
-    /// every layer (`profile::network`, batch 1, six alternating pairs on 2 threads: 121-133
-    /// -> 130-150 images/s; one thread 77 -> 87).
+    /// global pool (from inside one, on that pool): every layer's parallel loop then starts
+    /// from inside the pool, where the other threads are still awake from the layer before,
+    /// instead of being sent into the pool from outside and waited for, which woke a thread
+    /// and put the caller to sleep at every layer (`profile::network`, batch 1, six
+    /// alternating pairs on 2 threads: 121-133 -> 130-150 images/s; one thread 77 -> 87).
+    ///
+    /// The pool's other threads are kept looking for work for the length of the pass
+    /// ([`keep_awake`]).
     pub fn feature_map(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.kernels == Kernels::Cpu && rayon::current_thread_index().is_none() {
-            return rayon::scope(|_| self.feature_map_in_pool(x));
+        if self.kernels == Kernels::Cpu {
+            // In the current pool, or the global one from outside any.
+            return rayon::scope(|scope| keep_awake(scope, || self.feature_map_in_pool(x)));
         }
         self.feature_map_in_pool(x)
     }
@@ -155,6 +159,58 @@ impl LiteNet {
     pub fn logits(&self, pooled: &Tensor) -> candle_core::Result<Tensor> {
         pooled.matmul(&self.fc_weight_t)?.broadcast_add(&self.fc_bias)
     }
+}
+
+/// Runs `f` on this pool thread while every other thread of the pool runs a keeper job that
+/// takes the pool's pending work (`rayon::yield_now`) and, finding none, yields the CPU
+/// (`sched_yield`) and looks again, until `f` returns.
+///
+/// Why: an idle rayon thread looks for work for about 32 rounds of `sched_yield`, then sleeps.
+/// A batch-1 pass has dozens of parallel steps, each a fraction of a millisecond, and between
+/// them the other thread often went to sleep: the next step then waited for a futex wake-up
+/// (an inter-processor interrupt, slow in a virtual machine) or ran on one thread (`perf stat`
+/// on one 7x7 block on 2 threads: 97 `sched_yield` and 2.5 context switches per pass). A
+/// keeper never sleeps, and still yields the CPU to any other runnable thread.
+///
+/// A keeper that starts on a thread in the middle of a pass (`f`'s own thread, which took it
+/// from its queue while waiting for a join, or a thread running another request's pass)
+/// returns at once: it would otherwise hold that pass up until this one ends. Keepers stop
+/// when `f` returns or unwinds.
+fn keep_awake<'scope, R>(scope: &rayon::Scope<'scope>, f: impl FnOnce() -> R) -> R {
+    use std::cell::Cell;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    thread_local! {
+        /// Passes under way on this thread (nested when a pass waiting for a join takes
+        /// another request's work).
+        static PASSES: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Ends the pass when dropped, also if `f` unwinds: stops its keepers.
+    struct Pass(Arc<AtomicBool>);
+    impl Drop for Pass {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+            PASSES.set(PASSES.get() - 1);
+        }
+    }
+
+    PASSES.set(PASSES.get() + 1);
+    let pass = Pass(Arc::new(AtomicBool::new(false)));
+    for _ in 1..rayon::current_num_threads() {
+        let done = pass.0.clone();
+        scope.spawn(move |_| {
+            while PASSES.get() == 0 && !done.load(Ordering::Acquire) {
+                if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                    std::thread::yield_now();
+                }
+            }
+        });
+    }
+    let result = f();
+    drop(pass);
+    result
 }
 
 /// Early activations at least this large per image are computed image by image (see

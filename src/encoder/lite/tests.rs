@@ -321,3 +321,28 @@ fn batched_features_equal_each_image_alone() {
         assert_eq!(first_batched > 0, h == 224, "{h}x{w}: {first_batched} blocks image by image");
     }
 }
+
+/// Passes from several threads at once on one 2-thread pool, each keeping the other thread
+/// awake while its keepers meet the other passes' work: every pass finishes, with the same
+/// features as its image alone.
+#[test]
+fn concurrent_passes_on_one_pool_finish_with_the_features_of_each_alone() {
+    let net = lite0();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    let features = |x: &Tensor| -> Vec<u32> {
+        let y = pool.install(|| net.pooled_features(x)).unwrap();
+        y.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+    };
+    let inputs: Vec<Tensor> =
+        (0..4).map(|_| Tensor::randn(0f32, 1.0, (1, 3, 64, 64), &Device::Cpu).unwrap()).collect();
+    let alone: Vec<Vec<u32>> = inputs.iter().map(features).collect();
+    std::thread::scope(|s| {
+        let runs: Vec<_> =
+            inputs.iter().map(|x| s.spawn(move || (0..5).map(|_| features(x)).collect::<Vec<_>>())).collect();
+        for (i, (run, want)) in runs.into_iter().zip(&alone).enumerate() {
+            for got in run.join().unwrap() {
+                assert!(got == *want, "input {i}: a concurrent pass differs from the pass alone");
+            }
+        }
+    });
+}
