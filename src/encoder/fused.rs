@@ -67,7 +67,7 @@ pub struct CpuBlock {
     /// [`BLOCK`] (else empty, and bands read channels-last input).
     dw_blocked: Vec<f32>,
     /// `dw_weight` by groups of [`GROUP_CHANNELS`] channels: group `j`, `(k, k, width)`, starts
-    /// at `k * k * j * GROUP_CHANNELS`.
+    /// at `k * k * j * GROUP_CHANNELS` (empty for a block without an expansion).
     dw_groups: Vec<f32>,
 }
 
@@ -107,10 +107,13 @@ impl CpuBlock {
             dw_blocked = vec![0f32; dw_weight.len()];
             to_blocked(&dw_weight, mid, &mut dw_blocked);
         }
-        let mut dw_groups = Vec::with_capacity(dw_weight.len());
-        for c0 in (0..mid).step_by(GROUP_CHANNELS) {
-            for tap in dw_weight.chunks_exact(mid) {
-                dw_groups.extend_from_slice(&tap[c0..(c0 + GROUP_CHANNELS).min(mid)]);
+        // Only a block with an expansion runs by channel groups (see `plan`).
+        let mut dw_groups = Vec::new();
+        if expand.is_some() {
+            for c0 in (0..mid).step_by(GROUP_CHANNELS) {
+                for tap in dw_weight.chunks_exact(mid) {
+                    dw_groups.extend_from_slice(&tap[c0..(c0 + GROUP_CHANNELS).min(mid)]);
+                }
             }
         }
         Self { expand, dw_weight, dw_bias, k, stride, project, residual, dw_blocked, dw_groups }

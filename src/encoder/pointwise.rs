@@ -649,11 +649,11 @@ fn store<const R: usize, const W: usize>(
     out: &mut Out<'_>,
 ) {
     let Columns { first: col, count: cols, n } = at;
-    let bias = &epilogue.bias[col..col + cols];
     if cols == W {
         store_full(finish, acc, row, at, epilogue, out);
         return;
     }
+    let bias = &epilogue.bias[col..col + cols];
     if out.block_rows > 0 {
         // `col` starts a panel, so each half of the tile is one block's row.
         for (i, acc_row) in acc.iter().enumerate() {

@@ -152,10 +152,7 @@ impl<const RR: usize, const V: usize> Accumulate<RR> for Accumulators<RR, V> {
     #[inline(always)]
     fn step(&mut self, av: &[f32; RR], panel_row: &[f32]) {
         let simd = self.simd;
-        let b: [f32x16; V] = std::array::from_fn(|j| {
-            let lanes: &[f32; 16] = panel_row[16 * j..16 * j + 16].try_into().expect("16 columns");
-            pulp::cast(*lanes)
-        });
+        let b: [f32x16; V] = std::array::from_fn(|j| lanes(panel_row, j));
         for (row, &x) in self.acc.iter_mut().zip(av) {
             let v = simd.splat_f32x16(x);
             for (acc, &bj) in row.iter_mut().zip(&b) {

@@ -158,10 +158,7 @@ impl Pixel<'_> {
             }
         }
         for (o, a) in out.iter_mut().zip(acc) {
-            let a: [f32; BLOCK] = pulp::cast(a);
-            for (o, &v) in o.iter_mut().zip(&a) {
-                *o = if g.relu6 { v.clamp(0.0, 6.0) } else { v };
-            }
+            store_vector(a, o, g.relu6);
         }
     }
 }
@@ -229,10 +226,17 @@ impl Row<'_> {
     #[inline(always)]
     fn store(&self, a: f32x16, ox: usize, dst: &mut [f32], cb: usize) {
         let out = &mut dst[ox * self.g.c + cb * BLOCK..ox * self.g.c + (cb + 1) * BLOCK];
-        let a: [f32; BLOCK] = pulp::cast(a);
-        for (o, &v) in out.iter_mut().zip(&a) {
-            *o = if self.g.relu6 { v.clamp(0.0, 6.0) } else { v };
-        }
+        store_vector(a, out, self.g.relu6);
+    }
+}
+
+/// One vector of [`BLOCK`] channels into `out`, clamped to `[0, 6]` when `relu6` (both
+/// layouts' kernels, as the AVX2 kernels store them).
+#[inline(always)]
+fn store_vector(a: f32x16, out: &mut [f32], relu6: bool) {
+    let a: [f32; BLOCK] = pulp::cast(a);
+    for (o, &v) in out.iter_mut().zip(&a) {
+        *o = if relu6 { v.clamp(0.0, 6.0) } else { v };
     }
 }
 
