@@ -3,15 +3,18 @@
 //! takes new writes. One [`LiveSet`] is published through an `ArcSwap` by the index writer;
 //! a search loads it once and sees a consistent set of segments for its whole run.
 //!
-//! Search fans out over every segment of one version, merges the hits, drops duplicates and
-//! deleted items, and applies an attribute filter. The filter planner counts the matching
-//! items with the attribute index first: a selective filter is answered by an exact scan over
-//! the matches (so its recall is 1), a broad one by a filtered HNSW walk with a wider beam.
+//! Search fans out over every segment of one version (each segment a task on the calling rayon
+//! pool, so a search that finds an idle core shares its segments with it), merges the hits,
+//! drops duplicates and deleted items, and applies an attribute filter. The filter planner
+//! counts the matching items with the attribute index first: a selective filter is answered
+//! by an exact scan over the matches (so its recall is 1), a broad one by a filtered HNSW walk
+//! with a wider beam.
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, OnceLock};
 
 use parking_lot::RwLock;
+use rayon::prelude::*;
 
 use super::deletes::DeleteSet;
 use super::filter::{AttrIndex, DocId, Filter};
@@ -81,6 +84,70 @@ pub struct VersionLive {
     /// Oldest first; each is being sealed.
     pub frozen: Vec<Arc<MutableSegment>>,
     pub mutable: Arc<MutableSegment>,
+}
+
+/// How a search runs on each segment: the normalised query, the hits it wants, and the
+/// filter planner's decisions.
+struct SegmentPlan<'a> {
+    query: &'a [f32],
+    k: usize,
+    /// The query's `ef` (0: each sealed segment's default).
+    ef: usize,
+    /// Scan the filter's matches exactly instead of walking the graph.
+    exact: bool,
+    /// The beam's widening for a filter (1: none).
+    widen: f64,
+    mask: Option<&'a DocMask>,
+}
+
+/// One segment's hits: (score, segment order, sku), newer segments having higher order.
+type PartHits = Vec<(f32, usize, SkuId)>;
+
+impl VersionLive {
+    /// The hits of sealed segment `order`, without its deleted items.
+    fn search_sealed(
+        &self,
+        order: usize,
+        plan: &SegmentPlan<'_>,
+        attrs: &RwLock<AttrIndex>,
+    ) -> Result<PartHits, IndexError> {
+        let s = &self.sealed[order];
+        let docs = plan.mask.map(|_| s.docs(attrs));
+        let deleted = s.deleted.count() > 0;
+        let keep = |pos: u32| {
+            !(deleted && s.deleted.contains(pos))
+                && match (plan.mask, docs) {
+                    (Some(m), Some(d)) => d.get(pos as usize).is_some_and(|&doc| m.contains(doc)),
+                    _ => true,
+                }
+        };
+        let filter: Option<&dyn Fn(u32) -> bool> =
+            if deleted || plan.mask.is_some() { Some(&keep) } else { None };
+        let hits = if plan.exact {
+            s.segment.brute_force(plan.query, plan.k, filter)?
+        } else {
+            let ef = if plan.ef == 0 { s.default_ef } else { plan.ef }.max(plan.k);
+            let ef = ((ef as f64 * plan.widen).ceil() as usize).clamp(ef, MAX_FILTERED_EF.max(ef));
+            s.segment.search(plan.query, plan.k, ef, filter)?
+        };
+        hits.into_iter()
+            .map(|h| {
+                let sku = SkuId::new(s.segment.sku(h.idx)).map_err(|_| IndexError::DamagedSku {
+                    model: self.version.clone(),
+                    id: s.id,
+                    idx: h.idx,
+                })?;
+                Ok((h.score, order, sku))
+            })
+            .collect()
+    }
+}
+
+/// The hits of an in-memory segment (frozen or mutable) searched as segment `order`.
+fn search_memory(m: &MutableSegment, order: usize, plan: &SegmentPlan<'_>) -> PartHits {
+    let keep_doc = |d: DocId| plan.mask.is_none_or(|m| m.contains(d));
+    let doc_filter: Option<&dyn Fn(DocId) -> bool> = if plan.mask.is_some() { Some(&keep_doc) } else { None };
+    m.search(plan.query, plan.k, doc_filter).into_iter().map(|(h, sku)| (h.score, order, sku)).collect()
 }
 
 /// Every model version's live index, as one writer generation publishes it.
@@ -226,44 +293,19 @@ impl VersionLive {
             }
         };
 
-        // (score, segment order, sku): newer segments have higher order.
-        let mut all: Vec<(f32, usize, SkuId)> = Vec::new();
-        for (order, s) in self.sealed.iter().enumerate() {
-            let docs = mask.as_ref().map(|_| s.docs(attrs));
-            let deleted = s.deleted.count() > 0;
-            let keep = |pos: u32| {
-                !(deleted && s.deleted.contains(pos))
-                    && match (&mask, docs) {
-                        (Some(m), Some(d)) => d.get(pos as usize).is_some_and(|&doc| m.contains(doc)),
-                        _ => true,
-                    }
-            };
-            let filter: Option<&dyn Fn(u32) -> bool> =
-                if deleted || mask.is_some() { Some(&keep) } else { None };
-            let hits = if exact {
-                s.segment.brute_force(&query, k_inner, filter)?
-            } else {
-                let ef = if q.ef == 0 { s.default_ef } else { q.ef }.max(k_inner);
-                let ef = ((ef as f64 * widen).ceil() as usize).clamp(ef, MAX_FILTERED_EF.max(ef));
-                s.segment.search(&query, k_inner, ef, filter)?
-            };
-            for h in hits {
-                let sku = SkuId::new(s.segment.sku(h.idx)).map_err(|_| IndexError::DamagedSku {
-                    model: self.version.clone(),
-                    id: s.id,
-                    idx: h.idx,
-                })?;
-                all.push((h.score, order, sku));
-            }
-        }
+        // Each segment is one task on the calling pool: a search that finds an idle core
+        // splits its segments with it (most useful while writes leave several small segments
+        // waiting for a merge), and one that finds every core busy runs them in turn.
+        let plan = SegmentPlan { query: &query, k: k_inner, ef: q.ef, exact, widen, mask: mask.as_ref() };
         let base = self.sealed.len();
-        let keep_doc = |d: DocId| mask.as_ref().is_none_or(|m| m.contains(d));
-        let doc_filter: Option<&dyn Fn(DocId) -> bool> = if mask.is_some() { Some(&keep_doc) } else { None };
-        for (i, m) in self.frozen.iter().chain([&self.mutable]).enumerate() {
-            for (h, sku) in m.search(&query, k_inner, doc_filter) {
-                all.push((h.score, base + i, sku));
-            }
-        }
+        let per_part = (0..base + self.frozen.len() + 1)
+            .into_par_iter()
+            .map(|order| match order.checked_sub(base) {
+                None => self.search_sealed(order, &plan, attrs),
+                Some(i) => Ok(search_memory(self.frozen.get(i).unwrap_or(&self.mutable), order, &plan)),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut all: Vec<(f32, usize, SkuId)> = per_part.into_iter().flatten().collect();
         all.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then_with(|| a.2.cmp(&b.2)));
         let mut seen = HashSet::with_capacity(all.len());
         let mut out = Vec::with_capacity(q.k);

@@ -210,6 +210,54 @@ fn settle(w: &IndexWriter, max: usize) {
     panic!("segments did not settle to {max}");
 }
 
+/// A search splits its segments over the pool it runs on: on four threads it answers exactly
+/// what it answers on one (same SKUs, same scores, same order), with nothing twice and no
+/// deleted SKU, over graph, flat, frozen-or-mutable segments and a filter.
+#[test]
+fn a_search_split_over_threads_answers_as_on_one_thread() {
+    let parity =
+        |i: usize| attrs(&[("parity", serde_json::json!(if i.is_multiple_of(2) { "even" } else { "odd" }))]);
+    let dir = tempfile::tempdir().unwrap();
+    let rows = data().rows(0, 1300);
+    let vec_of = |i: usize| &rows[i * DIM..(i + 1) * DIM];
+    let w = IndexWriter::open(dir.path(), config(150)).unwrap();
+    for round in 0..8 {
+        let ops = (round * 150..(round + 1) * 150).map(|i| upsert(i, vec_of(i), parity(i))).collect();
+        w.write_blocking(ops).unwrap();
+    }
+    settle(&w, 4);
+    // Some items still in the mutable segment, some deleted from sealed ones.
+    let tail = (1200..1300).map(|i| upsert(i, vec_of(i), parity(i)));
+    w.write_blocking(tail.collect()).unwrap();
+    let deleted: Vec<usize> = (0..1300).step_by(7).collect();
+    w.write_blocking(deleted.iter().map(|&i| WriteOp::Delete(sku(i))).collect()).unwrap();
+    let live = w.live();
+    let view = live.version(&version()).unwrap();
+    assert!(view.sealed.len() >= 2, "{} sealed segments", view.sealed.len());
+    let even = Filter::parse(["parity=even"]).unwrap();
+    let pools = [1, 4].map(|n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap());
+    for qi in 0..24 {
+        let q = vec_of(qi * 53 + 1);
+        let filter = (qi % 3 == 0).then_some(&even);
+        let query = Query { vector: q, k: 40, ef: 0, exclude: None, filter };
+        let answers = pools.each_ref().map(|pool| {
+            pool.install(|| view.search(&query, w.attrs()).unwrap())
+                .into_iter()
+                .map(|h| (h.sku.to_string(), h.score.to_bits()))
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(answers[0], answers[1], "query {qi}");
+        let skus: HashSet<&String> = answers[1].iter().map(|(s, _)| s).collect();
+        assert_eq!(skus.len(), answers[1].len(), "query {qi}: duplicates");
+        assert_eq!(answers[1].len(), 40, "query {qi}");
+        for &i in &deleted {
+            assert!(!skus.contains(&sku(i).to_string()), "query {qi}: deleted sku {i}");
+        }
+    }
+    drop(live);
+    w.close();
+}
+
 /// Seals small enough to be scanned at the default ef are written flat (no graph build on
 /// the write path); flat segments holding more than `max_flat_items` merge, whatever the segment
 /// count, and a merge that outgrows the flat size builds the graph; every item stays findable.
