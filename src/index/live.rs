@@ -103,46 +103,6 @@ struct SegmentPlan<'a> {
 /// One segment's hits: (score, segment order, sku), newer segments having higher order.
 type PartHits = Vec<(f32, usize, SkuId)>;
 
-impl VersionLive {
-    /// The hits of sealed segment `order`, without its deleted items.
-    fn search_sealed(
-        &self,
-        order: usize,
-        plan: &SegmentPlan<'_>,
-        attrs: &RwLock<AttrIndex>,
-    ) -> Result<PartHits, IndexError> {
-        let s = &self.sealed[order];
-        let docs = plan.mask.map(|_| s.docs(attrs));
-        let deleted = s.deleted.count() > 0;
-        let keep = |pos: u32| {
-            !(deleted && s.deleted.contains(pos))
-                && match (plan.mask, docs) {
-                    (Some(m), Some(d)) => d.get(pos as usize).is_some_and(|&doc| m.contains(doc)),
-                    _ => true,
-                }
-        };
-        let filter: Option<&dyn Fn(u32) -> bool> =
-            if deleted || plan.mask.is_some() { Some(&keep) } else { None };
-        let hits = if plan.exact {
-            s.segment.brute_force(plan.query, plan.k, filter)?
-        } else {
-            let ef = if plan.ef == 0 { s.default_ef } else { plan.ef }.max(plan.k);
-            let ef = ((ef as f64 * plan.widen).ceil() as usize).clamp(ef, MAX_FILTERED_EF.max(ef));
-            s.segment.search(plan.query, plan.k, ef, filter)?
-        };
-        hits.into_iter()
-            .map(|h| {
-                let sku = SkuId::new(s.segment.sku(h.idx)).map_err(|_| IndexError::DamagedSku {
-                    model: self.version.clone(),
-                    id: s.id,
-                    idx: h.idx,
-                })?;
-                Ok((h.score, order, sku))
-            })
-            .collect()
-    }
-}
-
 /// The hits of an in-memory segment (frozen or mutable) searched as segment `order`.
 fn search_memory(m: &MutableSegment, order: usize, plan: &SegmentPlan<'_>) -> PartHits {
     let keep_doc = |d: DocId| plan.mask.is_none_or(|m| m.contains(d));
@@ -305,7 +265,7 @@ impl VersionLive {
                 Some(i) => Ok(search_memory(self.frozen.get(i).unwrap_or(&self.mutable), order, &plan)),
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut all: Vec<(f32, usize, SkuId)> = per_part.into_iter().flatten().collect();
+        let mut all: PartHits = per_part.into_iter().flatten().collect();
         all.sort_by(|a, b| b.0.total_cmp(&a.0).then(b.1.cmp(&a.1)).then_with(|| a.2.cmp(&b.2)));
         let mut seen = HashSet::with_capacity(all.len());
         let mut out = Vec::with_capacity(q.k);
@@ -319,5 +279,43 @@ impl VersionLive {
             }
         }
         Ok(out)
+    }
+
+    /// The hits of sealed segment `order`, without its deleted items.
+    fn search_sealed(
+        &self,
+        order: usize,
+        plan: &SegmentPlan<'_>,
+        attrs: &RwLock<AttrIndex>,
+    ) -> Result<PartHits, IndexError> {
+        let s = &self.sealed[order];
+        let docs = plan.mask.map(|_| s.docs(attrs));
+        let deleted = s.deleted.count() > 0;
+        let keep = |pos: u32| {
+            !(deleted && s.deleted.contains(pos))
+                && match (plan.mask, docs) {
+                    (Some(m), Some(d)) => d.get(pos as usize).is_some_and(|&doc| m.contains(doc)),
+                    _ => true,
+                }
+        };
+        let filter: Option<&dyn Fn(u32) -> bool> =
+            if deleted || plan.mask.is_some() { Some(&keep) } else { None };
+        let hits = if plan.exact {
+            s.segment.brute_force(plan.query, plan.k, filter)?
+        } else {
+            let ef = if plan.ef == 0 { s.default_ef } else { plan.ef }.max(plan.k);
+            let ef = ((ef as f64 * plan.widen).ceil() as usize).clamp(ef, MAX_FILTERED_EF.max(ef));
+            s.segment.search(plan.query, plan.k, ef, filter)?
+        };
+        hits.into_iter()
+            .map(|h| {
+                let sku = SkuId::new(s.segment.sku(h.idx)).map_err(|_| IndexError::DamagedSku {
+                    model: self.version.clone(),
+                    id: s.id,
+                    idx: h.idx,
+                })?;
+                Ok((h.score, order, sku))
+            })
+            .collect()
     }
 }
