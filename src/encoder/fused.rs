@@ -13,10 +13,12 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::arena::Buffer;
+
 use super::lite::kernels::{BLOCK, Geometry, blocked_pays, depthwise_row, same_padding, to_blocked};
 use super::pointwise::{
     Epilogue, NR, OUT_BLOCK, PointwiseLayer, balanced_rows, matmul_into, matmul_into_blocked,
-    matmul_into_panels,
+    matmul_into_panels, scratch,
 };
 
 // The expand writes the blocks the depthwise kernel reads.
@@ -39,6 +41,16 @@ pub enum Plan {
     /// Expand and depthwise by groups of channels, then project by rows
     /// ([`CpuBlock::forward_by_channels`]).
     Channels,
+}
+
+/// A block's input: NHWC activations `(n, h, w, c)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Nhwc<'a> {
+    pub data: &'a [f32],
+    pub n: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c: usize,
 }
 
 /// A block's sizes for one input (see [`CpuBlock::shapes`]).
@@ -76,6 +88,14 @@ thread_local! {
     /// band being computed.
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// Checks that an output buffer holds `len` values.
+fn check_out(out: &[f32], len: usize) -> candle_core::Result<()> {
+    if out.len() != len {
+        candle_core::bail!("fused block: an output of {} values for {len}", out.len());
+    }
+    Ok(())
 }
 
 /// When the last of `images` x `costs` tasks (in that order) finishes, each taken by the first
@@ -119,21 +139,15 @@ impl CpuBlock {
         Self { expand, dw_weight, dw_bias, k, stride, project, residual, dw_blocked, dw_groups }
     }
 
-    /// NHWC `(n, h, w, cin)` -> `(output, oh, ow, cout)`, in bands of `band` output rows (as
-    /// planned by [`band_rows`](Self::band_rows)).
-    pub fn forward(
-        &self,
-        x: &[f32],
-        n: usize,
-        h: usize,
-        w: usize,
-        cin: usize,
-        band: usize,
-    ) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
-        let Shapes { mid, cout, oh, ow, top, left } = self.shapes(x, n, h, w, cin)?;
-        let mut out = super::zeroed(n * oh * ow * cout);
+    /// `input` -> `out`, `(n, oh, ow, cout)` (see [`out_shape`](Self::out_shape)),
+    /// every value of which it writes, in bands of `band` output rows (as planned by
+    /// [`band_rows`](Self::band_rows)).
+    pub fn forward_to(&self, input: Nhwc<'_>, band: usize, out: &mut [f32]) -> candle_core::Result<()> {
+        let Nhwc { data: x, n, h, w, c: cin } = input;
+        let Shapes { mid, cout, oh, ow, top, left } = self.shapes(input)?;
+        check_out(out, n * oh * ow * cout)?;
         if out.is_empty() {
-            return Ok((out, oh, ow, cout));
+            return Ok(());
         }
         if band == 0 {
             candle_core::bail!("fused block: bands of 0 rows");
@@ -148,11 +162,19 @@ impl CpuBlock {
                 self.band(image_in, band * b, dst, g, ow, cin);
             });
         });
-        Ok((out, oh, ow, cout))
+        Ok(())
     }
 
-    /// Checks that NHWC `(n, h, w, cin)` input `x` fits the block; returns its sizes.
-    fn shapes(&self, x: &[f32], n: usize, h: usize, w: usize, cin: usize) -> candle_core::Result<Shapes> {
+    /// The output's `(oh, ow, cout)` for an `h` x `w` input.
+    pub fn out_shape(&self, h: usize, w: usize) -> (usize, usize, usize) {
+        let (oh, _, _) = same_padding(h, self.k, self.stride);
+        let (ow, _, _) = same_padding(w, self.k, self.stride);
+        (oh, ow, self.project.weights.n())
+    }
+
+    /// Checks that `input` fits the block; returns its sizes.
+    fn shapes(&self, input: Nhwc<'_>) -> candle_core::Result<Shapes> {
+        let Nhwc { data: x, n, h, w, c: cin } = input;
         let mid = self.dw_bias.len();
         let cout = self.project.weights.n();
         let expand_in = self.expand.as_ref().map_or(mid, |e| e.weights.k());
@@ -180,19 +202,21 @@ impl CpuBlock {
         (self.expand.is_some() && rayon::current_num_threads() > 1).then_some(Plan::Channels)
     }
 
-    /// Runs the block as [`plan`](Self::plan) chose.
-    pub fn run(
-        &self,
-        plan: Plan,
-        x: &[f32],
-        n: usize,
-        h: usize,
-        w: usize,
-        cin: usize,
-    ) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
+    /// Runs the block as [`plan`](Self::plan) chose, into a new output: `(output, oh, ow,
+    /// cout)`.
+    pub fn run(&self, plan: Plan, input: Nhwc<'_>) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
+        let (oh, ow, cout) = self.out_shape(input.h, input.w);
+        let mut out = super::zeroed(input.n * oh * ow * cout);
+        self.run_to(plan, input, &mut out)?;
+        Ok((out, oh, ow, cout))
+    }
+
+    /// Runs the block as [`plan`](Self::plan) chose, into `out` (`n` times
+    /// [`out_shape`](Self::out_shape)), every value of which it writes.
+    pub fn run_to(&self, plan: Plan, input: Nhwc<'_>, out: &mut [f32]) -> candle_core::Result<()> {
         match plan {
-            Plan::Bands(band) => self.forward(x, n, h, w, cin, band),
-            Plan::Channels => self.forward_by_channels(x, n, h, w, cin),
+            Plan::Bands(band) => self.forward_to(input, band, out),
+            Plan::Channels => self.forward_by_channels_to(input, out),
         }
     }
 
@@ -201,27 +225,24 @@ impl CpuBlock {
     /// depthwise convolution on them while they are in its cache; then each task projects a
     /// share of the output rows. Two parallel steps instead of three separate layers', and each
     /// thread reads only its part of the expansion's weights. Every value is computed as in
-    /// [`forward`](Self::forward), so the output is the same.
-    pub fn forward_by_channels(
-        &self,
-        x: &[f32],
-        n: usize,
-        h: usize,
-        w: usize,
-        cin: usize,
-    ) -> candle_core::Result<(Vec<f32>, usize, usize, usize)> {
-        let Shapes { mid, cout, oh, ow, top, left } = self.shapes(x, n, h, w, cin)?;
+    /// [`forward_to`](Self::forward_to), so the output is the same.
+    pub fn forward_by_channels_to(&self, input: Nhwc<'_>, out: &mut [f32]) -> candle_core::Result<()> {
+        let Nhwc { data: x, n, h, w, .. } = input;
+        let Shapes { mid, cout, oh, ow, top, left } = self.shapes(input)?;
         let Some(expand) = &self.expand else {
             candle_core::bail!("fused block: channel groups need an expansion");
         };
+        check_out(out, n * oh * ow * cout)?;
         let (pixels, out_pixels, k) = (h * w, oh * ow, self.k);
         let rows = n * out_pixels;
         if rows == 0 || mid == 0 {
-            return Ok((super::zeroed(rows * cout), oh, ow, cout));
+            out.fill(0.0);
+            return Ok(());
         }
         // The depthwise output by groups: group `j`'s `(rows, width)` values start at
         // `rows * j * GROUP_CHANNELS`.
-        let mut grouped = super::zeroed(rows * mid);
+        let mut grouped = Buffer::take(rows * mid);
+        let grouped = grouped.as_mut_slice();
         let panels = expand.weights.n().div_ceil(NR);
         let expand_epilogue = Epilogue { bias: &expand.bias, residual: None, relu6: true };
         grouped.par_chunks_mut(rows * GROUP_CHANNELS).enumerate().for_each(|(j, dst)| {
@@ -232,7 +253,7 @@ impl CpuBlock {
             let weights = &self.dw_groups[k * k * c0..k * k * (c0 + width)];
             let bias = &self.dw_bias[c0..c0 + width];
             SCRATCH.with_borrow_mut(|(expanded, _, _)| {
-                expanded.resize(n * pixels * width, 0.0);
+                let expanded = scratch(expanded, n * pixels * width);
                 let group_panels = c0 / NR..((c0 + GROUP_CHANNELS) / NR).min(panels);
                 matmul_into_panels(x, &expand.weights, group_panels, expand_epilogue, expanded);
                 for (image, out) in dst.chunks_exact_mut(out_pixels * width).enumerate() {
@@ -243,13 +264,13 @@ impl CpuBlock {
                 }
             });
         });
-        let mut out = super::zeroed(rows * cout);
+        let grouped = &*grouped;
         let per_task = balanced_rows(rows, rayon::current_num_threads());
         out.par_chunks_mut(per_task * cout).enumerate().for_each(|(task, dst)| {
             crate::background::yield_point();
             let (first, count) = (task * per_task, dst.len() / cout);
             SCRATCH.with_borrow_mut(|(_, _, gathered)| {
-                gathered.resize(count * mid, 0.0);
+                let gathered = scratch(gathered, count * mid);
                 for c0 in (0..mid).step_by(GROUP_CHANNELS) {
                     let width = GROUP_CHANNELS.min(mid - c0);
                     let group = &grouped[rows * c0..rows * (c0 + width)];
@@ -263,7 +284,7 @@ impl CpuBlock {
                 matmul_into(gathered, &self.project.weights, epilogue, dst);
             });
         });
-        Ok((out, oh, ow, cout))
+        Ok(())
     }
 
     /// Output rows per band for `n` images of `h` x `w`, or `None` when fusing does not pay
@@ -321,25 +342,25 @@ impl CpuBlock {
             // The band's input rows, expanded, in the layout the depthwise kernel reads.
             let (rows, weights): (&[f32], &[f32]) = match (&self.expand, g.blocked) {
                 (Some(e), false) => {
-                    expanded.resize(pixels * mid, 0.0);
+                    let expanded = scratch(expanded, pixels * mid);
                     matmul_into(src, &e.weights, expand, expanded);
                     (expanded, &self.dw_weight)
                 }
                 (Some(e), true) => {
-                    blocked.resize(pixels * mid, 0.0);
+                    let blocked = scratch(blocked, pixels * mid);
                     matmul_into_blocked(src, &e.weights, expand, blocked);
                     (blocked, &self.dw_blocked)
                 }
                 (None, false) => (src, &self.dw_weight),
                 (None, true) => {
-                    blocked.resize(src.len(), 0.0);
+                    let blocked = scratch(blocked, src.len());
                     to_blocked(src, mid, blocked);
                     (blocked, &self.dw_blocked)
                 }
             };
             // The depthwise kernel sees only the band's rows: shift its geometry to match.
             let band_g = Geometry { h: end_in - first_in, top: g.top + first_in, ..g };
-            dw.resize(rows_out * ow * mid, 0.0);
+            let dw = scratch(dw, rows_out * ow * mid);
             for (r, row) in dw.chunks_exact_mut(ow * mid).enumerate() {
                 depthwise_row(rows, weights, &self.dw_bias, row, oy0 + r, band_g);
             }

@@ -10,6 +10,7 @@
 //! [`Pooling`] says (average by default, or GeM), then L2-normalised. Classification
 //! ([`Encoder::classify`]) always average-pools, as the classifier was trained.
 
+mod arena;
 mod fused;
 mod lite;
 pub mod manifest;

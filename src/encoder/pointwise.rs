@@ -116,6 +116,13 @@ pub struct Epilogue<'a> {
 /// Work is split across threads by rows, or, when there are too few rows to keep every thread
 /// busy (small late-stage feature maps), by groups of output-channel panels.
 pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> {
+    let mut out = super::zeroed(x.len() / w.k.max(1) * w.n);
+    matmul_to(x, w, epilogue, &mut out);
+    out
+}
+
+/// [`matmul`] into `out` (`x.len() / w.k()` rows by `w.n()`), every value of which it writes.
+pub fn matmul_to(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>, out: &mut [f32]) {
     let (k, n) = (w.k, w.n);
     assert!(k > 0 && n > 0, "empty weight matrix");
     assert_eq!(x.len() % k, 0, "input is not a whole number of rows of {k}");
@@ -124,7 +131,7 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
     if let Some(r) = epilogue.residual {
         assert_eq!(r.len(), m * n, "residual shape");
     }
-    let mut out = super::zeroed(m * n);
+    assert_eq!(out.len(), m * n, "output shape");
     let threads = rayon::current_num_threads();
     let panels = n.div_ceil(NR);
     if m >= 2 * MR * threads || panels < 2 {
@@ -137,7 +144,7 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
             let residual = epilogue.residual.map(|r| &r[first * n..(first + rows) * n]);
             matmul_into(src, w, Epilogue { residual, ..epilogue }, dst);
         });
-        return out;
+        return;
     }
     let per_task = panels.div_ceil(2 * threads);
     let parts: Vec<(usize, usize, Vec<f32>)> = (0..panels.div_ceil(per_task))
@@ -157,7 +164,6 @@ pub fn matmul(x: &[f32], w: &PackedWeights, epilogue: Epilogue<'_>) -> Vec<f32> 
             row[col0..col0 + cols].copy_from_slice(src);
         }
     }
-    out
 }
 
 /// Rows per parallel task for `m` rows on `threads` threads: about [`ROWS_PER_TASK`], with a
@@ -267,7 +273,7 @@ pub const PACK_FROM_COLUMNS: usize = 1024;
 /// The first `len` values of a scratch buffer the caller overwrites in full: it grows when
 /// needed and never shrinks, so a buffer reused by layers of different sizes is zero-filled
 /// only when it grows, not each time.
-fn scratch(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
+pub fn scratch(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buffer.len() < len {
         buffer.resize(len, 0.0);
     }

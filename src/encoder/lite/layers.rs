@@ -23,6 +23,9 @@ pub(super) struct DenseConv {
     pub(super) weight_kkio: Tensor,
     pub(super) bias: Tensor,
     pub(super) stride: usize,
+    /// `weight_kkio` and `bias` in host memory, for the CPU pass over buffers (present when
+    /// loaded on the CPU).
+    pub(super) cpu: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 /// 1x1 convolution on NHWC activations, run as one matrix product `(n*h*w, in) x (in, out)`.
@@ -73,7 +76,12 @@ pub(super) fn pointwise(f: Folded) -> candle_core::Result<Pointwise> {
 impl DenseConv {
     pub(super) fn new(f: Folded, stride: usize) -> candle_core::Result<Self> {
         let weight_kkio = f.weight.permute((2, 3, 1, 0))?.contiguous()?;
-        Ok(Self { weight: f.weight, weight_kkio, bias: f.bias, stride })
+        let cpu = if weight_kkio.device().is_cpu() {
+            Some((weight_kkio.flatten_all()?.to_vec1()?, f.bias.to_vec1()?))
+        } else {
+            None
+        };
+        Ok(Self { weight: f.weight, weight_kkio, bias: f.bias, stride, cpu })
     }
 
     /// `(n, in, h, w)` -> `(n, oh, ow, out)` with bias and ReLU6.

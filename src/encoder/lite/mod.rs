@@ -24,6 +24,7 @@ mod cuda;
 pub(super) mod kernels;
 mod layers;
 mod ops;
+mod pass;
 mod weights;
 
 use candle_core::Tensor;
@@ -94,7 +95,8 @@ impl LiteNet {
     /// alternating pairs on 2 threads: 121-133 -> 130-150 images/s; one thread 77 -> 87).
     ///
     /// The pool's other threads are kept looking for work for the length of the pass
-    /// ([`keep_awake`]).
+    /// ([`keep_awake`]). With the weights in host memory the pass runs over recycled buffers
+    /// (`feature_map_cpu`, [`pass`]), else as candle ops.
     pub fn feature_map(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if self.kernels == Kernels::Cpu {
             // In the current pool, or the global one from outside any.
@@ -105,6 +107,14 @@ impl LiteNet {
 
     /// [`feature_map`](Self::feature_map) on the current thread.
     fn feature_map_in_pool(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.kernels == Kernels::Cpu && self.runs_on_buffers() {
+            return self.feature_map_cpu(x);
+        }
+        self.feature_map_ops(x)
+    }
+
+    /// [`feature_map`](Self::feature_map) as one candle op per layer, on the current thread.
+    fn feature_map_ops(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let kernels = self.kernels;
         let (mut x, first_batched) = if kernels == Kernels::Cpu && x.dim(0)? > 1 {
             self.early_layers_per_image(x)?

@@ -12,7 +12,7 @@ use super::kernels::{
     BLOCK, DenseGeometry, Geometry, add_bias_row, blocked_pays, dense_row, depthwise_dims, depthwise_row,
     same_padding, to_blocked, to_blocked_plane,
 };
-use crate::encoder::fused::{CpuBlock, Plan};
+use crate::encoder::fused::{CpuBlock, Nhwc, Plan};
 use crate::encoder::pointwise::{self, Epilogue, PointwiseLayer};
 
 /// The CPU stem kernel: NCHW input `(n, in, h, w)`, weight `(k, k, in, out)`, bias `(out,)`,
@@ -22,22 +22,22 @@ pub(super) struct DenseConvOp {
 }
 
 impl DenseConvOp {
-    /// Checks the input `(n, in, h, w)`, weight `(k, k, in, out)` and bias `(out,)` layouts:
+    /// Checks the input `(n, in, h, w)`, weight `(k, k, in, out)` and bias `(out,)` shapes:
     /// the batch size, the geometry and the output side lengths.
-    fn geometry(
+    pub(super) fn geometry(
         &self,
-        x: &Layout,
-        wt: &Layout,
-        bias: &Layout,
+        x: &[usize],
+        wt: &[usize],
+        bias: &[usize],
     ) -> candle_core::Result<(usize, DenseGeometry, usize, usize)> {
-        let (n, cin, h, w, k, cout) = match (x.dims(), wt.dims()) {
+        let (n, cin, h, w, k, cout) = match (x, wt) {
             ([n, cin, h, w], [k, k2, wcin, cout]) if k == k2 && cin == wcin && *k > 0 && self.stride > 0 => {
                 (*n, *cin, *h, *w, *k, *cout)
             }
             (x, wt) => candle_core::bail!("dense conv: input {x:?} and weight {wt:?} do not match"),
         };
-        if bias.dims() != [cout] {
-            candle_core::bail!("dense conv: bias {:?} for {cout} channels", bias.dims());
+        if bias != [cout] {
+            candle_core::bail!("dense conv: bias {bias:?} for {cout} channels");
         }
         let (oh, top, _) = same_padding(h, k, self.stride);
         let (ow, left, _) = same_padding(w, k, self.stride);
@@ -59,7 +59,7 @@ impl CustomOp3 for DenseConvOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, g, oh, ow) = self.geometry(l1, l2, l3)?;
+        let (n, g, oh, ow) = self.geometry(l1.dims(), l2.dims(), l3.dims())?;
         let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) =
             (l1.contiguous_offsets(), l2.contiguous_offsets(), l3.contiguous_offsets())
         else {
@@ -69,14 +69,7 @@ impl CustomOp3 for DenseConvOp {
         let wt = &s2.as_slice::<f32>()?[w0..w1];
         let bias = &s3.as_slice::<f32>()?[b0..b1];
         let mut out = crate::encoder::zeroed(n * oh * ow * g.cout);
-        if !out.is_empty() {
-            out.par_chunks_mut(ow * g.cout).enumerate().for_each(|(row, dst)| {
-                crate::background::yield_point();
-                let (image, oy) = (row / oh, row % oh);
-                let plane = g.cin * g.h * g.w;
-                dense_row(&x[image * plane..(image + 1) * plane], wt, bias, dst, oy, g);
-            });
-        }
+        stem_to(x, wt, bias, g, (oh, ow), &mut out);
         Ok((CpuStorage::F32(out), Shape::from((n, oh, ow, g.cout))))
     }
 
@@ -90,9 +83,30 @@ impl CustomOp3 for DenseConvOp {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let (n, g, oh, ow) = self.geometry(l1, l2, l3)?;
+        let (n, g, oh, ow) = self.geometry(l1.dims(), l2.dims(), l3.dims())?;
         super::cuda::stem([(s1, l1), (s2, l2), (s3, l3)], n, g, (oh, ow))
     }
+}
+
+/// The CPU stem on NCHW images `x` (checked by [`DenseConvOp::geometry`]), into `out`, NHWC
+/// `(n, oh, ow, g.cout)`, every value of which it writes: one task per output row.
+pub(super) fn stem_to(
+    x: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    g: DenseGeometry,
+    (oh, ow): (usize, usize),
+    out: &mut [f32],
+) {
+    if out.is_empty() {
+        return;
+    }
+    out.par_chunks_mut(ow * g.cout).enumerate().for_each(|(row, dst)| {
+        crate::background::yield_point();
+        let (image, oy) = (row / oh, row % oh);
+        let plane = g.cin * g.h * g.w;
+        dense_row(&x[image * plane..(image + 1) * plane], wt, bias, dst, oy, g);
+    });
 }
 
 /// The CPU 1x1 convolution (see [`crate::encoder::pointwise`]): input `(..., in)` contiguous, output
@@ -175,7 +189,8 @@ impl CustomOp1 for FusedBlockOp {
         let [n, h, w, c] = *l.dims() else {
             candle_core::bail!("fused block: input {:?} is not NHWC", l.dims());
         };
-        let (y, oh, ow, cout) = self.block.run(self.plan, &s.as_slice::<f32>()?[x0..x1], n, h, w, c)?;
+        let input = Nhwc { data: &s.as_slice::<f32>()?[x0..x1], n, h, w, c };
+        let (y, oh, ow, cout) = self.block.run(self.plan, input)?;
         Ok((CpuStorage::F32(y), Shape::from((n, oh, ow, cout))))
     }
 }

@@ -11,7 +11,7 @@ use super::layers::{DenseConv, bias_act};
 use super::ops::DepthwiseOp;
 use super::weights::{BN_EPS, Folded, WeightsError, fold_bn};
 use super::{Activation, Kernels, LiteNet};
-use crate::encoder::fused::Plan;
+use crate::encoder::fused::{Nhwc, Plan};
 
 /// Depthwise 2-D convolution with TF "same" padding on channels-last data, `x` `(n, h, w, c)`
 /// and `weight` `(k, k, c)`, by either path (the tests' entry point to both): on the CPU the
@@ -262,8 +262,9 @@ fn channel_groups_equal_the_fused_bands_bit_for_bit() {
         for (n, h, w) in [(1, 7, 7), (2, 5, 9), (1, 14, 14)] {
             let x = Tensor::randn(0f32, 1.0, (n, h, w, cin), &Device::Cpu).unwrap();
             let x: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-            let (by_channels, oh, ..) = pool.install(|| cpu.forward_by_channels(&x, n, h, w, cin)).unwrap();
-            let (bands, ..) = cpu.forward(&x, n, h, w, cin, oh).unwrap();
+            let input = Nhwc { data: &x, n, h, w, c: cin };
+            let (by_channels, oh, ..) = pool.install(|| cpu.run(Plan::Channels, input)).unwrap();
+            let (bands, ..) = cpu.run(Plan::Bands(oh), input).unwrap();
             assert_eq!(by_channels.len(), bands.len(), "block {i}");
             let same = by_channels.iter().zip(&bands).all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same, "block {i}, {n} x {h} x {w}: channel groups differ from the bands");
@@ -319,6 +320,32 @@ fn batched_features_equal_each_image_alone() {
         }
         // At 224x224 the large early maps (blocks 0-3) run image by image.
         assert_eq!(first_batched > 0, h == 224, "{h}x{w}: {first_batched} blocks image by image");
+    }
+}
+
+/// The pass over recycled buffers computes what the candle ops compute, bit for bit, at batch
+/// 1 and in batches (early layers image by image), on one thread and on several; repeated
+/// passes reuse buffers whose stale values (NaN under debug assertions) must all be overwritten.
+#[test]
+fn the_pass_over_buffers_equals_the_candle_ops_bit_for_bit() {
+    let net = lite0();
+    assert!(net.runs_on_buffers());
+    for threads in [1, 3] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (n, h, w) in [(1, 224, 224), (3, 224, 224), (2, 61, 47), (1, 32, 32)] {
+            let x = Tensor::randn(0f32, 1.0, (n, 3, h, w), &Device::Cpu).unwrap();
+            let bits = |t: Tensor| -> Vec<u32> {
+                t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+            };
+            let want = pool.install(|| net.feature_map_ops(&x)).unwrap();
+            let dims = want.dims().to_vec();
+            let want = bits(want);
+            for pass in 0..2 {
+                let got = pool.install(|| net.feature_map_cpu(&x)).unwrap();
+                assert_eq!(got.dims(), dims, "{n} x {h} x {w}");
+                assert!(bits(got) == want, "{threads} threads, {n} x {h} x {w}, pass {pass}: differs");
+            }
+        }
     }
 }
 

@@ -1,0 +1,128 @@
+//! The forward pass on the CPU over recycled buffers ([`crate::encoder::arena`]): the stem,
+//! each block and the head write into buffers the layers before them gave back, so a warm
+//! pass allocates and zeroes no activation and goes through no candle op; only the head's
+//! output is copied into a tensor. The same kernels, in the same order, as the layers' candle
+//! ops ([`super::ops`]): the values are the same.
+
+use candle_core::{CpuStorage, Device, Storage, Tensor};
+use rayon::prelude::*;
+
+use super::ops::{DenseConvOp, stem_to};
+use super::{Block, Kernels, LiteNet, PER_IMAGE_BYTES};
+use crate::encoder::arena::Buffer;
+use crate::encoder::fused::Nhwc;
+use crate::encoder::pointwise::{Epilogue, matmul_to};
+
+/// NHWC activations `(n, h, w, c)` in a recycled buffer.
+struct Map {
+    buf: Buffer,
+    n: usize,
+    h: usize,
+    w: usize,
+    c: usize,
+}
+
+impl Map {
+    fn new(n: usize, h: usize, w: usize, c: usize) -> Self {
+        Self { buf: Buffer::take(n * h * w * c), n, h, w, c }
+    }
+}
+
+impl LiteNet {
+    /// Whether every layer has its CPU form (weights loaded on the CPU), so that
+    /// [`feature_map_cpu`](Self::feature_map_cpu) can run.
+    pub(super) fn runs_on_buffers(&self) -> bool {
+        self.stem.cpu.is_some() && self.head.cpu.is_some() && self.blocks.iter().all(|b| b.cpu.is_some())
+    }
+
+    /// [`feature_map`](Self::feature_map) on the CPU, over recycled buffers: `(n, 3, s, s)`
+    /// NCHW images (f32, on the CPU) -> `(n, h, w, features)`.
+    pub(super) fn feature_map_cpu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (Some((wt, bias)), Some(head)) = (&self.stem.cpu, &self.head.cpu) else {
+            candle_core::bail!("the CPU pass needs the network loaded on the CPU");
+        };
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(data)), Some((x0, x1))) = (&*storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("the CPU pass takes contiguous f32 images on the CPU");
+        };
+        let images = &data[x0..x1];
+        let (n, g, oh, ow) = DenseConvOp { stride: self.stem.stride }.geometry(
+            layout.dims(),
+            self.stem.weight_kkio.dims(),
+            &[bias.len()],
+        )?;
+        let stem = |images: &[f32], n: usize| {
+            let mut map = Map::new(n, oh, ow, g.cout);
+            stem_to(images, wt, bias, g, (oh, ow), map.buf.as_mut_slice());
+            map
+        };
+        let (mut map, first_batched) = if n > 1 {
+            self.early_layers_per_image_cpu(images, n, g.cin * g.h * g.w, (oh, ow, g.cout), &stem)?
+        } else {
+            (stem(images, n), 0)
+        };
+        for block in &self.blocks[first_batched..] {
+            map = block_cpu(block, map)?;
+        }
+        let mut out = Map::new(map.n, map.h, map.w, head.weights.n());
+        let epilogue = Epilogue { bias: &head.bias, residual: None, relu6: true };
+        matmul_to(map.buf.as_slice(), &head.weights, epilogue, out.buf.as_mut_slice());
+        Tensor::from_slice(out.buf.as_slice(), (out.n, out.h, out.w, out.c), &Device::Cpu)
+    }
+
+    /// The stem and the early blocks image by image, as in `early_layers_per_image`, each
+    /// image's output copied into its place in the batch's map; the stem's output for one
+    /// image is `(h, w, c)`.
+    fn early_layers_per_image_cpu(
+        &self,
+        images: &[f32],
+        n: usize,
+        plane: usize,
+        (mut h, mut w, mut c): (usize, usize, usize),
+        stem: &(dyn Fn(&[f32], usize) -> Map + Sync),
+    ) -> candle_core::Result<(Map, usize)> {
+        // The shape after each early block (from the stem's), walked before any work is done.
+        let mut early = 0;
+        while early < self.blocks.len() && h * w * c * 4 >= PER_IMAGE_BYTES {
+            let cpu = self.blocks[early].cpu.as_ref().expect("checked by runs_on_buffers");
+            (h, w, c) = cpu.out_shape(h, w);
+            early += 1;
+        }
+        let mut batch = Map::new(n, h, w, c);
+        batch.buf.as_mut_slice().par_chunks_mut(h * w * c).enumerate().try_for_each(|(i, dst)| {
+            let mut map = stem(&images[i * plane..(i + 1) * plane], 1);
+            for block in &self.blocks[..early] {
+                map = block_cpu(block, map)?;
+            }
+            dst.copy_from_slice(map.buf.as_slice());
+            candle_core::Result::Ok(())
+        })?;
+        Ok((batch, early))
+    }
+}
+
+/// One block on the CPU: as its plan says, into a recycled buffer; a block with no plan runs
+/// its three layers as candle ops.
+fn block_cpu(block: &Block, x: Map) -> candle_core::Result<Map> {
+    let cpu = block.cpu.as_ref().expect("checked by runs_on_buffers");
+    let Map { n, h, w, c, .. } = x;
+    let (oh, ow, cout) = cpu.out_shape(h, w);
+    let mut out = Map::new(n, oh, ow, cout);
+    match cpu.plan(n, h, w) {
+        Some(plan) => {
+            let input = Nhwc { data: x.buf.as_slice(), n, h, w, c };
+            cpu.run_to(plan, input, out.buf.as_mut_slice())?
+        }
+        None => {
+            let t = Tensor::from_slice(x.buf.as_slice(), (n, h, w, c), &Device::Cpu)?;
+            let y = block.forward_unfused(&t, Kernels::Cpu)?;
+            if y.dims() != [n, oh, ow, cout] {
+                candle_core::bail!("block output {:?}, expected {:?}", y.dims(), [n, oh, ow, cout]);
+            }
+            out.buf.as_mut_slice().copy_from_slice(&y.flatten_all()?.to_vec1::<f32>()?);
+        }
+    }
+    Ok(out)
+}
