@@ -52,30 +52,64 @@ const STEM3_PIXELS: usize = 6;
 /// wt[ky][kx][i][o] * src[i][oy*s+ky-top][ox*s+kx-left])`. Vectorised over output channels,
 /// [`STEM_PIXELS`] pixels at a time away from the left and right edges, accumulated in
 /// registers over all taps.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+///
+/// On CPUs with AVX-512, the usual stem geometry's interior pixels run as
+/// [`avx512::stem_tiles`] and only the edges here.
 pub(super) fn dense_row(src: &[f32], wt: &[f32], bias: &[f32], dst: &mut [f32], oy: usize, g: DenseGeometry) {
+    #[cfg(target_arch = "x86_64")]
+    if (g.cin, g.k, g.stride) == (3, 3, 2)
+        && g.cout.is_multiple_of(avx512::STEM_CHANNELS)
+        && let Some(simd) = avx512::available()
+    {
+        let ow = dst.len() / g.cout;
+        // Output pixels whose three horizontal taps are all inside the row.
+        let inside = |ox: usize| tap_range(ox, 2, g.left, g.w, 3) == (0..3);
+        let first = (0..ow).find(|&ox| inside(ox)).unwrap_or(ow);
+        let end = (first..ow).find(|&ox| !inside(ox)).unwrap_or(ow);
+        let tiles = (end - first) / avx512::STEM_PIXELS;
+        let tiled = first..first + tiles * avx512::STEM_PIXELS;
+        let row = DenseRow { src, wt, bias, oy, g };
+        dense_row_simd(&row, dst, 0..tiled.start);
+        if tiles > 0 {
+            let out = &mut dst[tiled.start * g.cout..tiled.end * g.cout];
+            avx512::stem_tiles(simd, src, wt, bias, out, (oy, tiled.start), g);
+        }
+        dense_row_simd(&row, dst, tiled.end..ow);
+        return;
+    }
+    let pixels = 0..dst.len() / g.cout.max(1);
+    dense_row_simd(&DenseRow { src, wt, bias, oy, g }, dst, pixels)
+}
+
+/// One output row `oy` of the stem: its input, weights and bias.
+struct DenseRow<'a> {
+    src: &'a [f32],
+    wt: &'a [f32],
+    bias: &'a [f32],
+    oy: usize,
+    g: DenseGeometry,
+}
+
+/// [`dense_row`] for output pixels `pixels` only, on the best of the builds for this CPU's
+/// vector units.
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn dense_row_simd(row: &DenseRow<'_>, dst: &mut [f32], pixels: std::ops::Range<usize>) {
     if target_cfg_f!(target_feature = "fma") {
-        dense_row_body::<true>(src, wt, bias, dst, oy, g)
+        dense_row_body::<true>(row, dst, pixels)
     } else {
-        dense_row_body::<false>(src, wt, bias, dst, oy, g)
+        dense_row_body::<false>(row, dst, pixels)
     }
 }
 
 #[inline(always)]
-fn dense_row_body<const FMA: bool>(
-    src: &[f32],
-    wt: &[f32],
-    bias: &[f32],
-    dst: &mut [f32],
-    oy: usize,
-    g: DenseGeometry,
-) {
+fn dense_row_body<const FMA: bool>(row: &DenseRow<'_>, dst: &mut [f32], pixels: std::ops::Range<usize>) {
+    let DenseRow { src, wt, bias, oy, g } = *row;
     let ky = tap_range(oy, g.stride, g.top, g.h, g.k);
-    let ow = dst.len() / g.cout;
+    let ow = pixels.end;
     let kx_of = |ox: usize| tap_range(ox, g.stride, g.left, g.w, g.k);
     let interior = |ox: usize, n: usize| ox + n <= ow && (ox..ox + n).all(|p| kx_of(p) == (0..g.k));
     let stem3 = (g.cin, g.k, g.stride) == (3, 3, 2);
-    let mut ox = 0;
+    let mut ox = pixels.start;
     while ox < ow {
         if stem3 && interior(ox, STEM3_PIXELS) {
             let out = &mut dst[ox * g.cout..(ox + STEM3_PIXELS) * g.cout];

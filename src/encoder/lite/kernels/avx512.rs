@@ -1,4 +1,5 @@
-//! The depthwise kernels' AVX-512 forms, written with pulp's safe `V4` vectors. Blocked layout:
+//! The depthwise kernels' and the stem's AVX-512 forms, written with pulp's safe `V4` vectors
+//! (the stem: [`stem_tiles`]). Blocked layout:
 //! one channel block ([`BLOCK`] = 16 channels) is one vector, so a tile of 8 pixels holds 8
 //! accumulators where the AVX2 tiles hold 4 pixels in 8. Channels-last layout: a pixel's 64
 //! channels are 4 vectors where AVX2 needs 8 (half the loads per tap). Same products in the
@@ -240,10 +241,109 @@ fn store_vector(a: f32x16, out: &mut [f32], relu6: bool) {
     }
 }
 
+/// Output pixels of one AVX-512 stem tile.
+pub(in crate::encoder::lite) const STEM_PIXELS: usize = 8;
+/// Output channels of one AVX-512 stem tile (two vectors).
+pub(in crate::encoder::lite) const STEM_CHANNELS: usize = 2 * BLOCK;
+/// Input values one tile reads from a row of one input channel.
+const STEM_INPUTS: usize = (STEM_PIXELS - 1) * 2 + 3;
+
+/// The usual stem geometry (3 input channels, 3x3 taps, stride 2) for whole tiles of
+/// [`STEM_PIXELS`] output pixels from `(oy, ox)` on, all of whose horizontal taps are inside
+/// the row; `out` holds those pixels (`g.cout` values each, a multiple of [`STEM_CHANNELS`]).
+/// A tile is 8 pixels x 32 channels: 16
+/// accumulators of the 32 registers, each input broadcast once per tap and channel pair,
+/// where the AVX2 tile (6 x 16) holds 12 of 16. Bias first, then the taps by row, column and
+/// input channel, as the AVX2 kernel sums them: the same bits.
+pub(in crate::encoder::lite) fn stem_tiles(
+    simd: V4,
+    src: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    (oy, ox): (usize, usize),
+    g: super::DenseGeometry,
+) {
+    const CIN: usize = 3;
+    let ky = tap_range(oy, 2, g.top, g.h, 3);
+    // `out` moved in: an `FnOnce` closure, inlined under AVX-512 (see `depthwise_row`).
+    simd.vectorize(
+        #[inline(always)]
+        move || {
+            let out = out;
+            let cout = g.cout;
+            for (tile, out) in out.chunks_exact_mut(STEM_PIXELS * cout).enumerate() {
+                let x0 = (ox + tile * STEM_PIXELS) * 2 - g.left;
+                for c0 in (0..cout).step_by(STEM_CHANNELS) {
+                    let vector = |v: &[f32], at: usize| -> f32x16 {
+                        pulp::cast(*<&[f32; BLOCK]>::try_from(&v[at..at + BLOCK]).expect("a vector"))
+                    };
+                    let mut acc = [[vector(bias, c0), vector(bias, c0 + BLOCK)]; STEM_PIXELS];
+                    for ky in ky.clone() {
+                        let iy = oy * 2 + ky - g.top;
+                        let rows: [&[f32; STEM_INPUTS]; CIN] = std::array::from_fn(|i| {
+                            src[(i * g.h + iy) * g.w + x0..][..STEM_INPUTS].try_into().expect("inputs")
+                        });
+                        for kx in 0..3 {
+                            for (i, row) in rows.iter().enumerate() {
+                                let at = ((ky * 3 + kx) * CIN + i) * cout + c0;
+                                let taps = [vector(wt, at), vector(wt, at + BLOCK)];
+                                for (p, acc) in acc.iter_mut().enumerate() {
+                                    let v = simd.splat_f32x16(row[p * 2 + kx]);
+                                    acc[0] = simd.mul_add_f32x16(v, taps[0], acc[0]);
+                                    acc[1] = simd.mul_add_f32x16(v, taps[1], acc[1]);
+                                }
+                            }
+                        }
+                    }
+                    for (p, acc) in acc.iter().enumerate() {
+                        let pixel = &mut out[p * cout + c0..p * cout + c0 + STEM_CHANNELS];
+                        let (low, high) = pixel.split_at_mut(BLOCK);
+                        store_vector(acc[0], low, true);
+                        store_vector(acc[1], high, true);
+                    }
+                }
+            }
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
-    use super::super::{Geometry, depthwise_row_simd, same_padding, to_blocked};
+    use super::super::{
+        DenseGeometry, DenseRow, Geometry, dense_row, dense_row_simd, depthwise_row_simd, same_padding,
+        to_blocked,
+    };
     use super::{available, depthwise_row};
+
+    /// The stem with AVX-512 tiles (`dense_row`) and the AVX2 kernel alone, row by row, on
+    /// widths with and without a partial last tile, odd sizes (padding on both sides or only
+    /// after) and 32 or 64 output channels: the same bits.
+    #[test]
+    fn avx512_stem_equals_the_avx2_kernel_bit_for_bit() {
+        if available().is_none() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        for (h, w, cout) in [(224, 224, 32), (31, 37, 32), (9, 18, 64), (5, 4, 32), (1, 3, 32)] {
+            let (k, stride, cin) = (3, 2, 3);
+            let (oh, top, _) = same_padding(h, k, stride);
+            let (ow, left, _) = same_padding(w, k, stride);
+            let g = DenseGeometry { cin, h, w, k, cout, stride, top, left };
+            let x: Vec<f32> = (0..cin * h * w).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.013).collect();
+            let wt: Vec<f32> =
+                (0..k * k * cin * cout).map(|i| ((i * 11 % 23) as f32 - 11.0) * 0.07).collect();
+            let bias: Vec<f32> = (0..cout).map(|i| (i % 13) as f32 * 0.1 - 0.7).collect();
+            for oy in 0..oh {
+                let (mut want, mut got) = (vec![0f32; ow * cout], vec![1f32; ow * cout]);
+                let row = DenseRow { src: &x, wt: &wt, bias: &bias, oy, g };
+                dense_row_simd(&row, &mut want, 0..ow);
+                dense_row(&x, &wt, &bias, &mut got, oy, g);
+                let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{h} x {w} x {cout}, row {oy}");
+            }
+        }
+    }
 
     /// Shapes as `(h, w, c, k, stride, relu6)`.
     type Shape = (usize, usize, usize, usize, usize, bool);
