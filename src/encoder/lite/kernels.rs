@@ -62,10 +62,8 @@ pub(super) fn dense_row(src: &[f32], wt: &[f32], bias: &[f32], dst: &mut [f32], 
         && let Some(simd) = avx512::available()
     {
         let ow = dst.len() / g.cout;
-        // Output pixels whose three horizontal taps are all inside the row.
-        let inside = |ox: usize| tap_range(ox, 2, g.left, g.w, 3) == (0..3);
-        let first = (0..ow).find(|&ox| inside(ox)).unwrap_or(ow);
-        let end = (first..ow).find(|&ox| !inside(ox)).unwrap_or(ow);
+        let (first, end) = inner_columns(ow, g.w, g.left, 3, 2);
+        let (first, end) = (first.min(ow), end.min(ow));
         let tiles = (end - first) / avx512::STEM_PIXELS;
         let tiled = first..first + tiles * avx512::STEM_PIXELS;
         let row = DenseRow { src, wt, bias, oy, g };
@@ -397,11 +395,11 @@ fn depthwise_pixel<const W: usize, const FMA: bool>(
     out[c0..c0 + W].copy_from_slice(&acc);
 }
 
-/// Output columns `start..end` whose horizontal taps `0..k` all lie inside the row:
-/// `ox * s >= left` and `ox * s + k - left <= w`.
-fn inner_columns(ow: usize, g: Geometry) -> (usize, usize) {
-    let start = g.left.div_ceil(g.stride);
-    let end = if g.w + g.left >= g.k { ((g.w + g.left - g.k) / g.stride + 1).min(ow) } else { 0 };
+/// Output columns `start..end` (of `ow`) whose horizontal taps `0..k` all lie inside a row of
+/// `w` values padded by `left`: `ox * stride >= left` and `ox * stride + k - left <= w`.
+fn inner_columns(ow: usize, w: usize, left: usize, k: usize, stride: usize) -> (usize, usize) {
+    let start = left.div_ceil(stride);
+    let end = if w + left >= k { ((w + left - k) / stride + 1).min(ow) } else { 0 };
     (start, end.max(start))
 }
 
@@ -410,7 +408,7 @@ fn inner_columns(ow: usize, g: Geometry) -> (usize, usize) {
 /// and the repack cost more than the channels-last kernel's 64-lane pixels.
 pub(in crate::encoder) fn blocked_pays(g: Geometry) -> bool {
     let ow = g.w.div_ceil(g.stride);
-    let (start, end) = inner_columns(ow, g);
+    let (start, end) = inner_columns(ow, g.w, g.left, g.k, g.stride);
     g.c.is_multiple_of(BLOCK)
         && matches!((g.k, g.stride), (3 | 5, 1 | 2))
         && 2 * ((end - start) / 4 * 4) >= ow
@@ -448,7 +446,7 @@ fn blocked_body<const FMA: bool>(
 ) {
     let ow = dst.len() / g.c;
     let ky = tap_range(oy, g.stride, g.top, g.h, g.k);
-    let (inner_start, inner_end) = inner_columns(ow, g);
+    let (inner_start, inner_end) = inner_columns(ow, g.w, g.left, g.k, g.stride);
     for ChannelBlock { cb, input, weights, bias: b } in channel_blocks(src, wt, bias, g) {
         let t = BlockedRow { input, weights, bias: b, ky: ky.clone(), oy, g };
         let mut ox = 0;

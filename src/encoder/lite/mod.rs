@@ -142,7 +142,7 @@ impl LiteNet {
             .map(|image| {
                 let mut y = self.stem.forward(&x.narrow(0, image, 1)?, self.kernels)?;
                 let mut b = 0;
-                while b < self.blocks.len() && y.elem_count() * 4 >= PER_IMAGE_BYTES {
+                while b < self.blocks.len() && runs_per_image(y.elem_count()) {
                     y = self.blocks[b].forward(&y, self.kernels)?;
                     b += 1;
                 }
@@ -226,6 +226,11 @@ fn keep_awake<'scope, R>(scope: &rayon::Scope<'scope>, f: impl FnOnce() -> R) ->
 /// Early activations at least this large per image are computed image by image (see
 /// `early_layers_per_image`).
 const PER_IMAGE_BYTES: usize = 256 * 1024;
+
+/// Whether a block whose input holds `values` f32 values per image runs image by image.
+fn runs_per_image(values: usize) -> bool {
+    values * 4 >= PER_IMAGE_BYTES
+}
 
 /// What follows a convolution's bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
 
 use super::ops::{DenseConvOp, stem_to};
-use super::{Block, Kernels, LiteNet, PER_IMAGE_BYTES};
+use super::{Block, Kernels, LiteNet, runs_per_image};
 use crate::encoder::arena::Buffer;
 use crate::encoder::fused::Nhwc;
 use crate::encoder::pointwise::{Epilogue, matmul_to};
@@ -85,7 +85,7 @@ impl LiteNet {
     ) -> candle_core::Result<(Map, usize)> {
         // The shape after each early block (from the stem's), walked before any work is done.
         let mut early = 0;
-        while early < self.blocks.len() && h * w * c * 4 >= PER_IMAGE_BYTES {
+        while early < self.blocks.len() && runs_per_image(h * w * c) {
             let cpu = self.blocks[early].cpu.as_ref().expect("checked by runs_on_buffers");
             (h, w, c) = cpu.out_shape(h, w);
             early += 1;

@@ -50,7 +50,7 @@ pub(super) fn depthwise_row(
 fn blocked_inner(simd: V4, src: &[f32], wt: &[f32], bias: &[f32], dst: &mut [f32], oy: usize, g: Geometry) {
     let ow = dst.len() / g.c;
     let ky = tap_range(oy, g.stride, g.top, g.h, g.k);
-    let (inner_start, inner_end) = inner_columns(ow, g);
+    let (inner_start, inner_end) = inner_columns(ow, g.w, g.left, g.k, g.stride);
     for ChannelBlock { cb, input, weights, bias } in channel_blocks(src, wt, bias, g) {
         let t = Row { simd, input, weights, bias: pulp::cast(*bias), ky: ky.clone(), oy, g };
         let mut ox = 0;
