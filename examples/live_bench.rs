@@ -36,7 +36,10 @@
 //! server's writer settings, to tell group commit from sealing and merging;
 //! `RUST_LOG=vitrine=info` shows seal and merge times.
 //! `--only-writes` stops after phase 2, and `--ack-trace FILE` writes its every ack (time,
-//! latency) to correlate slow ones with seals.
+//! latency) to correlate slow ones with seals; `--search-trace FILE` writes phase 4's searches
+//! while writing (time, latency, sealed segments then), to see where in the round slow ones
+//! fall (`RUST_LOG=vitrine=info,vitrine::request=warn` for seals and merges without a line per
+//! request).
 //!
 //! Run: `cargo run --release --example live_bench -- [--quick] [--json]`
 //! (or `tools/live_bench.sh`). Absolute numbers on a shared 2-core machine are noisy.
@@ -125,6 +128,12 @@ struct Args {
     /// arrived, then its latency in milliseconds.
     #[arg(long)]
     ack_trace: Option<PathBuf>,
+    /// Diagnostic: write phase 4's searches while writing to this file (the paced round; the
+    /// closed-loop one to the same name with the extension `.closed`), one line each: seconds
+    /// since the round started when the search was sent, its latency in milliseconds, and the
+    /// number of sealed segments then (sampled every 0.5 s).
+    #[arg(long)]
+    search_trace: Option<PathBuf>,
     /// Diagnostic: stop after phase 2 (skip images, searches and the restart).
     #[arg(long)]
     only_writes: bool,
@@ -1009,8 +1018,27 @@ fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let started = Instant::now();
             let mut busy = Vec::with_capacity(plan.queries);
+            let mut trace = Vec::new();
+            let (mut segments, mut sampled) = (0, f64::NEG_INFINITY);
             while started.elapsed().as_secs_f64() < plan.write_round_secs {
-                busy.push(search(&mut s, &mut rng).await?);
+                let at = started.elapsed().as_secs_f64();
+                if args.search_trace.is_some() && at - sampled >= 0.5 {
+                    segments = shape(&mut c).await?.segments.len();
+                    sampled = at;
+                }
+                let lat = search(&mut s, &mut rng).await?;
+                busy.push(lat);
+                if args.search_trace.is_some() {
+                    trace.push((at, lat, segments));
+                }
+            }
+            if let Some(path) = &args.search_trace {
+                let path = if rate > 0.0 { path.clone() } else { path.with_extension("closed") };
+                let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+                for (at, lat, segments) in &trace {
+                    writeln!(f, "{at:.6} {:.3} {segments}", lat.as_secs_f64() * 1e3)?;
+                }
+                f.flush()?;
             }
             let busy_secs = started.elapsed().as_secs_f64();
             stop.store(true, Ordering::Relaxed);

@@ -24,7 +24,7 @@ use multiversion::multiversion;
 use parking_lot::Mutex;
 use rayon::prelude::*;
 
-use super::distance::{dot, dot_wide_body, quantise_scaled, touch_lines};
+use super::distance::{WideDot, dot, quantise_scaled, touch_lines};
 use super::format::{MAX_LEVEL, NO_NEIGHBOUR};
 use super::heap::Walk;
 use super::reader::View;
@@ -69,6 +69,8 @@ struct Graph<'a> {
     /// The int8 codes and per-dimension scales the walks score with (the segment's own).
     codes: &'a [i8],
     scales: &'a [f32],
+    /// The int8 dot product on this CPU's widest vectors.
+    wide: WideDot,
     levels: Vec<u8>,
     /// `n + 1` offsets into `upper` rows (node i owns rows `upper_off[i]..upper_off[i+1]`).
     upper_off: Vec<u32>,
@@ -108,6 +110,7 @@ impl<'a> Graph<'a> {
             vectors,
             codes,
             scales,
+            wide: WideDot::detect(),
             layer0: empty(n * 2 * m),
             upper: empty(rows as usize * m),
             layer0_scores: empty(n * 2 * m),
@@ -135,7 +138,7 @@ impl<'a> Graph<'a> {
     #[inline(always)]
     fn wide_query<'s>(&self, i: u32, out: &'s mut Vec<i16>) -> Wide<'s> {
         let factor = quantise_scaled(self.vec(i), self.scales, out);
-        Wide { q: out, factor }
+        Wide { q: out, factor, dot: self.wide }
     }
 
     /// Node `node`'s link slots on `layer` and their scores.
@@ -215,12 +218,13 @@ struct Heuristic {
 struct Wide<'a> {
     q: &'a [i16],
     factor: f32,
+    dot: WideDot,
 }
 
 impl Wide<'_> {
     #[inline(always)]
     fn score(self, code: &[i8]) -> f32 {
-        dot_wide_body(self.q, code) as f32 * self.factor
+        self.dot.dot(self.q, code) as f32 * self.factor
     }
 }
 
@@ -538,7 +542,7 @@ fn select(g: &Graph<'_>, cands: &[(f32, u32)], cap: usize, out: &mut Vec<(f32, u
         // target's features (see `dot_body`).
         let mut diverse = true;
         for (r, &factor) in kept_factors.iter().enumerate() {
-            let rq = Wide { q: &kept_wide[r * g.dim..(r + 1) * g.dim], factor };
+            let rq = Wide { q: &kept_wide[r * g.dim..(r + 1) * g.dim], factor, dot: g.wide };
             if rq.score(code) > score {
                 diverse = false;
                 break;

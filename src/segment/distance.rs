@@ -150,6 +150,149 @@ pub(crate) fn dot_wide_body(q: &[i16], c: &[i8]) -> i64 {
     total
 }
 
+/// [`dot_wide_body`] on the widest integer vectors this CPU has. On AVX-512 (pulp's safe `V4`)
+/// each step widens 32 codes to `i16` and multiplies-adds them with 32 query values in one
+/// 512-bit register; on AVX2 (`V3`) 16 in a 256-bit one. LLVM's own vectorisation of
+/// [`dot_wide_body`] for AVX2 used 128-bit operations (8 codes per step), and the walks,
+/// builds and scans of the int8 codes spent most of their arithmetic there. Elsewhere it is
+/// [`dot_wide_body`], inlined into the caller's target. All are exact in integers, so they
+/// give the same value (tested). The AVX-512 form is a call into a function compiled for
+/// AVX-512 (it cannot be inlined into the AVX2 callers), a few nanoseconds against the tens a
+/// 1,280-dimension product takes.
+#[derive(Clone, Copy)]
+pub(crate) struct WideDot {
+    #[cfg(target_arch = "x86_64")]
+    v4: Option<pulp::x86::V4>,
+    #[cfg(target_arch = "x86_64")]
+    v3: Option<pulp::x86::V3>,
+}
+
+impl WideDot {
+    /// The widest form this CPU runs (pulp caches the feature check: a load per call).
+    #[inline]
+    pub(crate) fn detect() -> Self {
+        WideDot {
+            #[cfg(target_arch = "x86_64")]
+            v4: pulp::x86::V4::try_new(),
+            #[cfg(target_arch = "x86_64")]
+            v3: pulp::x86::V3::try_new(),
+        }
+    }
+
+    /// Every form this CPU runs, narrowest first: [`dot_wide_body`] as the callers' target
+    /// compiles it (the reference), then AVX2, then AVX-512 (for tests).
+    #[cfg(test)]
+    pub(crate) fn each() -> Vec<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let WideDot { v4, v3 } = Self::detect();
+            let mut all = vec![WideDot { v4: None, v3: None }];
+            all.extend(v3.map(|v3| WideDot { v4: None, v3: Some(v3) }));
+            all.extend(v4.map(|v4| WideDot { v4: Some(v4), v3: None }));
+            all
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        vec![WideDot {}]
+    }
+
+    /// `sum(q[i] * c[i])` over the shorter length, exact.
+    #[inline(always)]
+    pub(crate) fn dot(self, q: &[i16], c: &[i8]) -> i64 {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = self.v4 {
+            return simd.vectorize(WideOp { simd, q, c });
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = self.v3 {
+            return simd.vectorize(WideOp { simd, q, c });
+        }
+        dot_wide_body(q, c)
+    }
+}
+
+/// [`WideDot::dot`] in one of pulp's SIMD types (`V4`, `V3`): handed to its `vectorize` as a
+/// struct, not a closure, so it is `FnOnce` only and its body is compiled inside pulp's
+/// function for those features (see `encoder::lite::kernels::avx512` on closures that LLVM
+/// compiled without them).
+#[cfg(target_arch = "x86_64")]
+struct WideOp<'a, S> {
+    simd: S,
+    q: &'a [i16],
+    c: &'a [i8],
+}
+
+/// AVX-512: 32 dimensions per step; each [`WIDE_CHUNK`] dimensions, the 16 `i32` lanes hold
+/// 32 products of at most `32767 * 127` each, and all 16 together 512 of them: below
+/// `i32::MAX`, as in [`dot_wide_body`].
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for WideOp<'_, pulp::x86::V4> {
+    type Output = i64;
+    #[inline(always)]
+    fn call(self) -> i64 {
+        let WideOp { simd, q, c } = self;
+        wide_chunks::<32, std::arch::x86_64::__m512i>(
+            q,
+            c,
+            simd.avx512f._mm512_setzero_si512(),
+            #[inline(always)]
+            |acc, q, c| {
+                let wide = simd.avx512bw._mm512_cvtepi8_epi16(pulp::cast(*c));
+                simd.avx512f._mm512_add_epi32(acc, simd.avx512bw._mm512_madd_epi16(pulp::cast(*q), wide))
+            },
+            #[inline(always)]
+            |acc| i64::from(simd.avx512f._mm512_reduce_add_epi32(acc)),
+        )
+    }
+}
+
+/// AVX2: 16 dimensions per step (8 lanes of 64 products per [`WIDE_CHUNK`]).
+#[cfg(target_arch = "x86_64")]
+impl pulp::NullaryFnOnce for WideOp<'_, pulp::x86::V3> {
+    type Output = i64;
+    #[inline(always)]
+    fn call(self) -> i64 {
+        let WideOp { simd, q, c } = self;
+        wide_chunks::<16, std::arch::x86_64::__m256i>(
+            q,
+            c,
+            simd.avx._mm256_setzero_si256(),
+            #[inline(always)]
+            |acc, q, c| {
+                let wide = simd.avx2._mm256_cvtepi8_epi16(pulp::cast(*c));
+                simd.avx2._mm256_add_epi32(acc, simd.avx2._mm256_madd_epi16(pulp::cast(*q), wide))
+            },
+            #[inline(always)]
+            |acc| pulp::cast::<_, [i32; 8]>(acc).iter().map(|&l| i64::from(l)).sum(),
+        )
+    }
+}
+
+/// The loop both SIMD forms share: `W` dimensions per `step` into an accumulator that is
+/// summed (`sum`) and restarted every [`WIDE_CHUNK`] dimensions; the tail by
+/// [`dot_wide_body`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn wide_chunks<const W: usize, A: Copy>(
+    q: &[i16],
+    c: &[i8],
+    zero: A,
+    step: impl Fn(A, &[i16; W], &[i8; W]) -> A,
+    sum: impl Fn(A) -> i64,
+) -> i64 {
+    let n = q.len().min(c.len());
+    let (qb, q_rest) = q[..n].as_chunks::<W>();
+    let (cb, c_rest) = c[..n].as_chunks::<W>();
+    let mut total = 0i64;
+    for (qs, cs) in qb.chunks(WIDE_CHUNK / W).zip(cb.chunks(WIDE_CHUNK / W)) {
+        let mut acc = zero;
+        for (qv, cv) in qs.iter().zip(cs) {
+            acc = step(acc, qv, cv);
+        }
+        total += sum(acc);
+    }
+    total + dot_wide_body(q_rest, c_rest)
+}
+
 /// Codes one row with a scale of its own, for the in-memory mutable segment (whose rows arrive
 /// one at a time, so no per-dimension scale can be fitted): `scale = max |v| / 127`, codes
 /// `round(v / scale)` in -127..=127, written to `out`; returns the scale (0 for a zero row,
@@ -189,7 +332,7 @@ pub fn quantise_query(v: &[f32], out: &mut Vec<i16>) -> f32 {
 /// integers: the dispatched form of [`dot_wide_body`], for scans outside the graph walks.
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 pub fn dot_wide(q: &[i16], c: &[i8]) -> i64 {
-    dot_wide_body(q, c)
+    WideDot::detect().dot(q, c)
 }
 
 /// Fixed pairwise reduction 64 -> 16 -> 8 -> 4 -> 1.
@@ -257,6 +400,44 @@ mod tests {
         let mut w = Vec::new();
         assert_eq!(quantise_scaled(&[0.0, 0.0], &[1.0, 1.0], &mut w), 0.0);
         assert_eq!(w, vec![0, 0]);
+    }
+
+    #[test]
+    fn every_wide_dot_form_equals_the_plain_loop() {
+        use super::{WideDot, dot_wide_body};
+        let forms = WideDot::each();
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        // Every tail length around the vector widths, several chunks of 512, and the extremes
+        // (all products at +-32767 * 127, the sums' worst case for overflow).
+        let lens = (0..80).chain([511, 512, 513, 1024, 1279, 1280, 1281, 2048, 4097]);
+        for n in lens {
+            for extreme in [false, true] {
+                let q: Vec<i16> =
+                    (0..n)
+                        .map(|_| {
+                            if extreme { if next() & 1 == 0 { 32767 } else { -32767 } } else { next() as i16 }
+                        })
+                        .collect();
+                let c: Vec<i8> =
+                    (0..n)
+                        .map(|i| {
+                            if extreme { if q[i] > 0 { 127 } else { -127 } } else { (next() as i8).max(-127) }
+                        })
+                        .collect();
+                let want = dot_wide_body(&q, &c);
+                for form in &forms {
+                    assert_eq!(form.dot(&q, &c), want, "n {n}, extreme {extreme}");
+                    // Unequal lengths: the shorter one counts.
+                    assert_eq!(form.dot(&q, &c[..n / 2]), dot_wide_body(&q[..n / 2], &c[..n / 2]));
+                }
+            }
+        }
     }
 
     #[test]

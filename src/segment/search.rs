@@ -12,7 +12,7 @@ use std::cell::RefCell;
 use multiversion::multiversion;
 use multiversion::target::target_cfg_f;
 
-use super::distance::{dot, dot_body, dot_wide_body, normalise_into, quantise_scaled, touch_lines};
+use super::distance::{WideDot, dot, dot_body, normalise_into, quantise_scaled, touch_lines};
 use super::error::SegmentError;
 use super::heap::{TopK, Walk};
 use super::reader::{Segment, View};
@@ -262,9 +262,10 @@ fn walk(
         })
     };
     let (wq, factor) = wide;
+    let wide_dot = WideDot::detect();
     let coded = |i: u32| {
         let at = i as usize * dim;
-        view.codes.get(at..at + dim).map_or(f32::NEG_INFINITY, |c| dot_wide_body(wq, c) as f32 * factor)
+        view.codes.get(at..at + dim).map_or(f32::NEG_INFINITY, |c| wide_dot.dot(wq, c) as f32 * factor)
     };
     let touch_vector = |i: u32| {
         let at = i as usize * dim;
@@ -451,9 +452,10 @@ fn code_error_bound(q: &[f32], scales: &[f32], factor: f32) -> f32 {
 #[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
 fn approx_scores(view: &View<'_>, wide: &[i16], factor: f32, filter: Filter<'_>, out: &mut Vec<f32>) {
     out.clear();
+    let wide_dot = WideDot::detect();
     for (i, code) in view.codes.chunks_exact(view.dim).enumerate() {
         let keep = filter.is_none_or(|f| f(i as u32));
-        out.push(if keep { dot_wide_body(wide, code) as f32 * factor } else { f32::NEG_INFINITY });
+        out.push(if keep { wide_dot.dot(wide, code) as f32 * factor } else { f32::NEG_INFINITY });
     }
 }
 
