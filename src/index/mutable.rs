@@ -19,7 +19,7 @@ use parking_lot::RwLock;
 
 use crate::ids::SkuId;
 use crate::index::filter::DocId;
-use crate::segment::{dot, dot_wide, quantise_query, quantise_row};
+use crate::segment::{WideDot, dot, quantise_query, quantise_row};
 
 /// One scored position of a segment.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -271,12 +271,13 @@ impl MutableSegment {
         let slack = 0.5 * l1 + 0.5 * factor * 127.0 * dim as f32;
         // Pass 1: (lower bound, upper bound, position) of every candidate.
         let mut cands: Vec<(f32, f32, u32)> = Vec::new();
+        let wide = WideDot::detect();
         for (pos, code) in g.codes.chunks_exact(dim).enumerate() {
             if g.deleted[pos] || keep.is_some_and(|f| !f(g.docs[pos])) {
                 continue;
             }
             let scale = g.scales[pos];
-            let approx = dot_wide(&q16, code) as f32 * factor * scale;
+            let approx = wide.dot(&q16, code) as f32 * factor * scale;
             let err = scale * slack + 1e-5 * (1.0 + approx.abs());
             cands.push((approx - err, approx + err, pos as u32));
         }

@@ -19,6 +19,7 @@ mod search;
 pub mod synth;
 mod writer;
 
+pub(crate) use distance::WideDot;
 pub use distance::{dot, dot_wide, normalise_into, quantise_query, quantise_row};
 pub use error::SegmentError;
 pub use reader::Segment;
