@@ -184,15 +184,16 @@ impl WideDot {
     #[cfg(test)]
     pub(crate) fn each() -> Vec<Self> {
         #[cfg(target_arch = "x86_64")]
-        {
+        let all = {
             let WideDot { v4, v3 } = Self::detect();
             let mut all = vec![WideDot { v4: None, v3: None }];
             all.extend(v3.map(|v3| WideDot { v4: None, v3: Some(v3) }));
             all.extend(v4.map(|v4| WideDot { v4: Some(v4), v3: None }));
             all
-        }
+        };
         #[cfg(not(target_arch = "x86_64"))]
-        vec![WideDot {}]
+        let all = vec![Self::detect()];
+        all
     }
 
     /// `sum(q[i] * c[i])` over the shorter length, exact.
