@@ -330,8 +330,8 @@ pub fn quantise_query(v: &[f32], out: &mut Vec<i16>) -> f32 {
 }
 
 /// `sum(q[i] * c[i])` of a [`quantise_query`] query and [`quantise_row`] codes, exact in
-/// integers: the dispatched form of [`dot_wide_body`], for scans outside the graph walks.
-#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+/// integers: [`WideDot::dot`] for callers outside the crate (which picks this CPU's widest
+/// vectors itself, so this needs no build per target of its own).
 pub fn dot_wide(q: &[i16], c: &[i8]) -> i64 {
     WideDot::detect().dot(q, c)
 }
