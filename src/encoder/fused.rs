@@ -30,6 +30,9 @@ const _: () = assert!(OUT_BLOCK == BLOCK);
 const SCRATCH_BYTES: usize = 768 * 1024;
 /// Most expanded rows per input row that fusing may cost (rows shared by bands count twice).
 const MAX_OVERLAP: f64 = 1.4;
+/// Largest whole expansion (`4 * n * h * w * mid` bytes) for which [`CpuBlock::plan`] prefers
+/// channel groups to overlapping bands (a 7x7x1152 map is 226 KiB, a 14x14x480 one 376 KiB).
+const CHANNELS_BYTES: usize = 256 * 1024;
 /// Expanded channels per task of [`CpuBlock::forward_by_channels`]: three 1x1 panels.
 const GROUP_CHANNELS: usize = 3 * NR;
 
@@ -193,13 +196,28 @@ impl CpuBlock {
     }
 
     /// How to run `n` images of `h` x `w` on the current pool: in bands where
-    /// [`band_rows`](Self::band_rows) finds a height; else, for a block with an expansion and
-    /// more than one thread, [`Plan::Channels`]; else `None` (three separate layers).
+    /// [`band_rows`](Self::band_rows) finds a height, unless those bands expand shared rows twice
+    /// and the whole expansion fits in [`CHANNELS_BYTES`]; then (and where no band height is
+    /// found), for a block with an expansion and more than one thread, [`Plan::Channels`]; else
+    /// `None` (three separate layers).
     pub fn plan(&self, n: usize, h: usize, w: usize) -> Option<Plan> {
-        if let Some(band) = self.band_rows(n, h, w) {
-            return Some(Plan::Bands(band));
+        let channels = self.expand.is_some() && rayon::current_num_threads() > 1;
+        match self.band_rows(n, h, w) {
+            Some(band) if !(channels && self.channels_pay(n, h, w, band)) => Some(Plan::Bands(band)),
+            _ => channels.then_some(Plan::Channels),
         }
-        (self.expand.is_some() && rayon::current_num_threads() > 1).then_some(Plan::Channels)
+    }
+
+    /// Whether channel groups beat bands of `band` output rows: the bands overlap (neighbours
+    /// expand the rows they share each) and the channel groups' whole expansion is small enough
+    /// to stay in cache between their two steps. Lite0's last block (7x7, 3x3 kernel) at batch
+    /// 1 on 2 threads: bands of 4 and 3 rows expand 5 and 4 of the 7 input rows, 0.34 ms; by
+    /// channel groups 0.29-0.31 ms. The 14x14 blocks, whose expansion is 2-3 times larger, stay
+    /// faster in bands (e.g. 0.33 against 0.41 ms).
+    fn channels_pay(&self, n: usize, h: usize, w: usize, band: usize) -> bool {
+        let (oh, _, _) = same_padding(h, self.k, self.stride);
+        let overlap = band < oh && self.k > self.stride;
+        overlap && 4 * n * h * w * self.dw_bias.len() <= CHANNELS_BYTES
     }
 
     /// Runs the block as [`plan`](Self::plan) chose, into a new output: `(output, oh, ow,

@@ -232,7 +232,8 @@ fn blocked_layout_only_where_tiles_cover_the_rows() {
 
 /// At batch 1 on 2 threads, a 14x14 map fuses as two bands of 7 rows (one per thread), and
 /// the 7x7 maps with 5x5 kernels find no band plan (each would expand shared rows twice over)
-/// and run by channel groups; on one thread, as one band.
+/// and run by channel groups, as does the last block, whose bands would overlap; on one thread,
+/// as one band.
 #[test]
 fn band_plans_share_small_maps_evenly() {
     let net = lite0();
@@ -247,6 +248,15 @@ fn band_plans_share_small_maps_evenly() {
     assert_eq!(pool.install(|| cpu.plan(1, 7, 7)), Some(Plan::Channels), "7x7 by channel groups");
     let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     assert_eq!(one.install(|| cpu.plan(1, 7, 7)), Some(Plan::Bands(7)), "one band on one thread");
+    // The last block (3x3 kernel) finds bands of 4 and 3 rows, which expand 9 of 7 input rows:
+    // by channel groups instead, its expansion being small; not so at batch 4, nor at 14x14.
+    let last = net.blocks[15].cpu.as_ref().unwrap();
+    assert_eq!(plan(15, 1, 7), Some(4));
+    assert_eq!(pool.install(|| last.plan(1, 7, 7)), Some(Plan::Channels));
+    assert!(matches!(pool.install(|| last.plan(4, 7, 7)), Some(Plan::Bands(_))));
+    let wide = net.blocks[9].cpu.as_ref().unwrap();
+    assert_eq!(pool.install(|| wide.plan(1, 14, 14)), Some(Plan::Bands(7)));
+    assert_eq!(one.install(|| last.plan(1, 7, 7)), Some(Plan::Bands(7)));
 }
 
 /// The channel-group plan (7x7 maps at batch 1 on several threads) gives exactly the values of

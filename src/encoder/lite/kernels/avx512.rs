@@ -241,21 +241,21 @@ fn store_vector(a: f32x16, out: &mut [f32], relu6: bool) {
     }
 }
 
-/// Output pixels of one AVX-512 stem tile.
+/// Output pixels of one full AVX-512 stem tile (narrower tiles cover a row's last interior
+/// pixels, see [`stem_tiles`]).
 pub(in crate::encoder::lite) const STEM_PIXELS: usize = 8;
 /// Output channels of one AVX-512 stem tile (two vectors).
 pub(in crate::encoder::lite) const STEM_CHANNELS: usize = 2 * BLOCK;
-/// Input values one tile reads from a row of one input channel.
-const STEM_INPUTS: usize = (STEM_PIXELS - 1) * 2 + 3;
 
-/// The usual stem geometry (3 input channels, 3x3 taps, stride 2) for whole tiles of
-/// [`STEM_PIXELS`] output pixels from `(oy, ox)` on, all of whose horizontal taps are inside
-/// the row; `out` holds those pixels (`g.cout` values each, a multiple of [`STEM_CHANNELS`]).
-/// A tile is 8 pixels x 32 channels: 16
-/// accumulators of the 32 registers, each input broadcast once per tap and channel pair,
-/// where the AVX2 tile (6 x 16) holds 12 of 16. Bias first, then the taps by row, column and
-/// input channel, as the AVX2 kernel sums them: the same bits.
-pub(in crate::encoder::lite) fn stem_tiles(
+/// The usual stem geometry (3 input channels, 3x3 taps, stride 2) for whole tiles of `P`
+/// output pixels from `(oy, ox)` on, all of whose horizontal taps are inside the row; `out`
+/// holds those pixels (`g.cout` values each, a multiple of [`STEM_CHANNELS`]). A full tile
+/// ([`STEM_PIXELS`]) is 8 pixels x 32 channels: 16 accumulators of the 32 registers, each input
+/// broadcast once per tap and channel pair, where the AVX2 tile (6 x 16) holds 12 of 16; a
+/// row's last few interior pixels run as one tile each of 4, 2 and 1 pixels (through the AVX2
+/// kernel, those 7 of Lite0's 112 pixels per row took as long as the other 104). Bias first,
+/// then the taps by row, column and input channel, as the AVX2 kernel sums them: the same bits.
+pub(in crate::encoder::lite) fn stem_tiles<const P: usize>(
     simd: V4,
     src: &[f32],
     wt: &[f32],
@@ -272,18 +272,18 @@ pub(in crate::encoder::lite) fn stem_tiles(
         move || {
             let out = out;
             let cout = g.cout;
-            for (tile, out) in out.chunks_exact_mut(STEM_PIXELS * cout).enumerate() {
-                let x0 = (ox + tile * STEM_PIXELS) * 2 - g.left;
+            for (tile, out) in out.chunks_exact_mut(P * cout).enumerate() {
+                let x0 = (ox + tile * P) * 2 - g.left;
                 for c0 in (0..cout).step_by(STEM_CHANNELS) {
                     let vector = |v: &[f32], at: usize| -> f32x16 {
                         pulp::cast(*<&[f32; BLOCK]>::try_from(&v[at..at + BLOCK]).expect("a vector"))
                     };
-                    let mut acc = [[vector(bias, c0), vector(bias, c0 + BLOCK)]; STEM_PIXELS];
+                    let mut acc = [[vector(bias, c0), vector(bias, c0 + BLOCK)]; P];
                     for ky in ky.clone() {
                         let iy = oy * 2 + ky - g.top;
-                        let rows: [&[f32; STEM_INPUTS]; CIN] = std::array::from_fn(|i| {
-                            src[(i * g.h + iy) * g.w + x0..][..STEM_INPUTS].try_into().expect("inputs")
-                        });
+                        // The input values the tile reads from this row of each input channel.
+                        let rows: [&[f32]; CIN] =
+                            std::array::from_fn(|i| &src[(i * g.h + iy) * g.w + x0..][..(P - 1) * 2 + 3]);
                         for kx in 0..3 {
                             for (i, row) in rows.iter().enumerate() {
                                 let at = ((ky * 3 + kx) * CIN + i) * cout + c0;
