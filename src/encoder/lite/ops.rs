@@ -98,6 +98,57 @@ pub(super) fn stem_to(
     (oh, ow): (usize, usize),
     out: &mut [f32],
 ) {
+    stem_into(x, wt, bias, g, (oh, ow), StemOut::ChannelsLast(out))
+}
+
+/// Where [`stem_into`] writes.
+pub(super) enum StemOut<'a> {
+    /// NHWC, `(n, oh, ow, g.cout)`.
+    ChannelsLast(&'a mut [f32]),
+    /// One image in the blocked layout (`g.cout / BLOCK` planes of `(oh, ow, BLOCK)`, see
+    /// [`to_blocked`]) that the first block's bands read without a repack
+    /// ([`CpuBlock::takes_blocked`]).
+    Blocked(&'a mut [f32]),
+}
+
+/// [`stem_to`], into either layout. Blocked: each task computes its row channels-last into a
+/// per-thread row (in L1) and copies it into the planes; the same values, placed apart.
+pub(super) fn stem_into(
+    x: &[f32],
+    wt: &[f32],
+    bias: &[f32],
+    g: DenseGeometry,
+    (oh, ow): (usize, usize),
+    out: StemOut<'_>,
+) {
+    thread_local! {
+        static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let out = match out {
+        StemOut::ChannelsLast(out) => out,
+        StemOut::Blocked(out) => {
+            debug_assert!(g.cout.is_multiple_of(BLOCK) && out.len() == oh * ow * g.cout);
+            // Row `oy`'s part of every plane: disjoint slices, one list per task.
+            let mut rows: Vec<Vec<&mut [f32]>> =
+                (0..oh).map(|_| Vec::with_capacity(g.cout / BLOCK)).collect();
+            for plane in out.chunks_exact_mut(oh * ow * BLOCK) {
+                for (parts, part) in rows.iter_mut().zip(plane.chunks_exact_mut(ow * BLOCK)) {
+                    parts.push(part);
+                }
+            }
+            rows.into_par_iter().enumerate().for_each(|(oy, parts)| {
+                crate::background::yield_point();
+                ROW.with_borrow_mut(|row| {
+                    let row = pointwise::scratch(row, ow * g.cout);
+                    dense_row(x, wt, bias, row, oy, g);
+                    for (cb, part) in parts.into_iter().enumerate() {
+                        to_blocked_plane(row, g.cout, cb, part);
+                    }
+                });
+            });
+            return;
+        }
+    };
     if out.is_empty() {
         return;
     }

@@ -7,24 +7,28 @@
 use candle_core::{CpuStorage, Device, Storage, Tensor};
 use rayon::prelude::*;
 
-use super::ops::{DenseConvOp, stem_to};
+use super::kernels::BLOCK;
+use super::ops::{DenseConvOp, StemOut, stem_into};
 use super::{Block, Kernels, LiteNet, runs_per_image};
 use crate::encoder::arena::Buffer;
-use crate::encoder::fused::Nhwc;
+use crate::encoder::fused::{Nhwc, Plan};
 use crate::encoder::pointwise::{Epilogue, matmul_to};
 
-/// NHWC activations `(n, h, w, c)` in a recycled buffer.
+/// NHWC activations `(n, h, w, c)` in a recycled buffer (or, where `blocked`, one image as
+/// `c / BLOCK` planes of `(h, w, BLOCK)`: the stem's output for a first block that
+/// [takes it](crate::encoder::fused::CpuBlock::takes_blocked)).
 struct Map {
     buf: Buffer,
     n: usize,
     h: usize,
     w: usize,
     c: usize,
+    blocked: bool,
 }
 
 impl Map {
     fn new(n: usize, h: usize, w: usize, c: usize) -> Self {
-        Self { buf: Buffer::take(n * h * w * c), n, h, w, c }
+        Self { buf: Buffer::take(n * h * w * c), n, h, w, c, blocked: false }
     }
 }
 
@@ -53,15 +57,21 @@ impl LiteNet {
             self.stem.weight_kkio.dims(),
             &[bias.len()],
         )?;
-        let stem = |images: &[f32], n: usize| {
+        // One image whose first block follows at once may be written in that block's layout.
+        let first_takes_blocked = g.cout.is_multiple_of(BLOCK)
+            && self.blocks.first().and_then(|b| b.cpu.as_ref()).is_some_and(|b| b.takes_blocked(1, oh, ow));
+        let stem = |images: &[f32], n: usize, block_follows: bool| {
             let mut map = Map::new(n, oh, ow, g.cout);
-            stem_to(images, wt, bias, g, (oh, ow), map.buf.as_mut_slice());
+            map.blocked = n == 1 && block_follows && first_takes_blocked;
+            let out = map.buf.as_mut_slice();
+            let out = if map.blocked { StemOut::Blocked(out) } else { StemOut::ChannelsLast(out) };
+            stem_into(images, wt, bias, g, (oh, ow), out);
             map
         };
         let (mut map, first_batched) = if n > 1 {
             self.early_layers_per_image_cpu(images, n, g.cin * g.h * g.w, (oh, ow, g.cout), &stem)?
         } else {
-            (stem(images, n), 0)
+            (stem(images, n, !self.blocks.is_empty()), 0)
         };
         for block in &self.blocks[first_batched..] {
             map = block_cpu(block, map)?;
@@ -81,7 +91,7 @@ impl LiteNet {
         n: usize,
         plane: usize,
         (mut h, mut w, mut c): (usize, usize, usize),
-        stem: &(dyn Fn(&[f32], usize) -> Map + Sync),
+        stem: &(dyn Fn(&[f32], usize, bool) -> Map + Sync),
     ) -> candle_core::Result<(Map, usize)> {
         // The shape after each early block (from the stem's), walked before any work is done.
         let mut early = 0;
@@ -92,7 +102,7 @@ impl LiteNet {
         }
         let mut batch = Map::new(n, h, w, c);
         batch.buf.as_mut_slice().par_chunks_mut(h * w * c).enumerate().try_for_each(|(i, dst)| {
-            let mut map = stem(&images[i * plane..(i + 1) * plane], 1);
+            let mut map = stem(&images[i * plane..(i + 1) * plane], 1, early > 0);
             for block in &self.blocks[..early] {
                 map = block_cpu(block, map)?;
             }
@@ -110,6 +120,14 @@ fn block_cpu(block: &Block, x: Map) -> candle_core::Result<Map> {
     let Map { n, h, w, c, .. } = x;
     let (oh, ow, cout) = cpu.out_shape(h, w);
     let mut out = Map::new(n, oh, ow, cout);
+    if x.blocked {
+        let Some(Plan::Bands(band)) = cpu.plan(n, h, w) else {
+            candle_core::bail!("a blocked map for a block that does not run in bands");
+        };
+        let input = Nhwc { data: x.buf.as_slice(), n, h, w, c };
+        cpu.forward_blocked_to(input, band, out.buf.as_mut_slice())?;
+        return Ok(out);
+    }
     match cpu.plan(n, h, w) {
         Some(plan) => {
             let input = Nhwc { data: x.buf.as_slice(), n, h, w, c };

@@ -340,3 +340,45 @@ fn network() {
         println!("batch {n}: {:.1} images/s", 1.0 / best);
     }
 }
+
+/// The batch-1 network block by block in sequence, as a pass runs it (each layer's weights
+/// cold from the layers before it, unlike [`one_block`]'s), inside the pool with the other
+/// threads kept awake: mean milliseconds per stem, block and head over 200 passes. Run with
+/// `RAYON_NUM_THREADS=2 cargo test --release --lib encoder::lite::profile::sequence --
+/// --ignored --nocapture`.
+#[test]
+#[ignore = "timing printout, not a test"]
+fn sequence() {
+    let net = lite0();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 224, 224), &Device::Cpu).unwrap();
+    let reps = 200;
+    let mut times = vec![0f64; net.blocks.len() + 2];
+    rayon::scope(|scope| {
+        super::keep_awake(scope, || {
+            for rep in 0..reps + 20 {
+                let warm = rep >= 20;
+                let s = Instant::now();
+                let mut y = net.stem.forward(&x, K).unwrap();
+                if warm {
+                    times[0] += s.elapsed().as_secs_f64();
+                }
+                for (i, b) in net.blocks.iter().enumerate() {
+                    let s = Instant::now();
+                    y = b.forward(&y, K).unwrap();
+                    if warm {
+                        times[i + 1] += s.elapsed().as_secs_f64();
+                    }
+                }
+                let s = Instant::now();
+                let h = net.head.forward(&y, Activation::Relu6, K).unwrap();
+                let _p = net.pool(&h, crate::encoder::Pooling::Average).unwrap();
+                if warm {
+                    times[net.blocks.len() + 1] += s.elapsed().as_secs_f64();
+                }
+            }
+        })
+    });
+    let ms: Vec<String> = times.iter().map(|t| format!("{:.3}", t * 1e3 / f64::from(reps))).collect();
+    println!("stem, blocks 0-15, head (ms): {}", ms.join(" "));
+    println!("total {:.3} ms", times.iter().sum::<f64>() * 1e3 / f64::from(reps));
+}

@@ -333,6 +333,51 @@ fn batched_features_equal_each_image_alone() {
     }
 }
 
+/// The first block (no expansion, no residual) takes its input already blocked, as the stem
+/// writes it in the pass: the same bits as from channels-last input, for maps with and
+/// without tiles and at batch 2 (planes per image); blocks with an expansion refuse it.
+#[test]
+fn blocked_input_gives_the_bits_of_channels_last_input() {
+    use crate::encoder::lite::kernels::to_blocked;
+    let net = lite0();
+    let first = net.blocks[0].cpu.as_ref().unwrap();
+    let c = first.dw_weight.len() / (first.k * first.k);
+    let mut checked = 0;
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (n, h, w) in [(1, 112, 112), (2, 40, 36), (1, 17, 23)] {
+            if !pool.install(|| first.takes_blocked(n, h, w)) {
+                continue;
+            }
+            let Some(Plan::Bands(band)) = pool.install(|| first.plan(n, h, w)) else { panic!("bands") };
+            let x: Vec<f32> = Tensor::randn(0f32, 1.0, (n, h, w, c), &Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut blocked = vec![0f32; x.len()];
+            for (src, dst) in x.chunks_exact(h * w * c).zip(blocked.chunks_exact_mut(h * w * c)) {
+                to_blocked(src, c, dst);
+            }
+            let (oh, ow, cout) = first.out_shape(h, w);
+            let (mut want, mut got) = (vec![0f32; n * oh * ow * cout], vec![1f32; n * oh * ow * cout]);
+            pool.install(|| first.forward_to(Nhwc { data: &x, n, h, w, c }, band, &mut want)).unwrap();
+            let input = Nhwc { data: &blocked, n, h, w, c };
+            pool.install(|| first.forward_blocked_to(input, band, &mut got)).unwrap();
+            let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same, "{threads} threads, {n} x {h} x {w}: blocked input differs");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "the 112x112 map and at least one other take blocked input");
+    let second = net.blocks[1].cpu.as_ref().unwrap();
+    assert!(!second.takes_blocked(1, 112, 112), "a block with an expansion repacks what it expands");
+    let x = vec![0f32; 112 * 112 * 16];
+    let mut out = vec![0f32; 56 * 56 * 24];
+    assert!(second.forward_blocked_to(Nhwc { data: &x, n: 1, h: 112, w: 112, c: 16 }, 7, &mut out).is_err());
+}
+
 /// The pass over recycled buffers computes what the candle ops compute, bit for bit, at batch
 /// 1 and in batches (early layers image by image), on one thread and on several; repeated
 /// passes reuse buffers whose stale values (NaN under debug assertions) must all be overwritten.
