@@ -149,39 +149,51 @@ impl CpuBlock {
         self.bands_to(input, band, false, out)
     }
 
-    /// Whether [`forward_blocked_to`](Self::forward_blocked_to) takes `n` images of `h` x
-    /// `w`: a block with no expansion and no residual (Lite0's first) whose bands read the
-    /// blocked layout, which the layer before can then write directly instead of each band
-    /// repacking its rows (block 0's repack was 0.19 of its 0.66 ms on one thread).
-    pub fn takes_blocked(&self, n: usize, h: usize, w: usize) -> bool {
-        let mid = self.dw_bias.len();
+    /// The depthwise geometry of the bands for an `h` x `w` input, `blocked` where the
+    /// blocked layout serves it.
+    fn band_geometry(&self, h: usize, w: usize) -> Geometry {
         let (_, top, _) = same_padding(h, self.k, self.stride);
         let (_, left, _) = same_padding(w, self.k, self.stride);
-        let g =
-            Geometry { h, w, c: mid, k: self.k, stride: self.stride, top, left, relu6: true, blocked: false };
-        self.expand.is_none()
-            && !self.residual
-            && !self.dw_blocked.is_empty()
-            && blocked_pays(g)
-            && matches!(self.plan(n, h, w), Some(Plan::Bands(_)))
+        let c = self.dw_bias.len();
+        let g = Geometry { h, w, c, k: self.k, stride: self.stride, top, left, relu6: true, blocked: false };
+        Geometry { blocked: !self.dw_blocked.is_empty() && blocked_pays(g), ..g }
+    }
+
+    /// Whether [`forward_blocked_to`](Self::forward_blocked_to) takes an `h` x `w` input: a
+    /// block with no expansion and no residual (Lite0's first) whose bands read the blocked
+    /// layout, which the layer before can then write directly instead of each band repacking
+    /// its rows (block 0's repack was 0.19 of its 0.66 ms on one thread).
+    fn reads_blocked(&self, h: usize, w: usize) -> bool {
+        self.expand.is_none() && !self.residual && self.band_geometry(h, w).blocked
+    }
+
+    /// The band height at which `n` images of `h` x `w` run from blocked input
+    /// ([`forward_blocked_to`](Self::forward_blocked_to)), where the block reads it and its
+    /// plan is bands; else `None`.
+    pub fn blocked_band(&self, n: usize, h: usize, w: usize) -> Option<usize> {
+        match self.plan(n, h, w) {
+            Some(Plan::Bands(band)) if self.reads_blocked(h, w) => Some(band),
+            _ => None,
+        }
     }
 
     /// [`forward_to`](Self::forward_to) for input in the blocked layout (each image `c /
-    /// BLOCK` planes of `(h, w, BLOCK)`), where [`takes_blocked`](Self::takes_blocked) says so.
+    /// BLOCK` planes of `(h, w, BLOCK)`), in bands of `band` output rows (as
+    /// [`blocked_band`](Self::blocked_band) gives them).
     pub fn forward_blocked_to(
         &self,
         input: Nhwc<'_>,
         band: usize,
         out: &mut [f32],
     ) -> candle_core::Result<()> {
-        if !self.takes_blocked(input.n, input.h, input.w) {
+        if !self.reads_blocked(input.h, input.w) {
             candle_core::bail!("fused block: this block does not take blocked input");
         }
         self.bands_to(input, band, true, out)
     }
 
     /// The bands of [`forward_to`](Self::forward_to), from input in the blocked layout
-    /// (`blocked_input`, only where [`takes_blocked`](Self::takes_blocked)) or channels-last.
+    /// (`blocked_input`, only where [`reads_blocked`](Self::reads_blocked)) or channels-last.
     fn bands_to(
         &self,
         input: Nhwc<'_>,
@@ -190,7 +202,7 @@ impl CpuBlock {
         out: &mut [f32],
     ) -> candle_core::Result<()> {
         let Nhwc { data: x, n, h, w, c: cin } = input;
-        let Shapes { mid, cout, oh, ow, top, left } = self.shapes(input)?;
+        let Shapes { cout, oh, ow, .. } = self.shapes(input)?;
         check_out(out, n * oh * ow * cout)?;
         if out.is_empty() {
             return Ok(());
@@ -198,9 +210,7 @@ impl CpuBlock {
         if band == 0 {
             candle_core::bail!("fused block: bands of 0 rows");
         }
-        let g =
-            Geometry { h, w, c: mid, k: self.k, stride: self.stride, top, left, relu6: true, blocked: false };
-        let g = Geometry { blocked: !self.dw_blocked.is_empty() && blocked_pays(g), ..g };
+        let g = self.band_geometry(h, w);
         out.par_chunks_mut(oh * ow * cout).enumerate().for_each(|(image, image_out)| {
             let image_in = &x[image * h * w * cin..(image + 1) * h * w * cin];
             image_out.par_chunks_mut(band * ow * cout).enumerate().for_each(|(b, dst)| {

@@ -107,7 +107,7 @@ pub(super) enum StemOut<'a> {
     ChannelsLast(&'a mut [f32]),
     /// One image in the blocked layout (`g.cout / BLOCK` planes of `(oh, ow, BLOCK)`, see
     /// [`to_blocked`]) that the first block's bands read without a repack
-    /// ([`CpuBlock::takes_blocked`]).
+    /// ([`CpuBlock::blocked_band`]).
     Blocked(&'a mut [f32]),
 }
 

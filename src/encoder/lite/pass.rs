@@ -11,24 +11,24 @@ use super::kernels::BLOCK;
 use super::ops::{DenseConvOp, StemOut, stem_into};
 use super::{Block, Kernels, LiteNet, runs_per_image};
 use crate::encoder::arena::Buffer;
-use crate::encoder::fused::{Nhwc, Plan};
+use crate::encoder::fused::Nhwc;
 use crate::encoder::pointwise::{Epilogue, matmul_to};
 
-/// NHWC activations `(n, h, w, c)` in a recycled buffer (or, where `blocked`, one image as
-/// `c / BLOCK` planes of `(h, w, BLOCK)`: the stem's output for a first block that
-/// [takes it](crate::encoder::fused::CpuBlock::takes_blocked)).
+/// NHWC activations `(n, h, w, c)` in a recycled buffer (or, where `blocked_band` is a band
+/// height, one image as `c / BLOCK` planes of `(h, w, BLOCK)`: the stem's output for a first
+/// block that [reads it](crate::encoder::fused::CpuBlock::blocked_band) in bands of that height).
 struct Map {
     buf: Buffer,
     n: usize,
     h: usize,
     w: usize,
     c: usize,
-    blocked: bool,
+    blocked_band: Option<usize>,
 }
 
 impl Map {
     fn new(n: usize, h: usize, w: usize, c: usize) -> Self {
-        Self { buf: Buffer::take(n * h * w * c), n, h, w, c, blocked: false }
+        Self { buf: Buffer::take(n * h * w * c), n, h, w, c, blocked_band: None }
     }
 }
 
@@ -58,13 +58,18 @@ impl LiteNet {
             &[bias.len()],
         )?;
         // One image whose first block follows at once may be written in that block's layout.
-        let first_takes_blocked = g.cout.is_multiple_of(BLOCK)
-            && self.blocks.first().and_then(|b| b.cpu.as_ref()).is_some_and(|b| b.takes_blocked(1, oh, ow));
+        let first_band = self
+            .blocks
+            .first()
+            .and_then(|b| b.cpu.as_ref())
+            .filter(|_| g.cout.is_multiple_of(BLOCK))
+            .and_then(|b| b.blocked_band(1, oh, ow));
         let stem = |images: &[f32], n: usize, block_follows: bool| {
             let mut map = Map::new(n, oh, ow, g.cout);
-            map.blocked = n == 1 && block_follows && first_takes_blocked;
+            map.blocked_band = first_band.filter(|_| n == 1 && block_follows);
             let out = map.buf.as_mut_slice();
-            let out = if map.blocked { StemOut::Blocked(out) } else { StemOut::ChannelsLast(out) };
+            let out =
+                if map.blocked_band.is_some() { StemOut::Blocked(out) } else { StemOut::ChannelsLast(out) };
             stem_into(images, wt, bias, g, (oh, ow), out);
             map
         };
@@ -120,10 +125,7 @@ fn block_cpu(block: &Block, x: Map) -> candle_core::Result<Map> {
     let Map { n, h, w, c, .. } = x;
     let (oh, ow, cout) = cpu.out_shape(h, w);
     let mut out = Map::new(n, oh, ow, cout);
-    if x.blocked {
-        let Some(Plan::Bands(band)) = cpu.plan(n, h, w) else {
-            candle_core::bail!("a blocked map for a block that does not run in bands");
-        };
+    if let Some(band) = x.blocked_band {
         let input = Nhwc { data: x.buf.as_slice(), n, h, w, c };
         cpu.forward_blocked_to(input, band, out.buf.as_mut_slice())?;
         return Ok(out);
