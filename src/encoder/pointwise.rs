@@ -297,15 +297,18 @@ fn step<const R: usize, const W: usize, const OFF: usize, const FMA: bool>(
     }
 }
 
-/// Copies the rows of `src` (each `k` long) into `dst` in tiles of `R` rows (the last tile
-/// has the rows left), each tile `k` steps of its rows' values side by side. A tile's inner
-/// loop then reads one pointer forward instead of `R` row pointers with a bounds check each,
-/// which on AVX2 leaves the registers for the accumulators and weights.
+/// Copies the rows of `src` (each `k` long) into `dst` in the tiles [`tile_rows`] cuts (`R`
+/// rows, the last one the rows left), each tile `k` steps of its rows' values side by side. A
+/// tile's inner loop then reads one pointer forward instead of `R` row pointers with a bounds
+/// check each, which on AVX2 leaves the registers for the accumulators and weights.
 #[inline(always)]
 fn pack_rows<const R: usize>(src: &[f32], k: usize, dst: &mut [f32]) {
-    for (tile, out) in src.chunks(R * k).zip(dst.chunks_mut(R * k)) {
-        let rows = tile.len() / k;
-        if rows == R {
+    let rows = src.len() / k;
+    let mut r = 0;
+    while r < rows {
+        let count = tile_rows::<R>(rows - r);
+        let (tile, out) = (&src[r * k..(r + count) * k], &mut dst[r * k..(r + count) * k]);
+        if count == R {
             let from: [&[f32]; R] = std::array::from_fn(|i| &tile[i * k..(i + 1) * k]);
             for (kk, step) in out.chunks_exact_mut(R).enumerate() {
                 for (o, row) in step.iter_mut().zip(&from) {
@@ -313,12 +316,29 @@ fn pack_rows<const R: usize>(src: &[f32], k: usize, dst: &mut [f32]) {
                 }
             }
         } else {
-            for (kk, step) in out.chunks_exact_mut(rows).enumerate() {
+            for (kk, step) in out.chunks_exact_mut(count).enumerate() {
                 for (i, o) in step.iter_mut().enumerate() {
                     *o = tile[i * k + kk];
                 }
             }
         }
+        r += count;
+    }
+}
+
+/// Rows of the next register tile when `left` rows remain, for tiles of `R` rows: `R`, or the
+/// rows left when fewer; but with 8-row tiles (the AVX-512 kernel's), a last 1 to 4 rows join
+/// the tile before them (9 to 12 rows: 24 accumulators at most, within the 32 registers). A
+/// tile of one to four rows has too few accumulators to hide the multiply-add's latency (one
+/// row by a panel is two chains: half the speed of a whole 8-row tile per step, for an eighth
+/// of its work), and Lite0's 7x7 maps at batch 1 end in one (49 rows, or 25 per thread). Each
+/// output is still summed over `k` in the same order, so the values do not change.
+#[inline(always)]
+fn tile_rows<const R: usize>(left: usize) -> usize {
+    match left.checked_sub(R) {
+        Some(tail) if R == 8 && tail <= 4 => left,
+        Some(_) => R,
+        None => left,
     }
 }
 
@@ -464,7 +484,7 @@ impl Tiles<'_, '_, '_> {
     }
 
     /// Rows `first..` times `W` columns of one panel (`S` values a row, the columns from
-    /// `OFF`): tiles of `R` rows, then one tile of the rows left.
+    /// `OFF`): the tiles [`tile_rows`] cuts.
     #[inline(always)]
     fn run<
         const R: usize,
@@ -484,7 +504,7 @@ impl Tiles<'_, '_, '_> {
     }
 }
 
-/// Makes the tiles of one panel's `W` columns, for any number of rows up to 8.
+/// Makes the tiles of one panel's `W` columns, for any number of rows up to 12.
 trait Tiler<const W: usize>: Finish {
     fn tile<const R: usize>(&self, a: &[f32], k: usize, panel: &[f32]) -> [[f32; W]; R];
 }
@@ -528,8 +548,7 @@ impl<const W: usize, const S: usize, const OFF: usize, const PACKED: bool, const
 }
 
 /// The rows `(a, rows, k, first)` (each `k` long, or packed; from row `first`) times one panel:
-/// tiles of `R` rows, then one tile of the rows left (at most 7), each stored with the
-/// epilogue.
+/// the tiles [`tile_rows`] cuts, each stored with the epilogue.
 #[inline(always)]
 fn run_rows<const R: usize, const W: usize, T: Tiler<W>>(
     tiler: &T,
@@ -540,20 +559,25 @@ fn run_rows<const R: usize, const W: usize, T: Tiler<W>>(
     out: &mut Out<'_>,
 ) {
     let mut r = first;
-    while r + R <= rows {
-        store(tiler, &tiler.tile::<R>(&a[r * k..(r + R) * k], k, panel), r, at, e, out);
-        r += R;
-    }
-    let a = &a[r * k..];
-    match rows - r {
-        7 => store(tiler, &tiler.tile::<7>(a, k, panel), r, at, e, out),
-        6 => store(tiler, &tiler.tile::<6>(a, k, panel), r, at, e, out),
-        5 => store(tiler, &tiler.tile::<5>(a, k, panel), r, at, e, out),
-        4 => store(tiler, &tiler.tile::<4>(a, k, panel), r, at, e, out),
-        3 => store(tiler, &tiler.tile::<3>(a, k, panel), r, at, e, out),
-        2 => store(tiler, &tiler.tile::<2>(a, k, panel), r, at, e, out),
-        1 => store(tiler, &tiler.tile::<1>(a, k, panel), r, at, e, out),
-        _ => {}
+    while r < rows {
+        let count = tile_rows::<R>(rows - r);
+        let a = &a[r * k..];
+        match count {
+            _ if count == R => store(tiler, &tiler.tile::<R>(a, k, panel), r, at, e, out),
+            12 => store(tiler, &tiler.tile::<12>(a, k, panel), r, at, e, out),
+            11 => store(tiler, &tiler.tile::<11>(a, k, panel), r, at, e, out),
+            10 => store(tiler, &tiler.tile::<10>(a, k, panel), r, at, e, out),
+            9 => store(tiler, &tiler.tile::<9>(a, k, panel), r, at, e, out),
+            7 => store(tiler, &tiler.tile::<7>(a, k, panel), r, at, e, out),
+            6 => store(tiler, &tiler.tile::<6>(a, k, panel), r, at, e, out),
+            5 => store(tiler, &tiler.tile::<5>(a, k, panel), r, at, e, out),
+            4 => store(tiler, &tiler.tile::<4>(a, k, panel), r, at, e, out),
+            3 => store(tiler, &tiler.tile::<3>(a, k, panel), r, at, e, out),
+            2 => store(tiler, &tiler.tile::<2>(a, k, panel), r, at, e, out),
+            1 => store(tiler, &tiler.tile::<1>(a, k, panel), r, at, e, out),
+            _ => unreachable!("a tile of {count} rows"),
+        }
+        r += count;
     }
 }
 
@@ -839,8 +863,9 @@ mod tests {
         assert_eq!(balanced_rows(49, 2), 25);
     }
 
-    /// `(rows, k, n)` of the tile tests: every tail of rows, narrow and half panels, packed
-    /// rows (`n` of at least `PACK_FROM_COLUMNS`) and rows in place.
+    /// `(rows, k, n)` of the tile tests: every tail of rows (alone, or joining an 8-row tile
+    /// as 9 to 12), narrow and half panels, packed rows (`n` of at least `PACK_FROM_COLUMNS`)
+    /// and rows in place.
     const TILE_SHAPES: &[(usize, usize, usize)] = &[
         (1, 3, 16),
         (13, 5, 40),
@@ -854,6 +879,8 @@ mod tests {
         (30, 17, 20),
         (25, 9, 4),
         (9, 19, 1040),
+        (12, 5, 1056),
+        (28, 6, 72),
         (14, 8, 1024),
         (33, 40, 1280),
     ];

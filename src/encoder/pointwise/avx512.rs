@@ -16,7 +16,8 @@ use super::{Accumulate, Columns, Epilogue, NR, OUT_BLOCK, Out, PackedWeights, Pa
 use super::{Finish, Tiler, add_activate, each_row_tile, feed, run_rows};
 
 /// Rows per tile: 8 rows by 2 vectors is 16 accumulators, plus 2 weight vectors and the
-/// broadcast, of the 32 registers.
+/// broadcast, of the 32 registers (a last 1 to 4 rows join the tile before them:
+/// `super::tile_rows`).
 const R: usize = 8;
 
 /// The AVX-512 tiles if this CPU has them (pulp's `V4`: AVX-512 F, BW, CD, DQ, VL).
