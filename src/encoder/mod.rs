@@ -339,15 +339,14 @@ impl Encoder {
     /// Globally average-pooled features (`dim` values per image), whatever the manifest's
     /// pooling: the network's own features, the classifier's input.
     pub fn pooled_features(&self, batch: &[PreparedImage]) -> Result<Vec<Vec<f32>>, EncoderError> {
-        self.run(batch, |net, x| net.pooled_features(x))
+        self.run_pooled(batch, Pooling::Average)
     }
 
     /// Features pooled as the manifest says, before L2 normalisation (`dim` values per image):
     /// what [`embed`](Self::embed) normalises. Equal to [`pooled_features`](Self::pooled_features)
     /// under average pooling.
     pub fn embedding_features(&self, batch: &[PreparedImage]) -> Result<Vec<Vec<f32>>, EncoderError> {
-        let pooling = self.manifest.pooling;
-        self.run(batch, |net, x| net.pool(&net.feature_map(x)?, pooling))
+        self.run_pooled(batch, self.manifest.pooling)
     }
 
     /// The head's feature maps before pooling, one per image (for tests and analysis; large:
@@ -369,11 +368,55 @@ impl Encoder {
         self.run(batch, |net, x| net.logits(&net.pooled_features(x)?))
     }
 
-    /// Checks input sizes, then runs `f` on chunks of at most [`CPU_FORWARD_BATCH`] (or
-    /// [`GPU_FORWARD_BATCH`]) images.
+    /// Features pooled with `pooling`, per image: on the CPU with the own kernels, pooled
+    /// straight from the forward pass's buffers, each image's data read where it is
+    /// ([`lite::LiteNet::pools_on_buffers`]: no batch tensor assembled, no feature map copied
+    /// out; 2.4% more Lite0 images/s at batch 1); elsewhere through candle tensors. The same
+    /// values either way.
+    fn run_pooled(&self, batch: &[PreparedImage], pooling: Pooling) -> Result<Vec<Vec<f32>>, EncoderError> {
+        let s = self.manifest.input_size as usize;
+        let dim = self.net.feature_dim();
+        if !(self.device.is_cpu() && self.net.pools_on_buffers()) {
+            return self.run(batch, |net, x| net.pool(&net.feature_map(x)?, pooling));
+        }
+        self.run_chunks(batch, |chunk| {
+            let images: Vec<&[f32]> = chunk.iter().map(PreparedImage::data).collect();
+            let pooled = self.net.pooled_cpu(&images, (3, s, s), pooling)?;
+            Ok(pooled.chunks_exact(dim).map(<[f32]>::to_vec).collect())
+        })
+    }
+
+    /// Runs `f` on a batch tensor of each chunk of the batch ([`run_chunks`](Self::run_chunks)).
     fn run<F>(&self, batch: &[PreparedImage], f: F) -> Result<Vec<Vec<f32>>, EncoderError>
     where
         F: Fn(&lite::LiteNet, &Tensor) -> candle_core::Result<Tensor> + Sync,
+    {
+        let s = self.manifest.input_size as usize;
+        self.run_chunks(batch, |chunk| {
+            let x = if self.device.is_cpu() {
+                let mut data = Vec::with_capacity(chunk.len() * 3 * s * s);
+                for image in chunk {
+                    data.extend_from_slice(image.data());
+                }
+                Tensor::from_vec(data, (chunk.len(), 3, s, s), &self.device)?
+            } else {
+                // Each image straight to the device, joined there: no host-side copy of
+                // the whole batch (77 MB at 128 Lite0 images) before the transfer.
+                let parts = chunk
+                    .iter()
+                    .map(|image| Tensor::from_slice(image.data(), (1, 3, s, s), &self.device))
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                Tensor::cat(&parts, 0)?
+            };
+            f(&self.net, &x)?.to_vec2::<f32>()
+        })
+    }
+
+    /// Checks input sizes, then runs `forward` on chunks of at most [`CPU_FORWARD_BATCH`] (or
+    /// [`GPU_FORWARD_BATCH`]) images, one row of output per image.
+    fn run_chunks<F>(&self, batch: &[PreparedImage], forward: F) -> Result<Vec<Vec<f32>>, EncoderError>
+    where
+        F: Fn(&[PreparedImage]) -> candle_core::Result<Vec<Vec<f32>>> + Sync,
     {
         let size = self.manifest.input_size;
         let plane = 3 * size as usize * size as usize;
@@ -396,28 +439,12 @@ impl Encoder {
         // short parallel sections.
         let in_caller_pool = rayon::current_thread_index().is_some();
         for chunk in batch.chunks(chunk_size) {
-            let forward = || -> candle_core::Result<Vec<Vec<f32>>> {
-                let s = size as usize;
-                let x = if self.device.is_cpu() {
-                    let mut data = Vec::with_capacity(chunk.len() * plane);
-                    for image in chunk {
-                        data.extend_from_slice(image.data());
-                    }
-                    Tensor::from_vec(data, (chunk.len(), 3, s, s), &self.device)?
-                } else {
-                    // Each image straight to the device, joined there: no host-side copy of
-                    // the whole batch (77 MB at 128 Lite0 images) before the transfer.
-                    let parts = chunk
-                        .iter()
-                        .map(|image| Tensor::from_slice(image.data(), (1, 3, s, s), &self.device))
-                        .collect::<candle_core::Result<Vec<_>>>()?;
-                    Tensor::cat(&parts, 0)?
-                };
-                f(&self.net, &x)?.to_vec2::<f32>()
-            };
-            let rows = if in_caller_pool { forward() } else { self.device.with_context(forward) }.map_err(
-                |source| EncoderError::Inference { version: self.manifest.version.clone(), source },
-            )?;
+            let rows =
+                if in_caller_pool { forward(chunk) } else { self.device.with_context(|| forward(chunk)) }
+                    .map_err(|source| EncoderError::Inference {
+                        version: self.manifest.version.clone(),
+                        source,
+                    })?;
             out.extend(rows);
         }
         Ok(out)

@@ -51,42 +51,57 @@ impl CustomOp1 for PoolOp {
             candle_core::bail!("pool: empty feature map {:?}", l.dims());
         }
         let mut out = vec![0f32; n * c];
-        let eps = f64::from(Pooling::GEM_EPS);
-        out.par_chunks_mut(c).enumerate().for_each(|(image, dst)| {
-            crate::background::yield_point();
-            let mut acc = vec![0f64; c];
-            let rows = x[image * positions * c..(image + 1) * positions * c].chunks_exact(c);
-            match self.pooling {
-                Pooling::Average => {
-                    for row in rows {
-                        for (a, &v) in acc.iter_mut().zip(row) {
-                            *a += f64::from(v);
-                        }
-                    }
-                    for (d, a) in dst.iter_mut().zip(acc) {
-                        *d = (a / positions as f64) as f32;
-                    }
-                }
-                Pooling::Gem { p, sqrt } => {
-                    let p = f64::from(p);
-                    let cube = p == 3.0;
-                    for row in rows {
-                        for (a, &v) in acc.iter_mut().zip(row) {
-                            let v = f64::from(v);
-                            // `<` rather than `max`, so a NaN stays a NaN.
-                            let v = if v < eps { eps } else { v };
-                            *a += if cube { v * v * v } else { v.powf(p) };
-                        }
-                    }
-                    for (d, a) in dst.iter_mut().zip(acc) {
-                        let f = (a / positions as f64).powf(1.0 / p);
-                        *d = (if sqrt { f.sqrt() } else { f }) as f32;
-                    }
-                }
-            }
-        });
+        pool_into(x, positions, c, self.pooling, &mut out);
         Ok((CpuStorage::F32(out), Shape::from((n, c))))
     }
+}
+
+/// Pools NHWC maps of `positions` pixels by `c` channels (`x`) into `out`, `c` values per
+/// map, one map per task, summing in f64: the CPU kernel of [`pool`], also run straight on
+/// the head's output buffer ([`super::lite::LiteNet::pooled_cpu`]).
+pub(in crate::encoder) fn pool_into(
+    x: &[f32],
+    positions: usize,
+    c: usize,
+    pooling: Pooling,
+    out: &mut [f32],
+) {
+    assert!(positions > 0 && c > 0, "pool: empty feature map");
+    assert_eq!(x.len() / positions, out.len(), "pool: {} outputs for {} values", out.len(), x.len());
+    let eps = f64::from(Pooling::GEM_EPS);
+    out.par_chunks_mut(c).enumerate().for_each(|(image, dst)| {
+        crate::background::yield_point();
+        let mut acc = vec![0f64; c];
+        let rows = x[image * positions * c..(image + 1) * positions * c].chunks_exact(c);
+        match pooling {
+            Pooling::Average => {
+                for row in rows {
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        *a += f64::from(v);
+                    }
+                }
+                for (d, a) in dst.iter_mut().zip(acc) {
+                    *d = (a / positions as f64) as f32;
+                }
+            }
+            Pooling::Gem { p, sqrt } => {
+                let p = f64::from(p);
+                let cube = p == 3.0;
+                for row in rows {
+                    for (a, &v) in acc.iter_mut().zip(row) {
+                        let v = f64::from(v);
+                        // `<` rather than `max`, so a NaN stays a NaN.
+                        let v = if v < eps { eps } else { v };
+                        *a += if cube { v * v * v } else { v.powf(p) };
+                    }
+                }
+                for (d, a) in dst.iter_mut().zip(acc) {
+                    let f = (a / positions as f64).powf(1.0 / p);
+                    *d = (if sqrt { f.sqrt() } else { f }) as f32;
+                }
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -160,6 +160,14 @@ impl LiteNet {
         self.pool(&self.feature_map(x)?, Pooling::Average)
     }
 
+    /// Whether [`pooled_cpu`](Self::pooled_cpu) runs: the own CPU kernels, every layer's
+    /// weights on the CPU. It pools straight from the CPU pass's buffers, images read where
+    /// they are: the values of [`pool`](Self::pool) of [`feature_map`](Self::feature_map),
+    /// without a batch tensor assembled or the feature map copied out.
+    pub fn pools_on_buffers(&self) -> bool {
+        self.kernels == Kernels::Cpu && self.runs_on_buffers()
+    }
+
     /// A feature map from [`feature_map`](Self::feature_map) -> `(n, features)` with `pooling`.
     pub fn pool(&self, map: &Tensor, pooling: Pooling) -> candle_core::Result<Tensor> {
         super::pool::pool(map, pooling, self.kernels)

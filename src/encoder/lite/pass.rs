@@ -42,18 +42,60 @@ impl LiteNet {
     /// [`feature_map`](Self::feature_map) on the CPU, over recycled buffers: `(n, 3, s, s)`
     /// NCHW images (f32, on the CPU) -> `(n, h, w, features)`.
     pub(super) fn feature_map_cpu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = x.contiguous()?;
+        let (storage, layout) = x.storage_and_layout();
+        let (Storage::Cpu(CpuStorage::F32(data)), Some((x0, x1)), &[_, c, h, w]) =
+            (&*storage, layout.contiguous_offsets(), layout.dims())
+        else {
+            candle_core::bail!("the CPU pass takes contiguous f32 NCHW images on the CPU");
+        };
+        let images: Vec<&[f32]> = data[x0..x1].chunks_exact((c * h * w).max(1)).collect();
+        let map = self.head_map_cpu(&images, (c, h, w))?;
+        Tensor::from_slice(map.buf.as_slice(), (map.n, map.h, map.w, map.c), &Device::Cpu)
+    }
+
+    /// [`pool`](Self::pool) of [`feature_map`](Self::feature_map) on the CPU, straight from the
+    /// head's buffer: one `(c, h, w)` NCHW plane per image, read where it is (no batch tensor
+    /// is assembled and no feature map is copied out) -> `pooling`'s `features` values per
+    /// image, the same values. Runs in the current pool with its other threads kept awake.
+    /// Only where [`pools_on_buffers`](Self::pools_on_buffers).
+    pub(in crate::encoder) fn pooled_cpu(
+        &self,
+        images: &[&[f32]],
+        (c, h, w): (usize, usize, usize),
+        pooling: crate::encoder::Pooling,
+    ) -> candle_core::Result<Vec<f32>> {
+        rayon::scope(|scope| {
+            super::keep_awake(scope, || {
+                let map = self.head_map_cpu(images, (c, h, w))?;
+                let mut pooled = vec![0f32; map.n * map.c];
+                crate::encoder::pool::pool_into(
+                    map.buf.as_slice(),
+                    map.h * map.w,
+                    map.c,
+                    pooling,
+                    &mut pooled,
+                );
+                Ok(pooled)
+            })
+        })
+    }
+
+    /// The network up to the head's output, over recycled buffers: `images` one `(c, h, w)`
+    /// NCHW plane each -> the head's `(n, h, w, features)` map.
+    fn head_map_cpu(&self, images: &[&[f32]], (c, h, w): (usize, usize, usize)) -> candle_core::Result<Map> {
         let (Some((wt, bias)), Some(head)) = (&self.stem.cpu, &self.head.cpu) else {
             candle_core::bail!("the CPU pass needs the network loaded on the CPU");
         };
-        let x = x.contiguous()?;
-        let (storage, layout) = x.storage_and_layout();
-        let (Storage::Cpu(CpuStorage::F32(data)), Some((x0, x1))) = (&*storage, layout.contiguous_offsets())
-        else {
-            candle_core::bail!("the CPU pass takes contiguous f32 images on the CPU");
-        };
-        let images = &data[x0..x1];
+        let n = images.len();
+        if n == 0 {
+            candle_core::bail!("the CPU pass needs at least one image");
+        }
+        if let Some(bad) = images.iter().position(|image| image.len() != c * h * w) {
+            candle_core::bail!("image {bad}: {} values, expected {c}x{h}x{w}", images[bad].len());
+        }
         let (n, g, oh, ow) = DenseConvOp { stride: self.stem.stride }.geometry(
-            layout.dims(),
+            &[n, c, h, w],
             self.stem.weight_kkio.dims(),
             &[bias.len()],
         )?;
@@ -64,19 +106,19 @@ impl LiteNet {
             .and_then(|b| b.cpu.as_ref())
             .filter(|_| g.cout.is_multiple_of(BLOCK))
             .and_then(|b| b.blocked_band(1, oh, ow));
-        let stem = |images: &[f32], n: usize, block_follows: bool| {
-            let mut map = Map::new(n, oh, ow, g.cout);
-            map.blocked_band = first_band.filter(|_| n == 1 && block_follows);
+        let stem = |image: &[f32], block_follows: bool| {
+            let mut map = Map::new(1, oh, ow, g.cout);
+            map.blocked_band = first_band.filter(|_| block_follows);
             let out = map.buf.as_mut_slice();
             let out =
                 if map.blocked_band.is_some() { StemOut::Blocked(out) } else { StemOut::ChannelsLast(out) };
-            stem_into(images, wt, bias, g, (oh, ow), out);
+            stem_into(image, wt, bias, g, (oh, ow), out);
             map
         };
         let (mut map, first_batched) = if n > 1 {
-            self.early_layers_per_image_cpu(images, n, g.cin * g.h * g.w, (oh, ow, g.cout), &stem)?
+            self.early_layers_per_image_cpu(images, (oh, ow, g.cout), &stem)?
         } else {
-            (stem(images, n, !self.blocks.is_empty()), 0)
+            (stem(images[0], !self.blocks.is_empty()), 0)
         };
         for block in &self.blocks[first_batched..] {
             map = block_cpu(block, map)?;
@@ -84,7 +126,7 @@ impl LiteNet {
         let mut out = Map::new(map.n, map.h, map.w, head.weights.n());
         let epilogue = Epilogue { bias: &head.bias, residual: None, relu6: true };
         matmul_to(map.buf.as_slice(), &head.weights, epilogue, out.buf.as_mut_slice());
-        Tensor::from_slice(out.buf.as_slice(), (out.n, out.h, out.w, out.c), &Device::Cpu)
+        Ok(out)
     }
 
     /// The stem and the early blocks image by image, as in `early_layers_per_image`, each
@@ -92,12 +134,11 @@ impl LiteNet {
     /// image is `(h, w, c)`.
     fn early_layers_per_image_cpu(
         &self,
-        images: &[f32],
-        n: usize,
-        plane: usize,
+        images: &[&[f32]],
         (mut h, mut w, mut c): (usize, usize, usize),
-        stem: &(dyn Fn(&[f32], usize, bool) -> Map + Sync),
+        stem: &(dyn Fn(&[f32], bool) -> Map + Sync),
     ) -> candle_core::Result<(Map, usize)> {
+        let n = images.len();
         // The shape after each early block (from the stem's), walked before any work is done.
         let mut early = 0;
         while early < self.blocks.len() && runs_per_image(h * w * c) {
@@ -107,7 +148,7 @@ impl LiteNet {
         }
         let mut batch = Map::new(n, h, w, c);
         batch.buf.as_mut_slice().par_chunks_mut(h * w * c).enumerate().try_for_each(|(i, dst)| {
-            let mut map = stem(&images[i * plane..(i + 1) * plane], 1, early > 0);
+            let mut map = stem(images[i], early > 0);
             for block in &self.blocks[..early] {
                 map = block_cpu(block, map)?;
             }

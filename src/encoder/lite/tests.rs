@@ -11,6 +11,7 @@ use super::layers::{DenseConv, bias_act};
 use super::ops::DepthwiseOp;
 use super::weights::{BN_EPS, Folded, WeightsError, fold_bn};
 use super::{Activation, Kernels, LiteNet};
+use crate::encoder::Pooling;
 use crate::encoder::fused::{Nhwc, Plan};
 
 /// Depthwise 2-D convolution with TF "same" padding on channels-last data, `x` `(n, h, w, c)`
@@ -203,6 +204,32 @@ pub(super) fn lite0() -> LiteNet {
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("models/efficientnet-lite0/model.safetensors");
     LiteNet::from_tensors(candle_core::safetensors::load(&path, &Device::Cpu).unwrap()).unwrap()
+}
+
+/// Pooling straight from the CPU pass's buffers, images read where they are, gives the bits
+/// of the tensor path (the feature map as a tensor, then pooled), at batch 1 and above, for
+/// both kinds of pooling.
+#[test]
+fn pooling_from_the_buffers_gives_the_tensor_paths_bits() {
+    let net = lite0();
+    assert!(net.pools_on_buffers());
+    let plane = 3 * 224 * 224;
+    for n in [1usize, 3] {
+        let x = Tensor::randn(0f32, 1.0, (n, 3, 224, 224), &Device::Cpu).unwrap();
+        let data = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let images: Vec<&[f32]> = data.chunks_exact(plane).collect();
+        for pooling in [Pooling::Average, Pooling::Gem { p: 3.0, sqrt: true }] {
+            let map = net.feature_map(&x).unwrap();
+            let want = net.pool(&map, pooling).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = net.pooled_cpu(&images, (3, 224, 224), pooling).unwrap();
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(got.len(), n * net.feature_dim());
+            assert!(bits(&got) == bits(&want), "batch {n}, {pooling:?}");
+        }
+    }
+    let short = vec![0.5f32; plane - 1];
+    assert!(net.pooled_cpu(&[&short], (3, 224, 224), Pooling::Average).is_err(), "a short image");
+    assert!(net.pooled_cpu(&[], (3, 224, 224), Pooling::Average).is_err(), "no image");
 }
 
 #[test]
