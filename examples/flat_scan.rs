@@ -1,7 +1,10 @@
 //! Where the exact int8 scan of a sealed segment beats its graph walk: for segments of
 //! growing size, the time per query of `SearchPlan::Graph` and `SearchPlan::Exact` (one
-//! thread, same queries, alternating rounds) and the walk's recall@10. The crossover sets
-//! `segment::FLAT_SCAN_FACTOR` (`Auto` scans up to that many times `ef` items).
+//! thread, same queries, alternating rounds), the walk's recall@10, and how many queries' scan
+//! results differ from the f32 brute force's (`scan!=f32`: the scan of a segment of at least
+//! `segment::SKETCH_MIN_ITEMS` starts from one-bit sketches, exact unless an estimate misses its
+//! margin). The crossover sets `segment::FLAT_SCAN_FACTOR` (`Auto` scans up to that many times
+//! `ef` items).
 //!
 //! The rows are `synth::Structured` (a latent signal plus noise, seeded); the queries are
 //! held-out rows of the same distribution.
@@ -54,8 +57,8 @@ fn main() -> anyhow::Result<()> {
         FLAT_SCAN_FACTOR * args.ef
     );
     println!(
-        "{:>8} {:>12} {:>12} {:>8} {:>12}",
-        "items", "graph ms/q", "scan ms/q", "scan/graph", "graph r@10"
+        "{:>8} {:>12} {:>12} {:>8} {:>12} {:>10}",
+        "items", "graph ms/q", "scan ms/q", "scan/graph", "graph r@10", "scan!=f32"
     );
     for &n in &args.sizes {
         let shape = Structured { dim: args.dim, latent: args.latent, noise: args.noise, seed: 7 };
@@ -67,10 +70,14 @@ fn main() -> anyhow::Result<()> {
             let rows = shape.rows((c * n) as u64, n);
             let path = dir.path().join(format!("s{n}-{c}.vseg"));
             write_segment(&path, args.dim, &rows, &skus, &HnswParams::default())?;
-            segs.push(Segment::open(&path)?);
+            let seg = Segment::open(&path)?;
+            // Sketches built now, not by the first timed query's background thread.
+            seg.prepare_scan();
+            segs.push(seg);
         }
         let mut times = [0.0f64; 2];
         let mut found = 0usize;
+        let mut differ = 0usize;
         for round in 0..4 {
             for (slot, plan) in [SearchPlan::Graph, SearchPlan::Exact].into_iter().enumerate() {
                 let started = Instant::now();
@@ -86,11 +93,12 @@ fn main() -> anyhow::Result<()> {
             let seg = &segs[i % segs.len()];
             let exact = seg.search_as(q, 10, args.ef, None, SearchPlan::Exact)?;
             let walk = seg.search_as(q, 10, args.ef, None, SearchPlan::Graph)?;
+            differ += usize::from(exact != seg.brute_force(q, 10, None)?);
             found += walk.iter().filter(|h| exact.iter().any(|e| e.idx == h.idx)).count();
         }
         let per = |t: f64| t * 1e3 / (3 * args.queries) as f64;
         println!(
-            "{n:>8} {:>12.3} {:>12.3} {:>8.2} {:>12.3}",
+            "{n:>8} {:>12.3} {:>12.3} {:>8.2} {:>12.3} {differ:>10}",
             per(times[0]),
             per(times[1]),
             times[1] / times[0],

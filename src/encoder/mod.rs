@@ -526,7 +526,10 @@ mod tests {
                 let rest = &source[at + marker.len()..];
                 let list = &rest[..rest.find("))]").expect("the attribute closes")];
                 let list = list.split_whitespace().collect::<Vec<_>>().join(" ");
-                assert_eq!(list, SIMD_TARGETS, "SIMD targets in {}", path.display());
+                // A kernel built on one instruction the common list lacks (a popcount) may put
+                // one target with it first; the rest is the common list.
+                let common = list.strip_prefix(concat!(r#""x86_64+avx512f+avx512vl+avx512vpopcntdq""#, ", "));
+                assert_eq!(common.unwrap_or(&list), SIMD_TARGETS, "SIMD targets in {}", path.display());
                 kernels += 1;
             }
         }

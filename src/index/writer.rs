@@ -37,7 +37,7 @@ use parking_lot::RwLock;
 use super::deletes::{DeleteSet, DeletesError};
 use super::entry::{Change, EntryError};
 use super::filter::AttrIndex;
-use super::live::{LiveSet, SealedSegment, VersionLive, delete_older_copies, holds};
+use super::live::{LiveSet, SealedSegment, VersionLive, delete_older_copies, holds, scanned_by_default};
 use super::manifest::{DeletesRef, Loaded, Manifest, ManifestError, ModelIndex, SegmentEntry};
 use super::merge_policy::{MergePolicy, SegmentStat};
 use super::mutable::MutableSegment;
@@ -768,7 +768,7 @@ fn open_sealed(
         None => DeleteSet::new(segment.len()),
     };
     let ef = e.ef.map_or(crate::segment::DEFAULT_EF_SEARCH, |ef| ef as usize);
-    Ok(SealedSegment::new(e.id, segment, deleted).with_default_ef(ef))
+    Ok(SealedSegment::new(e.id, segment, deleted).with_default_ef(ef).start_scan_sketch())
 }
 
 /// Turns a format-1 directory into format 2: catalogue batches into the record store, inline
@@ -1428,6 +1428,11 @@ impl State {
         let path = self.shared.data.segment_path(v, id);
         let segment =
             Segment::open(&path).map_err(|source| WriterError::Segment { version: v.clone(), id, source })?;
+        // Searches will scan it: its sketches are built on an idle-class thread from now on
+        // (neither this thread, which acknowledges writes, nor the seal or merge waits).
+        if scanned_by_default(&segment, file.stats.default_ef) {
+            segment.start_scan_sketch();
+        }
         let deleted = DeleteSet::new(segment.len());
         for (i, src) in file.sources.iter().enumerate() {
             if dead(src) {

@@ -16,6 +16,7 @@ mod heap;
 mod mmap;
 mod reader;
 mod search;
+mod sketch;
 pub mod synth;
 mod writer;
 
@@ -23,7 +24,9 @@ pub(crate) use distance::WideDot;
 pub use distance::{dot, dot_wide, normalise_into, quantise_query, quantise_row};
 pub use error::SegmentError;
 pub use reader::Segment;
-pub use search::{EXACT_SCAN_FACTOR, FLAT_SCAN_FACTOR, Hit, SearchPlan};
+pub use search::{
+    EXACT_SCAN_FACTOR, FLAT_SCAN_FACTOR, Hit, SKETCH_MAX_ITEMS, SKETCH_MIN_DIM, SKETCH_MIN_ITEMS, SearchPlan,
+};
 pub use writer::{
     GraphLayout, write_flat_segment, write_segment, write_segment_extending, write_segment_hnsw_rs,
     write_segment_with_graph,

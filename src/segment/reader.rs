@@ -4,6 +4,8 @@
 use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
 
 use bytemuck::Pod;
 use memmap2::Mmap;
@@ -14,6 +16,7 @@ use super::format::{
     Header, MAX_LEVEL, MAX_M, MIN_FORMAT_VERSION, NO_NEIGHBOUR, SECTION_COUNT, SectionId,
 };
 use super::mmap::map_segment;
+use super::sketch::Sketch;
 
 /// An open, immutable, memory-mapped segment. Cheap to share between threads (`Send + Sync`);
 /// all reads come from the mapping.
@@ -26,6 +29,11 @@ pub struct Segment {
     header: Header,
     footer: Footer,
     ranges: [Range<usize>; SECTION_COUNT],
+    /// One-bit sketches for the scan's first pass ([`Segment::scan_sketch`]): shared with the
+    /// background thread that builds them.
+    sketch: Arc<OnceLock<Option<Sketch>>>,
+    /// Whether that thread was started.
+    sketch_started: AtomicBool,
 }
 
 /// Typed slices of every section of a segment, borrowed from its mapping.
@@ -152,7 +160,16 @@ impl Segment {
             });
         }
         let ranges = check_layout(path, &header, footer_at as u64)?;
-        let seg = Segment { path: p(), file, map, header, footer, ranges };
+        let seg = Segment {
+            path: p(),
+            file,
+            map,
+            header,
+            footer,
+            ranges,
+            sketch: Arc::default(),
+            sketch_started: AtomicBool::new(false),
+        };
         seg.check_typed_views()?;
         Ok(seg)
     }
@@ -246,6 +263,11 @@ impl Segment {
     /// flat segment, without a graph).
     pub fn format_version(&self) -> u32 {
         self.header.version
+    }
+
+    /// The cell the scan's sketches go in, and whether a thread was started to fill it.
+    pub(super) fn sketch_cell(&self) -> (&Arc<OnceLock<Option<Sketch>>>, &AtomicBool) {
+        (&self.sketch, &self.sketch_started)
     }
 
     /// Whether searches walk the graph on int8 codes (and rescore with the f32 vectors).

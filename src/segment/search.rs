@@ -16,6 +16,7 @@ use super::distance::{WideDot, dot, dot_body, normalise_into, quantise_scaled, t
 use super::error::SegmentError;
 use super::heap::{TopK, Walk};
 use super::reader::{Segment, View};
+use super::sketch::{Sketch, SketchQuery};
 
 /// [`Segment::search`] scans a segment exactly when it holds at most this many times `ef` items.
 pub const EXACT_SCAN_FACTOR: usize = 4;
@@ -25,6 +26,16 @@ pub const EXACT_SCAN_FACTOR: usize = 4;
 /// segment scores most of its items anyway, in random order, while the scan reads the codes
 /// once, in order. Measured with `cargo run --release --example flat_scan` (README, performance).
 pub const FLAT_SCAN_FACTOR: usize = 64;
+
+/// The scan of a segment of at least this many items (and at most [`SKETCH_MAX_ITEMS`], with
+/// at least [`SKETCH_MIN_DIM`] dimensions) first rules items out by their one-bit sketches
+/// ([`super::sketch`]); below it the int8 pass alone is cheap enough.
+pub const SKETCH_MIN_ITEMS: usize = 1024;
+/// Beyond this many items a segment is walked, not scanned, unless a caller asks for the exact
+/// plan; sketches are then not worth their memory (about 180 bytes per item at 1,280 dims).
+pub const SKETCH_MAX_ITEMS: usize = 65_536;
+/// Fewer dimensions make the sketch's estimate too coarse to rule much out.
+pub const SKETCH_MIN_DIM: usize = 64;
 
 /// One search result: the item's index in the segment and its cosine similarity to the query.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,6 +55,12 @@ struct Scratch {
     scores: Vec<f32>,
     /// [`flat_scan`]'s lower bounds, for the selection of the k-th.
     lows: Vec<f32>,
+    /// The query prepared for a sketch, and the sketch's estimates and margins.
+    sketch_query: SketchQuery,
+    bounds: Vec<(f32, f32)>,
+    seeds: TopK,
+    seeded: Vec<(f32, u32)>,
+    cands: Vec<(f32, u32)>,
     /// A row read for rescoring ([`Segment::rescore_row`]).
     row: Vec<f32>,
 }
@@ -145,13 +162,33 @@ impl Segment {
                 p => p,
             };
             if plan == SearchPlan::Exact {
-                let Scratch { walk: w, query, wide, scores, lows, .. } = s;
+                let Scratch {
+                    walk: w,
+                    query,
+                    wide,
+                    scores,
+                    lows,
+                    sketch_query,
+                    bounds,
+                    seeds,
+                    seeded,
+                    cands,
+                    ..
+                } = s;
                 w.results.clear();
                 // A tiny segment, or a format-1 one (no codes): the f32 scan.
                 if view.codes.is_empty() || view.n <= ef.saturating_mul(EXACT_SCAN_FACTOR) {
                     brute_force_impl(&view, query, k, filter, &mut w.results);
                 } else {
-                    flat_scan(&view, query, wide, k, filter, scores, lows, &mut w.results);
+                    let sketch = self.scan_sketch().map(|sketch| SketchPass {
+                        sketch,
+                        query: sketch_query,
+                        bounds,
+                        seeds,
+                        seeded,
+                        cands,
+                    });
+                    flat_scan(&view, query, wide, k, filter, sketch, scores, lows, &mut w.results);
                 }
                 return Ok(w.results.sorted_hits(k));
             }
@@ -177,6 +214,61 @@ impl Segment {
             let bound = code_error_bound(query, view.scales, factor);
             Ok(self.rescore(hits, query, k, bound, row))
         })
+    }
+
+    /// The one-bit sketches [`flat_scan`] starts from, if they are built; `None` for a segment
+    /// outside the sizes they pay off for ([`SKETCH_MIN_ITEMS`], [`SKETCH_MAX_ITEMS`],
+    /// [`SKETCH_MIN_DIM`]) or without int8 codes, and until they are built. A search never
+    /// waits for them (a pass over the vectors: about 45 ms for 4,096 items at 1,280 dims):
+    /// the first one that would use them starts [`Segment::start_scan_sketch`] and scans
+    /// without.
+    pub(crate) fn scan_sketch(&self) -> Option<&Sketch> {
+        let (cell, _) = self.sketch_cell();
+        if let Some(built) = cell.get() {
+            return built.as_ref();
+        }
+        self.start_scan_sketch();
+        None
+    }
+
+    fn sketch_fits(&self) -> bool {
+        let view = self.view();
+        (SKETCH_MIN_ITEMS..=SKETCH_MAX_ITEMS).contains(&view.n)
+            && view.dim >= SKETCH_MIN_DIM
+            && !view.codes.is_empty()
+    }
+
+    /// Starts building the scan's sketches on a background thread in the idle scheduling class
+    /// ([`crate::background`]), which maps the file again; at most once per segment. The
+    /// index writer calls it when it publishes a segment that searches will scan.
+    pub fn start_scan_sketch(&self) {
+        let (cell, started) = self.sketch_cell();
+        if cell.get().is_some() || started.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        if !self.sketch_fits() {
+            let _ = cell.set(None);
+            return;
+        }
+        let (cell, path) = (std::sync::Arc::clone(cell), self.path().to_path_buf());
+        let spawned = std::thread::Builder::new().name("vitrine-sketch".into()).spawn(move || {
+            crate::background::lower_current_thread();
+            // A file merged away meanwhile no longer opens: its segment is on its way out.
+            let built = Segment::open(&path).ok().map(|seg| Sketch::build(seg.view().vectors, seg.dim()));
+            let _ = cell.set(built);
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "could not start a sketch thread; the segment is scanned without");
+        }
+    }
+
+    /// Builds the scan's sketches now, on this thread, if this segment gets them; returns their
+    /// size in bytes (0: none).
+    pub fn prepare_scan(&self) -> usize {
+        let (cell, _) = self.sketch_cell();
+        cell.get_or_init(|| self.sketch_fits().then(|| Sketch::build(self.view().vectors, self.dim())))
+            .as_ref()
+            .map_or(0, Sketch::bytes)
     }
 
     /// The exact top `k` of a walk's candidates (`hits`, best int8 score first): their exact
@@ -408,6 +500,9 @@ fn brute_force_impl(view: &View<'_>, q: &[f32], k: usize, filter: Filter<'_>, ou
 /// factor); then the exact score of the items whose int8 score is within `2 b` of the k-th
 /// best, the only ones that can be in the top `k`. Same result as [`Segment::brute_force`],
 /// at a quarter of its memory traffic.
+///
+/// With a `sketch` ([`Segment::scan_sketch`]), [`sketch_candidates`] first rules most items
+/// out on their one-bit sketches, and the int8 pass scores only the others.
 #[allow(clippy::too_many_arguments)]
 fn flat_scan(
     view: &View<'_>,
@@ -415,6 +510,7 @@ fn flat_scan(
     wide: &mut Vec<i16>,
     k: usize,
     filter: Filter<'_>,
+    sketch: Option<SketchPass<'_>>,
     approx: &mut Vec<f32>,
     lows: &mut Vec<f32>,
     out: &mut TopK,
@@ -422,22 +518,96 @@ fn flat_scan(
     let dim = view.dim;
     let factor = quantise_scaled(q, view.scales, wide);
     let bound = code_error_bound(q, view.scales, factor);
+    let exact = |i: usize| dot(q, &view.vectors[i * dim..(i + 1) * dim]);
+    // Float slack: the int8 score is an f32 product of an exact integer sum.
+    let floor_of = |kth: f32| kth - 2.0 * bound - 1e-5 * (1.0 + kth.abs());
+    if let Some(pass) = sketch {
+        let cands = sketch_candidates(view, (wide, factor, bound), k, filter, pass, q);
+        lows.clear();
+        lows.extend(cands.iter().map(|&(a, _)| a));
+        let floor = kth_largest(lows, k).map_or(f32::NEG_INFINITY, floor_of);
+        for &(a, i) in cands.iter() {
+            if a >= floor {
+                out.offer(exact(i as usize), i, k);
+            }
+        }
+        return;
+    }
     approx_scores(view, wide, factor, filter, approx);
     lows.clear();
     lows.extend(approx.iter().copied().filter(|a| a.is_finite()));
-    let floor = if lows.len() > k {
-        let (_, kth, _) = lows.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-        // Float slack: the int8 score is an f32 product of an exact integer sum.
-        *kth - 2.0 * bound - 1e-5 * (1.0 + kth.abs())
-    } else {
-        f32::NEG_INFINITY
-    };
+    let floor = kth_largest(lows, k).map_or(f32::NEG_INFINITY, floor_of);
     for (i, &a) in approx.iter().enumerate() {
         if a.is_finite() && a >= floor {
-            let at = i * dim;
-            out.offer(dot(q, &view.vectors[at..at + dim]), i as u32, k);
+            out.offer(exact(i), i as u32, k);
         }
     }
+}
+
+/// The first pass of [`flat_scan`] on a segment with sketches: every item's estimate and
+/// margin ([`Sketch::bounds`]); the `k` best estimates scored in int8, the lowest of which,
+/// less the int8 bound, the k-th exact score is at least (k items score at least that); then
+/// the int8 score of each item whose estimate plus its margin reaches that floor, the only
+/// ones that can be in the top `k` unless an estimate is off by more than its margin. Returns
+/// those `(int8 score, item)`, in index order (equal scores in the top `k` go to the first
+/// offered). One margin wide, not two: the seeds' own scores are known.
+fn sketch_candidates<'p>(
+    view: &View<'_>,
+    (wide, factor, bound): (&[i16], f32, f32),
+    k: usize,
+    filter: Filter<'_>,
+    pass: SketchPass<'p>,
+    q: &[f32],
+) -> &'p [(f32, u32)] {
+    let SketchPass { sketch, query: prepared, bounds, seeds, seeded, cands } = pass;
+    let dim = view.dim;
+    sketch.prepare(q, prepared);
+    sketch.bounds(prepared, filter, bounds);
+    seeds.clear();
+    for (i, &(e, _)) in bounds.iter().enumerate() {
+        if e.is_finite() {
+            seeds.offer(e, i as u32, k);
+        }
+    }
+    seeds.drain_sorted_into(seeded);
+    let wide_dot = WideDot::detect();
+    let floor = if seeded.len() < k {
+        f32::NEG_INFINITY
+    } else {
+        let code = |i: u32| &view.codes[i as usize * dim..(i as usize + 1) * dim];
+        let lowest = seeded
+            .iter()
+            .map(|&(_, i)| wide_dot.dot(wide, code(i)) as f32 * factor)
+            .fold(f32::INFINITY, f32::min);
+        lowest - bound - 1e-5 * (1.0 + lowest.abs())
+    };
+    cands.clear();
+    let reach = |&(e, m): &(f32, f32)| e.is_finite() && e + m >= floor;
+    cands.extend(bounds.iter().enumerate().filter(|(_, b)| reach(b)).map(|(i, _)| (0.0, i as u32)));
+    // A seed whose estimate was off by more than its margin still counts.
+    let before = cands.len();
+    cands.extend(seeded.iter().filter(|&&(_, i)| !reach(&bounds[i as usize])).map(|&(_, i)| (0.0, i)));
+    if cands.len() > before {
+        cands.sort_unstable_by_key(|&(_, i)| i);
+    }
+    int8_scores_of(view, wide, factor, cands);
+    cands
+}
+
+/// A segment's sketches and the scratch [`flat_scan`]'s first pass uses with them.
+struct SketchPass<'s> {
+    sketch: &'s Sketch,
+    query: &'s mut SketchQuery,
+    bounds: &'s mut Vec<(f32, f32)>,
+    seeds: &'s mut TopK,
+    seeded: &'s mut Vec<(f32, u32)>,
+    /// The items the first pass keeps, with their int8 scores.
+    cands: &'s mut Vec<(f32, u32)>,
+}
+
+/// The `k`-th largest of `values` (reordered), if there are more than `k`.
+fn kth_largest(values: &mut [f32], k: usize) -> Option<f32> {
+    (values.len() > k && k > 0).then(|| *values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a)).1)
 }
 
 /// How far an item's int8 score (its codes against the query quantised by
@@ -446,6 +616,23 @@ fn flat_scan(
 fn code_error_bound(q: &[f32], scales: &[f32], factor: f32) -> f32 {
     let half_steps: f32 = q.iter().zip(scales).map(|(x, s)| x.abs() * s).sum::<f32>() * 0.5;
     half_steps + 0.5 * factor * 127.0 * q.len() as f32
+}
+
+/// Pass 1 of [`flat_scan`] after the sketches: the int8 score of each candidate `(_, item)`.
+/// The candidates are scattered, so the next one's cache lines are requested before this one
+/// is scored ([`touch_lines`]).
+#[multiversion(targets("x86_64+avx2+fma", "aarch64+neon"))]
+fn int8_scores_of(view: &View<'_>, wide: &[i16], factor: f32, cands: &mut [(f32, u32)]) {
+    let wide_dot = WideDot::detect();
+    let dim = view.dim;
+    let code = |i: u32| &view.codes[i as usize * dim..(i as usize + 1) * dim];
+    for c in 0..cands.len() {
+        let this = code(cands[c].1);
+        if let Some(n) = cands.get(c + 1) {
+            std::hint::black_box(touch_lines(bytemuck::cast_slice(code(n.1))));
+        }
+        cands[c].0 = wide_dot.dot(wide, this) as f32 * factor;
+    }
 }
 
 /// Pass 1 of [`flat_scan`]: the int8 score of every item, `-inf` for those `filter` drops.
@@ -541,6 +728,57 @@ mod tests {
                         let want = seg.brute_force(q, k, filter).unwrap();
                         let got = seg.search(q, k, ef, filter).unwrap();
                         assert_eq!(got, want, "dim {dim}, query {qi}, k {k}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Segments big enough for sketches ([`SKETCH_MIN_ITEMS`]) are scanned after a first pass
+    /// over them, with the answer of the f32 brute force: structured rows (where the pass rules
+    /// out most items), uniform random rows (where it rules out few), exact duplicates (whose
+    /// residuals and estimates are equal), filters that keep most, few or fewer than `k` items,
+    /// and every `k`.
+    #[test]
+    fn sketched_scan_equals_brute_force() {
+        let dir = tempfile::tempdir().unwrap();
+        for (dim, n, latent, noise) in [
+            (1280usize, 4096usize, 48usize, 0.15f64),
+            (256, 2500, 256, 1.0),
+            (200, SKETCH_MIN_ITEMS, 12, 0.05),
+        ] {
+            let path = dir.path().join(format!("sketched{dim}.vseg"));
+            let shape = Structured { dim, latent, noise, seed: 11 + dim as u64 };
+            let mut rows = shape.rows(0, n);
+            for i in 1..30 {
+                let first = rows[..dim].to_vec();
+                rows[i * 7 * dim..(i * 7 + 1) * dim].copy_from_slice(&first);
+            }
+            let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("s{i}")).unwrap()).collect();
+            crate::segment::write_flat_segment(&path, dim, &rows, &skus).unwrap();
+            let seg = Segment::open(&path).unwrap();
+            assert!(seg.prepare_scan() > 0, "dim {dim}: the segment must be sketched");
+            let most = |i: u32| !i.is_multiple_of(3);
+            let few = |i: u32| i.is_multiple_of(97);
+            let five = |i: u32| i < 5;
+            let filters: [Filter<'_>; 4] = [None, Some(&most), Some(&few), Some(&five)];
+            let queries = shape.rows(60_000, 25);
+            for (qi, q) in
+                queries.chunks_exact(dim).chain([&rows[..dim], &rows[9 * dim..10 * dim]]).enumerate()
+            {
+                for k in [1usize, 10, 64, n + 3] {
+                    for (fi, filter) in filters.iter().enumerate() {
+                        let want = seg.brute_force(q, k, *filter).unwrap();
+                        let got = seg.search_as(q, k, 64, *filter, SearchPlan::Exact).unwrap();
+                        // Equal scores (the duplicates) straddling the k-th place may be any of
+                        // them (the top-k heap keeps whichever it met first): the scores must
+                        // be equal, and the items above the last score the same.
+                        let scores = |h: &[Hit]| h.iter().map(|h| h.score).collect::<Vec<_>>();
+                        assert_eq!(scores(&got), scores(&want), "dim {dim}, query {qi}, k {k}, filter {fi}");
+                        let last = want.last().map_or(f32::INFINITY, |h| h.score);
+                        let above =
+                            |h: &[Hit]| h.iter().filter(|h| h.score > last).copied().collect::<Vec<_>>();
+                        assert_eq!(above(&got), above(&want), "dim {dim}, query {qi}, k {k}, filter {fi}");
                     }
                 }
             }
