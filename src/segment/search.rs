@@ -718,6 +718,9 @@ mod tests {
             let skus: Vec<SkuId> = (0..n).map(|i| SkuId::new(format!("f{i}")).unwrap()).collect();
             write_segment(&path, dim, &rows, &skus, &HnswParams::default()).unwrap();
             let seg = Segment::open(&path).unwrap();
+            // The sketches (if the shape gets them) now, not from a background thread partway
+            // through: every query takes the same path.
+            seg.prepare_scan();
             let ef = 64;
             assert!(n > ef * EXACT_SCAN_FACTOR && n <= ef * FLAT_SCAN_FACTOR);
             let every_third = |i: u32| !i.is_multiple_of(3);
