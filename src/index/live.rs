@@ -44,7 +44,7 @@ pub struct SealedSegment {
 
 /// Whether a search at the segment's default `ef` scans it rather than walks its graph (a flat
 /// segment, or one within [`FLAT_SCAN_FACTOR`] times that `ef`).
-pub fn scanned_by_default(segment: &Segment, default_ef: usize) -> bool {
+fn scanned_by_default(segment: &Segment, default_ef: usize) -> bool {
     !segment.has_graph() || segment.len() <= FLAT_SCAN_FACTOR.saturating_mul(default_ef)
 }
 

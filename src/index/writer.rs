@@ -37,7 +37,7 @@ use parking_lot::RwLock;
 use super::deletes::{DeleteSet, DeletesError};
 use super::entry::{Change, EntryError};
 use super::filter::AttrIndex;
-use super::live::{LiveSet, SealedSegment, VersionLive, delete_older_copies, holds, scanned_by_default};
+use super::live::{LiveSet, SealedSegment, VersionLive, delete_older_copies, holds};
 use super::manifest::{DeletesRef, Loaded, Manifest, ManifestError, ModelIndex, SegmentEntry};
 use super::merge_policy::{MergePolicy, SegmentStat};
 use super::mutable::MutableSegment;
@@ -1428,18 +1428,16 @@ impl State {
         let path = self.shared.data.segment_path(v, id);
         let segment =
             Segment::open(&path).map_err(|source| WriterError::Segment { version: v.clone(), id, source })?;
-        // Searches will scan it: its sketches are built on an idle-class thread from now on
-        // (neither this thread, which acknowledges writes, nor the seal or merge waits).
-        if scanned_by_default(&segment, file.stats.default_ef) {
-            segment.start_scan_sketch();
-        }
         let deleted = DeleteSet::new(segment.len());
         for (i, src) in file.sources.iter().enumerate() {
             if dead(src) {
                 deleted.set(i as u32);
             }
         }
-        Ok(Arc::new(SealedSegment::new(id, segment, deleted).with_default_ef(file.stats.default_ef)))
+        // If searches will scan it, its sketches are built on an idle-class thread from now on
+        // (neither this thread, which acknowledges writes, nor the seal or merge waits).
+        let sealed = SealedSegment::new(id, segment, deleted).with_default_ef(file.stats.default_ef);
+        Ok(Arc::new(sealed.start_scan_sketch()))
     }
 
     fn commit_seal(&mut self, r: SealResult) {
