@@ -68,11 +68,14 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 pub const MAGIC: [u8; 4] = *b"VWAL";
 pub const HEADER_LEN: usize = 24;
+/// A frame whose zero fill, write and syncs take longer than this is logged at debug level.
+const SLOW_FRAME: Duration = Duration::from_millis(8);
 /// Largest payload of one record.
 pub const MAX_RECORD_BYTES: usize = 64 << 20;
 /// Largest body of one frame (records with their 4-byte length prefixes).
@@ -809,6 +812,7 @@ impl Wal {
         } else {
             log.allocated
         };
+        let started = Instant::now();
         let written = zero_fill(&file, log.allocated, allocated).and_then(|()| {
             if self.fail_next_write.swap(false, Ordering::Relaxed) {
                 file.write_all_at(&buf[..buf.len() / 2], log.bytes)
@@ -818,10 +822,29 @@ impl Wal {
                 // frame's sync commits the file system's journal anyway (the file grew), and
                 // that commit carries the new name too, so the directory's fsync then finds
                 // little left to do (one journal commit per new file instead of two).
-                file.write_all_at(&buf, log.bytes)
-                    .and_then(|()| file.sync_data())
-                    .and_then(|()| if created { crate::fsutil::sync_dir(&self.dir) } else { Ok(()) })
-                    .map(|()| crate::fsutil::note_log_sync())
+                let t0 = Instant::now();
+                let r = file.write_all_at(&buf, log.bytes);
+                let t1 = Instant::now();
+                let r = r.and_then(|()| file.sync_data());
+                let t2 = Instant::now();
+                let r = r.and_then(|()| if created { crate::fsutil::sync_dir(&self.dir) } else { Ok(()) });
+                let t3 = Instant::now();
+                if t3 - started > SLOW_FRAME {
+                    // Diagnostics (`RUST_LOG=vitrine::index::wal=debug`): which step every
+                    // acknowledgement in the group waited for.
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    tracing::debug!(
+                        created,
+                        grew = allocated > log.allocated,
+                        bytes = buf.len(),
+                        zero_ms = ms(t0 - started),
+                        write_ms = ms(t1 - t0),
+                        sync_ms = ms(t2 - t1),
+                        dir_ms = ms(t3 - t2),
+                        "slow log frame"
+                    );
+                }
+                r.map(|()| crate::fsutil::note_log_sync())
             }
         });
         if let Err(source) = written {

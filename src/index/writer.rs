@@ -913,8 +913,15 @@ impl State {
                 }
             }
             if !writes.is_empty() {
-                let delay = slowdown(self.pending_seals + self.merge_backlog(), &self.cfg);
+                let (seals, backlog) = (self.pending_seals, self.merge_backlog());
+                let delay = slowdown(seals + backlog, &self.cfg);
                 if !delay.is_zero() {
+                    tracing::debug!(
+                        pending_seals = seals,
+                        merge_backlog = backlog,
+                        delay_ms = delay.as_millis() as u64,
+                        "delaying a group of writes"
+                    );
                     // The writes that arrive meanwhile form the next group.
                     std::thread::sleep(delay);
                 }
