@@ -886,6 +886,9 @@ fn main() -> anyhow::Result<()> {
             for t in &targets {
                 out.line(format!("   {:<44} {:>10.3} {} (target {})", t.name, t.measured, t.unit, t.limit));
             }
+            // `exit` skips the temporary directory's drop: without this each run left its
+            // data directory (over a gigabyte) behind.
+            let _ = std::fs::remove_dir_all(tmp.path());
             std::process::exit(0);
         }
 
