@@ -13,10 +13,9 @@
 //!    queued behind it), else from when the timer woke the client (tokio's timer wakes up to
 //!    about a millisecond late; at most 1 ms of that is not counted, and the line below gives
 //!    the latency from the scheduled send as well), the vectors drawn before the phase; (b)
-//!    closed loop for a fixed time,
-//!    flat out: ack latency and total upserts/s, plus frames vs records in the log files left
-//!    on disk. A burst beyond what merges sustain meets the writer's backpressure in (b), and
-//!    its p99 shows it.
+//!    closed loop for a fixed time, flat out: ack latency and total upserts/s, plus frames vs
+//!    records in the log files left on disk. A burst beyond what merges sustain meets the
+//!    writer's backpressure in (b), and its p99 shows it.
 //! 3. image upserts of every bundled catalogue image under a new SKU: ack latency, and the
 //!    encoder's own time (preprocess + embed of that image, in-process, same run) next to it.
 //! 4. SearchByVector k=10 from one client: idle; idle with a nearly full mutable segment;
@@ -42,9 +41,10 @@
 //! `--only-writes` stops after phase 2, and `--ack-trace FILE` writes its every ack (time,
 //! latency) to correlate slow ones with seals (time 0 is logged as `upserts start` with
 //! `RUST_LOG=live_bench=info`; `vitrine::index::wal=debug` logs every log sync over 8 ms, and
-//! `vitrine::index::writer=debug` every write group the backpressure delays); `--search-trace FILE` writes phase 4's searches
-//! while writing (time, latency, sealed segments then), to see where in the round slow ones
-//! fall (`RUST_LOG=vitrine=info,vitrine::request=warn` for seals and merges without a line per
+//! `vitrine::index::writer=debug` every write group the backpressure delays);
+//! `--search-trace FILE` writes phase 4's searches while writing (time, latency, sealed
+//! segments then), to see where in the round slow ones fall
+//! (`RUST_LOG=vitrine=info,vitrine::request=warn` for seals and merges without a line per
 //! request).
 //!
 //! Run: `cargo run --release --example live_bench -- [--quick] [--json]`

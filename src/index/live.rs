@@ -21,7 +21,7 @@ use super::filter::{AttrIndex, DocId, Filter};
 use super::mutable::MutableSegment;
 use super::{IndexError, ScoredSku};
 use crate::ids::{ModelVersion, SegmentId, SkuId};
-use crate::segment::{DEFAULT_EF_SEARCH, FLAT_SCAN_FACTOR, Segment, normalise_into};
+use crate::segment::{DEFAULT_EF_SEARCH, Segment, normalise_into};
 
 /// A filter matching at most this share of the live items is answered by an exact scan.
 pub const EXACT_FILTER_FRACTION: f64 = 0.10;
@@ -42,12 +42,6 @@ pub struct SealedSegment {
     docs: OnceLock<Vec<DocId>>,
 }
 
-/// Whether a search at the segment's default `ef` scans it rather than walks its graph (a flat
-/// segment, or one within [`FLAT_SCAN_FACTOR`] times that `ef`).
-fn scanned_by_default(segment: &Segment, default_ef: usize) -> bool {
-    !segment.has_graph() || segment.len() <= FLAT_SCAN_FACTOR.saturating_mul(default_ef)
-}
-
 impl SealedSegment {
     /// A segment searched at [`DEFAULT_EF_SEARCH`] by default.
     pub fn new(id: SegmentId, segment: Segment, deleted: DeleteSet) -> Self {
@@ -61,9 +55,10 @@ impl SealedSegment {
     }
 
     /// Starts building, in the background, the one-bit sketches of a segment that searches
-    /// scan rather than walk ([`scanned_by_default`]; `Segment::start_scan_sketch`).
+    /// scan rather than walk at its default `ef` ([`Segment::scanned_at`];
+    /// `Segment::start_scan_sketch`).
     pub fn start_scan_sketch(self) -> Self {
-        if scanned_by_default(&self.segment, self.default_ef) {
+        if self.segment.scanned_at(self.default_ef) {
             self.segment.start_scan_sketch();
         }
         self

@@ -157,7 +157,7 @@ impl Segment {
             let plan = match plan {
                 // A flat segment has no graph to walk.
                 _ if view.m == 0 => SearchPlan::Exact,
-                SearchPlan::Auto if view.n <= ef.saturating_mul(FLAT_SCAN_FACTOR) => SearchPlan::Exact,
+                SearchPlan::Auto if self.scanned_at(ef) => SearchPlan::Exact,
                 SearchPlan::Auto => SearchPlan::Graph,
                 p => p,
             };
@@ -214,6 +214,12 @@ impl Segment {
             let bound = code_error_bound(query, view.scales, factor);
             Ok(self.rescore(hits, query, k, bound, row))
         })
+    }
+
+    /// Whether a [`SearchPlan::Auto`] search at `ef` scans this segment instead of walking its
+    /// graph: a flat segment, or one of at most [`FLAT_SCAN_FACTOR`]` * ef` items.
+    pub fn scanned_at(&self, ef: usize) -> bool {
+        !self.has_graph() || self.len() <= ef.saturating_mul(FLAT_SCAN_FACTOR)
     }
 
     /// The one-bit sketches [`flat_scan`] starts from, if they are built; `None` for a segment
@@ -560,7 +566,6 @@ fn sketch_candidates<'p>(
     q: &[f32],
 ) -> &'p [(f32, u32)] {
     let SketchPass { sketch, query: prepared, bounds, seeds, seeded, cands } = pass;
-    let dim = view.dim;
     sketch.prepare(q, prepared);
     sketch.bounds(prepared, filter, bounds);
     seeds.clear();
@@ -570,15 +575,12 @@ fn sketch_candidates<'p>(
         }
     }
     seeds.drain_sorted_into(seeded);
-    let wide_dot = WideDot::detect();
     let floor = if seeded.len() < k {
         f32::NEG_INFINITY
     } else {
-        let code = |i: u32| &view.codes[i as usize * dim..(i as usize + 1) * dim];
-        let lowest = seeded
-            .iter()
-            .map(|&(_, i)| wide_dot.dot(wide, code(i)) as f32 * factor)
-            .fold(f32::INFINITY, f32::min);
+        // The seeds' estimates are not needed past here: their int8 scores replace them.
+        int8_scores_of(view, wide, factor, seeded);
+        let lowest = seeded.iter().map(|&(s, _)| s).fold(f32::INFINITY, f32::min);
         lowest - bound - 1e-5 * (1.0 + lowest.abs())
     };
     cands.clear();
