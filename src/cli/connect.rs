@@ -251,9 +251,15 @@ impl Conn {
 /// for the mistakes that look alike from the client.
 pub fn status_error(addr: &str, s: Status) -> anyhow::Error {
     use tonic::Code;
+    // A status the server sent is decoded from its answer and carries no source error; one
+    // the client made from a failed connection or a broken stream (what a plaintext client
+    // meets at a TLS server) does. Only the latter can be the wrong scheme.
+    let from_transport = std::error::Error::source(&s).is_some();
     let hint = match s.code() {
         Code::Unauthenticated => " (pass --token or set VITRINE_TOKEN)",
-        Code::Unavailable | Code::Unknown | Code::Internal if addr.starts_with("http://") => {
+        Code::Unavailable | Code::Unknown | Code::Internal
+            if from_transport && addr.starts_with("http://") =>
+        {
             " (if the server serves TLS, use https:// and --ca)"
         }
         _ => "",
@@ -279,6 +285,16 @@ mod tests {
         for bad in ["localhost", "ftp://h:1", "http://", ":50051", "a b:1"] {
             assert!(parse_addr(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_tls_hint_is_only_for_transport_failures() {
+        let answered = Status::unavailable("write failed: the index writer takes no writes");
+        let msg = status_error("http://h:1", answered).to_string();
+        assert!(!msg.contains("TLS"), "a server's own answer is not a scheme mistake: {msg}");
+        let broken = Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        assert!(status_error("http://h:1", broken.clone()).to_string().contains("use https://"));
+        assert!(!status_error("https://h:1", broken).to_string().contains("use https://"));
     }
 
     #[test]
