@@ -345,9 +345,9 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
             holder,
         }))) => {
             anyhow::bail!(
-                "data directory {} is held by {holder}; stream the catalogue to that server with `vitrine ingest --addr URL --catalog {}`",
+                "data directory {} is held by {holder}; {}",
                 path.display(),
-                a.catalog.display()
+                locked_hint(&holder, &a.catalog)
             )
         }
         r => r?,
@@ -501,9 +501,36 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// What to do about a data directory another process holds: stream to the server that holds
+/// it (its address is in the lock file), or wait for the other writer.
+fn locked_hint(holder: &str, catalog: &std::path::Path) -> String {
+    let addr = holder.split_once("listening on ").map(|(_, rest)| rest.trim_end_matches(')').trim());
+    match addr {
+        Some(addr) => format!(
+            "stream the catalogue to that server with `vitrine ingest --addr {addr} --catalog {}`",
+            catalog.display()
+        ),
+        None => "let it finish (or stop it) and run this again".to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hint_names_the_holding_server_or_says_to_wait() {
+        let cat = std::path::Path::new("cat.csv");
+        let h = locked_hint("vitrine serve (pid 7, listening on 127.0.0.1:50051)", cat);
+        assert_eq!(
+            h,
+            "stream the catalogue to that server with `vitrine ingest --addr 127.0.0.1:50051 --catalog cat.csv`"
+        );
+        assert_eq!(
+            locked_hint("vitrine ingest (pid 9)", cat),
+            "let it finish (or stop it) and run this again"
+        );
+    }
 
     #[test]
     fn error_report_prints_each_cause_once() {

@@ -94,7 +94,13 @@ fn send_chunk(
         match bytes {
             Ok(bytes) => {
                 let attrs_json = serde_json::to_value(&row.attrs).context("attributes serialise")?;
-                let attrs = attrs::json_to_struct(&attrs_json).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let attrs = match attrs::json_to_struct(&attrs_json) {
+                    Ok(attrs) => attrs,
+                    Err(why) => {
+                        counts.rejected.push(reject(&row, RejectReason::Malformed(why)));
+                        continue;
+                    }
+                };
                 requests.push(proto::UpsertRequest {
                     sku: row.sku.to_string(),
                     attrs: Some(attrs),
@@ -112,9 +118,17 @@ fn send_chunk(
         return Ok(());
     }
     let mut client = conn.search();
+    let committed = counts.added + counts.updated + counts.unchanged;
     let resp = rt
         .block_on(conn.call_streaming(requests, |stream| client.upsert_stream(stream)))
-        .with_context(|| format!("streaming rows from line {} of {}", sent[0].line, a.catalog.display()))?;
+        .with_context(|| {
+            format!(
+                "streaming rows from line {} of {} ({committed} rows before them are committed: run the same \
+             command again to resume)",
+                sent[0].line,
+                a.catalog.display()
+            )
+        })?;
     counts.added += resp.added;
     counts.updated += resp.updated;
     counts.unchanged += resp.unchanged;

@@ -6,9 +6,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::index::deletes::DeleteSet;
+use crate::index::entry::Change;
 use crate::index::manifest::Manifest;
 use crate::index::records::RecordStore;
 use crate::index::store::{DataDir, check_layout, sha256_hex};
+use crate::index::wal::Wal;
 use crate::report::Chain;
 use crate::segment::Segment;
 use anyhow::Context;
@@ -31,6 +33,14 @@ pub struct VerifyArgs {
 
 pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     let data = DataDir::open_reader(&a.data_dir)?;
+    if let Some(holder) = DataDir::held_by(&a.data_dir) {
+        // Its record store and log are open for writing there; what is on disk is in motion.
+        anyhow::bail!(
+            "data directory {} is held by {holder}: stop it to verify the directory (a running server \
+             checks its segments on start and reports through `vitrine info`)",
+            a.data_dir.display()
+        );
+    }
     if !Manifest::path(&a.data_dir).exists() {
         // Without a manifest nothing in the folder is live: say whether data was lost.
         match check_layout(&a.data_dir) {
@@ -113,26 +123,39 @@ pub fn run(a: &VerifyArgs) -> anyhow::Result<ExitCode> {
     for p in blob_problems {
         report(p);
     }
+    // The log as a start would replay it: a torn tail is what a crash leaves (a start drops
+    // it), damage before valid frames stops a start.
+    let log = match Wal::check(&data.wal_dir(), manifest.wal_checkpoint) {
+        Ok(replayed) => {
+            for (seq, bytes) in &replayed.records {
+                if let Err(e) = Change::decode(bytes) {
+                    report(format!("write-ahead log record {seq} cannot be replayed: {}", Chain(&e)));
+                }
+            }
+            let torn = match replayed.dropped_tail_bytes {
+                0 => String::new(),
+                n => format!(" (and a torn write of {n} bytes at its end, which a start drops)"),
+            };
+            format!(
+                "{} log records after checkpoint {}{torn}",
+                replayed.records.len(),
+                manifest.wal_checkpoint
+            )
+        }
+        Err(e) => {
+            report(format!("{}: a server would not start", Chain(&e)));
+            format!("log after checkpoint {} unreadable", manifest.wal_checkpoint)
+        }
+    };
     if let Some(n) = a.skew {
         problems += skew(a, &data, &manifest, &records, n)?;
     }
-    let wal_bytes: u64 = std::fs::read_dir(data.wal_dir())
-        .map(|rd| {
-            rd.filter_map(Result::ok)
-                .filter(|e| !e.file_name().to_str().is_some_and(crate::index::wal::is_spare_name))
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0);
     println!(
-        "{}: manifest generation {}, {} segments, {} records, {} bytes of log after checkpoint {}: {}",
+        "{}: manifest generation {}, {} segments, {} SKU records as of the checkpoint, {log}: {}",
         a.data_dir.display(),
         manifest.generation,
         segments,
         count,
-        wal_bytes,
-        manifest.wal_checkpoint,
         if problems == 0 { "ok".to_string() } else { format!("{problems} problems") }
     );
     Ok(if problems == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })

@@ -57,6 +57,8 @@ pub struct GetArgs {
 /// Reads a vector file: a JSON array, or numbers separated by whitespace or commas.
 pub fn read_vector_file(path: &Path) -> anyhow::Result<Vec<f32>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // A byte order mark, as some editors write, is not part of the numbers.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
         let v: Vec<f64> = serde_json::from_str(trimmed).map_err(|e| {
@@ -67,9 +69,16 @@ pub fn read_vector_file(path: &Path) -> anyhow::Result<Vec<f32>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         for tok in line.split(|c: char| c.is_whitespace() || c == ',').filter(|t| !t.is_empty()) {
-            let x: f32 = tok
-                .parse()
-                .map_err(|_| anyhow::anyhow!("{}:{}: {tok:?} is not a number", path.display(), i + 1))?;
+            let x: f32 = tok.parse().map_err(|_| {
+                // A token can be a whole line (other separators): show its start only.
+                let shown: String = tok.chars().take(40).collect();
+                let more = if shown.len() < tok.len() { "..." } else { "" };
+                anyhow::anyhow!(
+                    "{}:{}: {shown:?}{more} is not a number (numbers are separated by whitespace or commas)",
+                    path.display(),
+                    i + 1
+                )
+            })?;
             out.push(x);
         }
     }
@@ -167,7 +176,20 @@ pub fn run_get(a: GetArgs) -> anyhow::Result<ExitCode> {
             println!("{m}  missing");
         }
     }
-    Ok(if r.missing.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    if r.missing.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // The exit status's reason, on stderr as for every failure (README, Exit codes).
+    let shown: Vec<&str> = r.missing.iter().take(10).map(String::as_str).collect();
+    let more = r.missing.len() - shown.len();
+    eprintln!(
+        "error: {} of {} SKUs not found: {}{}",
+        r.missing.len(),
+        a.sku.len(),
+        shown.join(" "),
+        if more > 0 { format!(" and {more} more") } else { String::new() }
+    );
+    Ok(ExitCode::FAILURE)
 }
 
 #[cfg(test)]
@@ -187,5 +209,10 @@ mod tests {
         assert!(e.contains("v.json:2") && e.contains("\"x\""), "{e}");
         std::fs::write(&p, "").unwrap();
         assert!(read_vector_file(&p).is_err());
+        std::fs::write(&p, "\u{feff}[1, 2]").unwrap();
+        assert_eq!(read_vector_file(&p).unwrap(), vec![1.0, 2.0]);
+        std::fs::write(&p, vec!["0.5"; 1000].join(";")).unwrap();
+        let e = read_vector_file(&p).unwrap_err().to_string();
+        assert!(e.len() < 200 && e.contains("...") && e.contains("separated by"), "{e}");
     }
 }

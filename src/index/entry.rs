@@ -33,6 +33,10 @@ pub struct WalUpsert {
     /// New unit-length vectors, one per model version they replace.
     #[prost(message, repeated, tag = "4")]
     pub vectors: Vec<WalVector>,
+    /// The vectors were embedded from the SKU's stored image (a backfill, or the same image
+    /// sent again over a sent vector); with `image_sha256` set they always are.
+    #[prost(bool, tag = "5")]
+    pub from_image: bool,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -65,6 +69,9 @@ pub enum Change {
         attrs: Option<Attrs>,
         image_sha256: Option<String>,
         vectors: Vec<(ModelVersion, Vec<f32>)>,
+        /// `vectors` come from the SKU's image (always so when `image_sha256` is set); else
+        /// they were sent as vectors.
+        from_image: bool,
     },
     Delete {
         sku: SkuId,
@@ -93,15 +100,18 @@ impl Change {
 
     pub fn encode(&self) -> Vec<u8> {
         let op = match self {
-            Change::Upsert { sku, attrs, image_sha256, vectors } => wal_entry::Op::Upsert(WalUpsert {
-                sku: sku.to_string(),
-                attrs_json: attrs.as_ref().map(|a| serde_json::to_string(a).expect("attrs serialise")),
-                image_sha256: image_sha256.clone(),
-                vectors: vectors
-                    .iter()
-                    .map(|(v, values)| WalVector { model_version: v.to_string(), values: values.clone() })
-                    .collect(),
-            }),
+            Change::Upsert { sku, attrs, image_sha256, vectors, from_image } => {
+                wal_entry::Op::Upsert(WalUpsert {
+                    sku: sku.to_string(),
+                    attrs_json: attrs.as_ref().map(|a| serde_json::to_string(a).expect("attrs serialise")),
+                    image_sha256: image_sha256.clone(),
+                    vectors: vectors
+                        .iter()
+                        .map(|(v, values)| WalVector { model_version: v.to_string(), values: values.clone() })
+                        .collect(),
+                    from_image: *from_image && image_sha256.is_none(),
+                })
+            }
             Change::Delete { sku } => wal_entry::Op::Delete(WalDelete { sku: sku.to_string() }),
         };
         WalEntry { op: Some(op) }.encode_to_vec()
@@ -112,12 +122,13 @@ impl Change {
             wal_entry::Op::Upsert(u) => Ok(Change::Upsert {
                 sku: SkuId::new(u.sku)?,
                 attrs: u.attrs_json.map(|j| serde_json::from_str(&j)).transpose()?,
-                image_sha256: u.image_sha256,
                 vectors: u
                     .vectors
                     .into_iter()
                     .map(|v| Ok((ModelVersion::new(v.model_version)?, v.values)))
                     .collect::<Result<_, IdError>>()?,
+                from_image: u.from_image || u.image_sha256.is_some(),
+                image_sha256: u.image_sha256,
             }),
             wal_entry::Op::Delete(d) => Ok(Change::Delete { sku: SkuId::new(d.sku)? }),
         }
@@ -138,12 +149,21 @@ mod tests {
                 attrs: Some(attrs),
                 image_sha256: Some("ab".into()),
                 vectors: vec![(ModelVersion::new("m1").unwrap(), vec![0.6, 0.8])],
+                from_image: true,
+            },
+            Change::Upsert {
+                sku: SkuId::new("A-2").unwrap(),
+                attrs: None,
+                image_sha256: None,
+                vectors: vec![(ModelVersion::new("m1").unwrap(), vec![0.8, 0.6])],
+                from_image: true,
             },
             Change::Upsert {
                 sku: SkuId::new("B").unwrap(),
                 attrs: None,
                 image_sha256: None,
                 vectors: vec![],
+                from_image: false,
             },
             Change::Delete { sku: SkuId::new("C").unwrap() },
         ];

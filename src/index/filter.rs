@@ -78,7 +78,9 @@ pub type DocId = u32;
 pub const MAX_CONDITIONS: usize = 64;
 pub const MAX_VALUES: usize = 1024;
 pub const MAX_KEY_BYTES: usize = 256;
-pub const MAX_VALUE_BYTES: usize = 256;
+/// Longest value a filter matches, and so the longest string value an attribute may hold
+/// (`index::attrs`).
+pub const MAX_VALUE_BYTES: usize = 4096;
 
 /// A search filter: every condition must hold (AND). An empty filter matches everything.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -118,6 +120,10 @@ pub enum FilterError {
     EmptyValue { expr: String },
     #[error("filter `{expr}`: `{value}` is not a number")]
     NotANumber { expr: String, value: String },
+    #[error("filter `{expr}`: a number is missing next to `{op}` (e.g. price<20)")]
+    MissingNumber { expr: String, op: String },
+    #[error("filter `{expr}`: the attribute goes first: write `{suggestion}` (ranges read n<=k<m)")]
+    BoundFirst { expr: String, suggestion: String },
     #[error("filter `{expr}`: a range that starts with a bound needs an upper bound too, e.g. 5<=price<20")]
     IncompleteRange { expr: String },
     #[error("filter `{expr}`: unterminated double quote")]
@@ -306,6 +312,16 @@ pub fn parse_condition(expr: &str) -> Result<Condition, FilterError> {
             if looks_reversed && op.starts_with('<') {
                 return Err(FilterError::IncompleteRange { expr: clip(expr) });
             }
+            if looks_reversed {
+                let flipped = if op == ">" { "<" } else { "<=" };
+                return Err(FilterError::BoundFirst {
+                    expr: clip(expr),
+                    suggestion: clip(&format!("{text}{flipped}{key}")),
+                });
+            }
+            if text.is_empty() {
+                return Err(FilterError::MissingNumber { expr: clip(expr), op: op.to_owned() });
+            }
             let bound = Some(parse_number(expr, text)?);
             let inclusive = op.ends_with('=');
             let test = if op.starts_with('<') {
@@ -316,6 +332,11 @@ pub fn parse_condition(expr: &str) -> Result<Condition, FilterError> {
             Condition { key, negate: false, test }
         }
         [lo @ ("<" | "<="), hi @ ("<" | "<=")] => {
+            for (text, op) in [(texts[0], lo), (texts[2], hi)] {
+                if text.trim().is_empty() {
+                    return Err(FilterError::MissingNumber { expr: clip(expr), op: op.to_owned() });
+                }
+            }
             let min = Some(parse_number(expr, texts[0])?);
             let key = parse_key(expr, texts[1])?;
             let max = Some(parse_number(expr, texts[2])?);
@@ -772,7 +793,9 @@ mod tests {
         let long = format!("k={}", "v".repeat(MAX_VALUE_BYTES + 1));
         let many = format!("k={}", vec!["v"; MAX_VALUES + 1].join(","));
         let long_key = format!("{}=v", "k".repeat(MAX_KEY_BYTES + 1));
-        let cases = r#"=x => EmptyKey | price< => EmptyValue | price<abc => NotANumber { expr: "price<abc", value: "abc"
+        let cases = r#"=x => EmptyKey | price< => MissingNumber { expr: "price<", op: "<" | 5<price< => MissingNumber
+            | <price<5 => MissingNumber | 10>price => BoundFirst { expr: "10>price", suggestion: "price<10"
+            | 10>=price => BoundFirst { expr: "10>=price", suggestion: "price<=10" | price<abc => NotANumber { expr: "price<abc", value: "abc"
             | price<NaN => NotANumber | foo => MissingOperator | a= => EmptyValue | a=x,,y => EmptyValue
             | a==b => UnexpectedOperator { expr: "a==b", op: "=" | a=b<c => UnexpectedOperator { expr: "a=b<c", op: "<"
             | a!b => UnexpectedOperator { expr: "a!b", op: "!" | 1<a<2<3 => UnexpectedOperator { expr: "1<a<2<3", op: "<"

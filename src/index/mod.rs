@@ -7,6 +7,7 @@
 //!   segments, published by the writer through an `ArcSwap`.
 //! * [`filter`] parses and evaluates attribute filters and keeps the inverted attribute index.
 
+pub mod attrs;
 pub mod deletes;
 pub mod entry;
 pub mod filter;

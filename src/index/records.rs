@@ -17,7 +17,7 @@ use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::sharded::ShardedMap;
-use crate::ids::SkuId;
+use crate::ids::{ModelVersion, SkuId};
 use crate::index::store::Attrs;
 
 const RECORDS: TableDefinition<&str, &[u8]> = TableDefinition::new("records");
@@ -78,6 +78,10 @@ pub struct Record {
     pub image_sha256: Option<String>,
     #[serde(default, skip_serializing_if = "Attrs::is_empty")]
     pub attrs: Attrs,
+    /// Model versions whose vector was sent as a vector (`Upsert` with a vector), not embedded
+    /// from `image_sha256`: an upsert of that same image embeds it again for them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub supplied: Vec<ModelVersion>,
 }
 
 /// sku -> record, or `None` for deleted.
@@ -292,7 +296,7 @@ mod tests {
     fn rec(sha: &str, title: &str) -> Record {
         let mut attrs = Attrs::new();
         attrs.insert("title".into(), serde_json::json!(title));
-        Record { image_sha256: Some(sha.into()), attrs }
+        Record { image_sha256: Some(sha.into()), attrs, supplied: vec![] }
     }
 
     #[test]

@@ -132,6 +132,20 @@ impl DataDir {
         Ok(Self { root: root.to_path_buf(), _lock: None })
     }
 
+    /// Who holds `root`'s writer lock now, if anyone (checked by trying the lock, which is
+    /// released again; the directory is not changed).
+    pub fn held_by(root: &Path) -> Option<String> {
+        let lock_path = root.join("LOCK");
+        let lock = File::open(&lock_path).ok()?;
+        match lock.try_lock() {
+            Err(fs::TryLockError::WouldBlock) => {
+                let holder = fs::read_to_string(&lock_path).unwrap_or_default().trim().to_string();
+                Some(if holder.is_empty() { "unknown process".to_string() } else { holder })
+            }
+            _ => None,
+        }
+    }
+
     /// Opens (creating if needed) a data directory as its only writer. `holder` says who holds
     /// it (e.g. "vitrine serve, pid 42, listening on 127.0.0.1:50051"); a second writer is
     /// refused with that text.
@@ -329,6 +343,10 @@ mod tests {
             Err(StoreError::Locked { holder, .. }) => assert!(holder.contains("127.0.0.1:1"), "{holder}"),
             other => panic!("expected Locked, got {other:?}"),
         }
+        let holder = DataDir::held_by(dir.path()).unwrap();
+        assert!(holder.contains("127.0.0.1:1"), "{holder}");
+        drop(_w);
+        assert_eq!(DataDir::held_by(dir.path()), None, "a free directory");
     }
 
     #[test]

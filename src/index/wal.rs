@@ -506,6 +506,88 @@ fn list_files(dir: &Path) -> Result<Vec<(u64, PathBuf)>, WalError> {
     Ok(out)
 }
 
+/// Whether [`read_files`] cuts a torn tail off the last file (open) or only reports it (check).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repair {
+    Truncate,
+    ReadOnly,
+}
+
+/// What [`read_files`] found: the records to replay and the files as they end.
+struct Found {
+    replayed: Replayed,
+    closed: VecDeque<LogFile>,
+    last: Option<LogFile>,
+    /// Seq of the last record read (None: no file was read).
+    prev_end: Option<u64>,
+}
+
+/// Reads the log files in `dir` under the recovery rules (module docs): every record with
+/// seq > `after_seq`, or the error that stops a start.
+fn read_files(dir: &Path, after_seq: u64, repair: Repair) -> Result<Found, WalError> {
+    let files = list_files(dir)?;
+    let mut replayed = Replayed { files: files.len(), ..Replayed::default() };
+    let (mut closed, mut prev_end, mut last) = (VecDeque::new(), None, None);
+    for (i, (first, path)) in files.iter().enumerate() {
+        let (first, next) = (*first, files.get(i + 1));
+        let expected = prev_end.map_or(after_seq.saturating_add(1), |e: u64| e + 1);
+        if (prev_end.is_some() && first < expected) || (first > expected && first - 1 > after_seq) {
+            let (path, found_seq) = (path.clone(), first);
+            return Err(WalError::SeqDiscontinuity { path, expected_seq: expected, found_seq, after_seq });
+        }
+        if let Some((next_first, _)) = next
+            && next_first - 1 <= after_seq
+        {
+            // All its records are covered by the caller's checkpoint: not read.
+            let bytes = fs::metadata(path).map_err(io("stat", path))?.len();
+            let last_seq = next_first - 1;
+            closed.push_back(LogFile { path: path.clone(), last_seq, bytes, allocated: bytes });
+            prev_end = Some(next_first - 1);
+            continue;
+        }
+        let data = fs::read(path).map_err(io("read", path))?;
+        let scan = scan_frames(&data, first);
+        let mut bytes = data.len() as u64;
+        // A closed file ends in the zeros written ahead of its frames (a rotation leaves
+        // them): its end, not damage, as the next file's name is checked to continue its
+        // seqs (a lost frame would leave a gap, reported above on the next round).
+        let zero_tail = |at: usize| next.is_some() && data[at..].iter().all(|&b| b == 0);
+        if let Some((at, None)) = scan.bad.filter(|&(at, _)| zero_tail(at)) {
+            bytes = at as u64;
+        } else if let Some((at, claimed)) = scan.bad {
+            let (path, offset, expected_seq) = (path.clone(), at as u64, scan.end + 1);
+            if let Some(found_seq) = claimed {
+                return Err(WalError::SeqMismatch { path, offset, expected_seq, found_seq });
+            }
+            if let Some((_, next_file)) = next {
+                let next_file = next_file.clone();
+                return Err(WalError::CorruptNotLast { path, offset, expected_seq, next_file });
+            }
+            if let Some((next_at, next_seq)) = find_valid_frame(&data, at + 1, expected_seq) {
+                let next_offset = next_at as u64;
+                return Err(WalError::CorruptMiddle { path, offset, expected_seq, next_seq, next_offset });
+            }
+            if repair == Repair::Truncate {
+                OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(offset).and_then(|()| f.sync_all()))
+                    .map_err(|source| WalError::Truncate { path: path.clone(), offset, source })?;
+            }
+            // Zero bytes after the last frame are space written ahead, not a lost frame.
+            let written = data.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1);
+            replayed.dropped_tail_bytes = written.saturating_sub(offset);
+            bytes = offset;
+        }
+        let fresh = scan.records.into_iter().filter(|(seq, _)| *seq > after_seq);
+        replayed.records.extend(fresh.map(|(seq, range)| (seq, data[range].to_vec())));
+        prev_end = Some(scan.end);
+        let file = LogFile { path: path.clone(), last_seq: scan.end, bytes, allocated: bytes };
+        if next.is_some() { closed.push_back(file) } else { last = Some(file) }
+    }
+    Ok(Found { replayed, closed, last, prev_end })
+}
+
 impl Wal {
     /// Opens (creating) the log in `dir`, replays every record with seq > `after_seq` and
     /// repairs a torn tail. Appends continue after the highest seq found, or after `after_seq`
@@ -521,75 +603,7 @@ impl Wal {
             }
         }
         remove_spares(dir)?;
-        let files = list_files(dir)?;
-        let mut replayed = Replayed { files: files.len(), ..Replayed::default() };
-        let (mut closed, mut prev_end, mut last) = (VecDeque::new(), None, None);
-        for (i, (first, path)) in files.iter().enumerate() {
-            let (first, next) = (*first, files.get(i + 1));
-            let expected = prev_end.map_or(after_seq.saturating_add(1), |e: u64| e + 1);
-            if (prev_end.is_some() && first < expected) || (first > expected && first - 1 > after_seq) {
-                let (path, found_seq) = (path.clone(), first);
-                return Err(WalError::SeqDiscontinuity {
-                    path,
-                    expected_seq: expected,
-                    found_seq,
-                    after_seq,
-                });
-            }
-            if let Some((next_first, _)) = next
-                && next_first - 1 <= after_seq
-            {
-                // All its records are covered by the caller's checkpoint: not read.
-                let bytes = fs::metadata(path).map_err(io("stat", path))?.len();
-                let last_seq = next_first - 1;
-                closed.push_back(LogFile { path: path.clone(), last_seq, bytes, allocated: bytes });
-                prev_end = Some(next_first - 1);
-                continue;
-            }
-            let data = fs::read(path).map_err(io("read", path))?;
-            let scan = scan_frames(&data, first);
-            let mut bytes = data.len() as u64;
-            // A closed file ends in the zeros written ahead of its frames (a rotation leaves
-            // them): its end, not damage, as the next file's name is checked to continue its
-            // seqs (a lost frame would leave a gap, reported above on the next round).
-            let zero_tail = |at: usize| next.is_some() && data[at..].iter().all(|&b| b == 0);
-            if let Some((at, None)) = scan.bad.filter(|&(at, _)| zero_tail(at)) {
-                bytes = at as u64;
-            } else if let Some((at, claimed)) = scan.bad {
-                let (path, offset, expected_seq) = (path.clone(), at as u64, scan.end + 1);
-                if let Some(found_seq) = claimed {
-                    return Err(WalError::SeqMismatch { path, offset, expected_seq, found_seq });
-                }
-                if let Some((_, next_file)) = next {
-                    let next_file = next_file.clone();
-                    return Err(WalError::CorruptNotLast { path, offset, expected_seq, next_file });
-                }
-                if let Some((next_at, next_seq)) = find_valid_frame(&data, at + 1, expected_seq) {
-                    let next_offset = next_at as u64;
-                    return Err(WalError::CorruptMiddle {
-                        path,
-                        offset,
-                        expected_seq,
-                        next_seq,
-                        next_offset,
-                    });
-                }
-                OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|f| f.set_len(offset).and_then(|()| f.sync_all()))
-                    .map_err(|source| WalError::Truncate { path: path.clone(), offset, source })?;
-                // Zero bytes after the last frame are space written ahead, not a lost frame.
-                let written = data.iter().rposition(|&b| b != 0).map_or(0, |i| i as u64 + 1);
-                replayed.dropped_tail_bytes = written.saturating_sub(offset);
-                bytes = offset;
-            }
-            let fresh = scan.records.into_iter().filter(|(seq, _)| *seq > after_seq);
-            replayed.records.extend(fresh.map(|(seq, range)| (seq, data[range].to_vec())));
-            prev_end = Some(scan.end);
-            let file = LogFile { path: path.clone(), last_seq: scan.end, bytes, allocated: bytes };
-            if next.is_some() { closed.push_back(file) } else { last = Some(file) }
-        }
+        let Found { replayed, mut closed, last, prev_end } = read_files(dir, after_seq, Repair::Truncate)?;
         let next_seq = after_seq.max(prev_end.unwrap_or(0)) + 1;
         // The last file takes further appends if it holds records and continues at `next_seq`.
         let current = match last {
@@ -630,6 +644,19 @@ impl Wal {
             expected_file_bytes: AtomicU64::new(0),
         };
         Ok((wal, replayed))
+    }
+
+    /// Reads the log as [`Wal::open`] would, changing nothing: the records a start would
+    /// replay and the torn tail it would drop, or the error that would stop it. Spare files
+    /// are ignored. For `vitrine verify`.
+    pub fn check(dir: &Path, after_seq: u64) -> Result<Replayed, WalError> {
+        if after_seq > MAX_SEQ {
+            return Err(WalError::CheckpointOutOfRange { dir: dir.to_path_buf(), after_seq });
+        }
+        if !dir.is_dir() {
+            return Ok(Replayed::default());
+        }
+        Ok(read_files(dir, after_seq, Repair::ReadOnly)?.replayed)
     }
 
     /// Appends one record; returns its seq once it is durable (fdatasync'd).
@@ -1204,7 +1231,12 @@ mod tests {
             let mut data = full.clone();
             data[i] ^= 0x40;
             fs::write(&path, &data).unwrap();
+            // `check` (vitrine verify) sees what a start would, and changes nothing.
+            let checked = Wal::check(tmp.path(), 0);
+            assert_eq!(fs::read(&path).unwrap(), data, "check wrote to the log");
             if i < ends[1] {
+                let err = checked.unwrap_err();
+                assert!(matches!(err, WalError::CorruptMiddle { expected_seq: 2, .. }), "flip at {i}: {err}");
                 let err = Wal::open(tmp.path(), 0).unwrap_err();
                 let WalError::CorruptMiddle { offset, expected_seq: 2, next_seq: 3, .. } = err else {
                     panic!("flip at {i}: {err}")
@@ -1212,6 +1244,9 @@ mod tests {
                 assert_eq!(offset, ends[0] as u64, "flip at {i}");
                 assert!(err.to_string().contains(&format!("byte {}", ends[0])), "{err}");
             } else {
+                let seen = checked.unwrap();
+                assert_eq!(seen.records, recs(&[(1, "alpha"), (2, "beta")]), "flip at {i}");
+                assert_eq!(seen.dropped_tail_bytes, (ends[2] - ends[1]) as u64);
                 let rep = open(tmp.path(), 0).1;
                 assert_eq!(rep.records, recs(&[(1, "alpha"), (2, "beta")]), "flip at {i}");
                 assert_eq!(rep.dropped_tail_bytes, (ends[2] - ends[1]) as u64);

@@ -781,7 +781,10 @@ fn migrate(
 ) -> Result<Manifest, WriterError> {
     tracing::info!(generation = legacy.generation, "migrating a format-1 data directory to format 2");
     for (sku, rec) in data.read_legacy_catalog(&legacy)? {
-        records.put(sku, Some(Record { image_sha256: Some(rec.image_sha256), attrs: rec.attrs }));
+        records.put(
+            sku,
+            Some(Record { image_sha256: Some(rec.image_sha256), attrs: rec.attrs, supplied: vec![] }),
+        );
     }
     records.flush()?;
     let generation = legacy.generation + 1;
@@ -1098,6 +1101,7 @@ impl State {
                             attrs: None,
                             image_sha256: None,
                             vectors: vec![(version.clone(), v)],
+                            from_image: true,
                         }),
                     )),
                     Err(why) => Ok((Outcome::Rejected(why), None)),
@@ -1121,10 +1125,19 @@ impl State {
                 let same_image = u.image_sha256.is_some()
                     && cur.as_ref().and_then(|r| r.image_sha256.as_ref()) == u.image_sha256.as_ref();
                 let new_image = u.image_sha256.is_some() && !same_image;
-                if new_image {
+                // The stored image sent again, where a version's vector was sent as a vector
+                // since: that version gets the image's embedding back.
+                let stale: Vec<&ModelVersion> = match &cur {
+                    Some(r) if same_image => {
+                        r.supplied.iter().filter(|v| self.versions.contains_key(*v)).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                if new_image || !stale.is_empty() {
                     let missing: Vec<ModelVersion> = self
                         .versions
                         .keys()
+                        .filter(|v| new_image || stale.contains(v))
                         .filter(|v| !vectors.iter().any(|(have, _)| have == *v))
                         .cloned()
                         .collect();
@@ -1132,7 +1145,9 @@ impl State {
                         return Ok((Outcome::NeedsEmbedding { missing }, None));
                     }
                 }
-                if !new_image && vectors.is_empty() || same_image {
+                if !stale.is_empty() {
+                    vectors.retain(|(v, _)| stale.contains(&v));
+                } else if !new_image && vectors.is_empty() || same_image {
                     // Attributes only (the image, if sent, is the stored one: nothing to embed).
                     if cur.is_none() {
                         return Ok((
@@ -1146,6 +1161,7 @@ impl State {
                     }
                     vectors.clear();
                 }
+                let from_image = u.image_sha256.is_some();
                 let record = Record {
                     image_sha256: if new_image {
                         u.image_sha256.clone()
@@ -1153,6 +1169,7 @@ impl State {
                         cur.as_ref().and_then(|r| r.image_sha256.clone())
                     },
                     attrs: u.attrs.clone().unwrap_or(cur_attrs),
+                    supplied: supplied_after(cur.as_ref(), new_image, &vectors, from_image),
                 };
                 let outcome = if cur.is_some() { Outcome::Updated } else { Outcome::Added };
                 pending.insert(u.sku.clone(), Some(record));
@@ -1161,6 +1178,7 @@ impl State {
                     attrs: u.attrs.clone().filter(|_| attrs_changed || cur.is_none()),
                     image_sha256: u.image_sha256.clone().filter(|_| new_image),
                     vectors,
+                    from_image,
                 };
                 Ok((outcome, Some(change)))
             }
@@ -1171,13 +1189,15 @@ impl State {
     fn apply(&mut self, change: &Change) -> Result<(), WriterError> {
         let records = &self.shared.records;
         match change {
-            Change::Upsert { sku, attrs, image_sha256, vectors } => {
+            Change::Upsert { sku, attrs, image_sha256, vectors, from_image } => {
                 let cur = records.get(sku.as_str())?;
+                let supplied = supplied_after(cur.as_ref(), image_sha256.is_some(), vectors, *from_image);
                 let record = Record {
                     image_sha256: image_sha256
                         .clone()
                         .or_else(|| cur.as_ref().and_then(|r| r.image_sha256.clone())),
                     attrs: attrs.clone().or_else(|| cur.map(|r| r.attrs)).unwrap_or_default(),
+                    supplied,
                 };
                 let doc = self.shared.attrs.write().upsert(sku.as_str(), &record.attrs);
                 for (v, values) in vectors {
@@ -1920,6 +1940,28 @@ fn merge_segments(
         extended = keep.len(), secs = stats.build_secs, "merged segments"
     );
     Ok(Some(BuiltFile { id: job.id, sources: mapping, stats }))
+}
+
+/// The versions whose vector was sent as a vector after an upsert: a new image is embedded for
+/// every version (none are); vectors from the image leave the list, vectors sent join it.
+fn supplied_after(
+    cur: Option<&Record>,
+    new_image: bool,
+    vectors: &[(ModelVersion, Vec<f32>)],
+    from_image: bool,
+) -> Vec<ModelVersion> {
+    let mut supplied = match cur {
+        Some(r) if !new_image => r.supplied.clone(),
+        _ => Vec::new(),
+    };
+    for (v, _) in vectors {
+        if from_image || new_image {
+            supplied.retain(|s| s != v);
+        } else if !supplied.contains(v) {
+            supplied.push(v.clone());
+        }
+    }
+    supplied
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ pub struct CatalogRow {
 pub enum RejectReason {
     Malformed(String),
     BadSku(IdError),
-    BadAttr { key: String, why: &'static str },
+    BadAttr { key: String, why: String },
     DuplicateSku { first_line: usize },
     UnreadableImage { path: PathBuf, error: String },
     UndecodableImage { path: PathBuf, error: String },
@@ -423,6 +423,10 @@ fn skip_line(reader: &mut impl BufRead) -> std::io::Result<u64> {
 }
 
 fn parse_json_line(line_no: usize, text: &str) -> RawRow {
+    if !text.trim_start().starts_with('{') {
+        let why = "a JSONL row must be a JSON object, like {\"sku\": \"A-1\", \"image\": \"a1.jpg\"}";
+        return Err((line_no, None, RejectReason::Malformed(why.into())));
+    }
     let row: JsonRow =
         serde_json::from_str(text).map_err(|e| (line_no, None, RejectReason::Malformed(json_error(&e))))?;
     let sku = match row.sku {
@@ -439,31 +443,20 @@ fn parse_json_line(line_no: usize, text: &str) -> RawRow {
     }
 }
 
-/// Checks attribute names and values: strings, numbers, booleans, or arrays of those.
+/// Checks attribute names and values under the rules every write path shares
+/// ([`crate::index::attrs`]).
 fn checked_attrs(map: serde_json::Map<String, serde_json::Value>) -> Result<Attrs, RejectReason> {
-    use serde_json::Value;
-    let scalar = |v: &Value| matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_));
-    let mut attrs = Attrs::new();
-    for (key, value) in map {
-        if key.is_empty() {
-            return Err(RejectReason::BadAttr { key, why: "empty attribute name" });
-        }
-        let why = match &value {
-            Value::Array(items) if !items.iter().all(scalar) => {
-                "array elements must be strings, numbers or booleans (no null, object or nested array)"
-            }
-            Value::Null => "null is not allowed (leave the attribute out instead)",
-            Value::Object(_) => {
-                "nested objects are not allowed; values must be strings, numbers, booleans or arrays of those"
-            }
-            _ => {
-                attrs.insert(key, value);
-                continue;
-            }
-        };
-        return Err(RejectReason::BadAttr { key, why });
-    }
+    let attrs: Attrs = map.into_iter().collect();
+    attrs_ok(&attrs)?;
     Ok(attrs)
+}
+
+fn attrs_ok(attrs: &Attrs) -> Result<(), RejectReason> {
+    use crate::index::attrs::{AttrError, check};
+    check(attrs).map_err(|e| match e {
+        AttrError::Bad { key, why } => RejectReason::BadAttr { key, why },
+        too_large @ AttrError::TooLarge { .. } => RejectReason::Malformed(too_large.to_string()),
+    })
 }
 
 /// serde_json's message without its "at line 1" (the row is one line), with the column.
@@ -607,6 +600,17 @@ impl CsvSource {
         let image_col =
             col("image").ok_or_else(|| bad_header("the CSV header has no `image` column".into()))?;
         let attrs_col = col("attrs");
+        // Two columns of one name would silently keep one value of the two.
+        for (i, name) in headers.iter().enumerate() {
+            let name = name.trim();
+            if let Some(j) = headers.iter().take(i).position(|h| !name.is_empty() && h.trim() == name) {
+                return Err(bad_header(format!(
+                    "the CSV header names column {name:?} twice (columns {} and {})",
+                    j + 1,
+                    i + 1
+                )));
+            }
+        }
         Ok(Self { lines, headers, sku_col, image_col, attrs_col })
     }
 
@@ -677,30 +681,67 @@ impl CsvSource {
                 .and_then(checked_attrs)
                 .map_err(|reason| (line_no, Some(rec[self.sku_col].trim().to_string()), reason))?,
         };
+        let sku = || Some(rec[self.sku_col].trim().to_string());
         for (i, value) in rec.iter().enumerate() {
             if i != self.sku_col && i != self.image_col && Some(i) != self.attrs_col && !value.is_empty() {
-                attrs.insert(self.headers[i].trim().to_string(), csv_cell(value));
+                let name = self.headers[i].trim();
+                let why = if name.is_empty() {
+                    format!("column {} has a value but no name in the header", i + 1)
+                } else if attrs.contains_key(name) {
+                    format!("attribute {name:?} is given both as a column and in the attrs column")
+                } else {
+                    attrs.insert(name.to_string(), csv_cell(value));
+                    continue;
+                };
+                return Err((line_no, sku(), RejectReason::Malformed(why)));
             }
         }
+        attrs_ok(&attrs).map_err(|reason| (line_no, sku(), reason))?;
         Ok((line_no, rec[self.sku_col].trim().to_string(), rec[self.image_col].trim().to_string(), attrs))
     }
 }
 
 /// The attribute value of a CSV cell: a number when the cell is, as written, a JSON number
-/// that a number holds without loss (an integer within 64 bits, or a decimal whose `f64` is
-/// finite), else the cell as a string. Leading zeros, signs other than `-`, whitespace and
-/// units keep a cell a string, so codes like `0042` stay as written.
+/// that a 64-bit float holds exactly (its shortest printed form is the same decimal: `12`,
+/// `-3.5`, `2e3`, `0.1`; integers up to 2^53, see [`crate::index::attrs`]), else the cell as a
+/// string (`9007199254740993` or `19.999999999999999999` would change value). Leading zeros,
+/// signs other than `-`, whitespace and units keep a cell a string, so codes like `0042` stay
+/// as written.
 fn csv_cell(cell: &str) -> serde_json::Value {
+    use crate::index::attrs::MAX_EXACT_INTEGER;
     let plain = cell.starts_with(|c: char| c == '-' || c.is_ascii_digit())
         && cell.ends_with(|c: char| c.is_ascii_digit());
-    if plain && let Ok(n) = serde_json::from_str::<serde_json::Number>(cell) {
-        let integer = !cell.contains(['.', 'e', 'E']);
-        let exact = if integer { n.is_i64() || n.is_u64() } else { n.as_f64().is_some_and(f64::is_finite) };
-        if exact {
-            return serde_json::Value::Number(n);
-        }
+    if plain
+        && let Ok(n) = serde_json::from_str::<serde_json::Number>(cell)
+        && let Some(x) = n.as_f64().filter(|x| x.is_finite())
+        && x.abs() <= MAX_EXACT_INTEGER as f64
+        && decimal(cell).is_some_and(|d| decimal(&x.to_string()) == Some(d))
+    {
+        return serde_json::Value::Number(n);
     }
     serde_json::Value::String(cell.to_string())
+}
+
+/// A decimal number's exact value as (negative, significant digits, power of ten): `-3.50`
+/// and `-35e-1` give the same. `None` if `s` is not one.
+fn decimal(s: &str) -> Option<(bool, String, i64)> {
+    let (neg, s) = s.strip_prefix('-').map_or((false, s), |rest| (true, rest));
+    let (mantissa, exp) = match s.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.parse::<i64>().ok()?),
+        None => (s, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    if int.is_empty() || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits = format!("{int}{frac}");
+    let digits = digits.trim_start_matches('0');
+    let kept = digits.trim_end_matches('0');
+    if kept.is_empty() {
+        return Some((false, String::new(), 0));
+    }
+    let exp = exp.checked_sub(frac.len() as i64)?.checked_add((digits.len() - kept.len()) as i64)?;
+    Some((neg, kept.to_string(), exp))
 }
 
 /// Joins the physical lines of the next record: one line, or more while a quoted cell is
@@ -852,7 +893,7 @@ mod tests {
             .rejected
             .iter()
             .map(|r| match &r.reason {
-                RejectReason::BadAttr { why, .. } => *why,
+                RejectReason::BadAttr { why, .. } => why.as_str(),
                 other => panic!("{other:?}"),
             })
             .collect();
@@ -877,6 +918,40 @@ mod tests {
     }
 
     #[test]
+    fn csv_columns_without_a_name_or_twice_named_are_refused() {
+        // A nameless column is harmless while empty (a spreadsheet's trailing commas); a value
+        // in it rejects its row, naming the column.
+        let p = parse_text("cat.csv", "sku,image,,title\nA,a.png,,Mug\nB,b.png,x,Tea\n");
+        assert_eq!(p.rows.len(), 1);
+        assert_eq!((p.rejected[0].line, p.rejected[0].sku.as_deref()), (3, Some("B")));
+        assert!(
+            p.rejected[0].reason.to_string().contains("column 3 has a value but no name"),
+            "{:?}",
+            p.rejected
+        );
+        let p = parse_text("cat.csv", "sku,image,price,attrs\nA,a.png,5,\"{\"\"price\"\": 9}\"\n");
+        assert!(
+            p.rejected[0].reason.to_string().contains("both as a column and in the attrs"),
+            "{:?}",
+            p.rejected
+        );
+        for header in ["sku,image,title,title", "sku,image,sku", "sku,image, title ,title"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("cat.csv");
+            std::fs::write(&path, format!("{header}\nA,a.png,x,y\n")).unwrap();
+            let e = parse_catalog(&path, None).unwrap_err().to_string();
+            assert!(e.contains("twice (columns"), "{header}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_jsonl_row_must_be_an_object() {
+        let p = parse_text("cat.jsonl", "[\"A\", \"a.png\"]\n{\"sku\": \"B\", \"image\": \"b.png\"}\n");
+        assert_eq!(p.rows.len(), 1);
+        assert!(p.rejected[0].reason.to_string().contains("must be a JSON object"), "{:?}", p.rejected);
+    }
+
+    #[test]
     fn csv_numbers_become_numbers_and_codes_stay_strings() {
         use serde_json::json;
         for (cell, want) in [
@@ -885,8 +960,10 @@ mod tests {
             ("3.50", json!(3.5)),
             ("2e3", json!(2000.0)),
             ("0", json!(0)),
-            ("18446744073709551615", json!(18446744073709551615u64)),
-            ("-9223372036854775808", json!(-9223372036854775808i64)),
+            ("9007199254740992", json!(9007199254740992u64)),
+            ("-9007199254740992", json!(-9007199254740992i64)),
+            ("0.1", json!(0.1)),
+            ("1e-7", json!(1e-7)),
         ] {
             assert_eq!(csv_cell(cell), want, "{cell}");
         }
@@ -906,6 +983,12 @@ mod tests {
             "1_000",
             "18446744073709551616",
             "99999999999999999999999",
+            // Numbers a 64-bit float would change: kept as written.
+            "18446744073709551615",
+            "-9223372036854775808",
+            "9007199254740993",
+            "19.999999999999999999",
+            "0.30000000000000000001",
         ] {
             assert_eq!(csv_cell(cell), json!(cell), "{cell}");
         }

@@ -32,7 +32,8 @@ fn to_value(v: &serde_json::Value) -> Value {
 }
 
 /// A request's attributes as stored: top-level values must be strings, finite numbers, bools,
-/// or lists of those; the error names the offending key.
+/// or lists of those, within the limits of [`crate::index::attrs`]; the error names the
+/// offending key.
 pub fn from_struct(s: &Struct) -> Result<Attrs, String> {
     let mut out = Attrs::new();
     for (key, v) in &s.fields {
@@ -58,6 +59,7 @@ pub fn from_struct(s: &Struct) -> Result<Attrs, String> {
         };
         out.insert(key.clone(), value);
     }
+    crate::index::attrs::check(&out).map_err(|e| e.to_string())?;
     Ok(out)
 }
 
@@ -73,6 +75,9 @@ fn scalar(v: &Value) -> Option<serde_json::Value> {
 /// A JSON object (from the CLI's `--attrs`) as a `Struct`, checked like [`from_struct`].
 pub fn json_to_struct(v: &serde_json::Value) -> Result<Struct, String> {
     let serde_json::Value::Object(o) = v else { return Err("attributes must be a JSON object".into()) };
+    // Checked as written too: the wire's doubles would round an integer beyond 2^53 silently.
+    let as_written: Attrs = o.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    crate::index::attrs::check(&as_written).map_err(|e| e.to_string())?;
     let s = Struct { fields: o.iter().map(|(k, v)| (k.clone(), to_value(v))).collect() };
     from_struct(&s)?;
     Ok(s)

@@ -204,15 +204,65 @@ fn a_damaged_record_is_reported_and_writes_are_refused() {
     assert!(!ok && stderr.contains("SKU-0003"), "{stderr}");
 }
 
+#[test]
+fn verify_reads_the_log_as_a_start_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(None);
+    build(dir.path(), spec.clone());
+    let dim = spec.dim;
+    let rows = rows(dim);
+    // Three frames in the log after the checkpoint, closed without another.
+    let w = IndexWriter::open(dir.path(), config(spec.clone())).unwrap();
+    for i in 0..3 {
+        w.write_blocking(vec![upsert(i, &rows[(i + 1) * dim..(i + 2) * dim])]).unwrap();
+    }
+    // Held by a writer: verify names it instead of failing on the open record store.
+    let (ok, stderr) = verify(dir.path());
+    assert!(!ok && stderr.contains("is held by") && stderr.contains("integrity test"), "{stderr}");
+    w.close();
+    let (ok, stdout, _) = verify_all(dir.path());
+    assert!(ok && stdout.contains("3 log records after checkpoint"), "{stdout}");
+    let log = std::fs::read_dir(dir.path().join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .max()
+        .unwrap();
+    let good = std::fs::read(&log).unwrap();
+    let frames: Vec<usize> =
+        good.windows(4).enumerate().filter(|(_, w)| *w == b"VWAL").map(|(i, _)| i).collect();
+    assert!(frames.len() >= 3, "{frames:?}");
+    // A damaged frame with a valid one after it stops a start: verify fails and says so.
+    let mut bad = good.clone();
+    bad[frames[frames.len() - 2] + 30] ^= 0x40;
+    std::fs::write(&log, &bad).unwrap();
+    let (ok, stderr) = verify(dir.path());
+    assert!(!ok && stderr.contains("corrupt") && stderr.contains("would not start"), "{stderr}");
+    assert_eq!(std::fs::read(&log).unwrap(), bad, "verify changed the log");
+    // A torn last frame is what a crash leaves: verify passes and says a start drops it.
+    let mut torn = good.clone();
+    torn[frames[frames.len() - 1] + 30] ^= 0x40;
+    std::fs::write(&log, &torn).unwrap();
+    let (ok, stdout, _) = verify_all(dir.path());
+    assert!(ok && stdout.contains("2 log records") && stdout.contains("torn write"), "{stdout}");
+}
+
 /// Runs `vitrine verify` on `dir`: (passed, stderr).
 fn verify(dir: &Path) -> (bool, String) {
+    let (ok, _, stderr) = verify_all(dir);
+    (ok, stderr)
+}
+
+/// Runs `vitrine verify` on `dir`: (passed, stdout, stderr).
+fn verify_all(dir: &Path) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_vitrine"))
         .arg("verify")
         .arg("--data-dir")
         .arg(dir)
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.success(), text(&out.stdout), text(&out.stderr))
 }
 
 async fn health(c: &Channel, service: &str) -> i32 {

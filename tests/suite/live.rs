@@ -523,6 +523,56 @@ fn a_format_1_directory_is_migrated_on_first_open() {
 /// backfill fills it without overwriting newer writes, serving switches in one commit, and the
 /// old version can be dropped.
 #[test]
+fn the_stored_image_sent_again_replaces_a_vector_sent_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = data().rows(0, 2);
+    let (from_image, sent) = (rows[..DIM].to_vec(), rows[DIM..].to_vec());
+    let image = |vectors: Vec<(ModelVersion, Vec<f32>)>| {
+        WriteOp::Upsert(Upsert { sku: sku(1), attrs: None, image_sha256: Some("img1".into()), vectors })
+    };
+    let held = |w: &IndexWriter| w.live().version(&version()).unwrap().vector_of(sku(1).as_str()).unwrap();
+    let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+    {
+        let w = IndexWriter::open(dir.path(), config(10_000)).unwrap();
+        assert_eq!(
+            w.write_blocking(vec![image(vec![(version(), from_image.clone())])]).unwrap(),
+            [Outcome::Added]
+        );
+        // The same image again: nothing to embed.
+        assert_eq!(w.write_blocking(vec![image(vec![])]).unwrap(), [Outcome::Unchanged]);
+        // A vector sent for the SKU replaces the image's embedding...
+        let out = w.write_blocking(vec![upsert(1, &sent, Attrs::new())]).unwrap();
+        assert_eq!(out, [Outcome::Updated]);
+        assert!(close(&held(&w), &sent));
+        w.close();
+    }
+    // ...and, across a restart (the log's record says the vector was sent), the stored image
+    // sent again asks to be embedded and then replaces the sent vector.
+    let w = IndexWriter::open(dir.path(), config(10_000)).unwrap();
+    assert_eq!(
+        w.write_blocking(vec![image(vec![])]).unwrap(),
+        [Outcome::NeedsEmbedding { missing: vec![version()] }]
+    );
+    assert_eq!(
+        w.write_blocking(vec![image(vec![(version(), from_image.clone())])]).unwrap(),
+        [Outcome::Updated]
+    );
+    assert!(close(&held(&w), &from_image));
+    assert_eq!(w.write_blocking(vec![image(vec![])]).unwrap(), [Outcome::Unchanged]);
+    assert!(w.record(sku(1).as_str()).unwrap().unwrap().supplied.is_empty());
+    // After a checkpoint the record store keeps it too.
+    w.write_blocking(vec![upsert(1, &sent, Attrs::new())]).unwrap();
+    w.checkpoint_blocking().unwrap();
+    w.close();
+    let w = IndexWriter::open(dir.path(), config(10_000)).unwrap();
+    assert_eq!(w.open_report().replayed, 0);
+    assert_eq!(
+        w.write_blocking(vec![image(vec![])]).unwrap(),
+        [Outcome::NeedsEmbedding { missing: vec![version()] }]
+    );
+}
+
+#[test]
 fn versions_are_added_backfilled_switched_and_dropped() {
     use vitrine::index::writer::AdminOp;
     let dir = tempfile::tempdir().unwrap();
