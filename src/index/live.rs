@@ -6,9 +6,10 @@
 //! Search fans out over every segment of one version (each segment a task on the calling rayon
 //! pool, so a search that finds an idle core shares its segments with it), merges the hits,
 //! drops duplicates and deleted items, and applies an attribute filter. The filter planner
-//! counts the matching items with the attribute index first: a selective filter is answered
-//! by an exact scan over the matches (so its recall is 1), a broad one by a filtered HNSW walk
-//! with a wider beam.
+//! finds the matching documents with the attribute index first, then plans each sealed
+//! segment by how many of its own items match: none (skipped), few (an exact scan over them,
+//! so their recall is 1), or many (a filtered HNSW walk with a beam widened by the inverse of
+//! the segment's match share).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::{Arc, OnceLock};
@@ -23,7 +24,8 @@ use super::{IndexError, ScoredSku};
 use crate::ids::{ModelVersion, SegmentId, SkuId};
 use crate::segment::{DEFAULT_EF_SEARCH, Segment, normalise_into};
 
-/// A filter matching at most this share of the live items is answered by an exact scan.
+/// A filter matching at most this share of a segment's items is answered there by an exact
+/// scan.
 pub const EXACT_FILTER_FRACTION: f64 = 0.10;
 /// ... and so is one matching at most this many items, whatever the share.
 pub const EXACT_FILTER_ITEMS: u64 = 4096;
@@ -38,8 +40,9 @@ pub struct SealedSegment {
     pub deleted: DeleteSet,
     /// The `ef` of a query that leaves it at 0 (calibrated when the segment was written).
     pub default_ef: usize,
-    /// The attribute-index document of each position (built on the first filtered search).
-    docs: OnceLock<Vec<DocId>>,
+    /// The attribute-index document of each position, and the set of them (built on the first
+    /// filtered search).
+    docs: OnceLock<(Vec<DocId>, roaring::RoaringBitmap)>,
 }
 
 impl SealedSegment {
@@ -73,12 +76,18 @@ impl SealedSegment {
         self.segment.find_sku(sku).filter(|&p| !self.deleted.contains(p))
     }
 
-    fn docs(&self, attrs: &RwLock<AttrIndex>) -> &[DocId] {
+    fn docs(&self, attrs: &RwLock<AttrIndex>) -> &(Vec<DocId>, roaring::RoaringBitmap) {
         self.docs.get_or_init(|| {
             let index = attrs.read();
-            (0..self.segment.len() as u32)
+            let docs: Vec<DocId> = (0..self.segment.len() as u32)
                 .map(|p| index.doc(self.segment.sku(p)).unwrap_or(DocId::MAX))
-                .collect()
+                .collect();
+            drop(index);
+            let mut sorted: Vec<DocId> = docs.iter().copied().filter(|&d| d != DocId::MAX).collect();
+            sorted.sort_unstable();
+            sorted.dedup();
+            let set = roaring::RoaringBitmap::from_sorted_iter(sorted).expect("sorted and deduplicated");
+            (docs, set)
         })
     }
 }
@@ -103,11 +112,34 @@ struct SegmentPlan<'a> {
     k: usize,
     /// The query's `ef` (0: each sealed segment's default).
     ef: usize,
-    /// Scan the filter's matches exactly instead of walking the graph.
-    exact: bool,
-    /// The beam's widening for a filter (1: none).
-    widen: f64,
+    /// The filter's matching documents (planned per sealed segment: [`segment_plan`]).
+    matches: Option<&'a roaring::RoaringBitmap>,
     mask: Option<&'a DocMask>,
+}
+
+/// How a filtered search runs on one sealed segment, from how many of its items match: not
+/// at all (none do), by an exact scan over the matches (few do, or a small share), or by a
+/// walk whose beam is widened by the inverse of the share that matches. Planning per segment
+/// matters when the matches cluster in some segments (recent items, one merchant's upload):
+/// a global share would walk the others with too narrow a beam for their few matches.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Walk {
+    Skip,
+    Exact,
+    Widened(f64),
+}
+
+/// See [`Walk`]: `matching` of the segment's `items` match the filter.
+fn segment_plan(matching: u64, items: u64) -> Walk {
+    if matching == 0 {
+        return Walk::Skip;
+    }
+    let share = matching as f64 / items.max(1) as f64;
+    if share <= EXACT_FILTER_FRACTION || matching <= EXACT_FILTER_ITEMS {
+        Walk::Exact
+    } else {
+        Walk::Widened(1.0 / share)
+    }
 }
 
 /// One segment's hits: (score, segment order, sku), newer segments having higher order.
@@ -239,34 +271,31 @@ impl VersionLive {
         let mut query = Vec::with_capacity(self.dim);
         normalise_into(q.vector, &mut query).map_err(IndexError::BadQuery)?;
         let k_inner = q.k + usize::from(q.exclude.is_some());
-        // A filter widens the beam by this factor (1: none).
-        let mut widen = 1.0f64;
 
-        // Filter planning: count the matches, then scan them exactly or widen the beam.
-        let mut exact = false;
-        let mask = match q.filter.filter(|f| !f.conditions.is_empty()) {
+        // Filter planning: the matching documents, from the attribute index; each sealed
+        // segment then counts its own ([`segment_plan`]).
+        let matches = match q.filter.filter(|f| !f.conditions.is_empty()) {
             None => None,
             Some(f) => {
-                let index = attrs.read();
-                let matches = index.matching(f);
-                let (hits, live) = (matches.len(), index.len().max(1));
-                drop(index);
-                if hits == 0 {
+                let matches = attrs.read().matching(f);
+                if matches.is_empty() {
                     return Ok(Vec::new());
                 }
-                let share = hits as f64 / live as f64;
-                exact = share <= EXACT_FILTER_FRACTION || hits <= EXACT_FILTER_ITEMS;
-                if !exact {
-                    widen = 1.0 / share;
-                }
-                Some(DocMask::new(&matches))
+                Some(matches)
             }
         };
+        let mask = matches.as_ref().map(DocMask::new);
 
         // Each segment is one task on the calling pool: a search that finds an idle core
         // splits its segments with it (most useful while writes leave several small segments
         // waiting for a merge), and one that finds every core busy runs them in turn.
-        let plan = SegmentPlan { query: &query, k: k_inner, ef: q.ef, exact, widen, mask: mask.as_ref() };
+        let plan = SegmentPlan {
+            query: &query,
+            k: k_inner,
+            ef: q.ef,
+            matches: matches.as_ref(),
+            mask: mask.as_ref(),
+        };
         let base = self.sealed.len();
         let per_part = (0..base + self.frozen.len() + 1)
             .into_par_iter()
@@ -299,23 +328,29 @@ impl VersionLive {
         attrs: &RwLock<AttrIndex>,
     ) -> Result<PartHits, IndexError> {
         let s = &self.sealed[order];
-        let docs = plan.mask.map(|_| s.docs(attrs));
+        let docs = plan.matches.map(|_| s.docs(attrs));
+        let walk = match (plan.matches, docs) {
+            (Some(m), Some((_, set))) => segment_plan(m.intersection_len(set), s.segment.len() as u64),
+            _ => Walk::Widened(1.0),
+        };
         let deleted = s.deleted.count() > 0;
         let keep = |pos: u32| {
             !(deleted && s.deleted.contains(pos))
                 && match (plan.mask, docs) {
-                    (Some(m), Some(d)) => d.get(pos as usize).is_some_and(|&doc| m.contains(doc)),
+                    (Some(m), Some((d, _))) => d.get(pos as usize).is_some_and(|&doc| m.contains(doc)),
                     _ => true,
                 }
         };
         let filter: Option<&dyn Fn(u32) -> bool> =
             if deleted || plan.mask.is_some() { Some(&keep) } else { None };
-        let hits = if plan.exact {
-            s.segment.brute_force(plan.query, plan.k, filter)?
-        } else {
-            let ef = if plan.ef == 0 { s.default_ef } else { plan.ef }.max(plan.k);
-            let ef = ((ef as f64 * plan.widen).ceil() as usize).clamp(ef, MAX_FILTERED_EF.max(ef));
-            s.segment.search(plan.query, plan.k, ef, filter)?
+        let hits = match walk {
+            Walk::Skip => return Ok(Vec::new()),
+            Walk::Exact => s.segment.brute_force(plan.query, plan.k, filter)?,
+            Walk::Widened(widen) => {
+                let ef = if plan.ef == 0 { s.default_ef } else { plan.ef }.max(plan.k);
+                let ef = ((ef as f64 * widen).ceil() as usize).clamp(ef, MAX_FILTERED_EF.max(ef));
+                s.segment.search(plan.query, plan.k, ef, filter)?
+            }
         };
         hits.into_iter()
             .map(|h| {
@@ -327,5 +362,19 @@ impl VersionLive {
                 Ok((h.score, order, sku))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_segment_is_planned_by_its_own_matches() {
+        assert_eq!(segment_plan(0, 100_000), Walk::Skip);
+        assert_eq!(segment_plan(EXACT_FILTER_ITEMS, 10_000), Walk::Exact, "few matches: scanned");
+        assert_eq!(segment_plan(9_000, 100_000), Walk::Exact, "a small share: scanned");
+        assert_eq!(segment_plan(50_000, 100_000), Walk::Widened(2.0));
+        assert_eq!(segment_plan(5, 0), Walk::Exact);
     }
 }

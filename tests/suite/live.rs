@@ -415,9 +415,11 @@ fn filtered_search_keeps_its_recall_at_every_selectivity() {
     let mut cfg = config(5_000);
     cfg.merge.max_segments = 8;
     let w = IndexWriter::open(dir.path(), cfg).unwrap();
-    // half: 50%; twentieth: 5%; rare: 0.1%; price: a number.
+    // half: 50%; twentieth: 5%; rare: 0.1%; price: a number; late: the last quarter written
+    // (25%, all in the newest segments: planned per segment, the others are skipped).
     let attrs_of = |i: usize| {
         attrs(&[
+            ("late", (i >= n / 4 * 3).into()),
             ("half", (if i.is_multiple_of(2) { "yes" } else { "no" }).into()),
             ("twentieth", (if i % 20 == 3 { "in" } else { "out" }).into()),
             ("rare", (i % 1000 == 7).into()),
@@ -437,6 +439,8 @@ fn filtered_search_keeps_its_recall_at_every_selectivity() {
         (vec!["twentieth=in"], 0.05),
         (vec!["rare=true"], 0.001),
         (vec!["half!=yes", "price<50"], 0.25),
+        (vec!["late=true"], 0.25),
+        (vec!["late=true", "half=yes"], 0.125),
     ] {
         let filter = Filter::parse(&exprs).unwrap();
         let mut found = 0usize;
