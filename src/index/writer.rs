@@ -1943,13 +1943,18 @@ fn merge_segments(
 }
 
 /// The versions whose vector was sent as a vector after an upsert: a new image is embedded for
-/// every version (none are); vectors from the image leave the list, vectors sent join it.
+/// every version (none are); vectors from the image leave the list, vectors sent join it. A
+/// SKU without an image keeps none (there is nothing to embed again; and a catalogue of
+/// vectors only, the common bulk case, pays nothing for it).
 fn supplied_after(
     cur: Option<&Record>,
     new_image: bool,
     vectors: &[(ModelVersion, Vec<f32>)],
     from_image: bool,
 ) -> Vec<ModelVersion> {
+    if !new_image && cur.is_none_or(|r| r.image_sha256.is_none()) {
+        return Vec::new();
+    }
     let mut supplied = match cur {
         Some(r) if !new_image => r.supplied.clone(),
         _ => Vec::new(),
