@@ -319,10 +319,7 @@ pub fn parse_condition(expr: &str) -> Result<Condition, FilterError> {
                     suggestion: clip(&format!("{text}{flipped}{key}")),
                 });
             }
-            if text.is_empty() {
-                return Err(FilterError::MissingNumber { expr: clip(expr), op: op.to_owned() });
-            }
-            let bound = Some(parse_number(expr, text)?);
+            let bound = Some(parse_number(expr, text, op)?);
             let inclusive = op.ends_with('=');
             let test = if op.starts_with('<') {
                 Test::Range { min: None, min_inclusive: false, max: bound, max_inclusive: inclusive }
@@ -332,14 +329,9 @@ pub fn parse_condition(expr: &str) -> Result<Condition, FilterError> {
             Condition { key, negate: false, test }
         }
         [lo @ ("<" | "<="), hi @ ("<" | "<=")] => {
-            for (text, op) in [(texts[0], lo), (texts[2], hi)] {
-                if text.trim().is_empty() {
-                    return Err(FilterError::MissingNumber { expr: clip(expr), op: op.to_owned() });
-                }
-            }
-            let min = Some(parse_number(expr, texts[0])?);
+            let min = Some(parse_number(expr, texts[0], lo)?);
             let key = parse_key(expr, texts[1])?;
-            let max = Some(parse_number(expr, texts[2])?);
+            let max = Some(parse_number(expr, texts[2], hi)?);
             let test = Test::Range { min, min_inclusive: lo == "<=", max, max_inclusive: hi == "<=" };
             Condition { key, negate: false, test }
         }
@@ -413,10 +405,11 @@ fn parse_key(expr: &str, text: &str) -> Result<String, FilterError> {
     Ok(key.to_owned())
 }
 
-fn parse_number(expr: &str, text: &str) -> Result<f64, FilterError> {
+/// The number beside range operator `op`.
+fn parse_number(expr: &str, text: &str, op: &str) -> Result<f64, FilterError> {
     let text = text.trim();
     if text.is_empty() {
-        return Err(FilterError::EmptyValue { expr: clip(expr) });
+        return Err(FilterError::MissingNumber { expr: clip(expr), op: op.to_owned() });
     }
     match text.parse::<f64>() {
         Ok(x) if !x.is_nan() => Ok(x),

@@ -138,10 +138,7 @@ impl DataDir {
         let lock_path = root.join("LOCK");
         let lock = File::open(&lock_path).ok()?;
         match lock.try_lock() {
-            Err(fs::TryLockError::WouldBlock) => {
-                let holder = fs::read_to_string(&lock_path).unwrap_or_default().trim().to_string();
-                Some(if holder.is_empty() { "unknown process".to_string() } else { holder })
-            }
+            Err(fs::TryLockError::WouldBlock) => Some(holder_of(&lock_path)),
             _ => None,
         }
     }
@@ -165,9 +162,7 @@ impl DataDir {
         match lock.try_lock() {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
-                let holder = fs::read_to_string(&lock_path).unwrap_or_default().trim().to_string();
-                let holder = if holder.is_empty() { "unknown process".to_string() } else { holder };
-                return Err(StoreError::Locked { path: root.to_path_buf(), holder });
+                return Err(StoreError::Locked { path: root.to_path_buf(), holder: holder_of(&lock_path) });
             }
             Err(fs::TryLockError::Error(e)) => return Err(io_err("cannot lock", &lock_path)(e)),
         }
@@ -329,6 +324,12 @@ impl DataDir {
             Err(e) => Err(io_err("cannot remove", path)(e)),
         }
     }
+}
+
+/// Who the text of a held LOCK file says holds it (the flock, not this text, is the lock).
+fn holder_of(lock_path: &Path) -> String {
+    let holder = fs::read_to_string(lock_path).unwrap_or_default().trim().to_string();
+    if holder.is_empty() { "unknown process".to_string() } else { holder }
 }
 
 #[cfg(test)]

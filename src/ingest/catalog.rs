@@ -674,14 +674,17 @@ impl CsvSource {
 
     fn raw_row(&self, line_no: usize, rec: &csv::StringRecord) -> RawRow {
         // An `attrs` column holds a JSON object, as in JSONL; other columns are numbers or strings.
-        let mut attrs = match self.attrs_col.map(|i| &rec[i]).filter(|v| !v.trim().is_empty()) {
+        let sku = || Some(rec[self.sku_col].trim().to_string());
+        // Checked once, with the columns, below.
+        let mut attrs: Attrs = match self.attrs_col.map(|i| &rec[i]).filter(|v| !v.trim().is_empty()) {
             None => Attrs::new(),
             Some(cell) => serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(cell)
-                .map_err(|e| RejectReason::Malformed(format!("attrs column: {}", json_error(&e))))
-                .and_then(checked_attrs)
-                .map_err(|reason| (line_no, Some(rec[self.sku_col].trim().to_string()), reason))?,
+                .map_err(|e| {
+                    (line_no, sku(), RejectReason::Malformed(format!("attrs column: {}", json_error(&e))))
+                })?
+                .into_iter()
+                .collect(),
         };
-        let sku = || Some(rec[self.sku_col].trim().to_string());
         for (i, value) in rec.iter().enumerate() {
             if i != self.sku_col && i != self.image_col && Some(i) != self.attrs_col && !value.is_empty() {
                 let name = self.headers[i].trim();

@@ -72,15 +72,14 @@ fn scalar(v: &Value) -> Option<serde_json::Value> {
     }
 }
 
-/// A JSON object (from the CLI's `--attrs`) as a `Struct`, checked like [`from_struct`].
+/// A JSON object (from the CLI's `--attrs`) as a `Struct`, checked under the same rules as
+/// [`from_struct`] ([`crate::index::attrs`]), as written: the wire's doubles would round an
+/// integer beyond 2^53 silently.
 pub fn json_to_struct(v: &serde_json::Value) -> Result<Struct, String> {
     let serde_json::Value::Object(o) = v else { return Err("attributes must be a JSON object".into()) };
-    // Checked as written too: the wire's doubles would round an integer beyond 2^53 silently.
     let as_written: Attrs = o.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     crate::index::attrs::check(&as_written).map_err(|e| e.to_string())?;
-    let s = Struct { fields: o.iter().map(|(k, v)| (k.clone(), to_value(v))).collect() };
-    from_struct(&s)?;
-    Ok(s)
+    Ok(Struct { fields: o.iter().map(|(k, v)| (k.clone(), to_value(v))).collect() })
 }
 
 /// A `Struct` back as a JSON object (for the CLI); an absent one is an empty object.
