@@ -706,10 +706,10 @@ impl CsvSource {
 
 /// The attribute value of a CSV cell: a number when the cell is, as written, a JSON number
 /// that a 64-bit float holds exactly (its shortest printed form is the same decimal: `12`,
-/// `-3.5`, `2e3`, `0.1`; integers up to 2^53, see [`crate::index::attrs`]), else the cell as a
-/// string (`9007199254740993` or `19.999999999999999999` would change value). Leading zeros,
-/// signs other than `-`, whitespace and units keep a cell a string, so codes like `0042` stay
-/// as written.
+/// `-3.5`, `2e3`, `1e20`, `0.1`; integers written out up to 2^53, see
+/// [`crate::index::attrs`]), else the cell as a string (`9007199254740993` or
+/// `19.999999999999999999` would change value). Leading zeros, signs other than `-`,
+/// whitespace and units keep a cell a string, so codes like `0042` stay as written.
 fn csv_cell(cell: &str) -> serde_json::Value {
     use crate::index::attrs::MAX_EXACT_INTEGER;
     let plain = cell.starts_with(|c: char| c == '-' || c.is_ascii_digit())
@@ -717,7 +717,7 @@ fn csv_cell(cell: &str) -> serde_json::Value {
     if plain
         && let Ok(n) = serde_json::from_str::<serde_json::Number>(cell)
         && let Some(x) = n.as_f64().filter(|x| x.is_finite())
-        && x.abs() <= MAX_EXACT_INTEGER as f64
+        && (cell.contains(['.', 'e', 'E']) || x.abs() <= MAX_EXACT_INTEGER as f64)
         && decimal(cell).is_some_and(|d| decimal(&x.to_string()) == Some(d))
     {
         return serde_json::Value::Number(n);
@@ -967,6 +967,8 @@ mod tests {
             ("-9007199254740992", json!(-9007199254740992i64)),
             ("0.1", json!(0.1)),
             ("1e-7", json!(1e-7)),
+            ("1e20", json!(1e20)),
+            ("-2.5e30", json!(-2.5e30)),
         ] {
             assert_eq!(csv_cell(cell), want, "{cell}");
         }
