@@ -74,6 +74,12 @@ pub fn env_var(long: &str) -> String {
     format!("{ENV_PREFIX}{}", long.to_uppercase().replace('-', "_"))
 }
 
+/// The environment variable of `arg`: the one its definition names (`--tokens` reads
+/// `VITRINE_TOKENS_FILE`, as its help says), else [`env_var`] of its long name.
+fn arg_env(arg: &Arg, long: &str) -> String {
+    arg.get_env().map_or_else(|| env_var(long), |e| e.to_string_lossy().into_owned())
+}
+
 /// `cmd` with no argument or group required: the first pass only reads what the command line
 /// gives.
 pub fn lenient(cmd: Command) -> Command {
@@ -215,7 +221,7 @@ pub fn resolve(
     let mut sources = BTreeMap::new();
     for (arg, long) in settings(cmd) {
         let id = arg.get_id().as_str();
-        let var = env_var(long);
+        let var = arg_env(arg, long);
         let (source, args) = if first.value_source(id) == Some(ValueSource::CommandLine) {
             (Source::Flag, Vec::new())
         } else if let Some(v) = env(&var) {
@@ -288,7 +294,7 @@ pub fn render(cmd: &Command, resolved: &Resolved) -> String {
         let source = resolved.sources.get(id).cloned().unwrap_or(Source::Default);
         let raw: Vec<&OsStr> = resolved.matches.get_raw(id).map(Iterator::collect).unwrap_or_default();
         if raw.is_empty() && !matches!(arg.get_action(), ArgAction::Count | ArgAction::Append) {
-            out.push_str(&format!("# {id} is not set ({})\n", env_var(long)));
+            out.push_str(&format!("# {id} is not set ({})\n", arg_env(arg, long)));
             continue;
         }
         out.push_str(&format!("{id} = {} # {source}\n", toml_value(arg, &raw)));
@@ -366,6 +372,15 @@ mod tests {
         let r = run(&cmd, &[], &env, file).unwrap();
         let a = super::super::ServeArgs::from_arg_matches(&r.matches).unwrap();
         assert_eq!((a.data_dir, a.max_segments, a.listen.as_str()), (PathBuf::from("/e"), 7, "127.0.0.1:1"));
+
+        // An option whose definition names its variable (`--tokens`: VITRINE_TOKENS_FILE) reads
+        // that one, and it beats the file as every variable does.
+        let file = "data_dir = \"/d\"\ntokens = \"/file-tokens\"\n";
+        let r = run(&cmd, &conf, &[("VITRINE_TOKENS_FILE", "/env-tokens")], file).unwrap();
+        assert_eq!(r.matches.get_one::<PathBuf>("tokens").unwrap(), Path::new("/env-tokens"));
+        assert_eq!(r.sources["tokens"], Source::Env("VITRINE_TOKENS_FILE".into()));
+        let r = run(&cmd, &conf, &[], file).unwrap();
+        assert!(render(&cmd, &r).contains("tokens = \"/file-tokens\" # config file"));
     }
 
     #[test]

@@ -479,7 +479,9 @@ pub fn error_report(e: &anyhow::Error) -> String {
     crate::report::chain(e.as_ref())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
+/// Resolves on Ctrl-C or SIGTERM. SIGHUP (a closed terminal, or an operator expecting a
+/// reload) is logged and ignored: settings are read at start, and it used to kill the server
+/// at once, with no drain.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
@@ -495,9 +497,26 @@ pub async fn shutdown_signal() {
     };
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
+    #[cfg(unix)]
+    let hup = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut s) => {
+                while s.recv().await.is_some() {
+                    tracing::warn!(
+                        "SIGHUP ignored: settings are read at start (restart to change them); SIGTERM or Ctrl-C stops"
+                    );
+                }
+                std::future::pending::<()>().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let hup = std::future::pending::<()>();
     tokio::select! {
         _ = ctrl_c => {},
         _ = term => {},
+        _ = hup => {},
     }
 }
 

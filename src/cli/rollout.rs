@@ -60,8 +60,9 @@ pub struct StartArgs {
     /// Share of queries also run on the other arm for comparison.
     #[arg(long, default_value_t = 0.2)]
     pub shadow: f64,
-    /// Golden set: JSONL of {"image": PATH (relative to the file), "expected": [SKU, ...]}.
-    #[arg(long, value_name = "FILE")]
+    /// Golden set for the gate (required): JSONL of {"image": PATH (relative to the file),
+    /// "expected": [SKU, ...]}.
+    #[arg(long, value_name = "FILE", required = true)]
     pub golden: Option<PathBuf>,
     /// Largest drop in recall@10 on the golden set the gate accepts.
     #[arg(long, default_value_t = 0.01)]

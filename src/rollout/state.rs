@@ -58,6 +58,13 @@ pub enum TransitionError {
     SameVersion(ModelVersion),
     #[error("{what} must be in [0, 1], got {value}")]
     OutOfRange { what: &'static str, value: f64 },
+    #[error(
+        "the last rollout is {phase} and {keeps} still has its index, written on every upsert: run \
+         `vitrine rollout gc` first"
+    )]
+    NotCollected { phase: &'static str, keeps: ModelVersion },
+    #[error("a newer rollout has replaced this one")]
+    Superseded,
 }
 
 fn share(what: &'static str, value: f64) -> Result<f64, TransitionError> {
@@ -165,6 +172,14 @@ impl Rollout {
         if let Some(r) = current.filter(|r| r.phase.is_active()) {
             return Err(TransitionError::Busy { challenger: r.challenger.clone(), phase: r.phase.as_str() });
         }
+        if let Some(r) =
+            current.filter(|r| matches!(r.phase, Phase::Promoted | Phase::RolledBack) && !r.collected)
+        {
+            // The losing version's index: only `gc` drops it, and a new rollout would leave
+            // it behind for good.
+            let keeps = if r.phase == Phase::Promoted { &r.champion } else { &r.challenger };
+            return Err(TransitionError::NotCollected { phase: r.phase.as_str(), keeps: keeps.clone() });
+        }
         if champion == challenger {
             return Err(TransitionError::SameVersion(challenger));
         }
@@ -201,7 +216,11 @@ impl Rollout {
     /// refused otherwise.
     pub fn gated(&mut self, champion: ArmFigures, challenger: ArmFigures) -> Result<(), TransitionError> {
         self.expect("gate", &[Phase::Gating])?;
-        let passed = challenger.recall_at_10 >= champion.recall_at_10 - self.settings.tolerance - 1e-12;
+        // A golden set the champion finds nothing of (no queries, undecodable images, SKUs the
+        // catalogue lacks) tests nothing: no pass, unless forced.
+        let tested = champion.queries > 0 && champion.recall_at_10 > 0.0;
+        let passed =
+            tested && challenger.recall_at_10 >= champion.recall_at_10 - self.settings.tolerance - 1e-12;
         let forced = !passed && self.settings.force;
         self.gate = Some(Gate { champion, challenger, passed, forced });
         self.phase = if passed || forced { Phase::Canary } else { Phase::Refused };
@@ -216,6 +235,9 @@ impl Rollout {
     /// Changes the split (and re-arms a canary that a guardrail took out of traffic).
     pub fn set_fraction(&mut self, fraction: f64) -> Result<(), TransitionError> {
         self.expect("change the traffic split of", &[Phase::Canary, Phase::RolledBack])?;
+        if self.collected {
+            return Err(TransitionError::WrongPhase { action: "re-arm", phase: "garbage-collected" });
+        }
         if self.phase == Phase::RolledBack && (self.retired.is_some() || self.breaker.is_none()) {
             return Err(TransitionError::WrongPhase {
                 action: "re-arm",
@@ -341,6 +363,14 @@ mod tests {
         forced.gated(figs(0.9), figs(0.85)).unwrap();
         let g = forced.gate.as_ref().unwrap();
         assert_eq!((forced.phase, g.passed, g.forced), (Phase::Canary, false, true));
+
+        // A golden set that tests nothing passes nothing.
+        for champion in [ArmFigures { queries: 0, recall_at_10: 0.0, mrr: 0.0 }, figs(0.0)] {
+            let mut r = started();
+            r.backfilled().unwrap();
+            r.gated(champion, figs(0.0)).unwrap();
+            assert_eq!(r.phase, Phase::Refused, "{champion:?}");
+        }
     }
 
     #[test]
@@ -355,6 +385,15 @@ mod tests {
         r.set_fraction(0.1).unwrap();
         assert_eq!(r.phase, Phase::Canary, "set re-arms it");
         assert_eq!(r.abort().unwrap(), Effect::Drop(v("b")));
+
+        // Once `gc` has dropped the tripped challenger, nothing puts it back in traffic.
+        let mut tripped = started();
+        tripped.backfilled().unwrap();
+        tripped.gated(figs(0.9), figs(0.9)).unwrap();
+        tripped.trip("overlap", "too low", 1).unwrap();
+        assert_eq!(tripped.gc().unwrap(), Effect::Drop(v("b")));
+        assert!(tripped.set_fraction(0.5).is_err(), "a collected challenger is not re-armed");
+        assert_eq!(tripped.phase, Phase::RolledBack);
     }
 
     #[test]
@@ -380,6 +419,13 @@ mod tests {
         done.gated(figs(0.5), figs(0.5)).unwrap();
         done.promote().unwrap();
         assert!(done.abort().is_err());
+        assert!(
+            matches!(
+                Rollout::start(Some(&done), 3, v("b"), v("c"), Settings::default()),
+                Err(TransitionError::NotCollected { .. })
+            ),
+            "a new rollout waits for the old champion's index to be dropped"
+        );
         done.gc().unwrap();
         assert!(done.rollback().is_err(), "the old champion is gone");
         assert!(Rollout::start(Some(&done), 3, v("b"), v("c"), Settings::default()).is_ok());

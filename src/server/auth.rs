@@ -1,8 +1,8 @@
 //! Bearer-token authorisation: the tokens file, the roles, which role each RPC needs, and a
 //! tower layer that answers `UNAUTHENTICATED` / `PERMISSION_DENIED` before a handler runs.
 //!
-//! Tokens file: one token a line, `ROLE NAME TOKEN`, separated by blanks; `#` starts a
-//! comment. ROLE is `read` or `write` (write implies read); NAME is what logs and errors show
+//! Tokens file: one token a line, `ROLE NAME TOKEN`, separated by blanks; `#` at the start of
+//! a line or after a blank starts a comment (inside a token it is part of the token). ROLE is `read` or `write` (write implies read); NAME is what logs and errors show
 //! (never the token); TOKEN is the secret itself (at least 16 visible ASCII characters) or
 //! `sha256:HEX`, the SHA-256 of the secret, so the file need not hold secrets. Only digests are
 //! kept in memory and they are compared in constant time.
@@ -113,6 +113,15 @@ fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
+/// A tokens file line without its comment: from a `#` that starts the line or follows a blank.
+fn without_comment(line: &str) -> &str {
+    let b = line.as_bytes();
+    match (0..b.len()).find(|&i| b[i] == b'#' && (i == 0 || b[i - 1].is_ascii_whitespace())) {
+        Some(i) => &line[..i],
+        None => line,
+    }
+}
+
 impl Tokens {
     /// Reads a tokens file (format in the module docs).
     pub fn load(path: &Path) -> Result<Self, TokensError> {
@@ -132,8 +141,9 @@ impl Tokens {
     /// Parses a tokens file's text; an error names the line (1-based) and what is wrong.
     pub fn parse(text: &str) -> Result<Self, (usize, String)> {
         let mut entries: Vec<Entry> = Vec::new();
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         for (i, raw) in text.lines().enumerate() {
-            let line = raw.split('#').next().unwrap_or("").trim();
+            let line = without_comment(raw).trim();
             if line.is_empty() {
                 continue;
             }
@@ -156,6 +166,9 @@ impl Tokens {
                         i + 1,
                         format!("token {name:?} is shorter than {MIN_TOKEN_LEN} characters"),
                     ));
+                }
+                None if !secret.bytes().all(|b| b.is_ascii_graphic()) => {
+                    return Err((i + 1, format!("token {name:?} has characters other than visible ASCII")));
                 }
                 None => digest(secret.as_bytes()),
             };
@@ -394,6 +407,9 @@ mod tests {
             ("read a sha256:abcd\n", "64 hex digits"),
             ("read a 0123456789abcdefg\nwrite a 0123456789abcdefh\n", "used twice"),
             ("read a 0123456789abcdefg\nwrite b 0123456789abcdefg\n", "repeats"),
+            ("read a 0123456789abcdéfg\n", "visible ASCII"),
+            // A `#` inside a token is the token's: this one is 10 characters, not a comment.
+            ("write a WRITE#abcd\n", "shorter than 16"),
         ] {
             let (line, why) = Tokens::parse(text).unwrap_err();
             assert!(why.contains(want), "{text:?}: {why}");
@@ -404,6 +420,17 @@ mod tests {
         let f = dir.path().join("tokens");
         std::fs::write(&f, "# nothing\n").unwrap();
         assert!(matches!(Tokens::load(&f), Err(TokensError::Empty { .. })));
+    }
+
+    #[test]
+    fn a_hash_inside_a_token_is_part_of_it() {
+        let text = "\u{feff}# keys\nwrite deploy ABCDEFGHIJKLMNOPQRST#xyz # the deploy job\n\
+                    read  dash   0123456789abcdefg\t# tab, then a comment\n";
+        let tokens = Tokens::parse(text).unwrap();
+        assert_eq!(tokens.len(), 2);
+        assert_eq!(tokens.find(b"ABCDEFGHIJKLMNOPQRST#xyz").map(|e| e.role), Some(Role::Write));
+        assert!(tokens.find(b"ABCDEFGHIJKLMNOPQRST").is_none(), "its prefix is no token");
+        assert_eq!(tokens.find(b"0123456789abcdefg").map(|e| e.role), Some(Role::Read));
     }
 
     #[test]

@@ -33,6 +33,22 @@ pub enum ServiceError {
     Overloaded(String),
 }
 
+impl ServiceError {
+    /// Whether the caller caused it (a bad request, an unknown SKU) or the server shed it: such
+    /// an answer says nothing about the model version that gave it, so a canary's guardrails
+    /// leave it out.
+    pub fn is_callers_or_load(&self) -> bool {
+        matches!(
+            self,
+            ServiceError::InvalidArgument(_)
+                | ServiceError::BadImage(_)
+                | ServiceError::Filter(_)
+                | ServiceError::NotFound(_)
+                | ServiceError::Overloaded(_)
+        )
+    }
+}
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Status {
         let code = match &e {

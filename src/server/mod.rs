@@ -491,7 +491,15 @@ impl VisualSearch for VisualSearchService {
         let image = Arc::new(req.image);
         let result =
             self.state.embed_and_search(&route.primary, Arc::clone(&image), Arc::clone(&o), route.arm).await;
-        self.state.rollout.observe(&self.state, Kind::Image, route.arm, started.elapsed(), result.is_ok());
+        if !result.as_ref().is_err_and(ServiceError::is_callers_or_load) {
+            self.state.rollout.observe(
+                &self.state,
+                Kind::Image,
+                route.arm,
+                started.elapsed(),
+                result.is_ok(),
+            );
+        }
         let resp = result.map_err(|e| tag_error(e, &route))?;
         if let Some(other) = route.shadow.clone() {
             let state = Arc::clone(&self.state);
@@ -571,8 +579,9 @@ impl VisualSearch for VisualSearchService {
             .await
             .and_then(|r| r)
         };
-        let failed = matches!(&result, Err(e) if !matches!(e, ServiceError::NotFound(_)));
-        self.state.rollout.observe(&self.state, Kind::Sku, route.arm, started.elapsed(), !failed);
+        if !result.as_ref().is_err_and(ServiceError::is_callers_or_load) {
+            self.state.rollout.observe(&self.state, Kind::Sku, route.arm, started.elapsed(), result.is_ok());
+        }
         let resp = result.map_err(|e| tag_error(e, &route))?;
         if let Some(other) = route.shadow.clone() {
             let state = Arc::clone(&self.state);
@@ -789,8 +798,17 @@ impl Rollouts for RolloutsService {
 /// (see `IndexInfo.degraded`); the search service itself stays SERVING for what is intact.
 pub const INTEGRITY_HEALTH: &str = "vitrine.integrity";
 
+/// Concurrent calls (HTTP/2 streams) one connection may have open; more wait in the client.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
+
 /// How long a stopping server waits for background work before it gives up closing the writer.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(60);
+
+/// How long a stopping server lets in-flight calls finish: a client stream that stalls (or
+/// trickles) must not keep the server from stopping. Under the 30 s a container orchestrator
+/// usually grants before its SIGKILL. Every acknowledged write is in the log already, so the
+/// calls cut off lose nothing that was acknowledged.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
 
 /// Runs the server on `listener` until `shutdown` resolves.
 pub async fn serve(
@@ -814,7 +832,10 @@ pub async fn serve_with_metrics(
     let addr: SocketAddr = listener.local_addr()?;
     auth::check_exposure(addr, &config.auth, config.insecure)?;
     // TLS files are checked before the (slow) index and model loading.
-    let mut builder = tonic::transport::Server::builder();
+    // A client that opens streams and never reads their answers holds each one's buffers:
+    // bound them per connection (with `--max-connections`, per server).
+    let mut builder =
+        tonic::transport::Server::builder().max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
     if let Some(files) = &config.tls {
         builder = builder.tls_config(files.load()?).with_context(|| {
             format!("TLS certificate {} or key {} is not usable", files.cert.display(), files.key.display())
@@ -846,7 +867,11 @@ pub async fn serve_with_metrics(
         tonic_health::ServingStatus::NotServing
     };
     health_reporter.set_service_status(INTEGRITY_HEALTH, integrity).await;
-    let shutdown = not_serving_then(health_reporter, shutdown);
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        not_serving_then(health_reporter, shutdown).await;
+        let _ = stopping_tx.send(());
+    };
     let metrics_task = metrics.map(|l| metrics_http::spawn(l, Arc::downgrade(&state)));
     // Reflection in both versions: older clients (grpcurl 1.8) only speak v1alpha.
     let reflection = || {
@@ -861,7 +886,7 @@ pub async fn serve_with_metrics(
         .max_decoding_message_size(MAX_REQUEST_BYTES);
     let rollouts = RolloutsServer::new(RolloutsService { state: Arc::clone(&state) })
         .max_decoding_message_size(MAX_GOLDEN_BYTES);
-    let result = builder
+    let serving = builder
         .layer(observe::ObserveLayer::new(Arc::clone(&state.metrics)))
         .layer(auth::AuthLayer::new(Arc::clone(&config.auth)))
         .add_service(health_service)
@@ -869,10 +894,32 @@ pub async fn serve_with_metrics(
         .add_service(reflection_v1alpha)
         .add_service(service)
         .add_service(rollouts)
-        .serve_with_incoming_shutdown(conn::incoming(listener, config.connections), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(conn::incoming(listener, config.connections), shutdown);
+    // The drain ends when the last call does, or SHUTDOWN_GRACE after the stop began.
+    let grace = async move {
+        if stopping_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    let (result, cut_off) = tokio::select! {
+        r = serving => (r, false),
+        () = grace => (Ok(()), true),
+    };
     if let Some(task) = &metrics_task {
         task.abort();
+    }
+    if cut_off {
+        // The connections still open belong to calls that did not end in time; they end with
+        // the process. The writer is closed when the last of them lets go of the state.
+        state.closing.store(true, std::sync::atomic::Ordering::Release);
+        tracing::warn!(
+            "calls still running {}s after the stop began (a stalled client stream?); stopping without them: \
+             every acknowledged write is in the log",
+            SHUTDOWN_GRACE.as_secs()
+        );
+        tracing::info!("vitrine stopped");
+        return Ok(());
     }
     // Stop background work, wait for what still holds the state (a shadow query, a backfill
     // step, a blocking search), then stop the writer (it finishes a seal in progress) and

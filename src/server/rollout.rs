@@ -243,8 +243,30 @@ impl RolloutController {
             .current()
             .ok_or_else(|| ServiceError::FailedPrecondition("no rollout has been started".into()))?)
         .clone();
-        let effect = f(&mut r).map_err(|e| ServiceError::FailedPrecondition(e.to_string()))?;
+        let effect = f(&mut r).map_err(|e| match e {
+            TransitionError::OutOfRange { .. } => ServiceError::InvalidArgument(e.to_string()),
+            _ => ServiceError::FailedPrecondition(e.to_string()),
+        })?;
         self.commit(state, r, effect).await
+    }
+
+    /// A [`transition`](Self::transition) of rollout `id` only: `Ok(false)`, and nothing
+    /// changed, once a newer rollout has replaced it (an abort and a new start while this one's
+    /// driver was still embedding or gating).
+    async fn transition_of(
+        &self,
+        state: &ServerState,
+        id: u64,
+        f: impl FnOnce(&mut Rollout) -> Result<Effect, TransitionError>,
+    ) -> Result<bool, ServiceError> {
+        let res = self
+            .transition(state, |r| if r.id == id { f(r) } else { Err(TransitionError::Superseded) })
+            .await;
+        match res {
+            Ok(_) => Ok(true),
+            Err(_) if self.current().is_none_or(|c| c.id != id) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     async fn commit(
@@ -278,7 +300,7 @@ impl RolloutController {
     pub async fn start(
         self: &Arc<Self>,
         state: &Arc<ServerState>,
-        req: proto::RolloutStartRequest,
+        mut req: proto::RolloutStartRequest,
     ) -> Result<(), ServiceError> {
         let challenger = ModelVersion::new(req.model_version.clone())
             .map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
@@ -297,14 +319,37 @@ impl RolloutController {
                 crate::report::Chain(&e)
             ))
         })?;
+        if req.golden.is_empty() {
+            return Err(ServiceError::InvalidArgument(
+                "a rollout needs a golden set for its gate (vitrine rollout start --golden FILE)".into(),
+            ));
+        }
+        // Every golden image must decode, or the gate would count it as found by neither arm.
+        let golden = Arc::new(std::mem::take(&mut req.golden));
+        let (check, check_enc) = (Arc::clone(&golden), Arc::clone(&enc));
+        blocking("golden", move || {
+            for (i, q) in check.iter().enumerate() {
+                if let Err(e) = check_enc.preprocess(&q.image) {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "golden query {} ({}): its image cannot be read: {}",
+                        i + 1,
+                        q.name,
+                        crate::report::Chain(&e)
+                    )));
+                }
+            }
+            Ok(())
+        })
+        .await??;
         let _guard = self.transitions.lock().await;
         let current = self.current();
-        let id = now_ms();
+        // Unique per start: a driver of an earlier rollout (of the same model, say) still
+        // running stops when it sees another id.
+        let id = now_ms().max(current.as_ref().map_or(0, |c| c.id + 1));
         let rollout = Rollout::start(current.as_deref(), id, champion, challenger.clone(), settings)
             .map_err(|e| ServiceError::FailedPrecondition(e.to_string()))?;
-        if !req.golden.is_empty() {
-            self.store_golden(&req.golden)?;
-        }
+        *self.progress.lock() = Progress::default();
+        self.store_golden(&golden)?;
         *self.throttle.lock() = Duration::from_millis(u64::from(req.backfill_throttle_ms));
         let spec =
             ModelSpec { version: challenger, dim: enc.dim(), weights_sha256: enc.manifest().sha256.clone() };
@@ -377,14 +422,18 @@ impl RolloutController {
             let Some(r) = self.current() else { return Ok(()) };
             match r.phase {
                 Phase::Backfilling => {
-                    if !self.backfill(state, &r).await? {
+                    if !self.backfill(state, &r).await?
+                        || !self.transition_of(state, r.id, |r| r.backfilled().map(|()| Effect::None)).await?
+                    {
                         return Ok(());
                     }
-                    self.transition(state, |r| r.backfilled().map(|()| Effect::None)).await?;
                 }
                 Phase::Gating => {
                     let (champion, challenger) = self.gate(state, &r).await?;
-                    self.transition(state, |r| r.gated(champion, challenger).map(|()| Effect::None)).await?;
+                    let gated = |r: &mut Rollout| r.gated(champion, challenger).map(|()| Effect::None);
+                    if !self.transition_of(state, r.id, gated).await? {
+                        return Ok(());
+                    }
                 }
                 _ => return Ok(()),
             }
@@ -427,8 +476,7 @@ impl RolloutController {
             if state.models.device().is_cpu() { BACKFILL_BATCH } else { crate::encoder::GPU_FORWARD_BATCH };
         tracing::info!(%version, total, todo = todo.len(), batch_size, "backfilling");
         for batch in todo.chunks(batch_size) {
-            if state.closing()
-                || self.current().is_none_or(|c| c.phase != Phase::Backfilling || c.challenger != version)
+            if state.closing() || self.current().is_none_or(|c| c.id != r.id || c.phase != Phase::Backfilling)
             {
                 return Ok(false);
             }
@@ -470,6 +518,9 @@ impl RolloutController {
             }
             let n = ops.len() as u64;
             writer.write(ops).await?;
+            if self.current().is_none_or(|c| c.id != r.id) {
+                return Ok(false);
+            }
             {
                 let mut p = self.progress.lock();
                 p.done += batch.len() as u64;
