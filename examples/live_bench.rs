@@ -6,7 +6,10 @@
 //! going to stderr):
 //! 0. fsync baseline: append a 5 KiB record to a file in the temp dir and `sync_data`, the
 //!    floor under every durable acknowledgement.
-//! 1. vector upserts, one client, sequential: ack latency and upserts/s.
+//! 1. vector upserts, one client, sequential: ack latency and upserts/s. In this phase and in
+//!    2a a disk watch appends 5 KiB and syncs on a file of its own every 10 ms
+//!    (`--disk-watch-ms`) and its line says how often the disk itself took over 5 ms and how
+//!    many acks over 5 ms were in flight during such a sync.
 //! 2. vector upserts, N concurrent clients (default 16): (a) paced at `--paced-rate` (default
 //!    5,000/s, the target's throughput) in total, open loop, latency from each request's
 //!    scheduled send when its client was behind (a slow answer counts against the ones
@@ -143,6 +146,11 @@ struct Args {
     /// Diagnostic: stop after phase 2 (skip images, searches and the restart).
     #[arg(long)]
     only_writes: bool,
+    /// Milliseconds between the disk watch's syncs during phases 1 and 2a (an append of 5 KiB
+    /// and `sync_data` on a file of its own beside the server's data directory); 0 turns the
+    /// watch off.
+    #[arg(long, default_value_t = 10)]
+    disk_watch_ms: u64,
     /// Vectors of this intrinsic dimension (a Gaussian latent mapped into 1,280 dimensions plus
     /// noise, like real embeddings) instead of uniform random ones (0, the default: a worst case
     /// for graph search, whose idle time then grows almost linearly with the index).
@@ -495,11 +503,13 @@ async fn drive_upserts(
         late.extend(d);
         strict.extend(s);
     }
-    Ok(Sent { lats: out, late, from_scheduled: strict })
+    Ok(Sent { started: started.into_std(), lats: out, late, from_scheduled: strict })
 }
 
 /// What [`drive_upserts`] measured.
 struct Sent {
+    /// When the phase started (time 0 of `lats`).
+    started: Instant,
     /// Per client: (latency, time since the start when the answer came).
     lats: Vec<Vec<(Duration, Duration)>>,
     /// Paced: how late the timer woke each client that was on time (empty when closed loop).
@@ -637,6 +647,86 @@ fn fsync_baseline(dir: &Path, n: usize, bytes: usize) -> anyhow::Result<Lat> {
     Ok(Lat::of(&samples))
 }
 
+/// The disk during a phase: a thread appends 5 KiB and calls `sync_data` on a file of its own
+/// in the same file system every `every`, so that a run shows, next to its acknowledgements,
+/// whether the disk itself stalled while they were measured (a durable ack cannot be faster
+/// than the sync it waits for). Its load is small beside the log's own: at 5,000 upserts/s the
+/// log syncs about 1,800 times a second, the watch 100 times.
+struct DiskWatch {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<anyhow::Result<Vec<(Instant, Duration)>>>,
+}
+
+/// A sync slower than this is a stall (the 16-client target's own limit).
+const STALL: Duration = Duration::from_millis(5);
+
+impl DiskWatch {
+    fn start(dir: &Path, every: Duration) -> anyhow::Result<Option<Self>> {
+        if every.is_zero() {
+            return Ok(None);
+        }
+        let path = dir.join("disk-watch");
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        let thread = std::thread::Builder::new().name("disk-watch".into()).spawn(move || {
+            let buf = vec![0x5au8; 5 * 1024 + 64];
+            let mut syncs = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                f.write_all(&buf)?;
+                f.sync_data()?;
+                syncs.push((t, t.elapsed()));
+                std::thread::sleep(every.saturating_sub(t.elapsed()));
+            }
+            drop(f);
+            std::fs::remove_file(&path)?;
+            Ok(syncs)
+        })?;
+        Ok(Some(Self { stop, thread }))
+    }
+
+    fn finish(self) -> anyhow::Result<Vec<(Instant, Duration)>> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().map_err(|_| anyhow::anyhow!("the disk watch panicked"))?
+    }
+}
+
+/// What the disk watch saw, and how many acks over [`STALL`] were in flight while one of its
+/// syncs took longer than that. `acks`: (when the ack came, its latency).
+fn disk_report(
+    syncs: &[(Instant, Duration)],
+    acks: impl Iterator<Item = (Instant, Duration)>,
+) -> (String, Value) {
+    let lat = Lat::of(&syncs.iter().map(|s| s.1).collect::<Vec<_>>());
+    let stalls: Vec<(Instant, Instant)> =
+        syncs.iter().filter(|s| s.1 > STALL).map(|&(t, d)| (t, t + d)).collect();
+    let over = |ms: u64| syncs.iter().filter(|s| s.1 > Duration::from_millis(ms)).count();
+    let (mut slow, mut during) = (0usize, 0usize);
+    for (done, l) in acks.filter(|a| a.1 > STALL) {
+        slow += 1;
+        if stalls.iter().any(|&(a, b)| a < done && done - l < b) {
+            during += 1;
+        }
+    }
+    let line = format!(
+        "   the disk meanwhile (a 5 KiB append + sync_data on its own file every {:.0} ms): p50 {:.3} ms, \
+         p99 {:.3} ms, max {:.1} ms (n={}); {} syncs over 5 ms, {} over 20 ms; of the {slow} acks over 5 ms, \
+         {during} were in flight during such a sync",
+        syncs.windows(2).map(|w| (w[1].0 - w[0].0).as_secs_f64()).sum::<f64>() * 1e3
+            / syncs.len().saturating_sub(1).max(1) as f64,
+        lat.p50,
+        lat.p99,
+        lat.max,
+        lat.n,
+        stalls.len(),
+        over(20)
+    );
+    let json = json!({"sync": lat.json(), "over_5ms": stalls.len(), "over_20ms": over(20),
+                      "acks_over_5ms": slow, "acks_over_5ms_during_a_stall": during});
+    (line, json)
+}
+
 /// Catalogue images (path, bytes), in catalogue order.
 fn catalogue_images(repo: &Path) -> anyhow::Result<Vec<(PathBuf, Vec<u8>)>> {
     let catalog = repo.join("data/catalog.jsonl");
@@ -740,6 +830,9 @@ fn main() -> anyhow::Result<()> {
         }
         let mut stored: Vec<Vec<f32>> = Vec::with_capacity(plan.sequential);
         let mut lats = Vec::with_capacity(plan.sequential);
+        let mut done = Vec::with_capacity(plan.sequential);
+        let watch_every = Duration::from_millis(args.disk_watch_ms);
+        let watch = DiskWatch::start(tmp.path(), watch_every)?;
         let started = Instant::now();
         for i in 0..plan.sequential {
             let vec = rng.unit_vector(DIM);
@@ -747,13 +840,20 @@ fn main() -> anyhow::Result<()> {
             let t = Instant::now();
             upsert(&mut c, req).await?;
             lats.push(t.elapsed());
+            done.push(Instant::now());
             stored.push(vec);
         }
         let secs = started.elapsed().as_secs_f64();
         let l1 = Lat::of(&lats);
         let rate1 = plan.sequential as f64 / secs;
         out.line(format!("1. vector upsert, 1 client, sequential: {}; {rate1:.0} upserts/s", l1.line()));
-        report.insert("sequential".into(), json!({"ack": l1.json(), "upserts_per_sec": rate1.round()}));
+        let mut seq_report = json!({"ack": l1.json(), "upserts_per_sec": rate1.round()});
+        if let Some(w) = watch {
+            let (line, disk) = disk_report(&w.finish()?, done.iter().copied().zip(lats.iter().copied()));
+            out.line(line);
+            seq_report["disk"] = disk;
+        }
+        report.insert("sequential".into(), seq_report);
         targets.push(Target {
             name: "vector upsert ack p99, 1 client",
             measured: l1.p99,
@@ -768,7 +868,9 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..args.clients {
             clients.push(server.client().await?);
         }
+        let watch = DiskWatch::start(tmp.path(), watch_every)?;
         let sent = drive_upserts(&clients, v, "P2A", plan.concurrent_secs, Some(args.paced_rate)).await?;
+        let disk = watch.map(DiskWatch::finish).transpose()?;
         let paced = &sent.lats;
         let paced_lat = Lat::of(&paced.iter().flatten().map(|x| x.0).collect::<Vec<_>>());
         let strict = Lat::of(&sent.from_scheduled);
@@ -791,11 +893,15 @@ fn main() -> anyhow::Result<()> {
             late.p99,
             late.n
         ));
-        report.insert(
-            "paced".into(),
-            json!({"clients": args.clients, "rate": args.paced_rate, "achieved": paced_rate.round(),
-                   "ack": paced_lat.json(), "ack_from_scheduled": strict.json(), "timer_late": late.json()}),
-        );
+        let mut paced_report = json!({"clients": args.clients, "rate": args.paced_rate, "achieved": paced_rate.round(),
+                   "ack": paced_lat.json(), "ack_from_scheduled": strict.json(), "timer_late": late.json()});
+        if let Some(syncs) = &disk {
+            let acks = paced.iter().flatten().map(|&(l, at)| (sent.started + at, l));
+            let (line, disk) = disk_report(syncs, acks);
+            out.line(line);
+            paced_report["disk"] = disk;
+        }
+        report.insert("paced".into(), paced_report);
         targets.push(Target {
             name: "vector upsert ack p99, 16 clients at 5000/s",
             measured: paced_lat.p99,
