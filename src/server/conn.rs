@@ -10,6 +10,9 @@
 //!   memory; connections already open are unaffected.
 //! * A connection that sends nothing for [`ConnLimits::idle_timeout`] is closed (gRPC clients
 //!   reconnect on their next call; HTTP/2 keepalive pings from a client count as traffic).
+//! * A connection must send its first [`GREETING_BYTES`] (the HTTP/2 preface, or a TLS
+//!   ClientHello) within [`ConnLimits::greeting_timeout`]: until then its reads do not extend
+//!   its life, so a client that trickles a byte at a time cannot hold a slot for good.
 
 use std::io;
 use std::pin::Pin;
@@ -34,7 +37,13 @@ pub struct ConnLimits {
     pub idle_timeout: Duration,
     /// Idle time before the kernel's first TCP keepalive probe.
     pub tcp_keepalive: Duration,
+    /// Time from accept to the connection's first [`GREETING_BYTES`] bytes.
+    pub greeting_timeout: Duration,
 }
+
+/// Bytes a client sends first on any connection it means to use: the HTTP/2 client preface is
+/// 24 bytes, a TLS ClientHello more.
+pub const GREETING_BYTES: usize = 24;
 
 impl Default for ConnLimits {
     fn default() -> Self {
@@ -42,6 +51,7 @@ impl Default for ConnLimits {
             max_connections: 1024,
             idle_timeout: Duration::from_secs(300),
             tcp_keepalive: Duration::from_secs(60),
+            greeting_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -69,7 +79,7 @@ pub fn incoming(listener: TcpListener, limits: ConnLimits) -> impl Stream<Item =
         .filter_map(move |accepted| match accepted {
             Err(e) => Some(Err(e)),
             Ok(stream) => match Arc::clone(&slots).try_acquire_owned() {
-                Ok(permit) => Some(Ok(Conn::new(stream, permit, limits.idle_timeout))),
+                Ok(permit) => Some(Ok(Conn::new(stream, permit, &limits))),
                 Err(_) => {
                     let now = started.elapsed().as_secs() + 1;
                     if last_warning.swap(now, Ordering::Relaxed) != now {
@@ -91,11 +101,20 @@ pub struct Conn {
     _slot: OwnedSemaphorePermit,
     idle: Pin<Box<Sleep>>,
     idle_timeout: Duration,
+    /// Bytes read so far, counted up to [`GREETING_BYTES`].
+    greeted: usize,
 }
 
 impl Conn {
-    fn new(inner: TcpStream, slot: OwnedSemaphorePermit, idle_timeout: Duration) -> Self {
-        Self { inner, _slot: slot, idle: Box::pin(tokio::time::sleep(idle_timeout)), idle_timeout }
+    fn new(inner: TcpStream, slot: OwnedSemaphorePermit, limits: &ConnLimits) -> Self {
+        let first = limits.idle_timeout.min(limits.greeting_timeout);
+        Self {
+            inner,
+            _slot: slot,
+            idle: Box::pin(tokio::time::sleep(first)),
+            idle_timeout: limits.idle_timeout,
+            greeted: 0,
+        }
     }
 
     /// The underlying socket (for tests and diagnostics).
@@ -110,13 +129,19 @@ impl AsyncRead for Conn {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if buf.filled().len() > before {
+                let read = buf.filled().len() - before;
+                this.greeted = (this.greeted + read).min(GREETING_BYTES);
+                if read > 0 && this.greeted == GREETING_BYTES {
                     let deadline = Instant::now() + this.idle_timeout;
                     this.idle.as_mut().reset(deadline);
                 }
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => match this.idle.as_mut().poll(cx) {
+                Poll::Ready(()) if this.greeted < GREETING_BYTES => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("connection sent {} bytes, no HTTP/2 preface, in time", this.greeted),
+                ))),
                 Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::TimedOut,
                     format!("connection idle for {} s", this.idle_timeout.as_secs()),
@@ -215,8 +240,14 @@ mod tests {
         tokio::pin!(inc);
         let mut client = TcpStream::connect(addr).await.unwrap();
         let mut conn = inc.next().await.unwrap().unwrap();
-        let mut buf = [0u8; 8];
-        // Traffic every half second keeps it open past the 2 s timeout...
+        let mut buf = [0u8; 32];
+        // The greeting first (a trickle before it does not count, see below)...
+        client.write_all(&[b'p'; GREETING_BYTES]).await.unwrap();
+        let mut got = 0;
+        while got < GREETING_BYTES {
+            got += conn.read(&mut buf).await.unwrap();
+        }
+        // ...then traffic every half second keeps it open past the 2 s timeout...
         let started = Instant::now();
         for _ in 0..6 {
             client.write_all(b"x").await.unwrap();
@@ -231,5 +262,43 @@ mod tests {
         let err = conn.read(&mut buf).await.unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         assert!(silent.elapsed() >= Duration::from_secs(2), "not before the timeout");
+    }
+
+    #[tokio::test]
+    async fn a_trickle_that_never_greets_is_closed_at_the_greeting_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ConnLimits {
+            idle_timeout: Duration::from_secs(300),
+            greeting_timeout: Duration::from_secs(1),
+            ..ConnLimits::default()
+        };
+        let inc = incoming(listener, limits);
+        tokio::pin!(inc);
+        let mut client = TcpStream::connect(addr).await.unwrap();
+        let mut conn = inc.next().await.unwrap().unwrap();
+        let started = Instant::now();
+        // A byte every 200 ms: far more often than the idle timeout, never a whole greeting
+        // before the deadline.
+        let trickle = tokio::spawn(async move {
+            for _ in 0..GREETING_BYTES - 1 {
+                if client.write_all(b"P").await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        let mut buf = [0u8; 8];
+        let err = loop {
+            match conn.read(&mut buf).await {
+                Ok(n) => assert!(n > 0, "the client never closes"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(err.to_string().contains("no HTTP/2 preface"), "{err}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{took:?}");
+        trickle.abort();
     }
 }
