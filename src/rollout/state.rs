@@ -83,11 +83,19 @@ pub struct Settings {
     pub tolerance: f64,
     /// Skip the gate's verdict (it still runs and is recorded).
     pub force: bool,
+    /// Pause between backfill batches, kept so that a restart resumes the backfill as slowly
+    /// as it was asked to run (states written before it read as 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub backfill_throttle_ms: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { fraction: 0.05, shadow: 0.2, tolerance: 0.01, force: false }
+        Self { fraction: 0.05, shadow: 0.2, tolerance: 0.01, force: false, backfill_throttle_ms: 0 }
     }
 }
 
@@ -438,6 +446,11 @@ mod tests {
         r.gated(figs(0.9), figs(0.9)).unwrap();
         let j = serde_json::to_value(&r).unwrap();
         assert_eq!(j["phase"], "canary");
+        assert!(j["settings"].get("backfill_throttle_ms").is_none(), "0 is left out, as before it existed");
+        assert_eq!(serde_json::from_value::<Rollout>(j).unwrap(), r);
+        r.settings.backfill_throttle_ms = 1500;
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(j["settings"]["backfill_throttle_ms"], 1500);
         assert_eq!(serde_json::from_value::<Rollout>(j).unwrap(), r);
     }
 }

@@ -94,13 +94,15 @@ impl RolloutController {
             });
         let windows =
             current.as_ref().filter(|r| r.phase == Phase::Canary).and_then(|_| new_windows(guardrail));
+        // A backfill resumed after a restart keeps the pause its start asked for.
+        let throttle = current.as_ref().map_or(0, |r| r.settings.backfill_throttle_ms);
         Self {
             current: ArcSwapOption::new(current),
             transitions: tokio::sync::Mutex::new(()),
             windows: Mutex::new(windows),
             guardrail,
             progress: Mutex::new(Progress::default()),
-            throttle: Mutex::new(Duration::ZERO),
+            throttle: Mutex::new(Duration::from_millis(u64::from(throttle))),
             shadow_slots: Arc::new(Semaphore::new(1)),
             data_dir,
             fault_rate,
@@ -309,6 +311,7 @@ impl RolloutController {
             shadow: req.shadow.unwrap_or(Settings::default().shadow),
             tolerance: req.tolerance.unwrap_or(Settings::default().tolerance),
             force: req.force,
+            backfill_throttle_ms: req.backfill_throttle_ms,
         };
         settings.validate().map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         let live = state.live();
