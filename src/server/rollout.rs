@@ -75,7 +75,6 @@ pub struct RolloutController {
     windows: Mutex<Option<[Window; 2]>>,
     guardrail: GuardrailConfig,
     progress: Mutex<Progress>,
-    throttle: Mutex<Duration>,
     shadow_slots: Arc<Semaphore>,
     data_dir: PathBuf,
     /// Tests: share of canary requests that fail on purpose.
@@ -94,15 +93,12 @@ impl RolloutController {
             });
         let windows =
             current.as_ref().filter(|r| r.phase == Phase::Canary).and_then(|_| new_windows(guardrail));
-        // A backfill resumed after a restart keeps the pause its start asked for.
-        let throttle = current.as_ref().map_or(0, |r| r.settings.backfill_throttle_ms);
         Self {
             current: ArcSwapOption::new(current),
             transitions: tokio::sync::Mutex::new(()),
             windows: Mutex::new(windows),
             guardrail,
             progress: Mutex::new(Progress::default()),
-            throttle: Mutex::new(Duration::from_millis(u64::from(throttle))),
             shadow_slots: Arc::new(Semaphore::new(1)),
             data_dir,
             fault_rate,
@@ -353,7 +349,6 @@ impl RolloutController {
             .map_err(|e| ServiceError::FailedPrecondition(e.to_string()))?;
         *self.progress.lock() = Progress::default();
         self.store_golden(&golden)?;
-        *self.throttle.lock() = Duration::from_millis(u64::from(req.backfill_throttle_ms));
         let spec =
             ModelSpec { version: challenger, dim: enc.dim(), weights_sha256: enc.manifest().sha256.clone() };
         state.writer().admin(AdminOp::AddVersion(spec)).await?;
@@ -529,7 +524,8 @@ impl RolloutController {
                 p.done += batch.len() as u64;
                 p.embedded += n;
             }
-            let pause = *self.throttle.lock();
+            // From the persisted settings, so a backfill resumed after a restart keeps it.
+            let pause = Duration::from_millis(u64::from(r.settings.backfill_throttle_ms));
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
             }
