@@ -124,6 +124,11 @@ struct Args {
     /// Diagnostic: the merge policy's segment count per version (default: the server's own).
     #[arg(long)]
     max_segments: Option<usize>,
+    /// Diagnostic: the merge policy's limit on live items in flat (graph-less) segments per
+    /// version (default: the server's own). With a large `--max-segments` too, a huge value
+    /// turns merging off and separates seals from merges.
+    #[arg(long)]
+    max_flat_items: Option<u64>,
     /// Diagnostic: threads of merges and of seals with none waiting behind them (default:
     /// the server's own, half the cores).
     #[arg(long)]
@@ -178,6 +183,8 @@ struct Rng(u64);
 
 /// `--max-segments`, when given (the settled shape [`wait_quiet`] waits for).
 static MAX_SEGMENTS: OnceLock<usize> = OnceLock::new();
+/// `--max-flat-items`, for the same reason.
+static MAX_FLAT_ITEMS: OnceLock<u64> = OnceLock::new();
 
 /// The `--latent` data shape, when one was asked for (set once, before any vector is drawn).
 static SHAPE: OnceLock<Sampler> = OnceLock::new();
@@ -309,6 +316,10 @@ impl Server {
         if let Some(n) = args.max_segments {
             config.writer.merge.max_segments = n;
             let _ = MAX_SEGMENTS.set(n);
+        }
+        if let Some(n) = args.max_flat_items {
+            config.writer.merge.max_flat_items = n;
+            let _ = MAX_FLAT_ITEMS.set(n);
         }
         if let Some(n) = args.build_threads {
             config.writer.build_threads = n;
@@ -555,6 +566,7 @@ async fn wait_quiet(client: &mut Client, seal_items: usize, limit: Duration) -> 
     let defaults = MergePolicy::default();
     let policy = MergePolicy {
         max_segments: MAX_SEGMENTS.get().copied().unwrap_or(defaults.max_segments),
+        max_flat_items: MAX_FLAT_ITEMS.get().copied().unwrap_or(defaults.max_flat_items),
         ..defaults
     };
     let mut last = shape(client).await?;

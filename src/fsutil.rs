@@ -18,7 +18,8 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
 pub const PACED_SYNC_BYTES: u64 = 4 << 20;
 /// The same while the log is acknowledging writes ([`note_log_sync`]).
 pub const PACED_SYNC_BYTES_LIVE: u64 = 256 << 10;
-/// Most bytes per second a large file write takes while the log is acknowledging writes.
+/// Most bytes per second large file writes take, all of them together, while the log is
+/// acknowledging writes.
 pub const PACED_BYTES_PER_SEC_LIVE: u64 = 64 << 20;
 /// How long after the log's last sync it still counts as acknowledging writes.
 const LIVE_WINDOW: Duration = Duration::from_millis(200);
@@ -82,8 +83,11 @@ impl Write for Paced<'_> {
         self.written += n as u64;
         if self.unsynced >= piece {
             if live {
-                let min = Duration::from_secs_f64(self.unsynced as f64 / PACED_BYTES_PER_SEC_LIVE as f64);
-                if let Some(wait) = min.checked_sub(self.piece_started.elapsed()) {
+                // The rate is the process's, not this file's: a seal's segment, a merge's and
+                // a spare log file written at once share it (each at the full rate, they
+                // stalled log syncs 8-16 ms where one alone did not).
+                let until = reserve_live_bandwidth(self.unsynced, self.piece_started);
+                if let Some(wait) = until.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
                 }
                 start_writeback(self.file, self.written - self.unsynced, self.unsynced)?;
@@ -98,6 +102,29 @@ impl Write for Paced<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// The end, in microseconds after [`epoch`], of the last piece of background file writing
+/// booked at [`PACED_BYTES_PER_SEC_LIVE`] ([`reserve_live_bandwidth`]).
+static LIVE_BOOKED_UNTIL_US: AtomicU64 = AtomicU64::new(0);
+
+/// Books `bytes` of the process's background write rate while the log is live, for a piece
+/// that started at `started`: returns when its writeback may start, so that all [`Paced`]
+/// writers together write no more than [`PACED_BYTES_PER_SEC_LIVE`]. A piece's slot starts at
+/// the later of its own start and the end of the last slot booked; an idle gap in the
+/// bookings is not saved up for a burst.
+fn reserve_live_bandwidth(bytes: u64, started: Instant) -> Instant {
+    let epoch = epoch();
+    let len_us = bytes.saturating_mul(1_000_000) / PACED_BYTES_PER_SEC_LIVE;
+    let from_us = started.saturating_duration_since(epoch).as_micros() as u64;
+    let mut booked = LIVE_BOOKED_UNTIL_US.load(Ordering::Relaxed);
+    loop {
+        let end = booked.max(from_us) + len_us;
+        match LIVE_BOOKED_UNTIL_US.compare_exchange_weak(booked, end, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return epoch + Duration::from_micros(end),
+            Err(now) => booked = now,
+        }
     }
 }
 
@@ -160,6 +187,19 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Writers that pace at once share one rate: each booking ends at least its own length
+    /// after the one before (other tests' bookings in between only push it later).
+    #[test]
+    fn paced_writers_share_the_live_rate() {
+        let bytes = PACED_SYNC_BYTES_LIVE;
+        let len = Duration::from_micros(bytes * 1_000_000 / PACED_BYTES_PER_SEC_LIVE);
+        let now = Instant::now();
+        let first = reserve_live_bandwidth(bytes, now);
+        let second = reserve_live_bandwidth(bytes, now);
+        assert!(first >= now + len, "a piece takes its own time at the rate");
+        assert!(second >= first + len, "the second piece waits for the first: {:?}", second - first);
+    }
 
     #[test]
     fn replaces_atomically_and_leaves_no_temp() {

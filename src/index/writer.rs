@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, Sender, channel};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use parking_lot::RwLock;
@@ -126,6 +126,10 @@ pub struct WriterConfig {
     /// backlog drains before writes have to slow down.
     pub burst_build_threads: usize,
 }
+
+/// A write group whose oldest request waited longer than this for its answer, in the writer's
+/// queue and processing, is logged at debug level.
+const SLOW_GROUP: Duration = Duration::from_millis(5);
 
 /// Most log bytes written as one frame (the log refuses frames over 128 MiB).
 const MAX_GROUP_BYTES: usize = 32 << 20;
@@ -240,6 +244,8 @@ enum Msg {
     Write {
         ops: Vec<WriteOp>,
         reply: Reply<Vec<Outcome>>,
+        /// When it was sent (for the slow-group diagnostics).
+        queued: Instant,
     },
     Checkpoint {
         reply: Reply<u64>,
@@ -674,12 +680,12 @@ impl IndexWriter {
     /// Applies `ops` (in order) durably; see [`Outcome`]. Answers once every change is in the
     /// log (fsynced) and visible to searches.
     pub async fn write(&self, ops: Vec<WriteOp>) -> Result<Vec<Outcome>, WriterError> {
-        self.ask(|reply| Msg::Write { ops, reply }).await
+        self.ask(|reply| Msg::Write { ops, reply, queued: Instant::now() }).await
     }
 
     /// [`write`](Self::write) that blocks the calling thread.
     pub fn write_blocking(&self, ops: Vec<WriteOp>) -> Result<Vec<Outcome>, WriterError> {
-        self.ask_blocking(|reply| Msg::Write { ops, reply })
+        self.ask_blocking(|reply| Msg::Write { ops, reply, queued: Instant::now() })
     }
 
     /// Seals every mutable segment and waits for the commit; returns the manifest generation.
@@ -871,6 +877,8 @@ impl State {
                 }
             }
             let mut writes = Vec::new();
+            // When the group's oldest write was sent.
+            let mut oldest: Option<Instant> = None;
             for m in batch {
                 match m {
                     Msg::Write { .. } | Msg::Checkpoint { .. } | Msg::Admin { .. }
@@ -878,7 +886,10 @@ impl State {
                     {
                         deferred.push(m)
                     }
-                    Msg::Write { ops, reply } => writes.push((ops, reply)),
+                    Msg::Write { ops, reply, queued } => {
+                        oldest = Some(oldest.map_or(queued, |o| o.min(queued)));
+                        writes.push((ops, reply))
+                    }
                     Msg::Checkpoint { reply } => {
                         if !writes.is_empty() {
                             self.process_writes(std::mem::take(&mut writes));
@@ -928,7 +939,20 @@ impl State {
                     // The writes that arrive meanwhile form the next group.
                     std::thread::sleep(delay);
                 }
+                let (started, requests) = (Instant::now(), writes.len());
                 self.process_writes(writes);
+                if let Some(oldest) = oldest.filter(|o| o.elapsed() > SLOW_GROUP) {
+                    // Diagnostics (`RUST_LOG=vitrine::index::writer=debug`): whether a slow
+                    // acknowledgement waited here, and for what; one that waited elsewhere (the
+                    // runtime, the network) leaves no line.
+                    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                    tracing::debug!(
+                        requests,
+                        queued_ms = ms(started - oldest),
+                        process_ms = ms(started.elapsed()),
+                        "slow write group"
+                    );
+                }
             }
         }
     }
