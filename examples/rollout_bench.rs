@@ -215,7 +215,7 @@ async fn load(
 }
 
 async fn status(ch: &Channel) -> anyhow::Result<proto::RolloutStatus> {
-    Ok(RolloutsClient::new(ch.clone()).status(proto::RolloutActionRequest {}).await?.into_inner())
+    Ok(RolloutsClient::new(ch.clone()).status(proto::RolloutActionRequest::default()).await?.into_inner())
 }
 
 fn p(v: &mut [f64]) -> (f64, f64) {
@@ -237,8 +237,8 @@ async fn swap_under_load(
     let mut r = RolloutsClient::new(ch.clone());
     let t = Instant::now();
     let s = match act {
-        "promote" => r.promote(proto::RolloutActionRequest {}).await?,
-        _ => r.rollback(proto::RolloutActionRequest {}).await?,
+        "promote" => r.promote(proto::RolloutActionRequest::default()).await?,
+        _ => r.rollback(proto::RolloutActionRequest::default()).await?,
     }
     .into_inner();
     let swap_ms = t.elapsed().as_secs_f64() * 1e3;

@@ -29,8 +29,9 @@ pub enum RolloutCommand {
         #[arg(long)]
         fraction: f64,
     },
-    /// Make the challenger the serving version.
-    Promote(Addr),
+    /// Make the challenger the serving version. Refused while the challenger lacks SKUs the
+    /// champion serves (upserted as vectors only, or whose image could not be embedded).
+    Promote(PromoteArgs),
     /// After a promotion, make the previous champion serve again.
     Rollback(Addr),
     /// Drop the challenger before promotion.
@@ -45,6 +46,15 @@ pub enum RolloutCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+pub struct PromoteArgs {
+    #[command(flatten)]
+    pub addr: Addr,
+    /// Promote even though the challenger lacks SKUs the champion serves: they leave search.
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Args)]
@@ -134,7 +144,8 @@ pub fn status_json(s: &proto::RolloutStatus) -> serde_json::Value {
         "retired": s.retired,
         "collected": s.collected,
         "backfill": {"done": b.done, "total": b.total, "images_per_second": b.images_per_second,
-            "eta_seconds": b.eta_seconds, "embedded": b.embedded},
+            "eta_seconds": b.eta_seconds, "embedded": b.embedded, "without_image": b.without_image,
+            "failed": b.failed},
         "gate": {"evaluated": g.evaluated, "passed": g.passed, "forced": g.forced,
             "champion": arm_gate(&g.champion), "challenger": arm_gate(&g.challenger)},
         "shadow": {"fraction": sh.shadow_fraction, "compared": sh.compared, "mean_jaccard": sh.mean_jaccard,
@@ -157,6 +168,13 @@ fn print_status(s: &proto::RolloutStatus) {
             "  backfill {}/{} ({:.1} images/s, ETA {:.0} s, {} embedded by this server)",
             b.done, b.total, b.images_per_second, b.eta_seconds, b.embedded
         );
+        if b.without_image > 0 || b.failed > 0 {
+            println!(
+                "  the challenger lacks {} SKU(s) without a stored image (vectors only) and {} whose image \
+                 could not be embedded: a promotion refuses without --force",
+                b.without_image, b.failed
+            );
+        }
     }
     if let Some(g) = s.gate.as_ref().filter(|g| g.evaluated) {
         let f = |a: &Option<proto::ArmGate>| {
@@ -202,8 +220,8 @@ pub fn run(a: RolloutArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let (server, json) = match &a.command {
         RolloutCommand::Start(s) => (s.addr.clone(), false),
+        RolloutCommand::Promote(p) => (p.addr.clone(), false),
         RolloutCommand::Set { addr, .. }
-        | RolloutCommand::Promote(addr)
         | RolloutCommand::Rollback(addr)
         | RolloutCommand::Abort(addr)
         | RolloutCommand::Gc(addr) => (addr.clone(), false),
@@ -216,7 +234,7 @@ pub fn run(a: RolloutArgs) -> anyhow::Result<ExitCode> {
     let status = rt.block_on(async {
         let conn = server.client.connect(&server.addr).await?;
         let mut c = conn.rollouts().max_encoding_message_size(crate::server::MAX_GOLDEN_BYTES);
-        let action = proto::RolloutActionRequest {};
+        let action = proto::RolloutActionRequest::default();
         match a.command {
             RolloutCommand::Start(s) => {
                 conn.call(c.start(proto::RolloutStartRequest {
@@ -233,7 +251,9 @@ pub fn run(a: RolloutArgs) -> anyhow::Result<ExitCode> {
             RolloutCommand::Set { fraction, .. } => {
                 conn.call(c.set(proto::RolloutSetRequest { fraction })).await
             }
-            RolloutCommand::Promote(_) => conn.call(c.promote(action)).await,
+            RolloutCommand::Promote(p) => {
+                conn.call(c.promote(proto::RolloutActionRequest { force: p.force })).await
+            }
             RolloutCommand::Rollback(_) => conn.call(c.rollback(action)).await,
             RolloutCommand::Abort(_) => conn.call(c.abort(action)).await,
             RolloutCommand::Gc(_) => conn.call(c.gc(action)).await,

@@ -769,23 +769,23 @@ impl Rollouts for RolloutsService {
         Ok(self.status())
     }
 
-    async fn promote(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
-        self.state.rollout.act(&self.state, "promote").await?;
+    async fn promote(&self, r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
+        self.state.rollout.act(&self.state, "promote", r.into_inner().force).await?;
         Ok(self.status())
     }
 
     async fn rollback(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
-        self.state.rollout.act(&self.state, "rollback").await?;
+        self.state.rollout.act(&self.state, "rollback", false).await?;
         Ok(self.status())
     }
 
     async fn abort(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
-        self.state.rollout.act(&self.state, "abort").await?;
+        self.state.rollout.act(&self.state, "abort", false).await?;
         Ok(self.status())
     }
 
     async fn gc(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
-        self.state.rollout.act(&self.state, "gc").await?;
+        self.state.rollout.act(&self.state, "gc", false).await?;
         Ok(self.status())
     }
 

@@ -45,9 +45,21 @@ struct Progress {
     done: u64,
     total: u64,
     embedded: u64,
+    /// SKUs without a stored image (nothing to embed: vectors only).
+    without_image: u64,
+    /// Stored images that could not be read or embedded.
+    failed: u64,
     started: Option<Instant>,
     /// When the backfill ended (the rate is over started..finished).
     finished: Option<Instant>,
+}
+
+/// What a backfill has to do: stored images in all, SKUs without one the challenger lacks,
+/// and the (SKU, image sha256) pairs the challenger lacks.
+struct BackfillPlan {
+    total: u64,
+    without_image: u64,
+    todo: Vec<(SkuId, String)>,
 }
 
 /// The kind of query: latencies are only comparable within one kind (an image query embeds,
@@ -445,28 +457,40 @@ impl RolloutController {
         let todo = {
             let writer = Arc::clone(&writer);
             let version = version.clone();
-            blocking("backfill", move || -> Result<(u64, Vec<(SkuId, String)>), ServiceError> {
+            blocking("backfill", move || -> Result<BackfillPlan, ServiceError> {
                 let live = writer.live();
                 let view = live.version(&version).map_err(ServiceError::from)?;
-                let mut total = 0u64;
+                let (mut total, mut without_image) = (0u64, 0u64);
                 let mut todo = Vec::new();
-                writer.for_each_record(|sku, rec| {
-                    if let Some(sha) = &rec.image_sha256 {
+                writer.for_each_record(|sku, rec| match &rec.image_sha256 {
+                    Some(sha) => {
                         total += 1;
                         if !view.holds(sku.as_str()) {
                             todo.push((sku.clone(), sha.clone()));
                         }
                     }
+                    None if !view.holds(sku.as_str()) => without_image += 1,
+                    None => {}
                 })?;
-                Ok((total, todo))
+                Ok(BackfillPlan { total, without_image, todo })
             })
             .await??
         };
-        let (total, todo) = todo;
+        let BackfillPlan { total, without_image, todo } = todo;
+        if without_image > 0 {
+            tracing::warn!(
+                %version, without_image,
+                "SKUs without a stored image (upserted as vectors only) cannot be backfilled: the challenger \
+                 lacks them until they are upserted with an image or a vector for it, and a promotion refuses \
+                 unless forced"
+            );
+        }
         *self.progress.lock() = Progress {
             done: total - todo.len() as u64,
             total,
             embedded: 0,
+            without_image,
+            failed: 0,
             started: Some(Instant::now()),
             finished: None,
         };
@@ -496,7 +520,10 @@ impl RolloutController {
                         items.push((sku, sha));
                         images.push(b);
                     }
-                    Err(e) => tracing::warn!(%sku, "backfill cannot read the stored image: {e}"),
+                    Err(e) => {
+                        self.progress.lock().failed += 1;
+                        tracing::warn!(%sku, "backfill cannot read the stored image: {e}");
+                    }
                 }
             }
             // The same embedding path as upserts: one of the server's embed slots, blocking pool.
@@ -511,7 +538,10 @@ impl RolloutController {
                         vector,
                     }),
                     Ok(None) => {}
-                    Err(e) => tracing::warn!(%sku, "backfill cannot embed the stored image: {e}"),
+                    Err(e) => {
+                        self.progress.lock().failed += 1;
+                        tracing::warn!(%sku, "backfill cannot embed the stored image: {e}");
+                    }
                 }
             }
             let n = ops.len() as u64;
@@ -580,7 +610,24 @@ impl RolloutController {
         self.transition(state, |r| r.set_fraction(fraction).map(|()| Effect::None)).await.map(|_| ())
     }
 
-    pub async fn act(&self, state: &ServerState, action: &str) -> Result<(), ServiceError> {
+    pub async fn act(&self, state: &ServerState, action: &str, force: bool) -> Result<(), ServiceError> {
+        if action == "promote"
+            && !force
+            && let Some(r) = self.current().filter(|r| r.phase == Phase::Canary)
+        {
+            let (missing, examples) = uncovered(state, &r.champion, &r.challenger).await?;
+            if missing > 0 {
+                return Err(ServiceError::FailedPrecondition(format!(
+                    "{} lacks {missing} SKU(s) that {} serves (e.g. {}): upserted as vectors only, or their \
+                     stored image could not be embedded (see the server log), so a promotion would drop them \
+                     from search. Upsert them with an image (or a vector for {}), or promote with --force",
+                    r.challenger,
+                    r.champion,
+                    examples.join(", "),
+                    r.challenger,
+                )));
+            }
+        }
         let r = self
             .transition(state, |r| match action {
                 "promote" => r.promote(),
@@ -604,6 +651,8 @@ impl RolloutController {
             done: p.done,
             total: p.total,
             embedded: p.embedded,
+            without_image: p.without_image,
+            failed: p.failed,
             ..Default::default()
         };
         if r.phase != Phase::Backfilling && p.total == 0 {
@@ -683,6 +732,33 @@ impl RolloutController {
 
 fn new_windows(cfg: GuardrailConfig) -> Option<[Window; 2]> {
     Some([Window::new(cfg).ok()?, Window::new(cfg).ok()?])
+}
+
+/// How many SKUs `champion` holds a live vector of and `challenger` does not, and up to five
+/// of them: what a promotion would drop from search. O(catalogue), on the blocking pool.
+async fn uncovered(
+    state: &ServerState,
+    champion: &ModelVersion,
+    challenger: &ModelVersion,
+) -> Result<(u64, Vec<String>), ServiceError> {
+    let writer = Arc::clone(state.writer());
+    let (champion, challenger) = (champion.clone(), challenger.clone());
+    blocking("promote", move || -> Result<(u64, Vec<String>), ServiceError> {
+        let live = writer.live();
+        let old = live.version(&champion).map_err(ServiceError::from)?;
+        let new = live.version(&challenger).map_err(ServiceError::from)?;
+        let (mut missing, mut examples) = (0u64, Vec::new());
+        writer.for_each_record(|sku, _| {
+            if old.holds(sku.as_str()) && !new.holds(sku.as_str()) {
+                missing += 1;
+                if examples.len() < 5 {
+                    examples.push(sku.to_string());
+                }
+            }
+        })?;
+        Ok((missing, examples))
+    })
+    .await?
 }
 
 fn arm_gate(f: &ArmFigures) -> proto::ArmGate {

@@ -91,7 +91,7 @@ fn subset(root: &Path) -> (PathBuf, Vec<proto::GoldenQuery>) {
 /// Polls the status until the rollout leaves `backfilling`/`gating`.
 async fn settle(r: &mut RolloutsClient<Channel>) -> proto::RolloutStatus {
     for _ in 0..1200 {
-        let s = r.status(proto::RolloutActionRequest {}).await.unwrap().into_inner();
+        let s = r.status(proto::RolloutActionRequest::default()).await.unwrap().into_inner();
         if s.state != "backfilling" && s.state != "gating" {
             return s;
         }
@@ -157,7 +157,7 @@ async fn canary_rollout_end_to_end() {
     let channel = server.channel().await;
     let mut c = VisualSearchClient::new(channel.clone());
     let mut r = RolloutsClient::new(channel.clone()).max_encoding_message_size(64 << 20);
-    assert_eq!(r.status(proto::RolloutActionRequest {}).await.unwrap().into_inner().state, "none");
+    assert_eq!(r.status(proto::RolloutActionRequest::default()).await.unwrap().into_inner().state, "none");
 
     // 1. A degraded challenger: backfilled, then refused by the gate; it never serves.
     r.start(start_request(DEGRADED, &golden)).await.unwrap();
@@ -181,7 +181,7 @@ async fn canary_rollout_end_to_end() {
         .unwrap()
         .into_inner();
     assert_eq!(resp.model_version, DEFAULT_MODEL, "a refused challenger serves nothing");
-    let s = r.abort(proto::RolloutActionRequest {}).await.unwrap().into_inner();
+    let s = r.abort(proto::RolloutActionRequest::default()).await.unwrap().into_inner();
     assert_eq!(s.state, "aborted");
     assert!(!data.join("indexes").join(DEGRADED).exists());
 
@@ -197,7 +197,7 @@ async fn canary_rollout_end_to_end() {
         // The gate is the judge of whether GeM helps; let the test go on regardless.
         let forced = r.start(start_request(LITE2, &golden)).await;
         assert!(forced.is_err(), "a refused rollout must be aborted first");
-        r.abort(proto::RolloutActionRequest {}).await.unwrap();
+        r.abort(proto::RolloutActionRequest::default()).await.unwrap();
         let mut req = start_request(LITE2, &golden);
         req.force = true;
         r.start(req).await.unwrap();
@@ -259,7 +259,7 @@ async fn canary_rollout_end_to_end() {
     // not a fixed sleep, so a slow machine does not fail the test).
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let s = loop {
-        let s = r.status(proto::RolloutActionRequest {}).await.unwrap().into_inner();
+        let s = r.status(proto::RolloutActionRequest::default()).await.unwrap().into_inner();
         if s.shadow.as_ref().is_some_and(|sh| sh.compared > 0) || std::time::Instant::now() > deadline {
             break s;
         }
@@ -269,8 +269,30 @@ async fn canary_rollout_end_to_end() {
     assert!(shadow.compared > 0, "shadow comparisons ran: {s:?}");
     assert!(shadow.mean_jaccard > 0.0 && shadow.mean_rbo > 0.0);
 
-    // 3. Promote: the challenger serves; the old champion keeps receiving writes.
-    let s = r.promote(proto::RolloutActionRequest {}).await.unwrap().into_inner();
+    // 3. Promote: refused while the challenger lacks a SKU the champion serves (a vector for
+    // the champion only: nothing to backfill from), then forced; the challenger serves and
+    // the old champion keeps receiving writes.
+    let values: Vec<f32> = (0..1280).map(|i| ((i * 7 % 13) as f32 - 6.0) / 6.0).collect();
+    c.upsert(proto::UpsertRequest {
+        sku: "VECTOR-ONLY".into(),
+        attrs: None,
+        payload: Some(proto::upsert_request::Payload::Vector(proto::VectorPayload {
+            model_version: DEFAULT_MODEL.into(),
+            values,
+        })),
+    })
+    .await
+    .unwrap();
+    let refused = r.promote(proto::RolloutActionRequest::default()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused.message().contains("lacks 1 SKU") && refused.message().contains("VECTOR-ONLY"),
+        "{}",
+        refused.message()
+    );
+    let s = r.status(proto::RolloutActionRequest::default()).await.unwrap().into_inner();
+    assert_eq!(s.state, "canary", "a refused promotion changes nothing");
+    let s = r.promote(proto::RolloutActionRequest { force: true }).await.unwrap().into_inner();
     assert_eq!(
         (s.state.as_str(), s.serving.as_str(), s.retired.as_str()),
         ("promoted", LITE2, DEFAULT_MODEL)
@@ -289,7 +311,7 @@ async fn canary_rollout_end_to_end() {
     assert_eq!(versions_of(&mut c, "NEW-AFTER-PROMOTE").await.len(), 2);
 
     // 4. Roll back, then collect the loser; the state survives a restart.
-    let s = r.rollback(proto::RolloutActionRequest {}).await.unwrap().into_inner();
+    let s = r.rollback(proto::RolloutActionRequest::default()).await.unwrap().into_inner();
     assert_eq!((s.state.as_str(), s.serving.as_str()), ("rolled_back", DEFAULT_MODEL));
     drop((c, r));
     server.stop().await;
@@ -297,9 +319,9 @@ async fn canary_rollout_end_to_end() {
     let channel = server.channel().await;
     let mut c = VisualSearchClient::new(channel.clone());
     let mut r = RolloutsClient::new(channel);
-    let s = r.status(proto::RolloutActionRequest {}).await.unwrap().into_inner();
+    let s = r.status(proto::RolloutActionRequest::default()).await.unwrap().into_inner();
     assert_eq!((s.state.as_str(), s.serving.as_str()), ("rolled_back", DEFAULT_MODEL));
-    let s = r.gc(proto::RolloutActionRequest {}).await.unwrap().into_inner();
+    let s = r.gc(proto::RolloutActionRequest::default()).await.unwrap().into_inner();
     assert!(s.collected);
     assert!(!data.join("indexes").join(LITE2).exists());
     assert_eq!(versions_of(&mut c, "NEW-AFTER-PROMOTE").await, vec![DEFAULT_MODEL.to_string()]);
@@ -334,7 +356,7 @@ async fn canary_rollout_end_to_end() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let s = r.status(proto::RolloutActionRequest {}).await.unwrap().into_inner();
+    let s = r.status(proto::RolloutActionRequest::default()).await.unwrap().into_inner();
     let g = s.guardrail.clone().unwrap();
     println!("guardrail: {failures} failed requests before the trip; reason: {}", g.reason);
     assert_eq!(s.state, "rolled_back", "{s:?}");
