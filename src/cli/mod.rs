@@ -285,8 +285,34 @@ fn serve_main(argv: Vec<std::ffi::OsString>) -> anyhow::Result<ExitCode> {
         Err(config::ConfigError::Cli(e)) => e.exit(),
         r => r?,
     };
+    let origin = |id: &str| match resolved.sources.get(id) {
+        Some(config::Source::File) => format!(
+            "key `{id}` in config file {}",
+            resolved.config_file.as_deref().unwrap_or(std::path::Path::new("?")).display()
+        ),
+        Some(config::Source::Env(var)) => var.clone(),
+        Some(config::Source::Flag) => format!("--{}", id.replace('_', "-")),
+        _ => "the default".to_string(),
+    };
     if print {
         print!("{}", config::render(&cmd, &resolved));
+        // The same checks `serve` makes before it opens anything: settings it would refuse
+        // are not reported as fine.
+        let refused = match ServeArgs::from_arg_matches(&resolved.matches) {
+            Err(e) => Some(e.to_string().trim().trim_start_matches("error: ").to_string()),
+            Ok(args) => serve_config(
+                &args,
+                false,
+                crate::server::batcher::BatchPolicy::for_device(&candle_core::Device::Cpu),
+                &origin,
+            )
+            .err()
+            .map(|e| format!("{e:#}")),
+        };
+        if let Some(why) = refused {
+            eprintln!("error: `vitrine serve` would refuse these settings: {why}");
+            return Ok(ExitCode::FAILURE);
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let args = ServeArgs::from_arg_matches(&resolved.matches).unwrap_or_else(|e| e.exit());
@@ -294,7 +320,7 @@ fn serve_main(argv: Vec<std::ffi::OsString>) -> anyhow::Result<ExitCode> {
     if let Some(p) = &resolved.config_file {
         tracing::info!(config = %p.display(), "settings read");
     }
-    run_serve(args)
+    run_serve(args, &origin)
 }
 
 pub fn run() -> anyhow::Result<ExitCode> {
@@ -383,16 +409,44 @@ pub fn run_ingest(a: &IngestArgs) -> anyhow::Result<ExitCode> {
     Ok(ingest_exit(report.accepted() as u64, report.rejected.len(), a))
 }
 
-fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
+fn run_serve(a: ServeArgs, origin: &dyn Fn(&str) -> String) -> anyhow::Result<ExitCode> {
     let registry = a.models.registry()?;
+    let gpu = !registry.device().is_cpu();
+    let batch = crate::server::batcher::BatchPolicy::for_device(registry.device());
+    let config = serve_config(&a, gpu, batch, origin)?;
+    let rt = server::priority::runtime(a.io_nice)?;
+    rt.block_on(async move {
+        let listener =
+            bind(&a.listen).await.with_context(|| format!("listen address ({})", origin("listen")))?;
+        let metrics = match a.metrics_listen {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {addr} (--metrics-listen)"))?,
+            ),
+            None => None,
+        };
+        server::serve_with_metrics(config, registry, listener, metrics, shutdown_signal()).await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every check `serve` makes of its settings before it opens anything (so `--print-config`
+/// makes them too), and the server configuration they give. `gpu` and `batch` are the
+/// device's defaults; `origin` names where a setting came from, for errors.
+fn serve_config(
+    a: &ServeArgs,
+    gpu: bool,
+    mut batch: crate::server::batcher::BatchPolicy,
+    origin: &dyn Fn(&str) -> String,
+) -> anyhow::Result<ServeConfig> {
+    check_listen(&a.listen).with_context(|| format!("listen address ({})", origin("listen")))?;
     let mut config = ServeConfig::new(&a.data_dir);
     config.default_model = ModelVersion::new(a.model.clone()).context("--model")?;
-    let gpu = !registry.device().is_cpu();
     let embeds =
         a.max_concurrent_embeds.unwrap_or(if gpu { 64 } else { AdmissionConfig::default().embed.running });
     // The embed queue is as deep as the slots (see AdmissionConfig::default).
     config.admission.embed = crate::server::admission::Limit { running: embeds, queued: embeds };
-    let mut batch = crate::server::batcher::BatchPolicy::for_device(registry.device());
     if let Some(n) = a.query_batch {
         if n == 0 {
             anyhow::bail!("--query-batch must be at least 1 (1 turns batching off)");
@@ -404,6 +458,10 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
     config.admission.search.running = a.max_concurrent_searches;
     config.admission.write.running = a.max_concurrent_writes;
     config.admission.max_wait = std::time::Duration::from_millis(a.admission_wait_ms);
+    config
+        .admission
+        .validate()
+        .map_err(|e| anyhow::anyhow!("admission limits (--max-concurrent-embeds/-searches/-writes): {e}"))?;
     if a.seal_items == 0 || a.max_segments == 0 || a.max_pending_seals == 0 {
         anyhow::bail!("--seal-items, --max-segments and --max-pending-seals must be at least 1");
     }
@@ -441,20 +499,20 @@ fn run_serve(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .connections
         .validate()
         .map_err(|e| anyhow::anyhow!("--max-connections / --idle-timeout-secs: {e}"))?;
-    let rt = server::priority::runtime(a.io_nice)?;
-    rt.block_on(async move {
-        let listener = bind(&a.listen).await?;
-        let metrics = match a.metrics_listen {
-            Some(addr) => Some(
-                tokio::net::TcpListener::bind(addr)
-                    .await
-                    .with_context(|| format!("cannot listen for metrics on {addr} (--metrics-listen)"))?,
-            ),
-            None => None,
-        };
-        server::serve_with_metrics(config, registry, listener, metrics, shutdown_signal()).await
-    })?;
-    Ok(ExitCode::SUCCESS)
+    Ok(config)
+}
+
+/// Checks that `listen` has the form HOST:PORT (a bracketed IPv6 address, an IP address or a
+/// name), without resolving the name.
+fn check_listen(listen: &str) -> anyhow::Result<()> {
+    let shown: String = listen.chars().take(200).collect();
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        anyhow::bail!("{shown:?} is not HOST:PORT (for example 127.0.0.1:50051 or [::1]:50051)");
+    };
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        anyhow::bail!("{shown:?} is not HOST:PORT with a port from 0 to 65535");
+    }
+    Ok(())
 }
 
 /// Listens on `HOST:PORT`, resolving a host name (the first of its addresses that binds).

@@ -160,6 +160,10 @@ impl ServerState {
         models: Arc<ModelRegistry>,
         addr: SocketAddr,
     ) -> Result<Self, anyhow::Error> {
+        // Settings first: a refusal must not come after the writer has opened (and replayed)
+        // the directory.
+        config.guardrail.validate()?;
+        config.admission.validate().map_err(|e| anyhow::anyhow!("admission limits: {e}"))?;
         let default = models
             .get(&config.default_model)
             .with_context(|| format!("cannot load model {}", config.default_model))?;
@@ -196,8 +200,6 @@ impl ServerState {
             );
         }
         writer.live().versions.values().for_each(|v| v.sealed.iter().for_each(|s| s.segment.warm()));
-        config.guardrail.validate()?;
-        config.admission.validate().map_err(|e| anyhow::anyhow!("admission limits: {e}"))?;
         let rollout = Arc::new(RolloutController::new(
             &writer.live(),
             config.data_dir.clone(),

@@ -73,6 +73,31 @@ fn bad_settings_stop_serve_naming_the_key() {
     assert!(text(&out.stderr).contains("--data-dir"), "{}", text(&out.stderr));
 }
 
+/// `--print-config` makes the checks `serve` makes before it opens anything: a setting serve
+/// refuses is not reported as fine, and serve refuses it before creating the data directory.
+#[test]
+fn print_config_fails_where_serve_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let data_line = format!("data_dir = {:?}\n", data.display().to_string());
+    for (body, want) in [
+        ("listen = 5\n", "key `listen` in config file"),
+        ("listen = \"localhost\"\n", "is not HOST:PORT"),
+        ("max_concurrent_searches = 0\n", "search concurrency must be at least 1"),
+        ("guardrail_max_p99_ratio = nan\n", "max_p99_ratio is NaN"),
+    ] {
+        let file = write(dir.path(), &format!("{data_line}{body}"));
+        let out = serve(&["--config", &file, "--print-config"], &[]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{body}: {err}");
+        assert!(err.contains("would refuse") && err.contains(want), "{body}: {err}");
+        let out = serve(&["--config", &file], &[]);
+        assert_eq!(out.status.code(), Some(1), "{body}: {}", text(&out.stderr));
+        assert!(text(&out.stderr).contains(want), "{body}: {}", text(&out.stderr));
+        assert!(!data.exists(), "{body}: serve created the data directory before refusing");
+    }
+}
+
 #[test]
 fn search_k_out_of_range_is_a_usage_error() {
     for k in ["0", "1001"] {
