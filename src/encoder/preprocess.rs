@@ -132,6 +132,7 @@ pub fn decode(bytes: &[u8]) -> Result<DynamicImage, PreprocessError> {
     let mut decoder = reader.into_decoder().map_err(classify_error)?;
     let (width, height) = decoder.dimensions();
     check_dimensions(width, height)?;
+    check_jpeg_data(format, bytes.len(), width, height)?;
     let bytes_per_pixel = decoder.color_type().bytes_per_pixel();
     if u64::from(width) * u64::from(height) * u64::from(bytes_per_pixel) > MAX_DECODED_BYTES {
         return Err(PreprocessError::OverBudget { width, height, bytes_per_pixel });
@@ -170,6 +171,24 @@ fn check_complete(format: ImageFormat, bytes: &[u8]) -> Result<(), PreprocessErr
         }
         _ => Ok(()),
     }
+}
+
+/// A JPEG's compressed data can never be smaller than this share of its pixels, in bytes:
+/// every 8x8 luma block costs at least one bit (its DC code) over all the scans together, so
+/// 1/512; half that, for a margin.
+const JPEG_MIN_BYTES_PER_PIXEL: f64 = 1.0 / 1024.0;
+
+/// Refuses a JPEG whose header claims far more pixels than its data could describe: a file of
+/// a few hundred bytes claiming 6000x6000 has lost (or never had) its scan data, which the
+/// decoder would pad with grey at the full decoded size (about 160 MB of work for nothing).
+fn check_jpeg_data(format: ImageFormat, len: usize, width: u32, height: u32) -> Result<(), PreprocessError> {
+    let pixels = f64::from(width) * f64::from(height);
+    if format == ImageFormat::Jpeg && (len as f64) < pixels * JPEG_MIN_BYTES_PER_PIXEL {
+        return Err(PreprocessError::Truncated(
+            "JPEG holds too little data for the size its header claims (at least 1 byte per 1,024 pixels)",
+        ));
+    }
+    Ok(())
 }
 
 /// Refuses empty images and images over the pixel budget, from their header dimensions.
@@ -313,6 +332,23 @@ mod tests {
         assert!(preprocess(&webp, 224, &NORM).is_ok());
         let err = preprocess(&webp[..webp.len() - 3], 224, &NORM).unwrap_err();
         assert!(matches!(err, PreprocessError::Truncated(_)), "{err:?}");
+    }
+
+    /// A real JPEG whose frame header is patched to claim 6000 x 6000: complete framing (scan
+    /// and end markers), but far too little data for that size.
+    #[test]
+    fn a_jpeg_claiming_more_pixels_than_its_data_holds_is_refused() {
+        let mut jpeg = Vec::new();
+        DynamicImage::ImageRgb8(RgbImage::from_pixel(16, 16, image::Rgb([200, 30, 30])))
+            .write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .unwrap();
+        assert!(preprocess(&jpeg, 224, &NORM).is_ok());
+        let sof = jpeg.windows(2).position(|w| w == [0xFF, 0xC0]).expect("a baseline frame header");
+        // FF C0, length (2), precision (1), height (2), width (2).
+        jpeg[sof + 5..sof + 9].copy_from_slice(&[0x17, 0x70, 0x17, 0x70]);
+        let err = preprocess(&jpeg, 224, &NORM).unwrap_err();
+        assert!(matches!(err, PreprocessError::Truncated(_)), "{err:?}");
+        assert!(err.to_string().contains("too little data"), "{err}");
     }
 
     #[test]
