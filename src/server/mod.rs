@@ -18,6 +18,7 @@ pub mod fuzzing;
 pub mod metrics;
 mod metrics_http;
 pub mod observe;
+mod per_method;
 pub mod priority;
 pub mod rollout;
 mod writes;
@@ -40,7 +41,7 @@ use crate::index::{
 };
 use crate::models::ModelRegistry;
 use crate::proto;
-use crate::proto::rollouts_server::{Rollouts, RolloutsServer};
+use crate::proto::rollouts_server::Rollouts;
 use crate::proto::visual_search_server::{VisualSearch, VisualSearchServer};
 use crate::rollout::guardrail::GuardrailConfig;
 use crate::rollout::router::Arm;
@@ -886,8 +887,11 @@ pub async fn serve_with_metrics(
 
     let service = VisualSearchServer::new(VisualSearchService::new(Arc::clone(&state)))
         .max_decoding_message_size(MAX_REQUEST_BYTES);
-    let rollouts = RolloutsServer::new(RolloutsService { state: Arc::clone(&state) })
-        .max_decoding_message_size(MAX_GOLDEN_BYTES);
+    let rollouts = per_method::RolloutsByMethod::new(
+        RolloutsService { state: Arc::clone(&state) },
+        MAX_GOLDEN_BYTES,
+        MAX_REQUEST_BYTES,
+    );
     let serving = builder
         .layer(observe::ObserveLayer::new(Arc::clone(&state.metrics)))
         .layer(auth::AuthLayer::new(Arc::clone(&config.auth)))

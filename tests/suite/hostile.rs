@@ -84,3 +84,37 @@ async fn hostile_requests_are_refused_with_short_reasons() {
     let err = c.search_by_image(req).await.expect_err("past its deadline");
     assert!(matches!(err.code(), Code::Cancelled | Code::DeadlineExceeded), "{err:?}");
 }
+
+/// `Rollouts/Start` takes a golden set of up to 512 MiB; every other `Rollouts` method (a
+/// `Status` read) has the same 40 MiB request limit as the search service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_reads_do_not_take_golden_set_sized_requests() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(ServeConfig::new(dir.path()), common::models()).await;
+    let channel = server.channel().await;
+    let big = proto::RolloutStartRequest {
+        model_version: "no-such-model".into(),
+        golden: vec![proto::GoldenQuery {
+            image: vec![7; 41 << 20],
+            expected: vec!["X".into()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let call = |path: &'static str| {
+        let (channel, big) = (channel.clone(), big.clone());
+        async move {
+            let mut grpc = tonic::client::Grpc::new(channel).max_encoding_message_size(64 << 20);
+            grpc.ready().await.unwrap();
+            let codec =
+                tonic_prost::ProstCodec::<proto::RolloutStartRequest, proto::RolloutStatus>::default();
+            let path = http::uri::PathAndQuery::from_static(path);
+            grpc.unary(tonic::Request::new(big), path, codec).await
+        }
+    };
+    let err = call("/vitrine.v1.Rollouts/Status").await.expect_err("over the read limit");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    // The same bytes are within Start's limit: decoded, then refused for what they say.
+    let err = call("/vitrine.v1.Rollouts/Start").await.expect_err("no such model");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+}
