@@ -139,6 +139,33 @@ fn log(method: &str, code: tonic::Code, latency_ms: f64, model_version: &str, he
     tracing::info!(target: "vitrine::request", method, code, latency_ms, model_version, error, "request");
 }
 
+/// A call whose answer was never produced, logged and counted as `CANCELLED` when dropped
+/// with `rpc` still set.
+struct Unanswered<'a> {
+    method: &'a str,
+    rpc: Option<Arc<str>>,
+    metrics: &'a Metrics,
+    started: Instant,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        let Some(rpc) = self.rpc.take() else { return };
+        let latency = self.started.elapsed();
+        let latency_ms = (latency.as_secs_f64() * 1e6).round() / 1000.0;
+        tracing::info!(
+            target: "vitrine::request",
+            method = self.method,
+            code = code_name(tonic::Code::Cancelled),
+            latency_ms,
+            error = "ended before its answer (the client cancelled, its deadline passed, or the server stopped)",
+            "request"
+        );
+        let labels = RpcLabels { rpc, model_version: String::new(), arm: "" };
+        self.metrics.record_rpc(&labels, tonic::Code::Cancelled, latency);
+    }
+}
+
 impl<S, B, R> tower_service::Service<http::Request<B>> for Observe<S>
 where
     S: tower_service::Service<http::Request<B>, Response = http::Response<R>>,
@@ -160,7 +187,12 @@ where
         let metrics = Arc::clone(&self.layer.metrics);
         let fut = self.inner.call(req);
         Box::pin(async move {
+            // Logs and counts the call if its future is dropped before the answer: the client
+            // reset the stream (it cancelled, or its deadline passed) or the server stopped.
+            let mut unanswered =
+                Unanswered { method: &method, rpc: Some(rpc.clone()), metrics: &metrics, started };
             let mut result = fut.await;
+            unanswered.rpc = None;
             let latency = started.elapsed();
             let (code, model_version, arm) = match &mut result {
                 Ok(resp) => {

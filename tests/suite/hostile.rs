@@ -118,3 +118,47 @@ async fn rollout_reads_do_not_take_golden_set_sized_requests() {
     let err = call("/vitrine.v1.Rollouts/Start").await.expect_err("no such model");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }
+
+/// A call the client abandons before its answer (an image query dropped while the server
+/// decodes its 36-megapixel image) is logged and counted as `CANCELLED`, not lost from the
+/// request counts. Every call that reaches the server is counted with some code, so the
+/// test retries with another delay when the call ended first or never arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_calls_are_counted_as_cancelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = Server::start(ServeConfig::new(dir.path()), common::models()).await;
+    let c = VisualSearchClient::new(server.channel().await).max_encoding_message_size(64 << 20);
+    let gradient =
+        image::RgbImage::from_fn(6000, 6000, |x, y| image::Rgb([(x % 251) as u8, (y % 241) as u8, 90]));
+    let mut png = Vec::new();
+    gradient.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    let count = |code: &'static str| {
+        let server = &server;
+        async move {
+            let series = format!("vitrine_requests_total{{rpc=\"SearchByImage\",code=\"{code}\"");
+            server.metric(&series).await.first().map_or(0.0, |(_, n)| *n)
+        }
+    };
+    let mut delay = std::time::Duration::from_millis(100);
+    for attempt in 0..8 {
+        let before = (count("CANCELLED").await, count("OK").await);
+        let (mut c, png) = (c.clone(), png.clone());
+        let call = tokio::spawn(async move { c.search_by_image(by_image(png)).await });
+        tokio::time::sleep(delay).await;
+        call.abort();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if count("CANCELLED").await > before.0 {
+                return;
+            }
+            if count("OK").await > before.1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // Answered before the abort: abort sooner; never arrived: later.
+        delay = if count("OK").await > before.1 { delay / 2 } else { delay * 2 };
+        println!("attempt {attempt}: no CANCELLED count, next delay {delay:?}");
+    }
+    panic!("an abandoned call was never counted as CANCELLED");
+}
