@@ -27,6 +27,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -382,9 +383,13 @@ impl ServerState {
         &self,
         encoder: &Arc<crate::encoder::Encoder>,
         image: &[u8],
+        gone: Option<&AtomicBool>,
     ) -> Result<Vec<f32>, ServiceError> {
         let started = std::time::Instant::now();
         let prepared = encoder.preprocess(image)?;
+        if gone.is_some_and(|g| g.load(Ordering::Acquire)) {
+            return Err(ServiceError::Internal(ABANDONED.into()));
+        }
         if self.query_batch.enabled() {
             return self.batcher(encoder)?.embed(prepared).map_err(|e| match e {
                 batcher::BatchError::Encoder(e) => ServiceError::Encoder(e),
@@ -428,19 +433,46 @@ impl ServerState {
         // The slot goes with the work and is freed when it ends (see `search_by_vector`).
         let permit = self.admission.admit(Work::Embed).await?;
         let (state, view) = (Arc::clone(self), Arc::clone(view));
-        blocking("embedding", move || -> Result<_, ServiceError> {
+        // Set if this call is dropped (its client went away) while the work runs: the task
+        // then skips the forward pass and the search, and frees the embedding slot sooner.
+        let mut abandoned = Abandoned { flag: Arc::new(AtomicBool::new(false)), armed: true };
+        let gone = Arc::clone(&abandoned.flag);
+        let result = blocking("embedding", move || -> Result<_, ServiceError> {
             let _permit = permit.working();
+            if gone.load(Ordering::Acquire) {
+                return Err(ServiceError::Internal(ABANDONED.into()));
+            }
             if state.rollout.inject_fault(arm) {
                 return Err(ServiceError::Internal("injected canary fault".into()));
             }
-            let q = state.embed_query(&encoder, &image)?;
+            let q = state.embed_query(&encoder, &image, Some(&gone))?;
             state.search(&view, &q, &o, None)
         })
-        .await?
+        .await;
+        abandoned.armed = false;
+        result?
     }
 }
 
 type Resp<T> = Result<Response<T>, Status>;
+
+/// The error of an embedding whose caller went away (never sent: nobody is listening).
+const ABANDONED: &str = "the caller went away before its image was embedded";
+
+/// Sets its flag when dropped while armed: the embedding's caller was dropped before the
+/// answer.
+struct Abandoned {
+    flag: Arc<AtomicBool>,
+    armed: bool,
+}
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        if self.armed {
+            self.flag.store(true, Ordering::Release);
+        }
+    }
+}
 
 /// The rollout arm of a routed query, while a canary takes traffic (`champion`/`challenger`).
 fn route_arm(route: &rollout::Route) -> Option<&'static str> {
@@ -509,7 +541,7 @@ impl VisualSearch for VisualSearchService {
             let hits = resp.hits.iter().map(|h| h.sku.clone()).collect();
             self.state.rollout.shadow(&self.state, Kind::Image, hits, move || {
                 let enc = state.models.get(&other.version).map_err(ServiceError::from)?;
-                let q = state.embed_query(&enc, &image)?;
+                let q = state.embed_query(&enc, &image, None)?;
                 let hits = state.search_hits(&other, &q, &o, None)?;
                 Ok(hits.into_iter().map(|h| h.sku.to_string()).collect())
             });
