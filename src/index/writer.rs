@@ -887,7 +887,10 @@ impl State {
                         deferred.push(m)
                     }
                     Msg::Write { ops, reply, queued } => {
-                        oldest = Some(oldest.map_or(queued, |o| o.min(queued)));
+                        // A group starts afresh after a checkpoint or admin op processed the
+                        // writes before it.
+                        oldest =
+                            Some(oldest.filter(|_| !writes.is_empty()).map_or(queued, |o| o.min(queued)));
                         writes.push((ops, reply))
                     }
                     Msg::Checkpoint { reply } => {

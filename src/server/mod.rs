@@ -805,22 +805,22 @@ impl Rollouts for RolloutsService {
     }
 
     async fn promote(&self, r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
-        self.state.rollout.act(&self.state, "promote", r.into_inner().force).await?;
+        self.state.rollout.promote(&self.state, r.into_inner().force).await?;
         Ok(self.status())
     }
 
     async fn rollback(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
-        self.state.rollout.act(&self.state, "rollback", false).await?;
+        self.state.rollout.act(&self.state, "rollback").await?;
         Ok(self.status())
     }
 
     async fn abort(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
-        self.state.rollout.act(&self.state, "abort", false).await?;
+        self.state.rollout.act(&self.state, "abort").await?;
         Ok(self.status())
     }
 
     async fn gc(&self, _r: Request<proto::RolloutActionRequest>) -> Resp<proto::RolloutStatus> {
-        self.state.rollout.act(&self.state, "gc", false).await?;
+        self.state.rollout.act(&self.state, "gc").await?;
         Ok(self.status())
     }
 

@@ -610,11 +610,9 @@ impl RolloutController {
         self.transition(state, |r| r.set_fraction(fraction).map(|()| Effect::None)).await.map(|_| ())
     }
 
-    pub async fn act(&self, state: &ServerState, action: &str, force: bool) -> Result<(), ServiceError> {
-        if action == "promote"
-            && !force
-            && let Some(r) = self.current().filter(|r| r.phase == Phase::Canary)
-        {
+    /// Promotes the challenger, refused while it lacks SKUs the champion serves unless `force`.
+    pub async fn promote(&self, state: &ServerState, force: bool) -> Result<(), ServiceError> {
+        if !force && let Some(r) = self.current().filter(|r| r.phase == Phase::Canary) {
             let (missing, examples) = uncovered(state, &r.champion, &r.challenger).await?;
             if missing > 0 {
                 return Err(ServiceError::FailedPrecondition(format!(
@@ -628,6 +626,10 @@ impl RolloutController {
                 )));
             }
         }
+        self.act(state, "promote").await
+    }
+
+    pub async fn act(&self, state: &ServerState, action: &str) -> Result<(), ServiceError> {
         let r = self
             .transition(state, |r| match action {
                 "promote" => r.promote(),
