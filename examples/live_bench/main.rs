@@ -10,6 +10,10 @@
 //!    2a a disk watch appends 5 KiB and syncs on a file of its own every 10 ms
 //!    (`--disk-watch-ms`) and its line says how often the disk itself took over 5 ms and how
 //!    many acks over 5 ms were in flight during such a sync.
+//! 2. (first, before 2a; `--no-floor` skips it) phase 2f, the floor under 2a: the same paced
+//!    clients against a bare gRPC server in this process (`floor.rs`) that only group-commits
+//!    their records, with the disk watch beside it; 2a's lines then give its p99 as a ratio to
+//!    the floor's.
 //! 2. vector upserts, N concurrent clients (default 16): (a) paced at `--paced-rate` (default
 //!    5,000/s, the target's throughput) in total, open loop, latency from each request's
 //!    scheduled send when its client was behind (a slow answer counts against the ones
@@ -73,6 +77,9 @@ use vitrine::proto;
 use vitrine::proto::visual_search_client::VisualSearchClient;
 use vitrine::segment::synth::{Sampler, SplitMix64, Structured};
 use vitrine::server::{ServeConfig, serve};
+
+mod floor;
+use floor::Floor;
 
 /// EfficientNet-Lite0's embedding length.
 const DIM: usize = 1280;
@@ -151,6 +158,22 @@ struct Args {
     /// Diagnostic: stop after phase 2 (skip images, searches and the restart).
     #[arg(long)]
     only_writes: bool,
+    /// Skip phase 2f (the floor under 2a: the same paced clients against a bare gRPC server
+    /// that only group-commits their records).
+    #[arg(long)]
+    no_floor: bool,
+    /// Diagnostic: during phase 2f, a thread rewrites a file of this many MiB of zeros
+    /// through vitrine's paced writer, over and over (as spare log files and segments are
+    /// written while vitrine acknowledges writes); 0, the default: none.
+    #[arg(long, default_value_t = 0)]
+    floor_background_mib: u64,
+    /// Diagnostic: during phase 2f, this many idle-class threads compute (as seals and merges
+    /// do, yielding as they do) beside the floor.
+    #[arg(long, default_value_t = 0)]
+    floor_background_cpu: usize,
+    /// Diagnostic: stop after phase 2f.
+    #[arg(long)]
+    only_floor: bool,
     /// Milliseconds between the disk watch's syncs during phases 1 and 2a (an append of 5 KiB
     /// and `sync_data` on a file of its own beside the server's data directory); 0 turns the
     /// watch off.
@@ -353,16 +376,21 @@ impl Server {
 
     /// A new client on its own HTTP/2 connection.
     async fn client(&self) -> anyhow::Result<Client> {
-        let channel = Endpoint::from_shared(self.url.clone())?.tcp_nodelay(true).connect().await?;
-        Ok(VisualSearchClient::new(channel)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20))
+        connect(&self.url).await
     }
 
     async fn stop(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
         self.task.await.context("server task")?
     }
+}
+
+/// A new client of the server at `url` on its own HTTP/2 connection.
+async fn connect(url: &str) -> anyhow::Result<Client> {
+    let channel = Endpoint::from_shared(url.to_string())?.tcp_nodelay(true).connect().await?;
+    Ok(VisualSearchClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
 }
 
 fn vector_upsert(sku: String, version: &str, values: Vec<f32>) -> proto::UpsertRequest {
@@ -874,6 +902,65 @@ fn main() -> anyhow::Result<()> {
             higher_is_better: false,
         });
 
+        // Phase 2f: the floor under 2a (`floor.rs`): the same paced clients against a bare
+        // server that only group-commits, run first, while vitrine's server is idle.
+        let floor_p99 = if args.no_floor {
+            None
+        } else {
+            let bytes = (args.paced_rate * plan.concurrent_secs * (DIM * 4 + 64) as f64) as u64;
+            let floor = Floor::start(tmp.path(), bytes).await?;
+            let mut floor_clients = Vec::with_capacity(args.clients);
+            for _ in 0..args.clients {
+                floor_clients.push(connect(&floor.url).await?);
+            }
+            let watch = DiskWatch::start(tmp.path(), watch_every)?;
+            let stop_bg = Arc::new(AtomicBool::new(false));
+            let bg = (args.floor_background_mib > 0)
+                .then(|| floor::background_writer(tmp.path(), args.floor_background_mib << 20, Arc::clone(&stop_bg)))
+                .transpose()?;
+            let spinners: Vec<_> = (0..args.floor_background_cpu)
+                .map(|_| floor::background_spinner(Arc::clone(&stop_bg)))
+                .collect::<Result<_, _>>()?;
+            let sent = drive_upserts(&floor_clients, v, "P2F", plan.concurrent_secs, Some(args.paced_rate)).await?;
+            stop_bg.store(true, Ordering::Relaxed);
+            for s in spinners {
+                let _ = s.join();
+            }
+            if let Some(bg) = bg {
+                let files = bg.join().map_err(|_| anyhow::anyhow!("the floor's background writer panicked"))??;
+                out.line(format!(
+                    "   (diagnostic) beside it, {files} files of {} MiB written through the paced writer",
+                    args.floor_background_mib
+                ));
+            }
+            let disk = watch.map(DiskWatch::finish).transpose()?;
+            drop(floor_clients);
+            let syncs = floor.stop().await?;
+            let lat = Lat::of(&sent.lats.iter().flatten().map(|x| x.0).collect::<Vec<_>>());
+            out.line(format!(
+                "2f. the floor: the same {} clients at {:.0}/s against a bare gRPC server that only group-commits \
+                 (tonic, one write + sync_data per group, nothing else): {}; {:.1} records per sync",
+                args.clients,
+                args.paced_rate,
+                lat.line(),
+                lat.n as f64 / syncs.max(1) as f64
+            ));
+            let mut floor_report = json!({"ack": lat.json(), "syncs": syncs});
+            if let Some(syncs) = &disk {
+                let acks = sent.lats.iter().flatten().map(|&(l, at)| (sent.started + at, l));
+                let (line, disk) = disk_report(syncs, acks);
+                out.line(line);
+                floor_report["disk"] = disk;
+            }
+            report.insert("paced_floor".into(), floor_report);
+            if args.only_floor {
+                server.stop().await?;
+                let _ = std::fs::remove_dir_all(tmp.path());
+                std::process::exit(0);
+            }
+            Some(lat.p99)
+        };
+
         // Phase 2a: N clients paced at the target rate in total (open loop, latency from each
         // request's scheduled time, so a slow answer also counts against the ones behind it).
         let mut clients = Vec::with_capacity(args.clients);
@@ -912,6 +999,11 @@ fn main() -> anyhow::Result<()> {
             let (line, disk) = disk_report(syncs, acks);
             out.line(line);
             paced_report["disk"] = disk;
+        }
+        if let Some(floor) = floor_p99 {
+            let ratio = paced_lat.p99 / floor.max(1e-9);
+            out.line(format!("   p99 {:.2} ms against the floor's {floor:.2} ms (2f): {ratio:.2}x", paced_lat.p99));
+            paced_report["p99_over_floor"] = json!(ratio);
         }
         report.insert("paced".into(), paced_report);
         targets.push(Target {
