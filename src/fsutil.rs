@@ -41,7 +41,7 @@ pub fn note_log_sync() {
 
 /// Whether the log has synced within the last 200 ms (acknowledgements are waiting on the
 /// disk).
-fn log_is_live() -> bool {
+pub fn log_is_live() -> bool {
     let last = LAST_LOG_SYNC_US.load(Ordering::Relaxed);
     last != 0 && epoch().elapsed().as_micros() as u64 <= last + LIVE_WINDOW.as_micros() as u64
 }

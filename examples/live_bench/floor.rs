@@ -20,15 +20,6 @@ use vitrine::proto::visual_search_server::{VisualSearch, VisualSearchServer};
 /// (zeros or earlier records: either way no file size or extent changes, as in vitrine's log).
 const MAX_FILE: u64 = 512 << 20;
 
-/// Microseconds since the first call (the committer's last sync, for the background writer).
-fn since_start_us() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START.get_or_init(std::time::Instant::now).elapsed().as_micros() as u64
-}
-
-/// When the committer last synced ([`since_start_us`]).
-static LAST_SYNC_US: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
 /// One record for the committer and the answer it sends once the record is on disk.
 type Pending = (Vec<u8>, oneshot::Sender<()>);
 
@@ -38,7 +29,6 @@ pub struct Floor {
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     committer: std::thread::JoinHandle<std::io::Result<u64>>,
-    path: PathBuf,
 }
 
 impl Floor {
@@ -83,7 +73,7 @@ impl Floor {
                 },
             ),
         );
-        Ok(Self { url, stop, task, committer, path })
+        Ok(Self { url, stop, task, committer })
     }
 
     /// Stops the server and its committer; returns the number of `sync_data` calls it made.
@@ -94,9 +84,8 @@ impl Floor {
         let syncs = tokio::task::spawn_blocking(move || self.committer.join())
             .await?
             .map_err(|_| anyhow::anyhow!("the floor's committer panicked"))??;
-        // Left for the end of the bench: deleting 100s of MiB here could issue discards while
-        // the next phase is measured.
-        let _ = &self.path;
+        // The file stays until the bench removes its directory: deleting 100s of MiB here
+        // could issue discards while the next phase is measured.
         Ok(syncs)
     }
 }
@@ -120,7 +109,6 @@ fn commit(file: &std::fs::File, size: u64, rx: &mpsc::Receiver<Pending>) -> std:
         file.sync_data()?;
         // As vitrine's log does: background file writes in this process slow down meanwhile.
         vitrine::fsutil::note_log_sync();
-        LAST_SYNC_US.store(since_start_us(), std::sync::atomic::Ordering::Relaxed);
         syncs += 1;
         at += buf.len() as u64;
         for answer in answers.drain(..) {
@@ -150,9 +138,7 @@ pub fn background_writer(
         let mut dead: std::collections::VecDeque<(PathBuf, u64)> = Default::default();
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
             // Only while the floor acknowledges writes (not while the clients draw vectors).
-            if since_start_us().saturating_sub(LAST_SYNC_US.load(std::sync::atomic::Ordering::Relaxed))
-                > 200_000
-            {
+            if !vitrine::fsutil::log_is_live() {
                 std::thread::sleep(std::time::Duration::from_millis(5));
                 continue;
             }
@@ -203,9 +189,7 @@ pub fn background_spinner(
         let data: Vec<f32> = (0..1 << 20).map(|i| (i % 97) as f32 * 0.01).collect();
         let mut acc = 0f32;
         while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-            if since_start_us().saturating_sub(LAST_SYNC_US.load(std::sync::atomic::Ordering::Relaxed))
-                > 200_000
-            {
+            if !vitrine::fsutil::log_is_live() {
                 std::thread::sleep(std::time::Duration::from_millis(5));
                 continue;
             }
